@@ -1,0 +1,76 @@
+"""Anti-Backdoor Learning: the isolation losses, per-example isolation, and the unlearning loss.
+
+    loss = lga_loss(ce, gamma=0.5, axis_name="batch")   # inside a pmapped step
+    picked = isolate(scores, ratio=0.01)                  # lowest-loss 1%: suspected backdoor examples
+
+Every function here sees losses, images and labels only, never the ground-truth poison mask.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ISOLATION_LOSSES = ("lga", "flooding")
+
+# A loss function maps per-example cross-entropy [B] (this device's shard) to a scalar.
+LossFn = Callable[[jax.Array, "str | None"], jax.Array]
+
+
+def _global_mean(x: jax.Array, axis_name: str | None) -> jax.Array:
+  """Mean over the whole (possibly device-split) batch, with no gradient."""
+  m = jax.lax.stop_gradient(jnp.mean(x))
+  return jax.lax.pmean(m, axis_name) if axis_name else m
+
+
+def cross_entropy_loss(ce: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Ordinary training: the batch-mean cross-entropy."""
+  del axis_name
+  return jnp.mean(ce)
+
+
+def lga_loss(ce: jax.Array, gamma: float, axis_name: str | None = None) -> jax.Array:
+  """Local gradient ascent: sign(CE - gamma) * CE on the batch-mean cross-entropy."""
+  # The sign uses the global batch mean, so a device-split batch takes the same step as one device.
+  sign = jnp.sign(_global_mean(ce, axis_name) - gamma)
+  return sign * jnp.mean(ce)
+
+
+def flooding_loss(ce: jax.Array, gamma: float, axis_name: str | None = None) -> jax.Array:
+  """Flooding: |CE - gamma| + gamma on the batch-mean cross-entropy (same gradient as LGA)."""
+  sign = jnp.sign(_global_mean(ce, axis_name) - gamma)
+  return sign * (jnp.mean(ce) - gamma) + gamma
+
+
+def unlearning_loss(ce: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Gradient ascent on the isolated examples: minimise -CE."""
+  del axis_name
+  return -jnp.mean(ce)
+
+
+def isolation_loss(name: str, gamma: float) -> LossFn:
+  """The isolation-phase loss named by `config.abl.loss`."""
+  if name == "lga":
+    return lambda ce, axis_name=None: lga_loss(ce, gamma, axis_name)
+  if name == "flooding":
+    return lambda ce, axis_name=None: flooding_loss(ce, gamma, axis_name)
+  raise ValueError(f"config.abl.loss={name!r} is unknown; allowed: {', '.join(ISOLATION_LOSSES)}")
+
+
+def num_isolated(num_examples: int, ratio: float) -> int:
+  """How many examples `ratio` isolates out of `num_examples` (the authors' int(n * ratio))."""
+  if not 0.0 < ratio < 1.0:
+    raise ValueError(f"config.abl.isolation_ratio={ratio} must be in (0, 1)")
+  k = int(num_examples * ratio)
+  if k < 1:
+    raise ValueError(f"config.abl.isolation_ratio={ratio} isolates 0 of {num_examples} training examples; "
+                     f"use a ratio of at least {1.0 / num_examples:.2g}")
+  return k
+
+
+def isolate(scores: np.ndarray, ratio: float) -> np.ndarray:
+  """Indices of the `ratio` lowest-scoring examples, lowest first (ties broken by index)."""
+  k = num_isolated(len(scores), ratio)
+  return np.argsort(np.asarray(scores), kind="stable")[:k].astype(np.int64)

@@ -1,0 +1,99 @@
+"""Backdoor attacks on a training set, and the triggered test set that measures them.
+
+    poisoned = attacks.poison(config.attack, train, key)
+    poisoned.train, poisoned.is_poisoned  # the poisoned set; ground truth for metrics only
+    asr_set = attacks.poisoned_test_set(test, poisoned, config.attack.target_label)
+"""
+from __future__ import annotations
+
+import functools
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from abl_jax.attacks import badnets, blend, sig
+from abl_jax.attacks.base import Poisoned, TriggerFn, apply_in_chunks
+from abl_jax.data import Dataset
+
+ATTACKS = ("none", "badnets", "blend", "sig")
+_LABEL_FLIP = ("badnets", "blend")
+
+__all__ = ["ATTACKS", "Poisoned", "apply_in_chunks", "poison", "poisoned_test_set"]
+
+
+def _trigger(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> TriggerFn:
+  """The configured attack's trigger, jitted and applied in chunks with numpy uint8 output."""
+  if cfg.name == "badnets":
+    fn = badnets.apply_trigger
+  elif cfg.name == "blend":
+    pattern = blend.make_pattern(cfg.pattern, cfg.pattern_seed, image_shape)
+    fn = functools.partial(blend.apply_trigger, pattern=pattern, alpha=float(cfg.alpha))
+  else:
+    fn = functools.partial(sig.apply_trigger, delta=float(cfg.delta), freq=float(cfg.freq))
+  jitted = jax.jit(fn)
+  return lambda images: apply_in_chunks(jitted, np.asarray(images, dtype=np.uint8))
+
+
+def _validate(cfg: ml_collections.ConfigDict, train: Dataset) -> int:
+  """Rejects bad attack settings with one line naming the field; returns how many to poison."""
+  if cfg.name not in ATTACKS:
+    raise ValueError(f"config.attack.name={cfg.name!r} is unknown; allowed: {', '.join(ATTACKS)}")
+  if not 0 <= cfg.target_label < train.num_classes:
+    raise ValueError(f"config.attack.target_label={cfg.target_label} must be in 0..{train.num_classes - 1}")
+  if cfg.name == "none":
+    return 0
+  if not 0.0 < cfg.poison_rate <= 1.0:
+    raise ValueError(f"config.attack.poison_rate={cfg.poison_rate} must be in (0, 1]")
+  if cfg.name == "blend" and not 0.0 <= cfg.alpha <= 1.0:
+    raise ValueError(f"config.attack.alpha={cfg.alpha} must be in [0, 1]")
+  n = max(1, round(cfg.poison_rate * len(train)))
+  in_target = int(np.sum(train.labels == cfg.target_label))
+  if cfg.name == "sig":
+    available, kind = in_target, "target-class"
+  else:
+    available, kind = len(train) - in_target, "non-target"
+  if n > available:
+    raise ValueError(
+        f"config.attack.poison_rate={cfg.poison_rate} asks for {n} {cfg.name} images but only {available} "
+        f"{kind} images (class {cfg.target_label}) exist; max rate {available / len(train):.4f}")
+  return n
+
+
+def poison(cfg: ml_collections.ConfigDict, train: Dataset, key: jax.Array) -> Poisoned:
+  """Poisons a copy of `train` with the attack `cfg` (= config.attack), deterministic in `key`."""
+  n = _validate(cfg, train)
+  if cfg.name == "none":
+    logging.info("none: poisoned 0 of %d training images", len(train))
+    return Poisoned(train, np.zeros(len(train), dtype=bool), None)
+
+  is_target = train.labels == cfg.target_label
+  # SIG is clean-label, so it poisons target-class images. BadNets and Blend pick among the
+  # non-target images (the ABL code and BackdoorBench pick from all), so that every poisoned
+  # example really is relabelled and the poison count is the number of wrong labels.
+  candidates = np.flatnonzero(is_target if cfg.name == "sig" else ~is_target)
+  chosen = candidates[np.asarray(jax.random.choice(key, len(candidates), (n,), replace=False))]
+  is_poisoned = np.zeros(len(train), dtype=bool)
+  is_poisoned[chosen] = True
+
+  apply_trigger = _trigger(cfg, train.images.shape[1:])
+  images, labels = train.images.copy(), train.labels.copy()
+  images[is_poisoned] = apply_trigger(train.images[is_poisoned])
+  if cfg.name in _LABEL_FLIP:
+    labels[is_poisoned] = cfg.target_label
+
+  # Share of the examples labelled target (after poisoning) that carry the trigger.
+  target_size = int(np.sum(labels == cfg.target_label))
+  logging.info("%s: poisoned %d of %d training images (%.2f%% of the set, %.2f%% of target class %d)",
+               cfg.name, n, len(train), 100 * n / len(train), 100 * n / target_size, cfg.target_label)
+  return Poisoned(Dataset(images, labels, train.class_names), is_poisoned, apply_trigger)
+
+
+def poisoned_test_set(test: Dataset, poisoned: Poisoned, target_label: int) -> Dataset:
+  """The non-target test images with the trigger applied, all labelled `target_label` (for ASR)."""
+  if poisoned.apply_trigger is None:
+    raise ValueError("poisoned_test_set needs a trigger; attack 'none' has none")
+  keep = test.labels != target_label
+  labels = np.full(int(keep.sum()), target_label, dtype=np.int32)
+  return Dataset(poisoned.apply_trigger(test.images[keep]), labels, test.class_names)

@@ -1,0 +1,31 @@
+"""What every attack returns, and chunked application of a trigger."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+from abl_jax.data import Dataset
+
+TriggerFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Poisoned(NamedTuple):
+  """A poisoned training set, its ground-truth mask, and the test-time trigger.
+
+  `is_poisoned` is ground truth for metrics only: the defense must never see it.
+  `apply_trigger` maps uint8 images [N, H, W, C] to triggered uint8 images (numpy);
+  it is None for the clean baseline (attack 'none'), which has no trigger.
+  """
+  train: Dataset
+  is_poisoned: np.ndarray
+  apply_trigger: Optional[TriggerFn]
+
+
+def apply_in_chunks(fn: Callable, images: np.ndarray, chunk_size: int = 8192) -> np.ndarray:
+  """`fn` applied to `images` a chunk at a time, as a uint8 numpy array."""
+  # Chunks bound the float32 intermediates (4x the uint8 input) on large training sets.
+  out = np.empty_like(images, dtype=np.uint8)
+  for start in range(0, len(images), chunk_size):
+    out[start:start + chunk_size] = np.asarray(fn(images[start:start + chunk_size]))
+  return out

@@ -1,0 +1,277 @@
+"""Image-classification datasets as uint8 numpy arrays: tfds, image folders, synthetic.
+
+    train, test = data.load(config.data, seed=config.seed)
+    train.images  # uint8 [N, 32, 32, 3]; train.labels  # int32 [N]
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import os
+import tarfile
+from typing import Iterable, Union
+
+from absl import logging
+import ml_collections
+import numpy as np
+from PIL import Image
+
+SOURCES = ("tfds", "folder", "synthetic")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+SPLITS = ("train", "test")
+_CHUNK = 1000  # Images per decoding task and per tfds batch read.
+_LOG_EVERY = 10_000
+
+Seed = Union[int, np.random.SeedSequence]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """Images (uint8 NHWC, 0..255) with int32 labels and the class names."""
+  images: np.ndarray
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+
+  def __post_init__(self):
+    if self.images.dtype != np.uint8 or self.images.ndim != 4:
+      raise ValueError(f"images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}")
+    if self.labels.shape != (self.images.shape[0],):
+      raise ValueError(f"labels must be [N={self.images.shape[0]}], got {self.labels.shape}")
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def take(self, indices: np.ndarray) -> "Dataset":
+    """The examples at `indices`, in that order."""
+    return Dataset(self.images[indices], self.labels[indices], self.class_names)
+
+  def class_counts(self) -> np.ndarray:
+    """Number of examples of each class, [num_classes]."""
+    return np.bincount(self.labels, minlength=self.num_classes)
+
+
+def load(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Dataset, Dataset]:
+  """The (train, test) splits that `config.data` describes; train is shuffled by `seed`."""
+  if cfg.source == "tfds":
+    train, test = load_tfds(cfg.name, cfg.tfds_data_dir)
+    what = f"tfds {cfg.name!r}"
+  elif cfg.source == "folder":
+    train, test = load_folder(cfg.path, cfg.cache_dir)
+    what = f"image folder {cfg.path!r}"
+  elif cfg.source == "synthetic":
+    train, test = synthetic(cfg.synthetic_train_size, cfg.synthetic_test_size, cfg.synthetic_classes,
+                            cfg.image_size, seed)
+    what = "synthetic data"
+  else:
+    raise ValueError(f"config.data.source={cfg.source!r} is unknown; allowed: {', '.join(SOURCES)}")
+  subset_seed, test_seed, shuffle_seed = np.random.SeedSequence(seed).spawn(3)
+  train = _maybe_subset(train, cfg.train_size, subset_seed, "config.data.train_size")
+  test = _maybe_subset(test, cfg.test_size, test_seed, "config.data.test_size")
+  # Folder data comes sorted by class; later code takes the training order as given.
+  train = train.take(np.random.default_rng(shuffle_seed).permutation(len(train)))
+  logging.info("Loaded %s: train %s, test %s, %d classes (%s)", what, train.images.shape, test.images.shape,
+               train.num_classes, ", ".join(train.class_names))
+  return train, test
+
+
+def _maybe_subset(ds: Dataset, size: int, seed: Seed, field: str) -> Dataset:
+  if not size:
+    return ds
+  if size < 0 or size > len(ds):
+    raise ValueError(f"{field}={size} must be in [0, {len(ds)}] (the split's size; 0 = all of it)")
+  return balanced_subset(ds, size, seed, field)
+
+
+def balanced_subset(ds: Dataset, size: int, seed: Seed, field: str = "size") -> Dataset:
+  """`size` examples with equal counts per class (the remainder to random classes), in original order."""
+  rng = np.random.default_rng(seed)
+  k = ds.num_classes
+  per_class = np.full(k, size // k)
+  per_class[rng.choice(k, size % k, replace=False)] += 1
+  chosen = []
+  for c in range(k):
+    members = np.flatnonzero(ds.labels == c)
+    if len(members) < per_class[c]:
+      raise ValueError(f"{field}={size} needs {per_class[c]} examples of class {ds.class_names[c]!r}, "
+                       f"which has only {len(members)}")
+    chosen.append(rng.choice(members, per_class[c], replace=False))
+  return ds.take(np.sort(np.concatenate(chosen)))
+
+
+# Synthetic data.
+
+
+def synthetic(num_train: int, num_test: int, num_classes: int, image_size: int,
+              seed: int) -> tuple[Dataset, Dataset]:
+  """Easy generated data: per class a fixed smooth colour template, per example shift, brightness, noise."""
+  max_shift = max(1, image_size // 8)
+  grids = np.random.default_rng([seed, 0]).uniform(0, 255, (num_classes, 4, 4, 3)).astype(np.uint8)
+  side = image_size + 2 * max_shift
+  templates = np.stack([np.asarray(Image.fromarray(g).resize((side, side), Image.BICUBIC)) for g in grids])
+  names = tuple(f"class{i}" for i in range(num_classes))
+
+  def split(n: int, stream: int) -> Dataset:
+    rng = np.random.default_rng([seed, stream])
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
+    dy, dx = rng.integers(0, 2 * max_shift + 1, (2, n))
+    rows = dy[:, None] + np.arange(image_size)
+    cols = dx[:, None] + np.arange(image_size)
+    images = templates[labels[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32)
+    images = images * rng.uniform(0.8, 1.2, (n, 1, 1, 1)) + rng.uniform(-25, 25, (n, 1, 1, 1))
+    images += rng.normal(0, 12, images.shape)
+    return Dataset(np.clip(np.rint(images), 0, 255).astype(np.uint8), labels, names)
+
+  return split(num_train, 1), split(num_test, 2)
+
+
+# Image folders and tars of them.
+
+
+def load_folder(path: str, cache_dir: str = "") -> tuple[Dataset, Dataset]:
+  """An image folder (train/<class>/*.png|jpg, test/<class>/*) or a .tar.gz of one; decoded once, then cached."""
+  src = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(src):
+    raise FileNotFoundError(f"config.data.path={path!r} does not exist; expected an image folder "
+                            "(train/<class>/*.jpg, test/<class>/*) or a .tar.gz of one")
+  is_tar = os.path.isfile(src)
+  if is_tar and not tarfile.is_tarfile(src):
+    raise ValueError(f"config.data.path={path!r} is a file but not a tar archive; expected an image folder "
+                     "or a .tar.gz of one")
+  files = None if is_tar else _walk(src)
+  stat = os.stat(src)
+  # A tar is keyed by its size and mtime; a folder by every image's path, size and mtime.
+  key_src = f"{src}:{stat.st_size}:{stat.st_mtime_ns}" if is_tar else repr((src, files))
+  key = hashlib.sha1(key_src.encode()).hexdigest()[:12]
+  base = os.path.basename(src.rstrip(os.sep))
+  for suffix in (".tar.gz", ".tgz", ".tar"):
+    base = base[:-len(suffix)] if base.endswith(suffix) else base
+  cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "abl_jax")
+  cache = os.path.join(os.path.expanduser(cache_dir), f"{base}-{key}.npz")
+
+  if os.path.exists(cache):
+    logging.info("Reading cached arrays of %s from %s", path, cache)
+    with np.load(cache) as z:
+      names = tuple(str(s) for s in z["class_names"])
+      return tuple(Dataset(z[f"{s}_images"], z[f"{s}_labels"], names) for s in SPLITS)
+
+  if is_tar:
+    # Read the members in archive order (a .tar.gz cannot seek back cheaply) instead of extracting them.
+    with tarfile.open(src) as tar:
+      blobs = {m.name: tar.extractfile(m).read() for m in tar
+               if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)}
+    layout = _layout(path, list(blobs))
+    items = {s: [(c, blobs[n]) for c, n in layout[s]] for s in SPLITS}
+  else:
+    layout = _layout(path, [f for f, _, _ in files])
+    items = {s: [(c, os.path.join(src, n)) for c, n in layout[s]] for s in SPLITS}
+
+  names = tuple(sorted({c for c, _ in items["train"]}))
+  test_names = tuple(sorted({c for c, _ in items["test"]}))
+  if names != test_names:
+    raise ValueError(f"config.data.path={path!r}: train and test have different classes: "
+                     f"{', '.join(names)} vs {', '.join(test_names)}")
+  index = {c: i for i, c in enumerate(names)}
+  arrays = {}
+  for s in SPLITS:
+    arrays[f"{s}_images"] = _decode_all([x for _, x in items[s]], f"{path} {s}")
+    arrays[f"{s}_labels"] = np.array([index[c] for c, _ in items[s]], np.int32)
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  tmp = f"{cache}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.savez(f, class_names=np.array(names), **arrays)
+  os.replace(tmp, cache)  # Atomic: a concurrent reader never sees half a file.
+  logging.info("Cached the decoded arrays of %s in %s", path, cache)
+  return tuple(Dataset(arrays[f"{s}_images"], arrays[f"{s}_labels"], names) for s in SPLITS)
+
+
+def _walk(root: str) -> list[tuple[str, int, int]]:
+  """(relative path, size, mtime) of every file under `root`, sorted."""
+  out = []
+  for d, _, names in os.walk(root):
+    for n in names:
+      st = os.stat(os.path.join(d, n))
+      out.append((os.path.relpath(os.path.join(d, n), root), st.st_size, st.st_mtime_ns))
+  return sorted(out)
+
+
+def _layout(path: str, names: Iterable[str]) -> dict[str, list[tuple[str, str]]]:
+  """Sorted (class, file name) pairs per split, under the one directory holding train/ and test/."""
+  found = {s: collections.defaultdict(list) for s in SPLITS}
+  for name in names:
+    parts = [p for p in name.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    if (len(parts) < 3 or parts[-3] not in SPLITS or not name.lower().endswith(IMAGE_EXTENSIONS)
+        or any(p.startswith((".", "__")) for p in parts)):  # Hidden files, __MACOSX/ and the like.
+      continue
+    found[parts[-3]]["/".join(parts[:-3])].append((parts[-2], name))
+  roots = set(found["train"]) & set(found["test"])
+  if len(roots) != 1:
+    problem = "holds several" if roots else "holds no"
+    raise ValueError(f"config.data.path={path!r} {problem} image folder(s) with train/<class>/*.jpg and "
+                     f"test/<class>/* (.png, .jpg, .jpeg)")
+  root = roots.pop()
+  return {s: sorted(found[s][root]) for s in SPLITS}
+
+
+def _decode(data: bytes | str) -> np.ndarray:
+  """One image file (bytes or path) as uint8 RGB [H, W, 3]."""
+  with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def _decode_all(items: list[bytes | str], what: str) -> np.ndarray:
+  """Decodes images of one shape into one uint8 array, in threads (Pillow decodes without the GIL)."""
+
+  def chunk(start: int) -> list[np.ndarray]:
+    return [_decode(x) for x in items[start:start + _CHUNK]]
+
+  out = None
+  with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1))) as pool:
+    for start, images in zip(range(0, len(items), _CHUNK), pool.map(chunk, range(0, len(items), _CHUNK))):
+      for i, image in enumerate(images, start):
+        if out is None:
+          out = np.empty((len(items), *image.shape), np.uint8)
+        if image.shape != out.shape[1:]:
+          raise ValueError(f"{what}: images differ in shape ({image.shape} at #{i} vs {out.shape[1:]}); "
+                           "resize them to one size first")
+        out[i] = image
+      if (start + len(images)) // _LOG_EVERY > start // _LOG_EVERY:
+        logging.info("Decoded %d/%d images of %s", start + len(images), len(items), what)
+  return out
+
+
+# TensorFlow Datasets.
+
+
+def load_tfds(name: str, data_dir: str = "") -> tuple[Dataset, Dataset]:
+  """The train and test splits of a prepared tfds dataset, read without TensorFlow."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import; only here.
+    sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir or None, download=False)
+    names = tuple(sources[0].dataset_info.features["label"].names)
+    return tuple(Dataset(*_read_source(src), names) for src in sources)
+  except Exception as e:  # pylint: disable=broad-except  # Any failure gets the same advice.
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise RuntimeError(
+        f"tfds could not load {name!r} ({type(e).__name__}: {first}); prepare it with internet access "
+        f"(e.g. `tfds build {name} --file_format=array_record`), or use the shared image folder instead: "
+        "--config.data.source=folder --config.data.path=../shared/datasets/cifar10-jpeg.tar.gz") from e
+
+
+def _read_source(source) -> tuple[np.ndarray, np.ndarray]:
+  """All records of a tfds data source as (uint8 images, int32 labels), read in batches."""
+  n = len(source)
+  images, labels = None, np.empty((n,), np.int32)
+  for start in range(0, n, _CHUNK):
+    records = source.__getitems__(list(range(start, min(start + _CHUNK, n))))
+    if images is None:
+      images = np.empty((n, *np.shape(records[0]["image"])), np.uint8)
+    images[start:start + len(records)] = np.stack([r["image"] for r in records])
+    labels[start:start + len(records)] = [r["label"] for r in records]
+  return images, labels

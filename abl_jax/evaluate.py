@@ -1,0 +1,64 @@
+"""Metrics: clean accuracy (CA), attack success rate (ASR), losses, isolation precision/recall.
+
+Conventions (also in the README):
+  CA   share of the whole clean test set classified correctly.
+  ASR  share of the non-target-class test images, trigger applied, classified as the target class.
+  The ground-truth poison mask is read here, for metrics only; the defense never receives it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from abl_jax.data import Dataset
+from abl_jax.train import predict
+
+
+def test_metrics(eval_fn: Callable, state: Any, test: Dataset, poisoned_test: Dataset | None,
+                 batch_size: int) -> dict[str, float | None]:
+  """CA and clean test loss; ASR and poisoned test loss when there is a trigger."""
+  ce, pred = predict(eval_fn, state, test.images, test.labels, batch_size)
+  out: dict[str, float | None] = {
+      "clean_accuracy": float(np.mean(pred == test.labels)),
+      "clean_test_loss": float(np.mean(ce)),
+      "attack_success_rate": None,
+      "poisoned_test_loss": None,
+  }
+  if poisoned_test is not None:
+    ce, pred = predict(eval_fn, state, poisoned_test.images, poisoned_test.labels, batch_size)
+    out["attack_success_rate"] = float(np.mean(pred == poisoned_test.labels))
+    out["poisoned_test_loss"] = float(np.mean(ce))
+  return out
+
+
+def train_metrics(eval_fn: Callable, state: Any, train: Dataset, is_poisoned: np.ndarray,
+                  batch_size: int) -> dict[str, float | None]:
+  """Accuracy and loss on the (poisoned) training set, overall and on its clean / poisoned parts."""
+  ce, pred = predict(eval_fn, state, train.images, train.labels, batch_size)
+  correct = pred == train.labels
+
+  def part(values, mask):
+    return float(np.mean(values[mask])) if mask.any() else None
+
+  return {
+      "train_accuracy": float(np.mean(correct)),
+      "train_loss": float(np.mean(ce)),
+      "train_accuracy_clean_part": part(correct, ~is_poisoned),
+      "train_loss_clean_part": part(ce, ~is_poisoned),
+      "train_accuracy_poisoned_part": part(correct, is_poisoned),
+      "train_loss_poisoned_part": part(ce, is_poisoned),
+  }
+
+
+def isolation_metrics(isolated: np.ndarray, is_poisoned: np.ndarray) -> dict[str, float | int | None]:
+  """Precision and recall of the isolated set against the ground-truth poison mask."""
+  hits = int(np.sum(is_poisoned[isolated]))
+  total = int(np.sum(is_poisoned))
+  return {
+      "num_isolated": int(len(isolated)),
+      "num_poisoned_isolated": hits,
+      "num_poisoned": total,
+      "precision": hits / len(isolated) if len(isolated) else None,
+      "recall": hits / total if total else None,
+  }

@@ -1,0 +1,385 @@
+"""One experiment end to end: load, poison, train (no defense or ABL), evaluate, write results.
+
+    results = experiment.train_and_evaluate(config, workdir)   # resumes an interrupted run
+    metrics = experiment.evaluate_checkpoint(config, workdir)  # latest checkpoint -> eval.json
+
+The ground-truth poison mask goes to `evaluate` only: the phases below receive images and labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from abl_jax import abl, attacks, data, evaluate, models, train
+from abl_jax.checkpoint import Checkpointer
+
+DEFENSES = ("none", "abl")
+SCHEDULES = ("cosine", "step", "constant")
+SOURCES = ("tfds", "folder", "synthetic")
+RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json")
+
+
+class WorkdirError(ValueError):
+  """The workdir holds a different run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One training phase: which examples, which loss, which optimizer, how long."""
+  name: str
+  epochs: int
+  examples: str  # 'all', 'retained' (not isolated) or 'isolated'
+  loss_fn: abl.LossFn
+  lr: Callable[[int], float]  # steps_per_epoch -> optax schedule (or a constant)
+  batch_size: int
+  augment: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """Everything a run needs before training; `is_poisoned` is for metrics only."""
+  train: data.Dataset
+  is_poisoned: np.ndarray
+  test: data.Dataset
+  poisoned_test: data.Dataset | None
+  seconds: float
+
+
+def _allowed(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects bad names and ranges before any work, with one line naming the field."""
+  _allowed("config.data.source", config.data.source, SOURCES)
+  _allowed("config.model.name", config.model.name, models.MODELS)
+  _allowed("config.attack.name", config.attack.name, attacks.ATTACKS)
+  _allowed("config.defense.name", config.defense.name, DEFENSES)
+  _allowed("config.train.schedule", config.train.schedule, SCHEDULES)
+  _allowed("config.abl.loss", config.abl.loss, abl.ISOLATION_LOSSES)
+  if config.attack.name != "none" and not 0.0 < config.attack.poison_rate <= 1.0:
+    raise ValueError(f"config.attack.poison_rate={config.attack.poison_rate} must be in (0, 1]")
+  if not 0.0 < config.abl.isolation_ratio < 1.0:
+    raise ValueError(f"config.abl.isolation_ratio={config.abl.isolation_ratio} must be in (0, 1)")
+  for field in ("train.batch_size", "train.eval_batch_size", "abl.unlearning_batch_size"):
+    group, name = field.split(".")
+    train.check_batch_size(config[group][name], f"config.{field}")
+  for field in ("train.epochs", "abl.isolation_epochs", "abl.finetune_epochs", "abl.unlearning_epochs"):
+    group, name = field.split(".")
+    if config[group][name] < 0:
+      raise ValueError(f"config.{field}={config[group][name]} must be >= 0")
+
+
+def phases(config: ml_collections.ConfigDict) -> list[Phase]:
+  """The training phases the config asks for, in order."""
+  t, a = config.train, config.abl
+  if config.defense.name == "none":
+    def baseline_lr(steps_per_epoch: int) -> optax.Schedule:
+      total = max(t.epochs * steps_per_epoch, 1)
+      if t.schedule == "cosine":
+        return optax.cosine_decay_schedule(t.learning_rate, total)
+      if t.schedule == "step":
+        return optax.piecewise_constant_schedule(
+            t.learning_rate, {int(e * steps_per_epoch): 0.1 for e in t.lr_boundaries})
+      return optax.constant_schedule(t.learning_rate)
+    return [Phase("train", t.epochs, "all", abl.cross_entropy_loss, baseline_lr, t.batch_size, t.augment)]
+
+  def finetune_lr(steps_per_epoch: int) -> optax.Schedule:
+    return optax.piecewise_constant_schedule(
+        a.finetune_lr, {int(e * steps_per_epoch): 0.1 for e in a.finetune_lr_boundaries})
+
+  return [
+      Phase("isolation", a.isolation_epochs, "all", abl.isolation_loss(a.loss, a.gamma),
+            lambda _: a.isolation_lr, t.batch_size, False),
+      Phase("finetune", a.finetune_epochs, "retained", abl.cross_entropy_loss, finetune_lr,
+            t.batch_size, t.augment),
+      Phase("unlearning", a.unlearning_epochs, "isolated", abl.unlearning_loss,
+            lambda _: a.unlearning_lr, a.unlearning_batch_size, False),
+  ]
+
+
+def prepare(config: ml_collections.ConfigDict) -> Prepared:
+  """Loads the data and poisons the training set (deterministic in config.seed)."""
+  t0 = time.perf_counter()
+  train_set, test_set = data.load(config.data, seed=config.seed)
+  poisoned = attacks.poison(config.attack, train_set, _key(config, "poison"))
+  poisoned_test = None
+  if poisoned.apply_trigger is not None:
+    poisoned_test = attacks.poisoned_test_set(test_set, poisoned, config.attack.target_label)
+  return Prepared(poisoned.train, poisoned.is_poisoned, test_set, poisoned_test, time.perf_counter() - t0)
+
+
+_PURPOSES = ("poison", "init", "data", "augment")
+
+
+def _key(config: ml_collections.ConfigDict, purpose: str) -> jax.Array:
+  """The PRNG key for one purpose, derived from config.seed."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), _PURPOSES.index(purpose))
+
+
+def _model(config: ml_collections.ConfigDict, num_classes: int):
+  return models.create_model(config.model.name, num_classes, config.model.width, bn_axis_name=train.AXIS)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Makes `workdir` this run's, refusing one that holds a run of another config."""
+  path = os.path.join(workdir, "config.json")
+  if overwrite and os.path.isdir(workdir):
+    logging.warning("--overwrite: deleting the previous run in %s", workdir)
+    for name in (*RESULT_FILES, "checkpoints"):
+      p = os.path.join(workdir, name)
+      if os.path.isdir(p):
+        shutil.rmtree(p)
+      elif os.path.exists(p):
+        os.remove(p)
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(path):
+    check_same_config(config, workdir)
+  else:
+    with open(path, "w") as f:
+      json.dump(_config_json(config), f, indent=2)
+
+
+def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises WorkdirError naming the fields where `config` differs from the workdir's run."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  diffs = _diff(saved, _config_json(config), "config")
+  if diffs:
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise WorkdirError(f"workdir {workdir} holds a run with a different config ({shown}{more}); "
+                       "use another --workdir, or --overwrite to start over")
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}.{k}")]
+  return [] if a == b else [(prefix, a, b)]
+
+
+class _Log:
+  """Appends JSON lines to WORKDIR/metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def __call__(self, **record: Any) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _subset(ds: data.Dataset | None, size: int) -> data.Dataset | None:
+  """An evenly spaced subset of `size` examples for per-epoch evaluation (0 = all)."""
+  if ds is None or not size or size >= len(ds):
+    return ds
+  return ds.take(np.linspace(0, len(ds) - 1, size).astype(np.int64))
+
+
+def _isolate(config, workdir, eval_fn, state, prep: Prepared, log: _Log) -> np.ndarray:
+  """Scores every training example with the isolation model and isolates the lowest losses."""
+  t0 = time.perf_counter()
+  scores, _ = train.predict(eval_fn, state, prep.train.images, prep.train.labels, config.train.eval_batch_size)
+  isolated = abl.isolate(scores, config.abl.isolation_ratio)
+  stats = evaluate.isolation_metrics(isolated, prep.is_poisoned)  # Metrics only: nothing below reads them.
+  stats["threshold"] = float(scores[isolated[-1]])
+  stats["seconds"] = time.perf_counter() - t0
+  np.savez(os.path.join(workdir, "isolation.npz"), scores=scores, isolated=isolated)
+  with open(os.path.join(workdir, "isolation.json"), "w") as f:
+    json.dump(stats, f, indent=2)
+  logging.info("isolation: %d examples with loss <= %.4g isolated; precision %.3f, recall %s (ground truth, "
+               "metrics only)", stats["num_isolated"], stats["threshold"], stats["precision"] or 0.0,
+               "n/a" if stats["recall"] is None else f"{stats['recall']:.3f}")
+  log(phase="isolate", **stats)
+  return isolated
+
+
+def _load_isolated(workdir: str) -> np.ndarray:
+  path = os.path.join(workdir, "isolation.npz")
+  if not os.path.exists(path):
+    raise WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
+  return np.load(path)["isolated"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+                       max_epochs: int | None = None) -> dict[str, Any] | None:
+  """Runs (or resumes) the experiment in `workdir` and returns what it writes to results.json.
+
+  `max_epochs` stops after that many epochs in all (checkpointed), returning None: an interruption.
+  """
+  validate(config)
+  results_path = os.path.join(workdir, "results.json")
+  if not overwrite and os.path.exists(results_path):
+    check_same_config(config, workdir)
+    logging.warning("%s already holds a finished run; not training again (--overwrite starts over, "
+                    "--mode=eval re-evaluates)", workdir)
+    with open(results_path) as f:
+      return json.load(f)
+  if not overwrite and os.path.exists(os.path.join(workdir, "config.json")):
+    check_same_config(config, workdir)
+
+  prep = prepare(config)
+  model = _model(config, prep.train.num_classes)
+  plan = phases(config)
+  if config.defense.name == "abl":
+    abl.num_isolated(len(prep.train), config.abl.isolation_ratio)  # Fail now, not after isolation training.
+  _claim_workdir(config, workdir, overwrite)  # Only once the config has proved valid.
+  log = _Log(workdir)
+  eval_fn = train.make_eval_step(model, config.data.mean, config.data.std)
+  epoch_test, epoch_poisoned = _subset(prep.test, config.train.epoch_eval_size), _subset(
+      prep.poisoned_test, config.train.epoch_eval_size)
+
+  placeholder_tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
+  state = train.create_train_state(model, placeholder_tx, _key(config, "init"), prep.train.images.shape[1:])
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+  done, wall = 0, {"poison": prep.seconds}
+  if (latest := ckpt.latest()) is not None:
+    state, meta = ckpt.restore(latest, like=state)
+    done, wall = meta["global_epoch"], {**meta["wall_time"], "poison": prep.seconds}
+    logging.info("resuming %s from checkpoint %d (phase %s, epoch %d)", workdir, latest, meta["phase"], meta["epoch"])
+
+  isolated = None
+  start = 0
+  sizes = {"all": len(prep.train)}
+  for index, phase in enumerate(plan):
+    end = start + phase.epochs
+    if phase.examples != "all" and isolated is None:
+      if done > start or os.path.exists(os.path.join(workdir, "isolation.npz")):
+        isolated = _load_isolated(workdir)
+      else:
+        isolated = _isolate(config, workdir, eval_fn, train.replicate(state), prep, log)
+      retained = np.setdiff1d(np.arange(len(prep.train)), isolated)
+      sizes.update(isolated=len(isolated), retained=len(retained))
+    if done >= end:
+      start = end
+      continue
+    images, labels = prep.train.images, prep.train.labels
+    if phase.examples != "all":
+      chosen = isolated if phase.examples == "isolated" else retained
+      images, labels = images[chosen], labels[chosen]
+    steps = -(-len(images) // phase.batch_size)
+    tx = train.sgd(phase.lr(steps), config.train.momentum, config.train.weight_decay)
+    state = train.with_optimizer(state, tx) if done == start else state.replace(tx=tx)
+    step_fn = train.make_train_step(model, phase.loss_fn, config.data.mean, config.data.std,
+                                    augment_data=phase.augment)
+    rstate = train.replicate(state)
+    later = sum(-(-sizes.get(p.examples, sizes["all"]) // p.batch_size) * p.epochs for p in plan[index + 1:])
+    logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, len(images),
+                 steps, phase.batch_size)
+    for epoch in range(done - start, phase.epochs):
+      t0 = time.perf_counter()
+      data_key = jax.random.fold_in(jax.random.fold_in(_key(config, "data"), index), epoch)
+      aug_key = jax.random.fold_in(jax.random.fold_in(_key(config, "augment"), index), epoch)
+      order = train.epoch_order(len(images), phase.batch_size, data_key)
+      describe = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
+      rstate, summary = train.run_epoch(
+          step_fn, rstate, images, labels, order, aug_key, log_every=config.train.log_every_steps,
+          describe=describe, eta_steps_after=(phase.epochs - epoch - 1) * steps + later,
+          on_log=lambda m, e=epoch: log(phase=phase.name, epoch=e + 1, **m))
+      wall[phase.name] = wall.get(phase.name, 0.0) + time.perf_counter() - t0
+      done += 1
+      record = {"phase": phase.name, "epoch": epoch + 1, "global_epoch": done,
+                **{f"train_{k}": v for k, v in summary.items()}}
+      every = config.train.eval_every_epochs
+      if every and ((epoch + 1) % every == 0 or epoch + 1 == phase.epochs):
+        record.update(evaluate.test_metrics(eval_fn, rstate, epoch_test, epoch_poisoned,
+                                            config.train.eval_batch_size))
+        asr = record["attack_success_rate"]
+        logging.info("%s: CA %.4f, ASR %s (on %d test images)", describe, record["clean_accuracy"],
+                     "n/a" if asr is None else f"{asr:.4f}", len(epoch_test))
+      log(**record)
+      ckpt.save(done, train.unreplicate(rstate),
+                {"phase": phase.name, "epoch": epoch + 1, "global_epoch": done, "wall_time": wall})
+      if max_epochs is not None and done >= max_epochs:
+        ckpt.close()
+        logging.info("stopping after %d epochs (max_epochs); rerun to resume", done)
+        return None
+    state = train.unreplicate(rstate)
+    start = end
+  ckpt.close()
+
+  t0 = time.perf_counter()
+  results = _with_isolation(_final_metrics(config, eval_fn, train.replicate(state), prep), workdir)
+  wall["evaluate"] = time.perf_counter() - t0
+  results["wall_time"] = wall
+  _write_json(results_path, results)
+  logging.info("results: %s", _summary(results))
+  return results
+
+
+def _final_metrics(config, eval_fn, rstate, prep: Prepared) -> dict[str, Any]:
+  """Every metric of results.json / eval.json, on the full test set."""
+  out: dict[str, Any] = {"attack": config.attack.name, "defense": config.defense.name}
+  out.update(evaluate.test_metrics(eval_fn, rstate, prep.test, prep.poisoned_test, config.train.eval_batch_size))
+  out.update(evaluate.train_metrics(eval_fn, rstate, prep.train, prep.is_poisoned, config.train.eval_batch_size))
+  out["num_train"], out["num_poisoned"], out["num_test"] = len(prep.train), int(prep.is_poisoned.sum()), len(prep.test)
+  out["num_poisoned_test"] = 0 if prep.poisoned_test is None else len(prep.poisoned_test)
+  out["isolation"] = None
+  out["config"] = _config_json(config)
+  out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__,
+                     "devices": [str(d) for d in jax.local_devices()]}
+  return out
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Restores the latest checkpoint in `workdir`, evaluates it, and writes WORKDIR/eval.json."""
+  validate(config)
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise WorkdirError(f"workdir {workdir} holds no run (no config.json); train first")
+  check_same_config(config, workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+  latest = ckpt.latest()
+  if latest is None:
+    raise WorkdirError(f"workdir {workdir} holds no checkpoint to evaluate")
+  prep = prepare(config)
+  model = _model(config, prep.train.num_classes)
+  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
+  state = train.create_train_state(model, tx, _key(config, "init"), prep.train.images.shape[1:])
+  state, meta = ckpt.restore(latest, like=state)
+  ckpt.close()
+  out = _final_metrics(config, train.make_eval_step(model, config.data.mean, config.data.std),
+                       train.replicate(state), prep)
+  out["checkpoint"] = {"step": latest, "phase": meta["phase"], "epoch": meta["epoch"]}
+  _write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))
+  logging.info("eval of checkpoint %d (%s epoch %d): %s", latest, meta["phase"], meta["epoch"], _summary(out))
+  return out
+
+
+def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, "isolation.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      out["isolation"] = json.load(f)
+  return out
+
+
+def _write_json(path: str, obj: dict[str, Any]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _summary(r: dict[str, Any]) -> str:
+  asr = r["attack_success_rate"]
+  iso = r.get("isolation") or {}
+  text = f"CA {r['clean_accuracy']:.4f}, ASR {'n/a' if asr is None else f'{asr:.4f}'}"
+  if iso.get("precision") is not None:
+    text += f", isolation precision {iso['precision']:.3f} recall {iso['recall'] or 0:.3f}"
+  return text

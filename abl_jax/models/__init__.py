@@ -1,0 +1,31 @@
+"""Image classifiers: `create_model(name, num_classes, width)` for `config.model`."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from abl_jax.models.resnet import WRN16_1, ResNet18, WideResNet
+from abl_jax.models.small_cnn import SmallCNN
+
+MODELS = ("resnet18", "wrn16_1", "small_cnn")
+
+
+def create_model(name: str, num_classes: int, width: int = 0, dtype: Any = jnp.float32,
+                 bn_axis_name: str | None = None) -> nn.Module:
+  """The model `name`; width 0 means its default (resnet18: 64, small_cnn: 16; wrn16_1 ignores it)."""
+  kwargs = dict(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name)
+  if width:
+    kwargs["width"] = width
+  if name == "resnet18":
+    return ResNet18(**kwargs)
+  if name == "small_cnn":
+    return SmallCNN(**kwargs)
+  if name == "wrn16_1":
+    kwargs.pop("width", None)
+    return WRN16_1(**kwargs)
+  raise ValueError(f"config.model.name={name!r} is unknown; allowed: {', '.join(MODELS)}")
+
+
+__all__ = ["MODELS", "ResNet18", "SmallCNN", "WRN16_1", "WideResNet", "create_model"]

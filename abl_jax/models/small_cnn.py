@@ -1,0 +1,31 @@
+"""A small VGG-style CNN, fast enough for CPU runs."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from abl_jax.models.resnet import conv_init
+
+
+class SmallCNN(nn.Module):
+  """Three pairs of 3x3 conv-BN-ReLU (widths w, 2w, 4w), each pair followed by 2x2 max-pool."""
+  num_classes: int
+  width: int = 16
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    for features in (self.width, self.width * 2, self.width * 4):
+      for _ in range(2):
+        x = nn.Conv(features, (3, 3), padding=1, use_bias=False, kernel_init=conv_init,
+                    dtype=self.dtype)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, axis_name=self.bn_axis_name)(x)
+        x = nn.relu(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+    return x.astype(jnp.float32)

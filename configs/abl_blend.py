@@ -1,0 +1,14 @@
+"""ABL against BLEND; see common.py for every field and the variants.
+
+  python launch.py --config=configs/abl_blend.py --workdir=runs/blend          # ResNet-18, full CIFAR-10
+  python launch.py --config=configs/abl_blend.py:cpu --workdir=runs/blend-cpu  # small CNN, 2 CPU cores
+  python launch.py --config=configs/abl_blend.py:smoke --workdir=/tmp/blend    # synthetic, seconds
+Baselines: add --config.defense.name=none (no defense) or --config.attack.name=none (clean model).
+"""
+from configs import common
+
+
+def get_config(variant: str = ""):
+  c = common.base_config()
+  c.attack.name = "blend"
+  return common.apply_variant(c, variant)

@@ -1,0 +1,119 @@
+"""Defaults shared by every experiment; `abl_<attack>.py` files change a few fields.
+
+Variants (the part after ':' in `--config=configs/abl_sig.py:smoke`):
+  (none)  the paper's setting: ResNet-18 on all of CIFAR-10 (an accelerator job).
+  cpu     the small CNN on a class-balanced CIFAR-10 subset from the shared tar (~20 min, 2 cores).
+  smoke   tiny synthetic data, the small CNN, a few steps (seconds; what tests and CI use).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("", "cpu", "smoke")
+SHARED_CIFAR10 = "../shared/datasets/cifar10-jpeg.tar.gz"
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full-size (accelerator) defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # One key for everything; split per purpose (poison, init, data order, augmentation).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"  # One of: tfds, folder, synthetic.
+  c.data.name = "cifar10"  # tfds dataset name (source=tfds).
+  c.data.path = SHARED_CIFAR10  # Image folder or .tar.gz of one (source=folder).
+  c.data.cache_dir = ""  # Where decoded arrays and extracted tars go; '' = next to the data.
+  c.data.tfds_data_dir = ""  # tfds data_dir; '' = the tfds default (~/tensorflow_datasets).
+  c.data.train_size = 0  # Class-balanced training subset of this size; 0 = the whole set.
+  c.data.test_size = 0  # Class-balanced test subset; 0 = the whole test set.
+  c.data.synthetic_train_size = 512  # Examples per split for source=synthetic...
+  c.data.synthetic_test_size = 256  # ...and its test split.
+  c.data.synthetic_classes = 10  # Number of classes for source=synthetic.
+  c.data.image_size = 32  # Side of synthetic images (real data keeps its own size).
+  c.data.mean = (0.4914, 0.4822, 0.4465)  # Per-channel normalisation, applied on device.
+  c.data.std = (0.2470, 0.2435, 0.2616)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet18"  # One of: resnet18, wrn16_1, small_cnn.
+  c.model.width = 64  # Base width (resnet18: 64; small_cnn: 16 -> widths 16-32-64).
+
+  c.attack = ml_collections.ConfigDict()
+  c.attack.name = "badnets"  # One of: none, badnets, blend, sig.
+  c.attack.target_label = 0  # The class the backdoor points to.
+  c.attack.poison_rate = 0.1  # Share of the WHOLE training set that is poisoned, for every attack.
+  c.attack.alpha = 0.2  # blend: weight of the pattern, at train and test time.
+  c.attack.pattern = "noise"  # blend: 'noise' (uniform noise from pattern_seed) or an image path.
+  c.attack.pattern_seed = 0  # blend: seed of the noise pattern.
+  c.attack.delta = 30.0  # sig: amplitude on the 0..255 scale (seed report 30; ABL code 20).
+  c.attack.freq = 6.0  # sig: number of periods across the image width.
+
+  c.defense = ml_collections.ConfigDict()
+  c.defense.name = "abl"  # One of: none (plain training), abl.
+
+  c.abl = ml_collections.ConfigDict()
+  c.abl.isolation_epochs = 20  # Epochs of LGA training before isolation (paper T_te = 20).
+  c.abl.isolation_lr = 0.1  # Constant SGD learning rate of the isolation phase.
+  c.abl.loss = "lga"  # Isolation loss: lga (sign(CE - gamma) * CE) or flooding (|CE - gamma| + gamma).
+  c.abl.gamma = 0.5  # LGA / flooding threshold on the batch-mean cross-entropy.
+  c.abl.isolation_ratio = 0.01  # Share of training examples isolated (lowest LGA-model loss).
+  c.abl.finetune_epochs = 60  # Epochs of ordinary training on the non-isolated examples.
+  c.abl.finetune_lr = 0.1  # Fine-tuning learning rate, times 0.1 at each boundary below.
+  c.abl.finetune_lr_boundaries = (40, 60)  # Epochs (within fine-tuning) where the lr drops 10x.
+  c.abl.unlearning_epochs = 5  # Epochs of gradient ascent on the isolated examples.
+  c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.
+  c.abl.unlearning_batch_size = 64  # Batch size of unlearning (the isolated set is small).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 100  # Epochs of the no-defense / clean baselines.
+  c.train.batch_size = 128  # Global batch, split over local devices.
+  c.train.learning_rate = 0.1  # Peak SGD learning rate (baselines).
+  c.train.schedule = "cosine"  # Baseline lr schedule: cosine, step (x0.1 at lr_boundaries) or constant.
+  c.train.lr_boundaries = (50, 75)  # Epochs where the step schedule drops the lr 10x.
+  c.train.momentum = 0.9  # SGD momentum, every phase.
+  c.train.weight_decay = 5e-4  # L2 weight decay, every phase (ABL code uses 1e-4 for WRN-16-1).
+  c.train.augment = True  # Random crop (pad 4) + horizontal flip, on device (not in isolation).
+  c.train.eval_batch_size = 500  # Batch size of evaluation and loss scoring.
+  c.train.eval_every_epochs = 1  # Evaluate CA/ASR every this many epochs (0 = only at the end).
+  c.train.epoch_eval_size = 0  # Test images used by the per-epoch evaluation (0 = all; the end uses all).
+  c.train.log_every_steps = 50  # Print loss, images/s and ETA every this many steps.
+  c.train.keep_checkpoints = 2  # Orbax checkpoints kept in WORKDIR/checkpoints.
+  return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """Shrinks `c` in place for the 'cpu' or 'smoke' variant."""
+  if variant not in VARIANTS:
+    raise ValueError(f"config variant {variant!r} is unknown; allowed: {', '.join(repr(v) for v in VARIANTS)}")
+  if variant == "cpu":
+    c.data.source = "folder"
+    c.data.path = SHARED_CIFAR10
+    c.data.train_size = 10_000
+    c.model.name = "small_cnn"
+    c.model.width = 16
+    c.train.batch_size = 128
+    c.train.weight_decay = 1e-4
+    c.train.epochs = 8
+    c.train.log_every_steps = 20
+    c.train.epoch_eval_size = 2000
+    c.abl.isolation_epochs = 2
+    c.abl.finetune_epochs = 4
+    c.abl.finetune_lr_boundaries = (3, 100)
+    c.abl.unlearning_epochs = 20
+  elif variant == "smoke":
+    c.data.source = "synthetic"
+    c.data.synthetic_train_size = 512
+    c.data.synthetic_test_size = 256
+    c.model.name = "small_cnn"
+    c.model.width = 8
+    c.train.batch_size = 64
+    c.train.eval_batch_size = 128
+    c.train.epochs = 3
+    c.train.log_every_steps = 4
+    c.abl.isolation_epochs = 2
+    c.abl.isolation_ratio = 0.05
+    c.abl.finetune_epochs = 2
+    c.abl.finetune_lr_boundaries = (100, 200)
+    c.abl.unlearning_epochs = 3
+    c.abl.unlearning_lr = 5e-3
+    c.abl.unlearning_batch_size = 32
+  return c

@@ -1,0 +1,67 @@
+"""ABL losses and isolation: values, signs, picks, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abl_jax import abl, evaluate
+
+
+def test_lga_descends_above_gamma_and_ascends_below():
+  high, low = jnp.array([0.6, 1.0]), jnp.array([0.2, 0.4])
+  assert abl.lga_loss(high, 0.5) == pytest.approx(0.8)
+  assert abl.lga_loss(low, 0.5) == pytest.approx(-0.3)
+  # The gradient w.r.t. each example's CE is +1/B above gamma and -1/B below it.
+  np.testing.assert_allclose(jax.grad(abl.lga_loss)(high, 0.5), [0.5, 0.5])
+  np.testing.assert_allclose(jax.grad(abl.lga_loss)(low, 0.5), [-0.5, -0.5])
+
+
+def test_flooding_value_and_gradient():
+  low = jnp.array([0.2, 0.4])
+  assert abl.flooding_loss(low, 0.5) == pytest.approx(0.7)  # |0.3 - 0.5| + 0.5
+  np.testing.assert_allclose(jax.grad(abl.flooding_loss)(low, 0.5), jax.grad(abl.lga_loss)(low, 0.5))
+
+
+def test_lga_sign_uses_global_batch_mean_under_pmap():
+  assert jax.local_device_count() >= 2
+  ce = jnp.array([[0.2, 0.2], [0.7, 0.7]])  # Device means 0.2 and 0.7; global mean 0.45 < gamma.
+  loss = jax.pmap(lambda c: abl.lga_loss(c, 0.5, "batch"), axis_name="batch", devices=jax.local_devices()[:2])(ce)
+  np.testing.assert_allclose(loss, [-0.2, -0.7], rtol=1e-6)
+
+
+def test_unlearning_loss_is_negative_mean_ce():
+  assert abl.unlearning_loss(jnp.array([1.0, 3.0])) == pytest.approx(-2.0)
+
+
+def test_isolation_loss_by_name():
+  assert abl.isolation_loss("lga", 0.5)(jnp.array([0.1])) == pytest.approx(-0.1)
+  with pytest.raises(ValueError, match=r"config\.abl\.loss='x' is unknown; allowed: lga, flooding"):
+    abl.isolation_loss("x", 0.5)
+
+
+def test_isolate_picks_lowest_losses_in_order():
+  scores = np.array([0.9, 0.01, 0.5, 0.001, 0.3, 0.2, 0.8, 0.7, 0.6, 0.4])
+  np.testing.assert_array_equal(abl.isolate(scores, 0.2), [3, 1])
+  np.testing.assert_array_equal(abl.isolate(scores, 0.35), [3, 1, 5])  # int(10 * 0.35) = 3
+
+
+def test_isolate_breaks_ties_by_index():
+  np.testing.assert_array_equal(abl.isolate(np.zeros(10), 0.3), [0, 1, 2])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1])
+def test_isolation_ratio_out_of_range(ratio):
+  with pytest.raises(ValueError, match=r"config\.abl\.isolation_ratio=.* must be in \(0, 1\)"):
+    abl.isolate(np.zeros(10), ratio)
+
+
+def test_isolation_ratio_selecting_nothing():
+  with pytest.raises(ValueError, match=r"config\.abl\.isolation_ratio=0\.01 isolates 0 of 50"):
+    abl.isolate(np.zeros(50), 0.01)
+
+
+def test_isolation_metrics_against_ground_truth():
+  mask = np.zeros(10, bool)
+  mask[[1, 3, 7, 8]] = True
+  m = evaluate.isolation_metrics(np.array([3, 1, 5]), mask)
+  assert (m["num_poisoned_isolated"], m["precision"], m["recall"]) == (2, pytest.approx(2 / 3), 0.5)

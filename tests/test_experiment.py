@@ -1,0 +1,119 @@
+"""End to end on synthetic data: no defense vs ABL, resume, eval mode, workdir safety, config flags."""
+import json
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from abl_jax import experiment
+from configs import abl_badnets
+
+METRICS = ("clean_accuracy", "attack_success_rate", "clean_test_loss", "poisoned_test_loss", "train_accuracy",
+           "train_loss")
+
+
+def smoke(**overrides):
+  config = abl_badnets.get_config("smoke")
+  for key, value in overrides.items():
+    group, name = key.split("__")
+    config[group][name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """One no-defense run and one ABL run of the BadNets smoke config (trained once per module)."""
+  root = tmp_path_factory.mktemp("runs")
+  none = experiment.train_and_evaluate(smoke(defense__name="none"), str(root / "none"))
+  abl = experiment.train_and_evaluate(smoke(), str(root / "abl"))
+  return root, none, abl
+
+
+def test_no_defense_learns_the_backdoor_and_abl_removes_it(runs):
+  _, none, abl = runs
+  assert none["clean_accuracy"] > 0.8 and none["attack_success_rate"] > 0.8
+  assert abl["clean_accuracy"] > 0.7
+  assert abl["attack_success_rate"] < none["attack_success_rate"] - 0.5
+  assert abl["isolation"]["precision"] > 0.9  # The lowest-loss examples are the poisoned ones.
+
+
+def test_results_file_has_the_promised_fields(runs):
+  root, _, abl = runs
+  with open(root / "abl" / "results.json") as f:
+    saved = json.load(f)
+  for field in (*METRICS, "attack", "defense", "isolation", "config", "wall_time"):
+    assert field in saved, field
+  assert saved["attack"] == "badnets" and saved["defense"] == "abl"
+  assert set(saved["wall_time"]) >= {"poison", "isolation", "finetune", "unlearning", "evaluate"}
+  assert saved["config"]["abl"]["isolation_ratio"] == 0.05
+  assert 0.0 <= saved["attack_success_rate"] <= 1.0
+  lines = [json.loads(l) for l in open(root / "abl" / "metrics.jsonl")]
+  assert [l["phase"] for l in lines if "global_epoch" in l] == ["isolation"] * 2 + ["finetune"] * 2 + ["unlearning"] * 3
+  assert os.path.exists(root / "abl" / "isolation.npz")
+
+
+def test_eval_mode_reproduces_results(runs):
+  root, _, abl = runs
+  evaluated = experiment.evaluate_checkpoint(smoke(), str(root / "abl"))
+  for field in METRICS:
+    assert evaluated[field] == pytest.approx(abl[field], abs=1e-6), field
+  with open(root / "abl" / "eval.json") as f:
+    assert set(json.load(f)) >= set(METRICS) | {"isolation", "checkpoint"}
+
+
+def test_resume_equals_uninterrupted(runs, tmp_path):
+  _, _, abl = runs
+  assert experiment.train_and_evaluate(smoke(), str(tmp_path), max_epochs=3) is None  # Stops inside fine-tuning.
+  assert not os.path.exists(tmp_path / "results.json")
+  resumed = experiment.train_and_evaluate(smoke(), str(tmp_path))
+  for field in METRICS:
+    assert resumed[field] == pytest.approx(abl[field], abs=1e-5), field
+  assert resumed["isolation"] == abl["isolation"] | {"seconds": resumed["isolation"]["seconds"]}
+
+
+def test_finished_run_is_not_retrained_or_overwritten(runs):
+  root, none, _ = runs
+  before = os.path.getmtime(root / "none" / "results.json")
+  assert experiment.train_and_evaluate(smoke(defense__name="none"), str(root / "none")) == none
+  assert os.path.getmtime(root / "none" / "results.json") == before
+
+
+def test_workdir_of_another_config_is_refused(runs):
+  root, _, _ = runs
+  with pytest.raises(experiment.WorkdirError, match=r"config\.abl\.gamma: 0\.5 -> 0\.3.*--overwrite"):
+    experiment.train_and_evaluate(smoke(abl__gamma=0.3), str(root / "abl"))
+  with pytest.raises(experiment.WorkdirError, match="different config"):
+    experiment.evaluate_checkpoint(smoke(abl__gamma=0.3), str(root / "abl"))
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(attack__name="trojan"), r"config\.attack\.name='trojan' is unknown; allowed: none, badnets, blend, sig"),
+    (dict(model__name="vgg"), r"config\.model\.name='vgg' is unknown; allowed: resnet18, wrn16_1, small_cnn"),
+    (dict(defense__name="nad"), r"config\.defense\.name='nad' is unknown; allowed: none, abl"),
+    (dict(data__source="web"), r"config\.data\.source='web' is unknown; allowed: tfds, folder, synthetic"),
+    (dict(attack__poison_rate=1.5), r"config\.attack\.poison_rate=1\.5 must be in \(0, 1\]"),
+    (dict(attack__poison_rate=0.0), r"config\.attack\.poison_rate=0\.0 must be in \(0, 1\]"),
+    (dict(abl__isolation_ratio=0.001), r"config\.abl\.isolation_ratio=0\.001 isolates 0 of 512"),
+    (dict(attack__target_label=10), r"config\.attack\.target_label=10"),
+    (dict(data__source="folder", data__path="/nonexistent"), r"config\.data\.path='/nonexistent' does not exist"),
+])
+def test_bad_input_stops_early_naming_the_field(tmp_path, override, message):
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    experiment.train_and_evaluate(smoke(**override), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_config_flags_override_fields_and_pick_variants():
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  values(["prog", "--config=configs/abl_sig.py:smoke", "--config.attack.delta=20",
+          "--config.abl.isolation_ratio=0.02", "--config.train.batch_size=256"])
+  config = values.config
+  assert (config.attack.name, config.data.source, config.model.name) == ("sig", "synthetic", "small_cnn")
+  assert (config.attack.delta, config.abl.isolation_ratio, config.train.batch_size) == (20.0, 0.02, 256)
+
+
+def test_unknown_variant_is_refused():
+  with pytest.raises(ValueError, match=r"config variant 'gpu' is unknown; allowed: '', 'cpu', 'smoke'"):
+    abl_badnets.get_config("gpu")

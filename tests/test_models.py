@@ -1,0 +1,97 @@
+"""Shapes, parameter counts, BatchNorm behaviour and cross-device BatchNorm of the models."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abl_jax import models
+
+
+def _init_shapes(model, image_size: int = 32):
+  """Variable shapes, without compiling."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name,width,expected", [
+    # PyTorch CIFAR ResNet-18 (kuangliu), BN scale/bias included, running stats excluded.
+    ("resnet18", 0, 11_173_962),
+    # PyTorch WRN-16-1 of the ABL code: conv 432 + group1 9,344 + group2 32,992 + group3 131,520
+    # + final BN 128 + fc 650.
+    ("wrn16_1", 0, 175_066),
+    # convs 3*16*9 + 16*16*9 + 16*32*9 + 32*32*9 + 32*64*9 + 64*64*9 = 71,856;
+    # BN 2*(16+16+32+32+64+64) = 448; Dense 64*10 + 10 = 650.
+    ("small_cnn", 0, 72_954),
+    # Width 8 (smoke): convs 18,072 + BN 224 + Dense 330.
+    ("small_cnn", 8, 18_626),
+])
+def test_param_counts(name, width, expected):
+  variables = _init_shapes(models.create_model(name, 10, width))
+  assert _count(variables["params"]) == expected
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize("name,dtype", [
+    ("resnet18", jnp.float32), ("wrn16_1", jnp.float32), ("small_cnn", jnp.float32),
+    ("small_cnn", jnp.bfloat16)])
+def test_forward_shapes_and_dtype(name, dtype):
+  model = models.create_model(name, 7, dtype=dtype)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+
+  @jax.jit
+  def init_and_apply(x):
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    return variables, model.apply(variables, x, train=False)
+
+  variables, logits = init_and_apply(x)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_train_mode_updates_batch_stats():
+  model = models.create_model("small_cnn", 10, width=4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3)) * 3 + 1
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  logits, updates = jax.jit(
+      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+  assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+  old, new = variables["batch_stats"], updates["batch_stats"]
+  assert jax.tree.structure(old) == jax.tree.structure(new)
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), old, new)
+  assert all(jax.tree.leaves(changed))
+  # Evaluation needs no mutable collection and uses the running statistics.
+  eval_logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      {"params": variables["params"], **updates}, x)
+  assert eval_logits.shape == (4, 10)
+  assert not np.allclose(eval_logits, logits)
+
+
+@pytest.mark.parametrize("name,width", [("small_cnn", 4), ("wrn16_1", 0), ("resnet18", 4)])
+def test_bn_statistics_are_global_under_pmap(name, width):
+  assert jax.local_device_count() >= 2, "tests/conftest.py should give 2 CPU devices"
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3)) * 2 + 0.5
+  single = models.create_model(name, 10, width)
+  variables = jax.jit(lambda x: single.init(jax.random.PRNGKey(0), x, train=False))(x)
+  logits, updates = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
+
+  sharded = models.create_model(name, 10, width, bn_axis_name="batch")
+  apply = jax.pmap(lambda v, x: sharded.apply(v, x, train=True, mutable=["batch_stats"]),
+                   axis_name="batch", in_axes=(None, 0))
+  p_logits, p_updates = apply(variables, x.reshape(2, 4, *x.shape[1:]))
+
+  np.testing.assert_allclose(p_logits.reshape(logits.shape), logits, rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(p_updates), jax.tree.leaves(updates)):
+    np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a[1], b, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_name():
+  with pytest.raises(ValueError, match=r"config.model.name='vgg' is unknown; allowed: resnet18, wrn16_1, small_cnn"):
+    models.create_model("vgg", 10)

@@ -1,0 +1,118 @@
+"""The trainer's steps: augmentation, 1-device == 2-device, batching, prediction, NaN stop, checkpoints."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from abl_jax import abl, train
+from abl_jax.checkpoint import CheckpointMismatchError, Checkpointer
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class Tiny(nn.Module):
+  """A conv + BatchNorm + dense net, enough to exercise gradients and batch statistics."""
+  features: int = 4
+  bn_axis_name: str | None = "batch"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.features, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.bn_axis_name)(x)
+    return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+def _data(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, (n,)).astype(np.int32)
+
+
+def _state(model=None, lr=0.1):
+  model = model or Tiny()
+  return train.create_train_state(model, train.sgd(lr, 0.9, 5e-4), jax.random.PRNGKey(0), (8, 8, 3))
+
+
+def _steps(num_devices, loss_fn, augment_data, steps=3):
+  """Runs `steps` training steps with the global batch split over `num_devices` devices."""
+  model = Tiny()
+  step = train.make_train_step(model, loss_fn, MEAN, STD, augment_data=augment_data,
+                               devices=jax.local_devices()[:num_devices])
+  images, labels = _data()
+  state = train.replicate(_state(), devices=jax.local_devices()[:num_devices])
+  for i in range(steps):
+    keys = jnp.stack([jax.random.PRNGKey(i)] * num_devices)
+    state, metrics = step(state, train.shard(images, num_devices), train.shard(labels, num_devices), keys)
+  return jax.device_get(train.unreplicate(state)), jax.device_get(jax.tree.map(lambda m: m[0], metrics))
+
+
+@pytest.mark.parametrize("loss_name", ["ce", "lga", "unlearn"])
+def test_two_devices_equal_one_device(loss_name):
+  loss_fn = {"ce": abl.cross_entropy_loss, "lga": abl.isolation_loss("lga", 1.05),
+             "unlearn": abl.unlearning_loss}[loss_name]
+  one_state, one_metrics = _steps(1, loss_fn, augment_data=True)
+  two_state, two_metrics = _steps(2, loss_fn, augment_data=True)
+  for a, b in zip(jax.tree.leaves((one_state.params, one_state.batch_stats)),
+                  jax.tree.leaves((two_state.params, two_state.batch_stats))):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(one_metrics["loss"], two_metrics["loss"], rtol=1e-4)
+  # The steps really moved the weights (the comparison above is not vacuous).
+  assert not np.allclose(jax.tree.leaves(one_state.params)[0], jax.tree.leaves(_state().params)[0])
+
+
+def test_augment_is_a_shifted_crop_or_its_mirror():
+  images = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  out = np.asarray(train.augment(jnp.asarray(images), keys))
+  padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  for img, pad in zip(out, padded):
+    crops = [pad[dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+    assert any(np.array_equal(img, c) or np.array_equal(img, c[:, ::-1]) for c in crops)
+  np.testing.assert_array_equal(out, train.augment(jnp.asarray(images), keys))
+
+
+def test_epoch_order_covers_every_example_in_whole_batches():
+  order = train.epoch_order(10, 4, jax.random.PRNGKey(0))
+  assert order.shape == (3, 4)
+  assert set(order.ravel()) == set(range(10))
+  np.testing.assert_array_equal(order, train.epoch_order(10, 4, jax.random.PRNGKey(0)))
+  assert train.epoch_order(3, 8, jax.random.PRNGKey(0)).shape == (1, 8)  # Tiny sets wrap around.
+
+
+def test_predict_pads_the_last_batch_and_matches_direct_apply():
+  images, labels = _data(n=11)
+  model, state = Tiny(), _state()
+  ce, pred = train.predict(train.make_eval_step(model, MEAN, STD), train.replicate(state), images, labels, 4)
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       train.preprocess(jnp.asarray(images), MEAN, STD), train=False)
+  assert ce.shape == pred.shape == (11,)
+  np.testing.assert_array_equal(pred, np.argmax(logits, -1))
+  np.testing.assert_allclose(ce, -jax.nn.log_softmax(logits)[np.arange(11), labels], rtol=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_message():
+  images, labels = _data()
+  nan_loss = lambda ce, axis_name=None: jnp.mean(ce) * jnp.nan
+  step = train.make_train_step(Tiny(), nan_loss, MEAN, STD, augment_data=False)
+  with pytest.raises(FloatingPointError, match="isolation epoch 1: loss became nan at step 1"):
+    train.run_epoch(step, train.replicate(_state()), images, labels, train.epoch_order(16, 8, jax.random.PRNGKey(0)),
+                    jax.random.PRNGKey(1), log_every=1, describe="isolation epoch 1")
+
+
+def test_batch_size_must_split_over_devices():
+  with pytest.raises(ValueError, match=r"config\.train\.batch_size=3 must be a positive multiple of the 2"):
+    train.check_batch_size(3, "config.train.batch_size")
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+  state = _state()
+  state = state.replace(params=jax.tree.map(lambda p: p + 1.0, state.params))
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  ckpt.save(3, state, {"phase": "finetune", "epoch": 2})
+  assert ckpt.latest() == 3
+  restored, meta = ckpt.restore(3, like=_state())
+  assert meta == {"phase": "finetune", "epoch": 2}
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(CheckpointMismatchError, match="config.model"):
+    ckpt.restore(3, like=_state(Tiny(features=5)))
