@@ -9,10 +9,11 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import os
 import tarfile
-from typing import Iterable, Union
+from typing import Iterable
 
 from absl import logging
 import ml_collections
@@ -25,7 +26,7 @@ SPLITS = ("train", "test")
 _CHUNK = 1000  # Images per decoding task and per tfds batch read.
 _LOG_EVERY = 10_000
 
-Seed = Union[int, np.random.SeedSequence]
+Seed = int | np.random.SeedSequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +109,16 @@ def balanced_subset(ds: Dataset, size: int, seed: Seed, field: str = "size") -> 
 # Synthetic data.
 
 
-def synthetic(num_train: int, num_test: int, num_classes: int, image_size: int,
-              seed: int) -> tuple[Dataset, Dataset]:
-  """Easy generated data: per class a fixed smooth colour template, per example shift, brightness, noise."""
+def synthetic(num_train: int, num_test: int, num_classes: int, image_size: int, seed: int,
+              class_weight: float = 0.4) -> tuple[Dataset, Dataset]:
+  """Generated data: a shifted class template blended with a random per-example scene, plus noise.
+
+  The class template carries `class_weight` of each image; the rest is a random smooth scene, so
+  that, as in real photos, the class takes some learning and a stamped trigger is the easier cue.
+  """
   max_shift = max(1, image_size // 8)
-  grids = np.random.default_rng([seed, 0]).uniform(0, 255, (num_classes, 4, 4, 3)).astype(np.uint8)
   side = image_size + 2 * max_shift
-  templates = np.stack([np.asarray(Image.fromarray(g).resize((side, side), Image.BICUBIC)) for g in grids])
+  templates = _smooth(np.random.default_rng([seed, 0]), num_classes, 4, side)
   names = tuple(f"class{i}" for i in range(num_classes))
 
   def split(n: int, stream: int) -> Dataset:
@@ -123,12 +127,20 @@ def synthetic(num_train: int, num_test: int, num_classes: int, image_size: int,
     dy, dx = rng.integers(0, 2 * max_shift + 1, (2, n))
     rows = dy[:, None] + np.arange(image_size)
     cols = dx[:, None] + np.arange(image_size)
-    images = templates[labels[:, None, None], rows[:, :, None], cols[:, None, :]].astype(np.float32)
+    images = templates[labels[:, None, None], rows[:, :, None], cols[:, None, :]]
+    images = class_weight * images + (1 - class_weight) * _smooth(rng, n, 3, image_size)
     images = images * rng.uniform(0.8, 1.2, (n, 1, 1, 1)) + rng.uniform(-25, 25, (n, 1, 1, 1))
     images += rng.normal(0, 12, images.shape)
     return Dataset(np.clip(np.rint(images), 0, 255).astype(np.uint8), labels, names)
 
   return split(num_train, 1), split(num_test, 2)
+
+
+def _smooth(rng: np.random.Generator, n: int, cells: int, side: int) -> np.ndarray:
+  """`n` smooth random colour images: a cells x cells grid upscaled bicubically, float32 [n, side, side, 3]."""
+  grids = rng.uniform(0, 255, (n, cells, cells, 3)).astype(np.uint8)
+  bicubic = Image.Resampling.BICUBIC
+  return np.stack([np.asarray(Image.fromarray(g).resize((side, side), bicubic)) for g in grids]).astype(np.float32)
 
 
 # Image folders and tars of them.
@@ -211,10 +223,12 @@ def _layout(path: str, names: Iterable[str]) -> dict[str, list[tuple[str, str]]]
       continue
     found[parts[-3]]["/".join(parts[:-3])].append((parts[-2], name))
   roots = set(found["train"]) & set(found["test"])
-  if len(roots) != 1:
-    problem = "holds several" if roots else "holds no"
-    raise ValueError(f"config.data.path={path!r} {problem} image folder(s) with train/<class>/*.jpg and "
-                     f"test/<class>/* (.png, .jpg, .jpeg)")
+  if not roots:
+    raise ValueError(f"config.data.path={path!r} holds no image folder: no train/<class>/*.jpg with "
+                     "test/<class>/* (.png, .jpg or .jpeg) found")
+  if len(roots) > 1:
+    shown = ", ".join(r or "." for r in sorted(roots)[:3]) + (", ..." if len(roots) > 3 else "")
+    raise ValueError(f"config.data.path={path!r} holds several image folders ({shown}); point it at one")
   root = roots.pop()
   return {s: sorted(found[s][root]) for s in SPLITS}
 
@@ -232,7 +246,7 @@ def _decode_all(items: list[bytes | str], what: str) -> np.ndarray:
     return [_decode(x) for x in items[start:start + _CHUNK]]
 
   out = None
-  with concurrent.futures.ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1))) as pool:
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
     for start, images in zip(range(0, len(items), _CHUNK), pool.map(chunk, range(0, len(items), _CHUNK))):
       for i, image in enumerate(images, start):
         if out is None:
@@ -250,17 +264,26 @@ def _decode_all(items: list[bytes | str], what: str) -> np.ndarray:
 
 
 def load_tfds(name: str, data_dir: str = "") -> tuple[Dataset, Dataset]:
-  """The train and test splits of a prepared tfds dataset, read without TensorFlow."""
+  """The train and test splits of a prepared tfds dataset (array_record; TFRecord needs TensorFlow)."""
+  kwargs = dict(split=list(SPLITS), data_dir=data_dir or None, download=False)  # No internet here.
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import; only here.
-    sources = tfds.data_source(name, split=list(SPLITS), data_dir=data_dir or None, download=False)
+    try:
+      sources = tfds.data_source(name, **kwargs)
+    except NotImplementedError:  # Prepared as TFRecord, which only TensorFlow reads.
+      if importlib.util.find_spec("tensorflow") is None:
+        raise
+      splits, info = tfds.load(name, batch_size=-1, with_info=True, **kwargs)
+      names = tuple(info.features["label"].names)
+      return tuple(Dataset(d["image"], d["label"].astype(np.int32), names) for d in tfds.as_numpy(splits))
     names = tuple(sources[0].dataset_info.features["label"].names)
     return tuple(Dataset(*_read_source(src), names) for src in sources)
   except Exception as e:  # pylint: disable=broad-except  # Any failure gets the same advice.
     first = (str(e).strip().splitlines() or [""])[0]
     raise RuntimeError(
-        f"tfds could not load {name!r} ({type(e).__name__}: {first}); prepare it with internet access "
-        f"(e.g. `tfds build {name} --file_format=array_record`), or use the shared image folder instead: "
+        f"tfds could not load {name!r} from {data_dir or 'its default data_dir'} ({type(e).__name__}: {first}); "
+        f"it reads prepared data only (prepare it with internet access: `tfds build {name} "
+        "--file_format=array_record`), or use the shared image folder instead: "
         "--config.data.source=folder --config.data.path=../shared/datasets/cifar10-jpeg.tar.gz") from e
 
 

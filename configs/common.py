@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "tfds"  # One of: tfds, folder, synthetic.
   c.data.name = "cifar10"  # tfds dataset name (source=tfds).
   c.data.path = SHARED_CIFAR10  # Image folder or .tar.gz of one (source=folder).
-  c.data.cache_dir = ""  # Where decoded arrays and extracted tars go; '' = next to the data.
+  c.data.cache_dir = ""  # Where decoded folder arrays are cached; '' = ~/.cache/abl_jax.
   c.data.tfds_data_dir = ""  # tfds data_dir; '' = the tfds default (~/tensorflow_datasets).
   c.data.train_size = 0  # Class-balanced training subset of this size; 0 = the whole set.
   c.data.test_size = 0  # Class-balanced test subset; 0 = the whole test set.
@@ -101,19 +101,20 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     c.abl.unlearning_epochs = 20
   elif variant == "smoke":
     c.data.source = "synthetic"
-    c.data.synthetic_train_size = 512
+    c.data.synthetic_train_size = 1024
     c.data.synthetic_test_size = 256
     c.model.name = "small_cnn"
     c.model.width = 8
     c.train.batch_size = 64
     c.train.eval_batch_size = 128
-    c.train.epochs = 3
+    c.train.epochs = 6
+    c.train.augment = False  # A shifted or mirrored trigger needs more steps than a smoke run has.
     c.train.log_every_steps = 4
     c.abl.isolation_epochs = 2
     c.abl.isolation_ratio = 0.05
     c.abl.finetune_epochs = 2
     c.abl.finetune_lr_boundaries = (100, 200)
     c.abl.unlearning_epochs = 3
-    c.abl.unlearning_lr = 5e-3
+    c.abl.unlearning_lr = 0.02
     c.abl.unlearning_batch_size = 32
   return c

@@ -32,9 +32,10 @@ def runs(tmp_path_factory):
 
 def test_no_defense_learns_the_backdoor_and_abl_removes_it(runs):
   _, none, abl = runs
-  assert none["clean_accuracy"] > 0.8 and none["attack_success_rate"] > 0.8
-  assert abl["clean_accuracy"] > 0.7
-  assert abl["attack_success_rate"] < none["attack_success_rate"] - 0.5
+  # Synthetic smoke data: chance is 0.1; the backdoor is learned long before the classes are.
+  assert none["clean_accuracy"] > 0.2 and none["attack_success_rate"] > 0.9
+  assert abl["clean_accuracy"] > 0.2
+  assert abl["attack_success_rate"] < 0.2
   assert abl["isolation"]["precision"] > 0.9  # The lowest-loss examples are the poisoned ones.
 
 
@@ -94,7 +95,7 @@ def test_workdir_of_another_config_is_refused(runs):
     (dict(data__source="web"), r"config\.data\.source='web' is unknown; allowed: tfds, folder, synthetic"),
     (dict(attack__poison_rate=1.5), r"config\.attack\.poison_rate=1\.5 must be in \(0, 1\]"),
     (dict(attack__poison_rate=0.0), r"config\.attack\.poison_rate=0\.0 must be in \(0, 1\]"),
-    (dict(abl__isolation_ratio=0.001), r"config\.abl\.isolation_ratio=0\.001 isolates 0 of 512"),
+    (dict(abl__isolation_ratio=0.001), r"config\.abl\.isolation_ratio=0\.001 isolates 0 of 1024"),
     (dict(attack__target_label=10), r"config\.attack\.target_label=10"),
     (dict(data__source="folder", data__path="/nonexistent"), r"config\.data\.path='/nonexistent' does not exist"),
 ])

@@ -15,6 +15,19 @@ def _init_shapes(model, image_size: int = 32):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
 
 
+def _numpy_variables(model, image_size: int, seed: int = 0):
+  """He-normal kernels, unit BN scales and variances, zero biases and means; no XLA compile."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+    return np.full(leaf.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, _init_shapes(model, image_size))
+
+
 def _count(tree) -> int:
   return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
 
@@ -37,20 +50,26 @@ def test_param_counts(name, width, expected):
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
 
 
-@pytest.mark.parametrize("name,dtype", [
-    ("resnet18", jnp.float32), ("wrn16_1", jnp.float32), ("small_cnn", jnp.float32),
-    ("small_cnn", jnp.bfloat16)])
-def test_forward_shapes_and_dtype(name, dtype):
-  model = models.create_model(name, 7, dtype=dtype)
+@pytest.mark.parametrize("name", models.MODELS)
+@pytest.mark.parametrize("train", [False, True])
+def test_output_shapes_and_dtype(name, train):
+  model = models.create_model(name, 7, dtype=jnp.bfloat16)
+  variables = _init_shapes(model)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  mutable = ["batch_stats"] if train else False
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=train, mutable=mutable), variables, x)
+  logits = out[0] if train else out
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))  # Parameters stay float32.
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+  if train:
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), out[1]["batch_stats"]) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), variables["batch_stats"])
+
+
+def test_bfloat16_forward():
+  model = models.create_model("small_cnn", 7, width=4, dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-
-  @jax.jit
-  def init_and_apply(x):
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
-    return variables, model.apply(variables, x, train=False)
-
-  variables, logits = init_and_apply(x)
-  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(_numpy_variables(model, 32), x)
   assert logits.shape == (2, 7) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -58,7 +77,7 @@ def test_forward_shapes_and_dtype(name, dtype):
 def test_train_mode_updates_batch_stats():
   model = models.create_model("small_cnn", 10, width=4)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3)) * 3 + 1
-  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(x)
+  variables = _numpy_variables(model, 16)
   logits, updates = jax.jit(
       lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
   assert logits.shape == (4, 10) and logits.dtype == jnp.float32
@@ -78,7 +97,7 @@ def test_bn_statistics_are_global_under_pmap(name, width):
   assert jax.local_device_count() >= 2, "tests/conftest.py should give 2 CPU devices"
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3)) * 2 + 0.5
   single = models.create_model(name, 10, width)
-  variables = jax.jit(lambda x: single.init(jax.random.PRNGKey(0), x, train=False))(x)
+  variables = _numpy_variables(single, 16)
   logits, updates = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
 
   sharded = models.create_model(name, 10, width, bn_axis_name="batch")
