@@ -256,7 +256,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
 
   isolated = None
   start = 0
-  sizes = {"all": len(prep.train)}
+  sizes = {"all": len(prep.train)}  # Examples per phase, for the ETA.
+  if config.defense.name == "abl":
+    k = abl.num_isolated(len(prep.train), config.abl.isolation_ratio)
+    sizes.update(isolated=k, retained=len(prep.train) - k)
   for index, phase in enumerate(plan):
     end = start + phase.epochs
     if phase.examples != "all" and isolated is None:
@@ -265,7 +268,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
       else:
         isolated = _isolate(config, workdir, eval_fn, train.replicate(state), prep, log)
       retained = np.setdiff1d(np.arange(len(prep.train)), isolated)
-      sizes.update(isolated=len(isolated), retained=len(retained))
     if done >= end:
       start = end
       continue

@@ -34,6 +34,8 @@ class TrainState(train_state.TrainState):
 
 def sgd(schedule: optax.Schedule | float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
   """PyTorch-style SGD: L2 weight decay added to the gradient, then momentum."""
+  if not callable(schedule):  # Always a schedule, so every phase's optimizer state has one structure.
+    schedule = optax.constant_schedule(schedule)
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
 
 

@@ -60,12 +60,13 @@ def test_synthetic_shapes_balance_and_determinism():
   other, _ = data.synthetic(100, 50, 4, 16, seed=4)
   assert not np.array_equal(other.images, train.images)
   assert not np.array_equal(train.images[:50], test.images)
-  # Examples of one class vary (shift, brightness, noise) but stay closer to their class mean.
+  # Examples of one class vary (scene, shift, brightness, noise) but mostly stay closest to their class mean
+  # (chance is 0.25; the class template is deliberately only 40% of each image).
   means = np.stack([train.images[train.labels == c].mean(0) for c in range(4)])
   x = train.images.astype(np.float32)
   assert x[train.labels == 0].std(0).mean() > 5
   dists = ((x[:, None] - means[None]) ** 2).mean(axis=(2, 3, 4))
-  assert (dists.argmin(1) == train.labels).mean() > 0.9
+  assert (dists.argmin(1) == train.labels).mean() > 0.6
 
 
 def test_folder_loads_sorted_classes_exact_pixels(tmp_path):
@@ -160,7 +161,7 @@ def test_load_subsets_and_shuffles_train_deterministically(tmp_path):
 def test_load_synthetic_config():
   cfg = common.apply_variant(common.base_config(), "smoke").data
   train, test = data.load(cfg, seed=0)
-  assert train.images.shape == (512, 32, 32, 3) and len(test) == 256 and train.num_classes == 10
+  assert train.images.shape == (1024, 32, 32, 3) and len(test) == 256 and train.num_classes == 10
 
 
 def test_tfds_reads_a_mocked_data_source(monkeypatch):

@@ -95,7 +95,7 @@ def test_workdir_of_another_config_is_refused(runs):
     (dict(data__source="web"), r"config\.data\.source='web' is unknown; allowed: tfds, folder, synthetic"),
     (dict(attack__poison_rate=1.5), r"config\.attack\.poison_rate=1\.5 must be in \(0, 1\]"),
     (dict(attack__poison_rate=0.0), r"config\.attack\.poison_rate=0\.0 must be in \(0, 1\]"),
-    (dict(abl__isolation_ratio=0.001), r"config\.abl\.isolation_ratio=0\.001 isolates 0 of 1024"),
+    (dict(abl__isolation_ratio=0.0005), r"config\.abl\.isolation_ratio=0\.0005 isolates 0 of 1024"),
     (dict(attack__target_label=10), r"config\.attack\.target_label=10"),
     (dict(data__source="folder", data__path="/nonexistent"), r"config\.data\.path='/nonexistent' does not exist"),
 ])
@@ -106,10 +106,11 @@ def test_bad_input_stops_early_naming_the_field(tmp_path, override, message):
 
 
 def test_config_flags_override_fields_and_pick_variants():
+  argv = ["prog", "--config=configs/abl_sig.py:smoke", "--config.attack.delta=20",
+          "--config.abl.isolation_ratio=0.02", "--config.train.batch_size=256"]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
-  values(["prog", "--config=configs/abl_sig.py:smoke", "--config.attack.delta=20",
-          "--config.abl.isolation_ratio=0.02", "--config.train.batch_size=256"])
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
   config = values.config
   assert (config.attack.name, config.data.source, config.model.name) == ("sig", "synthetic", "small_cnn")
   assert (config.attack.delta, config.abl.isolation_ratio, config.train.batch_size) == (20.0, 0.02, 256)
