@@ -265,14 +265,16 @@ def _decode_all(items: list[bytes | str], what: str) -> np.ndarray:
 
 def load_tfds(name: str, data_dir: str = "") -> tuple[Dataset, Dataset]:
   """The train and test splits of a prepared tfds dataset (array_record; TFRecord needs TensorFlow)."""
-  kwargs = dict(split=list(SPLITS), data_dir=data_dir or None, download=False)  # No internet here.
+  kwargs = dict(split=list(SPLITS), data_dir=data_dir or None, download=False)
+  has_tensorflow = importlib.util.find_spec("tensorflow") is not None
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import; only here.
     try:
       sources = tfds.data_source(name, **kwargs)
-    except NotImplementedError:  # Prepared as TFRecord, which only TensorFlow reads.
-      if importlib.util.find_spec("tensorflow") is None:
+    except Exception:  # Not prepared as array_record: only TensorFlow can download, prepare or read it.
+      if not has_tensorflow:
         raise
+      kwargs["download"] = True
       splits, info = tfds.load(name, batch_size=-1, with_info=True, **kwargs)
       names = tuple(info.features["label"].names)
       return tuple(Dataset(d["image"], d["label"].astype(np.int32), names) for d in tfds.as_numpy(splits))
@@ -282,8 +284,8 @@ def load_tfds(name: str, data_dir: str = "") -> tuple[Dataset, Dataset]:
     first = (str(e).strip().splitlines() or [""])[0]
     raise RuntimeError(
         f"tfds could not load {name!r} from {data_dir or 'its default data_dir'} ({type(e).__name__}: {first}); "
-        f"it reads prepared data only (prepare it with internet access: `tfds build {name} "
-        "--file_format=array_record`), or use the shared image folder instead: "
+        "; without TensorFlow it reads prepared array_record data only (with internet, `pip install -e "
+        "'.[tfds]'` lets tfds download and prepare it), or use the shared image folder instead: "
         "--config.data.source=folder --config.data.path=../shared/datasets/cifar10-jpeg.tar.gz") from e
 
 

@@ -119,3 +119,10 @@ def test_config_flags_override_fields_and_pick_variants():
 def test_unknown_variant_is_refused():
   with pytest.raises(ValueError, match=r"config variant 'gpu' is unknown; allowed: '', 'cpu', 'smoke'"):
     abl_badnets.get_config("gpu")
+
+
+def test_clean_model_baseline_has_no_attack_metrics(tmp_path):
+  clean = experiment.train_and_evaluate(smoke(attack__name="none", defense__name="none", train__epochs=1),
+                                        str(tmp_path))
+  assert clean["num_poisoned"] == 0 and clean["attack_success_rate"] is None
+  assert clean["poisoned_test_loss"] is None and clean["train_accuracy_poisoned_part"] is None
