@@ -33,8 +33,8 @@ def runs(tmp_path_factory):
 def test_no_defense_learns_the_backdoor_and_abl_removes_it(runs):
   _, none, abl = runs
   # Synthetic smoke data: chance is 0.1; the backdoor is learned long before the classes are.
-  assert none["clean_accuracy"] > 0.2 and none["attack_success_rate"] > 0.9
-  assert abl["clean_accuracy"] > 0.2
+  assert none["clean_accuracy"] > 0.15 and none["attack_success_rate"] > 0.9
+  assert abl["clean_accuracy"] > 0.15
   assert abl["attack_success_rate"] < 0.2
   assert abl["isolation"]["precision"] > 0.9  # The lowest-loss examples are the poisoned ones.
 
