@@ -4,6 +4,9 @@
   python launch.py --config=configs/abl_badnets.py:cpu --workdir=runs/badnets-cpu  # small CNN, 2 CPU cores
   python launch.py --config=configs/abl_badnets.py:smoke --workdir=/tmp/badnets    # synthetic, seconds
 Baselines: add --config.defense.name=none (no defense) or --config.attack.name=none (clean model).
+
+cpu variant, measured 2026-11-25 (small CNN, 10,000 CIFAR-10 training images, 2 CPU cores):
+  no defense CA 0.642, ASR 0.998 (5.6 min); ABL CA 0.503, ASR 0.001, isolation precision 1.00 (3.7 min).
 """
 from configs import common
 

@@ -2,7 +2,8 @@
 
 Variants (the part after ':' in `--config=configs/abl_sig.py:smoke`):
   (none)  the paper's setting: ResNet-18 on all of CIFAR-10 (an accelerator job).
-  cpu     the small CNN on a class-balanced CIFAR-10 subset from the shared tar (~20 min, 2 cores).
+  cpu     the small CNN on a 10,000-image class-balanced CIFAR-10 subset from the shared tar, 2 LGA +
+          4 fine-tuning + 20 unlearning epochs, or 8 epochs without defense (4-6 min each on 2 cores).
   smoke   tiny synthetic data, the small CNN, a few steps (seconds; what tests and CI use).
 """
 from __future__ import annotations
