@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 ISOLATION_LOSSES = ("lga", "flooding")
+UNLEARNING_MODES = ("ascent", "joint")
+UNLEARNING_BN = ("train", "frozen")
+STOP_RULES = ("none", "isolated_accuracy")
 
 # A loss function maps per-example cross-entropy [B] (this device's shard) to a scalar.
 LossFn = Callable[[jax.Array, "str | None"], jax.Array]
@@ -48,6 +51,35 @@ def unlearning_loss(ce: jax.Array, axis_name: str | None = None) -> jax.Array:
   """Gradient ascent on the isolated examples: minimise -CE."""
   del axis_name
   return -jnp.mean(ce)
+
+
+def joint_unlearning_loss(ce: jax.Array, num_isolated: int, weight: float,
+                          axis_name: str | None = None) -> jax.Array:
+  """Joint unlearning: ascend CE on the first `num_isolated` examples, descend it (x weight) on the rest."""
+  del axis_name
+  return -jnp.mean(ce[:num_isolated]) + weight * jnp.mean(ce[num_isolated:])
+
+
+def unlearning_step_loss(mode: str, num_isolated_per_device: int, weight: float) -> LossFn:
+  """The unlearning loss named by `config.abl.unlearning_mode` (joint batches put isolated examples first)."""
+  if mode == "ascent":
+    return unlearning_loss
+  if mode == "joint":
+    return lambda ce, axis_name=None: joint_unlearning_loss(ce, num_isolated_per_device, weight, axis_name)
+  raise ValueError(f"config.abl.unlearning_mode={mode!r} is unknown; allowed: {', '.join(UNLEARNING_MODES)}")
+
+
+def stop_unlearning(isolated_predictions: np.ndarray, isolated_labels: np.ndarray, rule: str,
+                    threshold: float) -> bool:
+  """The defender's stopping rule: true once the model has unlearned the isolated examples' labels.
+
+  It sees the isolated examples' predictions and (training) labels only, nothing about the truth.
+  """
+  if rule == "none":
+    return False
+  if rule == "isolated_accuracy":
+    return bool(np.mean(np.asarray(isolated_predictions) == np.asarray(isolated_labels)) <= threshold)
+  raise ValueError(f"config.abl.unlearning_stop={rule!r} is unknown; allowed: {', '.join(STOP_RULES)}")
 
 
 def isolation_loss(name: str, gamma: float) -> LossFn:

@@ -27,7 +27,10 @@ from abl_jax.checkpoint import Checkpointer
 DEFENSES = ("none", "abl")
 SCHEDULES = ("cosine", "step", "constant")
 SOURCES = ("tfds", "folder", "synthetic")
-RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json")
+RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
+                "unlearning_curve.json")
+# Fields a run started from another run's fine-tuned model (config.abl.start_from) may change.
+UNLEARNING_FIELDS = ("abl.unlearning_", "abl.joint_", "abl.stop_accuracy", "abl.start_from")
 
 
 class WorkdirError(ValueError):
@@ -39,11 +42,12 @@ class Phase:
   """One training phase: which examples, which loss, which optimizer, how long."""
   name: str
   epochs: int
-  examples: str  # 'all', 'retained' (not isolated) or 'isolated'
+  examples: str  # 'all', 'retained' (not isolated), 'isolated', or 'joint' (isolated + retained per step)
   loss_fn: abl.LossFn
   lr: Callable[[int], float]  # steps_per_epoch -> optax schedule (or a constant)
   batch_size: int
   augment: bool
+  bn_train: bool = True  # False: BatchNorm in inference mode, statistics unchanged.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +73,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _allowed("config.defense.name", config.defense.name, DEFENSES)
   _allowed("config.train.schedule", config.train.schedule, SCHEDULES)
   _allowed("config.abl.loss", config.abl.loss, abl.ISOLATION_LOSSES)
+  _allowed("config.abl.unlearning_mode", config.abl.unlearning_mode, abl.UNLEARNING_MODES)
+  _allowed("config.abl.unlearning_bn", config.abl.unlearning_bn, abl.UNLEARNING_BN)
+  _allowed("config.abl.unlearning_stop", config.abl.unlearning_stop, abl.STOP_RULES)
+  if not 0.0 <= config.abl.stop_accuracy <= 1.0:
+    raise ValueError(f"config.abl.stop_accuracy={config.abl.stop_accuracy} must be in [0, 1]")
+  if config.abl.start_from and not os.path.exists(os.path.join(config.abl.start_from, "config.json")):
+    raise ValueError(f"config.abl.start_from={config.abl.start_from!r} holds no run (no config.json)")
   if config.attack.name != "none" and not 0.0 < config.attack.poison_rate <= 1.0:
     raise ValueError(f"config.attack.poison_rate={config.attack.poison_rate} must be in (0, 1]")
   if not 0.0 < config.abl.isolation_ratio < 1.0:
     raise ValueError(f"config.abl.isolation_ratio={config.abl.isolation_ratio} must be in (0, 1)")
-  for field in ("train.batch_size", "train.eval_batch_size", "abl.unlearning_batch_size"):
+  for field in ("train.batch_size", "train.eval_batch_size", "abl.unlearning_batch_size", "abl.joint_batch_size"):
     group, name = field.split(".")
     train.check_batch_size(config[group][name], f"config.{field}")
   for field in ("train.epochs", "abl.isolation_epochs", "abl.finetune_epochs", "abl.unlearning_epochs"):
@@ -105,8 +116,10 @@ def phases(config: ml_collections.ConfigDict) -> list[Phase]:
             lambda _: a.isolation_lr, t.batch_size, False),
       Phase("finetune", a.finetune_epochs, "retained", abl.cross_entropy_loss, finetune_lr,
             t.batch_size, t.augment),
-      Phase("unlearning", a.unlearning_epochs, "isolated", abl.unlearning_loss,
-            lambda _: a.unlearning_lr, a.unlearning_batch_size, False),
+      Phase("unlearning", a.unlearning_epochs, "isolated" if a.unlearning_mode == "ascent" else "joint",
+            abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size // jax.local_device_count(),
+                                     a.joint_weight),
+            lambda _: a.unlearning_lr, a.unlearning_batch_size, False, bn_train=a.unlearning_bn == "train"),
   ]
 
 
@@ -142,7 +155,7 @@ def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: b
   path = os.path.join(workdir, "config.json")
   if overwrite and os.path.isdir(workdir):
     logging.warning("--overwrite: deleting the previous run in %s", workdir)
-    for name in (*RESULT_FILES, "checkpoints"):
+    for name in (*RESULT_FILES, "checkpoints", "before_unlearning"):
       p = os.path.join(workdir, name)
       if os.path.isdir(p):
         shutil.rmtree(p)
@@ -217,6 +230,107 @@ def _load_isolated(workdir: str) -> np.ndarray:
   return np.load(path)["isolated"]
 
 
+def _epoch_order(phase: Phase, config, isolated: np.ndarray | None, num_train: int, key: jax.Array) -> np.ndarray:
+  """One epoch's [steps, batch] indices into the training set for `phase`."""
+  if phase.examples == "all":
+    return train.epoch_order(num_train, phase.batch_size, key)
+  retained = np.setdiff1d(np.arange(num_train), isolated)
+  if phase.examples in ("isolated", "retained"):
+    chosen = isolated if phase.examples == "isolated" else retained
+    return chosen[train.epoch_order(len(chosen), phase.batch_size, key)]
+  # joint: every step pairs a batch of isolated examples with config.abl.joint_batch_size retained ones,
+  # laid out so that each device's shard holds its isolated examples first (see abl.joint_unlearning_loss).
+  k_iso, k_ret = jax.random.split(key)
+  iso = isolated[train.epoch_order(len(isolated), phase.batch_size, k_iso)]
+  steps, n_dev = len(iso), jax.local_device_count()
+  ret = retained[np.resize(np.asarray(jax.random.permutation(k_ret, len(retained))),
+                           steps * config.abl.joint_batch_size)].reshape(steps, -1)
+  return np.concatenate([iso.reshape(steps, n_dev, -1), ret.reshape(steps, n_dev, -1)], axis=2).reshape(steps, -1)
+
+
+def _isolated_metrics(config, eval_fn, rstate, prep: Prepared, isolated: np.ndarray) -> dict[str, float]:
+  """Loss and accuracy on the isolated examples with their training labels (what a defender has)."""
+  ce, pred = train.predict(eval_fn, rstate, prep.train.images[isolated], prep.train.labels[isolated],
+                           config.train.eval_batch_size)
+  return {"isolated_loss": float(np.mean(ce)), "isolated_accuracy": float(np.mean(pred == prep.train.labels[isolated])),
+          "_pred": pred}
+
+
+def _before_unlearning(config, workdir, eval_fn, rstate, prep: Prepared, isolated, done, wall, log: _Log) -> None:
+  """Saves the fine-tuned model (config.abl.start_from reuses it) and its metrics on the full test set."""
+  record = {"phase": "unlearning", "epoch": 0, "global_epoch": done, "full_test_set": True}
+  record.update(evaluate.test_metrics(eval_fn, rstate, prep.test, prep.poisoned_test, config.train.eval_batch_size))
+  metrics = _isolated_metrics(config, eval_fn, rstate, prep, isolated)
+  metrics.pop("_pred")
+  record.update(metrics)
+  log(**record)
+  _write_curve(workdir)
+  saved = Checkpointer(os.path.join(workdir, "before_unlearning"), 1)
+  saved.save(done, train.unreplicate(rstate), {"phase": "before_unlearning", "epoch": 0, "global_epoch": done,
+                                               "wall_time": wall})
+  saved.close()
+  asr = record["attack_success_rate"]
+  logging.info("before unlearning: CA %.4f, ASR %s (full test set); isolated set loss %.4f accuracy %.3f",
+               record["clean_accuracy"], "n/a" if asr is None else f"{asr:.4f}", record["isolated_loss"],
+               record["isolated_accuracy"])
+
+
+def _unlearning_check(config, eval_fn, rstate, prep: Prepared, isolated, record: dict[str, Any]) -> bool:
+  """Adds the isolated set's metrics to `record`; true when the defender's stopping rule fires."""
+  metrics = _isolated_metrics(config, eval_fn, rstate, prep, isolated)
+  pred = metrics.pop("_pred")
+  record.update(metrics)
+  # The rule receives the isolated examples' predictions and training labels: never the poison mask.
+  return abl.stop_unlearning(pred, prep.train.labels[isolated], config.abl.unlearning_stop,
+                             config.abl.stop_accuracy)
+
+
+def unlearning_curve(workdir: str) -> list[dict[str, Any]]:
+  """CA, ASR and isolated-set metrics per unlearning epoch (0 = before), from WORKDIR/metrics.jsonl."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  by_epoch: dict[int, dict[str, Any]] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if r.get("phase") == "unlearning" and "global_epoch" in r:
+          by_epoch[r["epoch"]] = r  # A repeated epoch (resumed run): the last record wins.
+  keys = ("epoch", "clean_accuracy", "attack_success_rate", "isolated_loss", "isolated_accuracy", "stopped")
+  return [{k: by_epoch[e].get(k) for k in keys} for e in sorted(by_epoch)]
+
+
+def _write_curve(workdir: str) -> None:
+  _write_json(os.path.join(workdir, "unlearning_curve.json"), {"curve": unlearning_curve(workdir)})
+
+
+def _check_start_from(config: ml_collections.ConfigDict) -> None:
+  """Refuses a config.abl.start_from run that differs in more than the unlearning fields."""
+  source = config.abl.start_from
+  with open(os.path.join(source, "config.json")) as f:
+    diffs = [d for d in _diff(json.load(f), _config_json(config), "config")
+             if not any(d[0].startswith("config." + field) for field in UNLEARNING_FIELDS)]
+  if diffs:
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
+    raise WorkdirError(f"config.abl.start_from={source!r} ran a different experiment ({shown}); only "
+                       f"{', '.join(f + '*' for f in UNLEARNING_FIELDS)} may differ")
+
+
+def _start_from(config, workdir: str, state, wall: dict[str, float]):
+  """Starts this run at unlearning from config.abl.start_from's fine-tuned model and isolation."""
+  source = config.abl.start_from
+  saved = Checkpointer(os.path.join(source, "before_unlearning"), 1)
+  step = saved.latest()
+  if step is None:
+    raise WorkdirError(f"config.abl.start_from={source!r} has not reached unlearning yet (no before_unlearning "
+                       "checkpoint); finish that run first")
+  state, meta = saved.restore(step, like=state)
+  saved.close()
+  for name in ("isolation.npz", "isolation.json"):
+    shutil.copy(os.path.join(source, name), os.path.join(workdir, name))
+  logging.info("starting at unlearning from %s (its isolation and fine-tuned model, global epoch %d)", source, step)
+  return state, meta["global_epoch"], {**meta["wall_time"], "poison": wall["poison"]}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
                        max_epochs: int | None = None) -> dict[str, Any] | None:
   """Runs (or resumes) the experiment in `workdir` and returns what it writes to results.json.
@@ -239,6 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   plan = phases(config)
   if config.defense.name == "abl":
     abl.num_isolated(len(prep.train), config.abl.isolation_ratio)  # Fail now, not after isolation training.
+  if config.abl.start_from and config.defense.name == "abl":
+    _check_start_from(config)
   _claim_workdir(config, workdir, overwrite)  # Only once the config has proved valid.
   log = _Log(workdir)
   eval_fn = train.make_eval_step(model, config.data.mean, config.data.std)
@@ -253,13 +369,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     state, meta = ckpt.restore(latest, like=state)
     done, wall = meta["global_epoch"], {**meta["wall_time"], "poison": prep.seconds}
     logging.info("resuming %s from checkpoint %d (phase %s, epoch %d)", workdir, latest, meta["phase"], meta["epoch"])
+  elif config.abl.start_from and config.defense.name == "abl":
+    state, done, wall = _start_from(config, workdir, state, wall)
 
   isolated = None
   start = 0
   sizes = {"all": len(prep.train)}  # Examples per phase, for the ETA.
   if config.defense.name == "abl":
     k = abl.num_isolated(len(prep.train), config.abl.isolation_ratio)
-    sizes.update(isolated=k, retained=len(prep.train) - k)
+    sizes.update(isolated=k, joint=k, retained=len(prep.train) - k)
   for index, phase in enumerate(plan):
     end = start + phase.epochs
     if phase.examples != "all" and isolated is None:
@@ -267,51 +385,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         isolated = _load_isolated(workdir)
       else:
         isolated = _isolate(config, workdir, eval_fn, train.replicate(state), prep, log)
-      retained = np.setdiff1d(np.arange(len(prep.train)), isolated)
     if done >= end:
       start = end
       continue
-    images, labels = prep.train.images, prep.train.labels
-    if phase.examples != "all":
-      chosen = isolated if phase.examples == "isolated" else retained
-      images, labels = images[chosen], labels[chosen]
-    steps = -(-len(images) // phase.batch_size)
+    steps = -(-sizes[phase.examples] // phase.batch_size)
     tx = train.sgd(phase.lr(steps), config.train.momentum, config.train.weight_decay)
     state = train.with_optimizer(state, tx) if done == start else state.replace(tx=tx)
     step_fn = train.make_train_step(model, phase.loss_fn, config.data.mean, config.data.std,
-                                    augment_data=phase.augment)
+                                    augment_data=phase.augment, bn_train=phase.bn_train)
     rstate = train.replicate(state)
-    later = sum(-(-sizes.get(p.examples, sizes["all"]) // p.batch_size) * p.epochs for p in plan[index + 1:])
-    logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, len(images),
-                 steps, phase.batch_size)
+    later = sum(-(-sizes[p.examples] // p.batch_size) * p.epochs for p in plan[index + 1:])
+    logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs,
+                 sizes[phase.examples], steps, phase.batch_size)
+    unlearning = phase.name == "unlearning"
+    if unlearning and done == start:
+      _before_unlearning(config, workdir, eval_fn, rstate, prep, isolated, done, wall, log)
     for epoch in range(done - start, phase.epochs):
       t0 = time.perf_counter()
       data_key = jax.random.fold_in(jax.random.fold_in(_key(config, "data"), index), epoch)
       aug_key = jax.random.fold_in(jax.random.fold_in(_key(config, "augment"), index), epoch)
-      order = train.epoch_order(len(images), phase.batch_size, data_key)
+      order = _epoch_order(phase, config, isolated, len(prep.train), data_key)
       describe = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
       rstate, summary = train.run_epoch(
-          step_fn, rstate, images, labels, order, aug_key, log_every=config.train.log_every_steps,
-          describe=describe, eta_steps_after=(phase.epochs - epoch - 1) * steps + later,
+          step_fn, rstate, prep.train.images, prep.train.labels, order, aug_key,
+          log_every=config.train.log_every_steps, describe=describe,
+          eta_steps_after=(phase.epochs - epoch - 1) * steps + later,
           on_log=lambda m, e=epoch: log(phase=phase.name, epoch=e + 1, **m))
       wall[phase.name] = wall.get(phase.name, 0.0) + time.perf_counter() - t0
       done += 1
       record = {"phase": phase.name, "epoch": epoch + 1, "global_epoch": done,
                 **{f"train_{k}": v for k, v in summary.items()}}
       every = config.train.eval_every_epochs
-      if every and ((epoch + 1) % every == 0 or epoch + 1 == phase.epochs):
+      if unlearning or (every and ((epoch + 1) % every == 0 or epoch + 1 == phase.epochs)):
         record.update(evaluate.test_metrics(eval_fn, rstate, epoch_test, epoch_poisoned,
                                             config.train.eval_batch_size))
         asr = record["attack_success_rate"]
         logging.info("%s: CA %.4f, ASR %s (on %d test images)", describe, record["clean_accuracy"],
                      "n/a" if asr is None else f"{asr:.4f}", len(epoch_test))
+      meta = {"phase": phase.name, "epoch": epoch + 1, "global_epoch": done, "wall_time": wall}
+      if unlearning:
+        stop = _unlearning_check(config, eval_fn, rstate, prep, isolated, record)
+        if stop and epoch + 1 < phase.epochs:
+          logging.info("unlearning stopped after epoch %d: accuracy on the isolated set %.3f <= %.3f "
+                       "(config.abl.unlearning_stop)", epoch + 1, record["isolated_accuracy"],
+                       config.abl.stop_accuracy)
+          record["stopped"] = True
+          done = meta["global_epoch"] = end  # The phase counts as finished: a resume does not go on.
+          meta["stopped_at_epoch"] = epoch + 1
       log(**record)
-      ckpt.save(done, train.unreplicate(rstate),
-                {"phase": phase.name, "epoch": epoch + 1, "global_epoch": done, "wall_time": wall})
+      if unlearning:
+        _write_curve(workdir)
+      ckpt.save(done, train.unreplicate(rstate), meta)
       if max_epochs is not None and done >= max_epochs:
         ckpt.close()
         logging.info("stopping after %d epochs (max_epochs); rerun to resume", done)
         return None
+      if done >= end:
+        break
     state = train.unreplicate(rstate)
     start = end
   ckpt.close()
@@ -364,10 +494,21 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 
 def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
+  """Adds the run's isolation stats and unlearning summary (CA/ASR before it, where it stopped)."""
   path = os.path.join(workdir, "isolation.json")
   if os.path.exists(path):
     with open(path) as f:
       out["isolation"] = json.load(f)
+  curve = unlearning_curve(workdir)
+  if curve:
+    a = out["config"]["abl"]
+    out["unlearning"] = {
+        "mode": a["unlearning_mode"], "bn": a["unlearning_bn"], "stop": a["unlearning_stop"],
+        "start_from": a["start_from"] or None,
+        "before": {k: curve[0][k] for k in ("clean_accuracy", "attack_success_rate", "isolated_accuracy")},
+        "epochs_run": curve[-1]["epoch"],
+        "stopped_at_epoch": next((c["epoch"] for c in curve if c["stopped"]), None),
+    }
   return out
 
 

@@ -63,6 +63,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.unlearning_epochs = 5  # Epochs of gradient ascent on the isolated examples.
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.
   c.abl.unlearning_batch_size = 64  # Batch size of unlearning (the isolated set is small).
+  c.abl.unlearning_mode = "ascent"  # ascent (the paper: -CE on isolated) or joint (also +CE on retained).
+  c.abl.joint_weight = 1.0  # joint: weight of the retained examples' cross-entropy.
+  c.abl.joint_batch_size = 128  # joint: retained examples paired with each batch of isolated ones.
+  c.abl.unlearning_bn = "train"  # BatchNorm in unlearning: train (batch stats, updated) or frozen (kept).
+  c.abl.unlearning_stop = "none"  # none, or isolated_accuracy: stop once accuracy on the isolated set...
+  c.abl.stop_accuracy = 0.0  # ...is at most this (the defender's rule: no test ASR, no ground truth).
+  c.abl.start_from = ""  # Workdir of a run differing only in abl.unlearning_*/joint_*/stop_*: reuse its
+  #                        isolation and fine-tuned model, and run only this config's unlearning.
 
   c.train = ml_collections.ConfigDict()
   c.train.epochs = 100  # Epochs of the no-defense / clean baselines.

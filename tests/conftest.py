@@ -9,3 +9,17 @@ import jax  # noqa: E402  (after XLA_FLAGS: the device count is read when jax st
 # Runs in different tests build the same steps; compile each once per session.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="abl_jax_test_xla_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+import pytest  # noqa: E402
+
+import smoke  # noqa: E402  (tests/ is on sys.path)
+from abl_jax import experiment  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+  """One no-defense run and one ABL run of the BadNets smoke config (trained once per session)."""
+  root = tmp_path_factory.mktemp("runs")
+  none = experiment.train_and_evaluate(smoke.config(defense__name="none"), str(root / "none"))
+  abl = experiment.train_and_evaluate(smoke.config(), str(root / "abl"))
+  return root, none, abl

@@ -8,26 +8,10 @@ from ml_collections import config_flags
 
 from abl_jax import experiment
 from configs import abl_badnets
+from smoke import config as smoke
 
 METRICS = ("clean_accuracy", "attack_success_rate", "clean_test_loss", "poisoned_test_loss", "train_accuracy",
            "train_loss")
-
-
-def smoke(**overrides):
-  config = abl_badnets.get_config("smoke")
-  for key, value in overrides.items():
-    group, name = key.split("__")
-    config[group][name] = value
-  return config
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """One no-defense run and one ABL run of the BadNets smoke config (trained once per module)."""
-  root = tmp_path_factory.mktemp("runs")
-  none = experiment.train_and_evaluate(smoke(defense__name="none"), str(root / "none"))
-  abl = experiment.train_and_evaluate(smoke(), str(root / "abl"))
-  return root, none, abl
 
 
 def test_no_defense_learns_the_backdoor_and_abl_removes_it(runs):
@@ -50,7 +34,8 @@ def test_results_file_has_the_promised_fields(runs):
   assert saved["config"]["abl"]["isolation_ratio"] == 0.05
   assert 0.0 <= saved["attack_success_rate"] <= 1.0
   lines = [json.loads(l) for l in open(root / "abl" / "metrics.jsonl")]
-  assert [l["phase"] for l in lines if "global_epoch" in l] == ["isolation"] * 2 + ["finetune"] * 2 + ["unlearning"] * 3
+  assert [l["phase"] for l in lines if "global_epoch" in l] == ["isolation"] * 2 + ["finetune"] * 2 + ["unlearning"] * 4
+  assert [l["epoch"] for l in lines if l["phase"] == "unlearning" and "global_epoch" in l] == [0, 1, 2, 3]
   assert os.path.exists(root / "abl" / "isolation.npz")
 
 

@@ -1,0 +1,129 @@
+"""Unlearning modes: loss signs, the defender's stopping rule, frozen BatchNorm, curves, start_from."""
+import inspect
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import smoke
+from abl_jax import abl, experiment, models, train
+
+
+def test_ascent_and_joint_losses_on_a_hand_checked_batch():
+  ce = jnp.array([1.0, 2.0, 3.0, 4.0])
+  assert float(abl.unlearning_loss(ce)) == pytest.approx(-2.5)
+  # Isolated first: -(1 + 2) / 2 + 0.5 * (3 + 4) / 2 = -1.5 + 1.75.
+  assert float(abl.joint_unlearning_loss(ce, 2, 0.5)) == pytest.approx(0.25)
+  grad = jax.grad(lambda c: abl.unlearning_step_loss("joint", 2, 0.5)(c))(ce)
+  np.testing.assert_allclose(grad, [-0.5, -0.5, 0.25, 0.25])  # Ascend on isolated, descend on retained.
+  grad = jax.grad(lambda c: abl.unlearning_step_loss("ascent", 2, 0.5)(c))(ce)
+  np.testing.assert_allclose(grad, [-0.25] * 4)
+  with pytest.raises(ValueError, match=r"config\.abl\.unlearning_mode='erase' is unknown; allowed: ascent, joint"):
+    abl.unlearning_step_loss("erase", 2, 1.0)
+
+
+def test_stopping_rule_sees_only_isolated_predictions_and_labels():
+  labels = np.zeros(10, np.int32)
+  assert not abl.stop_unlearning(labels, labels, "isolated_accuracy", 0.1)  # Still predicts the labels.
+  flipped = np.array([3] * 9 + [0])
+  assert abl.stop_unlearning(flipped, labels, "isolated_accuracy", 0.1)  # 10% left: stop.
+  assert not abl.stop_unlearning(flipped, labels, "isolated_accuracy", 0.0)
+  assert not abl.stop_unlearning(flipped, labels, "none", 0.5)
+  # What it receives is all it can read: no mask, no test set, no state.
+  assert list(inspect.signature(abl.stop_unlearning).parameters) == [
+      "isolated_predictions", "isolated_labels", "rule", "threshold"]
+
+
+@pytest.mark.parametrize("bn_train", [True, False])
+def test_frozen_batchnorm_keeps_statistics(bn_train):
+  model = models.create_model("small_cnn", 10, 4, bn_axis_name=train.AXIS)
+  state = train.create_train_state(model, train.sgd(0.1, 0.9, 0.0), jax.random.PRNGKey(0), (8, 8, 3))
+  step = train.make_train_step(model, abl.unlearning_loss, (0.5,) * 3, (0.25,) * 3, augment_data=False,
+                               bn_train=bn_train)
+  n = jax.local_device_count()
+  images = np.random.default_rng(0).integers(0, 256, (n, 4, 8, 8, 3), dtype=np.uint8)
+  labels = np.zeros((n, 4), np.int32)
+  before = jax.device_get(state.batch_stats)
+  new, _ = step(train.replicate(state), images, labels, train.replicate(jax.random.PRNGKey(1)))
+  after = jax.device_get(train.unreplicate(new).batch_stats)
+  same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before, after))
+  assert all(same) != bn_train  # Frozen: every statistic unchanged; train mode: they move.
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), state.params,
+                                         jax.device_get(train.unreplicate(new).params)))
+  assert not all(changed)  # The weights still learn (unlearn) either way.
+
+
+def test_joint_batches_put_each_devices_isolated_examples_first():
+  config = smoke.config(abl__unlearning_mode="joint", abl__unlearning_batch_size=4, abl__joint_batch_size=6)
+  phase = experiment.phases(config)[-1]
+  isolated = np.arange(100, 110)
+  order = experiment._epoch_order(phase, config, isolated, 200, jax.random.PRNGKey(0))
+  n = jax.local_device_count()
+  assert order.shape == (3, 10)  # ceil(10 / 4) steps of 4 isolated + 6 retained.
+  per_device = order.reshape(3, n, -1)
+  iso_part, ret_part = per_device[:, :, :4 // n], per_device[:, :, 4 // n:]
+  assert np.isin(iso_part, isolated).all() and not np.isin(ret_part, isolated).any()
+  assert set(iso_part.ravel()) == set(isolated)
+
+
+def _variant(root, **overrides):
+  return smoke.config(abl__start_from=str(root / "abl"), **overrides)
+
+
+STOP = dict(abl__unlearning_epochs=8, abl__unlearning_stop="isolated_accuracy", abl__stop_accuracy=0.2)
+
+
+@pytest.fixture(scope="module")
+def variants(runs, tmp_path_factory):
+  """Unlearning variants started from the session's ABL smoke run (its isolation and fine-tuned model)."""
+  root, _, base = runs
+  out = tmp_path_factory.mktemp("unlearning")
+  joint = experiment.train_and_evaluate(
+      _variant(root, abl__unlearning_mode="joint", abl__unlearning_bn="frozen", abl__unlearning_lr=0.005),
+      str(out / "joint"))
+  stopped = experiment.train_and_evaluate(_variant(root, **STOP), str(out / "stop"))
+  return root, out, base, joint, stopped
+
+
+def test_curve_is_written_from_before_unlearning_to_the_end(runs):
+  root, _, base = runs
+  with open(root / "abl" / "unlearning_curve.json") as f:
+    curve = json.load(f)["curve"]
+  assert [c["epoch"] for c in curve] == [0, 1, 2, 3]
+  assert curve[0]["attack_success_rate"] > 0.9 > base["attack_success_rate"]  # The backdoor before unlearning.
+  assert base["unlearning"]["before"]["attack_success_rate"] == curve[0]["attack_success_rate"]
+  assert curve[0]["isolated_accuracy"] > curve[-1]["isolated_accuracy"]
+
+
+def test_start_from_reuses_isolation_and_the_fine_tuned_model(variants):
+  root, out, base, joint, _ = variants
+  for run in ("joint", "stop"):
+    np.testing.assert_array_equal(np.load(out / run / "isolation.npz")["isolated"],
+                                  np.load(root / "abl" / "isolation.npz")["isolated"])
+  assert joint["unlearning"]["before"] == base["unlearning"]["before"]
+  assert joint["unlearning"]["mode"] == "joint" and joint["unlearning"]["epochs_run"] == 3
+  assert joint["attack_success_rate"] < 0.5  # The joint mode unlearns the backdoor too.
+
+
+def test_start_from_refuses_a_run_of_another_experiment(runs, tmp_path):
+  root, _, _ = runs
+  with pytest.raises(experiment.WorkdirError, match=r"ran a different experiment \(config\.abl\.gamma"):
+    experiment.train_and_evaluate(_variant(root, abl__gamma=0.3), str(tmp_path))
+  assert not os.path.exists(tmp_path / "config.json")  # Refused before claiming the workdir.
+
+
+def test_stopping_rule_ends_unlearning_early_and_resume_keeps_it(variants):
+  root, out, _, _, stopped = variants
+  at = stopped["unlearning"]["stopped_at_epoch"]
+  assert at is not None and at < 8
+  assert stopped["unlearning"]["epochs_run"] == at
+  with open(out / "stop" / "unlearning_curve.json") as f:
+    curve = json.load(f)["curve"]
+  assert curve[-1]["isolated_accuracy"] <= 0.2 < curve[-2]["isolated_accuracy"]
+  os.remove(out / "stop" / "results.json")  # As if interrupted after the last checkpoint.
+  again = experiment.train_and_evaluate(_variant(root, **STOP), str(out / "stop"))
+  assert again["unlearning"]["epochs_run"] == at  # No epochs after the stop.
+  assert again["clean_accuracy"] == pytest.approx(stopped["clean_accuracy"], abs=1e-6)
