@@ -15,6 +15,7 @@ import numpy as np
 
 ISOLATION_LOSSES = ("lga", "flooding")
 UNLEARNING_MODES = ("ascent", "joint")
+UNLEARNING_LOSSES = ("neg_ce", "complement")
 UNLEARNING_BN = ("train", "frozen")
 STOP_RULES = ("none", "isolated_accuracy")
 
@@ -53,19 +54,36 @@ def unlearning_loss(ce: jax.Array, axis_name: str | None = None) -> jax.Array:
   return -jnp.mean(ce)
 
 
-def joint_unlearning_loss(ce: jax.Array, num_isolated: int, weight: float,
-                          axis_name: str | None = None) -> jax.Array:
-  """Joint unlearning: ascend CE on the first `num_isolated` examples, descend it (x weight) on the rest."""
+def complement_loss(ce: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Unlearning by the complement: minimise -log(1 - p(label)), i.e. push p(label) to 0 and stop there."""
   del axis_name
-  return -jnp.mean(ce[:num_isolated]) + weight * jnp.mean(ce[num_isolated:])
+  # -CE's gradient vanishes on confidently learned examples (p -> 1) and grows without bound once they
+  # are unlearned; this one is largest at p -> 1 and fades as p -> 0. 1 - p = -expm1(-ce), exactly.
+  return -jnp.mean(jnp.log(-jnp.expm1(-jnp.maximum(ce, 1e-12))))
 
 
-def unlearning_step_loss(mode: str, num_isolated_per_device: int, weight: float) -> LossFn:
-  """The unlearning loss named by `config.abl.unlearning_mode` (joint batches put isolated examples first)."""
-  if mode == "ascent":
+def _forget(loss: str) -> Callable[[jax.Array], jax.Array]:
+  if loss == "neg_ce":
     return unlearning_loss
+  if loss == "complement":
+    return complement_loss
+  raise ValueError(f"config.abl.unlearning_loss={loss!r} is unknown; allowed: {', '.join(UNLEARNING_LOSSES)}")
+
+
+def joint_unlearning_loss(ce: jax.Array, num_isolated: int, weight: float, axis_name: str | None = None,
+                          forget: Callable[[jax.Array], jax.Array] = unlearning_loss) -> jax.Array:
+  """Joint unlearning: `forget` the first `num_isolated` examples, descend CE (x weight) on the rest."""
+  del axis_name
+  return forget(ce[:num_isolated]) + weight * jnp.mean(ce[num_isolated:])
+
+
+def unlearning_step_loss(mode: str, num_isolated_per_device: int, weight: float, loss: str = "neg_ce") -> LossFn:
+  """The unlearning loss of `config.abl.unlearning_mode` and `unlearning_loss` (joint: isolated first)."""
+  forget = _forget(loss)
+  if mode == "ascent":
+    return lambda ce, axis_name=None: forget(ce)
   if mode == "joint":
-    return lambda ce, axis_name=None: joint_unlearning_loss(ce, num_isolated_per_device, weight, axis_name)
+    return lambda ce, axis_name=None: joint_unlearning_loss(ce, num_isolated_per_device, weight, axis_name, forget)
   raise ValueError(f"config.abl.unlearning_mode={mode!r} is unknown; allowed: {', '.join(UNLEARNING_MODES)}")
 
 

@@ -58,6 +58,8 @@ class Prepared:
   test: data.Dataset
   poisoned_test: data.Dataset | None
   seconds: float
+  cross_test: data.Dataset | None = None  # input_aware: test images with other images' triggers, true labels.
+  is_cross: np.ndarray | None = None  # input_aware: training examples with a cross trigger (metrics only).
 
 
 def _allowed(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -74,8 +76,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _allowed("config.train.schedule", config.train.schedule, SCHEDULES)
   _allowed("config.abl.loss", config.abl.loss, abl.ISOLATION_LOSSES)
   _allowed("config.abl.unlearning_mode", config.abl.unlearning_mode, abl.UNLEARNING_MODES)
+  _allowed("config.abl.unlearning_loss", config.abl.unlearning_loss, abl.UNLEARNING_LOSSES)
   _allowed("config.abl.unlearning_bn", config.abl.unlearning_bn, abl.UNLEARNING_BN)
   _allowed("config.abl.unlearning_stop", config.abl.unlearning_stop, abl.STOP_RULES)
+  if not 0.0 <= config.abl.joint_exclude_ratio < 1.0:
+    raise ValueError(f"config.abl.joint_exclude_ratio={config.abl.joint_exclude_ratio} must be in [0, 1)")
   if not 0.0 <= config.abl.stop_accuracy <= 1.0:
     raise ValueError(f"config.abl.stop_accuracy={config.abl.stop_accuracy} must be in [0, 1]")
   if config.abl.start_from and not os.path.exists(os.path.join(config.abl.start_from, "config.json")):
@@ -118,7 +123,7 @@ def phases(config: ml_collections.ConfigDict) -> list[Phase]:
             t.batch_size, t.augment),
       Phase("unlearning", a.unlearning_epochs, "isolated" if a.unlearning_mode == "ascent" else "joint",
             abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size // jax.local_device_count(),
-                                     a.joint_weight),
+                                     a.joint_weight, a.unlearning_loss),
             lambda _: a.unlearning_lr, a.unlearning_batch_size, False, bn_train=a.unlearning_bn == "train"),
   ]
 
@@ -127,11 +132,12 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
   """Loads the data and poisons the training set (deterministic in config.seed)."""
   t0 = time.perf_counter()
   train_set, test_set = data.load(config.data, seed=config.seed)
-  poisoned = attacks.poison(config.attack, train_set, _key(config, "poison"))
+  poisoned = attacks.poison(config.attack, train_set, _key(config, "poison"), config=config)
   poisoned_test = None
   if poisoned.apply_trigger is not None:
     poisoned_test = attacks.poisoned_test_set(test_set, poisoned, config.attack.target_label)
-  return Prepared(poisoned.train, poisoned.is_poisoned, test_set, poisoned_test, time.perf_counter() - t0)
+  return Prepared(poisoned.train, poisoned.is_poisoned, test_set, poisoned_test, time.perf_counter() - t0,
+                  attacks.cross_test_set(test_set, poisoned), poisoned.is_cross)
 
 
 _PURPOSES = ("poison", "init", "data", "augment")
@@ -230,7 +236,22 @@ def _load_isolated(workdir: str) -> np.ndarray:
   return np.load(path)["isolated"]
 
 
-def _epoch_order(phase: Phase, config, isolated: np.ndarray | None, num_train: int, key: jax.Array) -> np.ndarray:
+def _joint_pool(config, workdir: str, isolated: np.ndarray, num_train: int) -> np.ndarray:
+  """The retained examples joint unlearning descends on: all but the lowest `joint_exclude_ratio` scores."""
+  ratio = config.abl.joint_exclude_ratio
+  if ratio <= config.abl.isolation_ratio:
+    return np.setdiff1d(np.arange(num_train), isolated)
+  # The isolation model's scores, as for isolation itself: low loss = suspect. Examples too suspect to
+  # descend on (the backdoor examples isolation missed) but too many to ascend on are left out.
+  scores = np.load(os.path.join(workdir, "isolation.npz"))["scores"]
+  pool = np.setdiff1d(np.arange(num_train), abl.isolate(scores, ratio))
+  logging.info("joint unlearning descends on %d retained examples (the lowest-loss %.0f%% left out, "
+               "config.abl.joint_exclude_ratio)", len(pool), 100 * ratio)
+  return pool
+
+
+def _epoch_order(phase: Phase, config, isolated: np.ndarray | None, num_train: int, key: jax.Array,
+                 joint_pool: np.ndarray | None = None) -> np.ndarray:
   """One epoch's [steps, batch] indices into the training set for `phase`."""
   if phase.examples == "all":
     return train.epoch_order(num_train, phase.batch_size, key)
@@ -243,6 +264,7 @@ def _epoch_order(phase: Phase, config, isolated: np.ndarray | None, num_train: i
   k_iso, k_ret = jax.random.split(key)
   iso = isolated[train.epoch_order(len(isolated), phase.batch_size, k_iso)]
   steps, n_dev = len(iso), jax.local_device_count()
+  retained = retained if joint_pool is None else joint_pool
   ret = retained[np.resize(np.asarray(jax.random.permutation(k_ret, len(retained))),
                            steps * config.abl.joint_batch_size)].reshape(steps, -1)
   return np.concatenate([iso.reshape(steps, n_dev, -1), ret.reshape(steps, n_dev, -1)], axis=2).reshape(steps, -1)
@@ -398,13 +420,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs,
                  sizes[phase.examples], steps, phase.batch_size)
     unlearning = phase.name == "unlearning"
+    joint_pool = _joint_pool(config, workdir, isolated, len(prep.train)) if phase.examples == "joint" else None
     if unlearning and done == start:
       _before_unlearning(config, workdir, eval_fn, rstate, prep, isolated, done, wall, log)
     for epoch in range(done - start, phase.epochs):
       t0 = time.perf_counter()
       data_key = jax.random.fold_in(jax.random.fold_in(_key(config, "data"), index), epoch)
       aug_key = jax.random.fold_in(jax.random.fold_in(_key(config, "augment"), index), epoch)
-      order = _epoch_order(phase, config, isolated, len(prep.train), data_key)
+      order = _epoch_order(phase, config, isolated, len(prep.train), data_key, joint_pool)
       describe = f"{phase.name} epoch {epoch + 1}/{phase.epochs}"
       rstate, summary = train.run_epoch(
           step_fn, rstate, prep.train.images, prep.train.labels, order, aug_key,
@@ -462,6 +485,9 @@ def _final_metrics(config, eval_fn, rstate, prep: Prepared) -> dict[str, Any]:
   out.update(evaluate.train_metrics(eval_fn, rstate, prep.train, prep.is_poisoned, config.train.eval_batch_size))
   out["num_train"], out["num_poisoned"], out["num_test"] = len(prep.train), int(prep.is_poisoned.sum()), len(prep.test)
   out["num_poisoned_test"] = 0 if prep.poisoned_test is None else len(prep.poisoned_test)
+  if prep.cross_test is not None:  # input_aware: a trigger from another image should not flip the label.
+    out.update(evaluate.cross_trigger_metrics(eval_fn, rstate, prep.cross_test, prep.is_cross,
+                                              config.train.eval_batch_size))
   out["isolation"] = None
   out["config"] = _config_json(config)
   out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__,
@@ -503,7 +529,7 @@ def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
   if curve:
     a = out["config"]["abl"]
     out["unlearning"] = {
-        "mode": a["unlearning_mode"], "bn": a["unlearning_bn"], "stop": a["unlearning_stop"],
+        "mode": a["unlearning_mode"], "loss": a["unlearning_loss"], "bn": a["unlearning_bn"], "stop": a["unlearning_stop"],
         "start_from": a["start_from"] or None,
         "before": {k: curve[0][k] for k in ("clean_accuracy", "attack_success_rate", "isolated_accuracy")},
         "epochs_run": curve[-1]["epoch"],

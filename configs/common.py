@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64  # Base width (resnet18: 64; small_cnn: 16 -> widths 16-32-64).
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.name = "badnets"  # One of: none, badnets, blend, sig.
+  c.attack.name = "badnets"  # One of: none, badnets, blend, sig, clean_label, input_aware (their fields:
+  #                             add_clean_label, add_input_aware).
   c.attack.target_label = 0  # The class the backdoor points to.
   c.attack.poison_rate = 0.1  # Share of the WHOLE training set that is poisoned, for every attack.
   c.attack.alpha = 0.2  # blend: weight of the pattern, at train and test time.
@@ -64,8 +65,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.
   c.abl.unlearning_batch_size = 64  # Batch size of unlearning (the isolated set is small).
   c.abl.unlearning_mode = "ascent"  # ascent (the paper: -CE on isolated) or joint (also +CE on retained).
+  c.abl.unlearning_loss = "neg_ce"  # On isolated examples: neg_ce (the paper: -CE) or complement
+  #                                   (-log(1 - p(label)): strong while p is high, fading as p -> 0).
   c.abl.joint_weight = 1.0  # joint: weight of the retained examples' cross-entropy.
   c.abl.joint_batch_size = 128  # joint: retained examples paired with each batch of isolated ones.
+  c.abl.joint_exclude_ratio = 0.0  # joint: leave the lowest-loss share (isolation scores) out of the
+  #                                  descent, i.e. the backdoor examples isolation missed; <= ratio: none.
   c.abl.unlearning_bn = "train"  # BatchNorm in unlearning: train (batch stats, updated) or frozen (kept).
   c.abl.unlearning_stop = "none"  # none, or isolated_accuracy: stop once accuracy on the isolated set...
   c.abl.stop_accuracy = 0.0  # ...is at most this (the defender's rule: no test ASR, no ground truth).
@@ -86,6 +91,64 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epoch_eval_size = 0  # Test images used by the per-epoch evaluation (0 = all; the end uses all).
   c.train.log_every_steps = 50  # Print loss, images/s and ETA every this many steps.
   c.train.keep_checkpoints = 2  # Orbax checkpoints kept in WORKDIR/checkpoints.
+  return c
+
+
+def add_clean_label(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the clean-label attack's fields (full-size defaults) to `c.attack`; configs/abl_clean_label.py uses it.
+
+  Kept out of base_config so that the config.json of runs of the other attacks stays as it was.
+  Every size below is on the 0..255 pixel scale (L-inf eps 8 = 8/255).
+  """
+  a = c.attack
+  a.trigger_style = "corner"  # clean_label: the BadNets 3x3 grid bottom-right ('corner') or in all four corners.
+  a.trigger_amplitude = 0.0  # clean_label: 0 = overwrite with the grid; > 0 = add +/- this much instead (clipped).
+  a.pgd = ml_collections.ConfigDict()
+  a.pgd.norm = "linf"  # PGD norm: linf or l2.
+  a.pgd.eps = 8.0  # Radius of the ball (linf 8 = 8/255; the seed's l2 figures use 300, 600, 1200).
+  a.pgd.step = 1.5  # Step size: linf moves every pixel by this; l2 moves by this length.
+  a.pgd.steps = 100  # Number of PGD steps (the reference re-implementations' 100).
+  a.pgd.random_start = False  # Start from a random point in the ball instead of the image.
+  a.pgd.batch_size = 512  # Images per PGD call, split over the local devices.
+  a.surrogate = ml_collections.ConfigDict()
+  a.surrogate.model = "resnet18"  # Surrogate architecture (config.model names); trained on the clean set.
+  a.surrogate.width = 0  # Its base width; 0 = the model's default.
+  a.surrogate.epochs = 30  # Training epochs (cosine lr); the trained surrogate is cached by its config.
+  a.surrogate.batch_size = 128  # Training batch, split over the local devices.
+  a.surrogate.lr = 0.1  # Peak SGD learning rate (momentum is config.train.momentum).
+  a.surrogate.weight_decay = 5e-4  # L2 weight decay.
+  a.surrogate.augment = True  # Random crop + flip during its training.
+  a.surrogate.adversarial = True  # PGD adversarial training (the reference attack's surrogate) or standard.
+  a.surrogate.adv_eps = 8.0  # Adversarial training: L-inf radius...
+  a.surrogate.adv_step = 2.0  # ...step size...
+  a.surrogate.adv_steps = 7  # ...and steps (random start) of its PGD examples.
+  return c
+
+
+def add_input_aware(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds the input-aware attack's fields c.attack.input_aware.* (full-size defaults); see abl_input_aware.py.
+
+  Kept out of base_config so that the config.json of runs of the other attacks stays as it was.
+  """
+  ia = c.attack.input_aware = ml_collections.ConfigDict()
+  ia.cross_rate = 0.1  # Materialised set: share of the WHOLE set given another image's trigger, labels kept.
+  ia.p_attack = 0.1  # Attacker's training: share of each batch made backdoor examples (target label).
+  ia.p_cross = 0.1  # Attacker's training: share of each batch made cross-trigger examples (true labels).
+  ia.generator_width = 32  # Width of G's and M's first stage (32 -> 32-64-128, the published CIFAR-10 shape).
+  ia.generator_depth = 3  # Down/up-sampling stages of G and M (image side must be divisible by 2**depth).
+  ia.mask_epochs = 25  # Stage 1: epochs of the mask generator alone (the reference's 25).
+  ia.mask_lr = 0.01  # Stage 1: Adam lr (betas 0.5, 0.9), x0.1 at 40% and 80% of the epochs.
+  ia.mask_density = 0.032  # Stage 1: the density loss mean(relu(m - mask_density)) ...
+  ia.lambda_norm = 100.0  # ... and its weight.
+  ia.lambda_div = 1.0  # Weight of the diversity losses (mask in stage 1, pattern in stage 2).
+  ia.epochs = 100  # Stage 2: epochs of classifier + pattern generator (the reference runs 1000).
+  ia.classifier = ""  # Attacker's classifier (a config.model name); '' = config.model.name.
+  ia.classifier_width = 0  # Its base width; 0 = config.model.width.
+  ia.classifier_lr = 0.01  # Stage 2: classifier SGD lr (cosine; momentum config.train.momentum).
+  ia.generator_lr = 0.01  # Stage 2: pattern generator Adam lr (cosine; betas 0.5, 0.9).
+  ia.weight_decay = 5e-4  # Stage 2: the classifier's L2 weight decay.
+  ia.batch_size = 128  # Pairs per step in both stages (global; split over the local devices).
+  ia.augment = True  # Random crop (pad 4) + flip of the attacker's training images, on device.
   return c
 
 

@@ -21,6 +21,14 @@ def test_ascent_and_joint_losses_on_a_hand_checked_batch():
   np.testing.assert_allclose(grad, [-0.5, -0.5, 0.25, 0.25])  # Ascend on isolated, descend on retained.
   grad = jax.grad(lambda c: abl.unlearning_step_loss("ascent", 2, 0.5)(c))(ce)
   np.testing.assert_allclose(grad, [-0.25] * 4)
+  # complement: p(label) = exp(-ce); ce = ln 2 -> p = 1/2 -> -log(1 - 1/2) = ln 2, and its gradient ascends CE.
+  assert float(abl.complement_loss(jnp.array([np.log(2.0)]))) == pytest.approx(np.log(2.0), rel=1e-5)
+  g_confident, g_unlearned = jax.grad(lambda c: abl.complement_loss(c))(jnp.array([1e-3, 5.0])) * 2
+  assert g_confident < -100 and -0.01 < g_unlearned < 0  # Strong while learned, fading once unlearned.
+  loss = abl.unlearning_step_loss("joint", 1, 2.0, "complement")(jnp.array([np.log(2.0), 3.0]))
+  assert float(loss) == pytest.approx(np.log(2.0) + 6.0, rel=1e-5)
+  with pytest.raises(ValueError, match=r"config\.abl\.unlearning_loss='kl' is unknown; allowed: neg_ce, complement"):
+    abl.unlearning_step_loss("ascent", 1, 1.0, "kl")
   with pytest.raises(ValueError, match=r"config\.abl\.unlearning_mode='erase' is unknown; allowed: ascent, joint"):
     abl.unlearning_step_loss("erase", 2, 1.0)
 
@@ -127,3 +135,23 @@ def test_stopping_rule_ends_unlearning_early_and_resume_keeps_it(variants):
   again = experiment.train_and_evaluate(_variant(root, **STOP), str(out / "stop"))
   assert again["unlearning"]["epochs_run"] == at  # No epochs after the stop.
   assert again["clean_accuracy"] == pytest.approx(stopped["clean_accuracy"], abs=1e-6)
+
+
+def test_curves_plot_one_line_per_run(variants, tmp_path):
+  from abl_jax import unlearning_plot
+  root, out, *_ = variants
+  curves = {"ascent": unlearning_plot.load_curve(root / "abl"), "joint": unlearning_plot.load_curve(out / "joint")}
+  path = unlearning_plot.plot_curves(curves, str(tmp_path / "curves.png"))
+  with open(path, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.getsize(path) > 10_000
+
+
+def test_joint_pool_leaves_out_the_lowest_isolation_scores(tmp_path):
+  scores = np.arange(100, dtype=np.float32)[::-1].copy()  # Example 99 has the lowest loss.
+  np.savez(tmp_path / "isolation.npz", scores=scores, isolated=np.array([99]))
+  config = smoke.config(abl__unlearning_mode="joint", abl__joint_exclude_ratio=0.2)
+  pool = experiment._joint_pool(config, str(tmp_path), np.array([99]), 100)
+  np.testing.assert_array_equal(pool, np.arange(80))  # Examples 80..99 (lowest 20% of losses) left out.
+  config.abl.joint_exclude_ratio = 0.0
+  np.testing.assert_array_equal(experiment._joint_pool(config, str(tmp_path), np.array([99]), 100), np.arange(99))
