@@ -51,6 +51,14 @@ def train_metrics(eval_fn: Callable, state: Any, train: Dataset, is_poisoned: np
   }
 
 
+def cross_trigger_metrics(eval_fn: Callable, state: Any, cross_test: Dataset, is_cross: np.ndarray | None,
+                          batch_size: int) -> dict[str, float | int]:
+  """Share of cross-triggered test images (another image's trigger) classified as their true label."""
+  _, pred = predict(eval_fn, state, cross_test.images, cross_test.labels, batch_size)
+  return {"cross_trigger_accuracy": float(np.mean(pred == cross_test.labels)),
+          "num_cross_train": 0 if is_cross is None else int(np.sum(is_cross))}
+
+
 def isolation_metrics(isolated: np.ndarray, is_poisoned: np.ndarray) -> dict[str, float | int | None]:
   """Precision and recall of the isolated set against the ground-truth poison mask."""
   hits = int(np.sum(is_poisoned[isolated]))

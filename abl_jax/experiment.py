@@ -28,7 +28,7 @@ DEFENSES = ("none", "abl")
 SCHEDULES = ("cosine", "step", "constant")
 SOURCES = ("tfds", "folder", "synthetic")
 RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
-                "unlearning_curve.json")
+                "unlearning_curve.json", "examples.npz")
 # Fields a run started from another run's fine-tuned model (config.abl.start_from) may change.
 UNLEARNING_FIELDS = ("abl.unlearning_", "abl.joint_", "abl.stop_accuracy", "abl.start_from")
 
@@ -219,7 +219,8 @@ def _isolate(config, workdir, eval_fn, state, prep: Prepared, log: _Log) -> np.n
   stats = evaluate.isolation_metrics(isolated, prep.is_poisoned)  # Metrics only: nothing below reads them.
   stats["threshold"] = float(scores[isolated[-1]])
   stats["seconds"] = time.perf_counter() - t0
-  np.savez(os.path.join(workdir, "isolation.npz"), scores=scores, isolated=isolated)
+  # is_poisoned is the ground truth, saved for the report's histogram only; the phases read scores/isolated.
+  np.savez(os.path.join(workdir, "isolation.npz"), scores=scores, isolated=isolated, is_poisoned=prep.is_poisoned)
   with open(os.path.join(workdir, "isolation.json"), "w") as f:
     json.dump(stats, f, indent=2)
   logging.info("isolation: %d examples with loss <= %.4g isolated; precision %.3f, recall %s (ground truth, "
@@ -473,9 +474,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   results = _with_isolation(_final_metrics(config, eval_fn, train.replicate(state), prep), workdir)
   wall["evaluate"] = time.perf_counter() - t0
   results["wall_time"] = wall
+  save_examples(workdir, prep, config.attack.target_label)
   _write_json(results_path, results)
   logging.info("results: %s", _summary(results))
   return results
+
+
+def save_examples(workdir: str, prep: Prepared, target: int) -> None:
+  """Writes WORKDIR/examples.npz: one clean and triggered test image per non-target class (for the gallery)."""
+  if prep.poisoned_test is None:
+    return
+  keep = np.flatnonzero(prep.test.labels != target)  # poisoned_test holds these test images, in this order.
+  pos = np.array([np.flatnonzero(prep.test.labels[keep] == c)[0] for c in np.unique(prep.test.labels[keep])])
+  np.savez(os.path.join(workdir, "examples.npz"), clean=prep.test.images[keep[pos]],
+           triggered=prep.poisoned_test.images[pos], labels=prep.test.labels[keep[pos]], target=target,
+           class_names=np.array(prep.test.class_names))
 
 
 def _final_metrics(config, eval_fn, rstate, prep: Prepared) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""CA and ASR against unlearning epoch, one line per run (WORKDIR/unlearning_curve.json files).
+"""CA and ASR against unlearning epoch, one line per run, and the same runs as a markdown table.
 
     python -m abl_jax.unlearning_plot --out=docs/img/unlearning_badnets.png \
         ascent=runs/badnets-cpu-abl joint=runs/unl/badnets-joint
@@ -47,12 +47,29 @@ def plot_curves(curves: dict[str, list[dict]], path: str, title: str = "") -> st
   return path
 
 
+def table(runs: dict[str, str]) -> str:
+  """Markdown rows: CA/ASR before and after unlearning (full test set), epochs run, per named workdir."""
+  lines = ["| run | CA before | ASR before | CA after | ASR after | CA change | epochs |",
+           "|---|---|---|---|---|---|---|"]
+  for label, workdir in runs.items():
+    with open(os.path.join(workdir, "results.json")) as f:
+      r = json.load(f)
+    before = r["unlearning"]["before"]
+    stop = r["unlearning"]["stopped_at_epoch"]
+    lines.append(f"| {label} | {before['clean_accuracy']:.4f} | {before['attack_success_rate']:.4f} | "
+                 f"{r['clean_accuracy']:.4f} | {r['attack_success_rate']:.4f} | "
+                 f"{100 * (r['clean_accuracy'] - before['clean_accuracy']):+.1f} pts | "
+                 f"{r['unlearning']['epochs_run']}{' (stopped)' if stop else ''} |")
+  return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
   out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "unlearning.png")
   title = next((a.split("=", 1)[1] for a in argv if a.startswith("--title=")), "")
   runs = dict(a.split("=", 1) for a in argv if not a.startswith("--"))
   if not runs:
     raise SystemExit("usage: python -m abl_jax.unlearning_plot --out=PNG [--title=T] LABEL=WORKDIR ...")
+  print(table(runs))
   print(plot_curves({label: load_curve(w) for label, w in runs.items()}, out, title))
 
 

@@ -65,7 +65,8 @@ def test_frozen_batchnorm_keeps_statistics(bn_train):
 
 
 def test_joint_batches_put_each_devices_isolated_examples_first():
-  config = smoke.config(abl__unlearning_mode="joint", abl__unlearning_batch_size=4, abl__joint_batch_size=6)
+  config = smoke.config(abl__unlearning_mode="joint", abl__unlearning_batch_size=4, abl__joint_batch_size=6,
+                        abl__joint_exclude_ratio=0.0)
   phase = experiment.phases(config)[-1]
   isolated = np.arange(100, 110)
   order = experiment._epoch_order(phase, config, isolated, 200, jax.random.PRNGKey(0))
@@ -81,7 +82,8 @@ def _variant(root, **overrides):
   return smoke.config(abl__start_from=str(root / "abl"), **overrides)
 
 
-STOP = dict(abl__unlearning_epochs=8, abl__unlearning_stop="isolated_accuracy", abl__stop_accuracy=0.2)
+PAPER = dict(abl__unlearning_mode="ascent", abl__unlearning_loss="neg_ce", abl__joint_exclude_ratio=0.0)
+STOP = dict(**PAPER, abl__unlearning_epochs=8, abl__unlearning_stop="isolated_accuracy", abl__stop_accuracy=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,8 @@ def variants(runs, tmp_path_factory):
   root, _, base = runs
   out = tmp_path_factory.mktemp("unlearning")
   joint = experiment.train_and_evaluate(
-      _variant(root, abl__unlearning_mode="joint", abl__unlearning_bn="frozen", abl__unlearning_lr=0.005),
+      _variant(root, abl__unlearning_mode="joint", abl__unlearning_loss="neg_ce", abl__unlearning_bn="frozen",
+               abl__unlearning_lr=0.005), 
       str(out / "joint"))
   stopped = experiment.train_and_evaluate(_variant(root, **STOP), str(out / "stop"))
   return root, out, base, joint, stopped

@@ -1,6 +1,6 @@
 """Backdoor attacks on a training set, and the triggered test set that measures them.
 
-    poisoned = attacks.poison(config.attack, train, key)
+    poisoned = attacks.poison(config.attack, train, key)  # clean_label, input_aware also need config=config
     poisoned.train, poisoned.is_poisoned  # the poisoned set; ground truth for metrics only
     asr_set = attacks.poisoned_test_set(test, poisoned, config.attack.target_label)
 """
@@ -13,14 +13,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from abl_jax.attacks import badnets, blend, sig
+from abl_jax.attacks import badnets, blend, clean_label, input_aware, sig
 from abl_jax.attacks.base import Poisoned, TriggerFn, apply_in_chunks
 from abl_jax.data import Dataset
 
-ATTACKS = ("none", "badnets", "blend", "sig")
+ATTACKS = ("none", "badnets", "blend", "sig", "clean_label", "input_aware")
+_CLEAN_LABEL = ("sig", "clean_label")  # Poison target-class images and keep their labels.
 _LABEL_FLIP = ("badnets", "blend")
 
-__all__ = ["ATTACKS", "Poisoned", "apply_in_chunks", "poison", "poisoned_test_set"]
+__all__ = ["ATTACKS", "Poisoned", "apply_in_chunks", "cross_test_set", "poison", "poisoned_test_set"]
 
 
 def _trigger(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> TriggerFn:
@@ -30,6 +31,9 @@ def _trigger(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) 
   elif cfg.name == "blend":
     pattern = blend.make_pattern(cfg.pattern, cfg.pattern_seed, image_shape)
     fn = functools.partial(blend.apply_trigger, pattern=pattern, alpha=float(cfg.alpha))
+  elif cfg.name == "clean_label":
+    fn = functools.partial(clean_label.apply_trigger, style=cfg.trigger_style,
+                           amplitude=float(cfg.trigger_amplitude))
   else:
     fn = functools.partial(sig.apply_trigger, delta=float(cfg.delta), freq=float(cfg.freq))
   jitted = jax.jit(fn)
@@ -48,9 +52,11 @@ def _validate(cfg: ml_collections.ConfigDict, train: Dataset) -> int:
     raise ValueError(f"config.attack.poison_rate={cfg.poison_rate} must be in (0, 1]")
   if cfg.name == "blend" and not 0.0 <= cfg.alpha <= 1.0:
     raise ValueError(f"config.attack.alpha={cfg.alpha} must be in [0, 1]")
+  if cfg.name == "clean_label":
+    clean_label.validate(cfg)
   n = max(1, round(cfg.poison_rate * len(train)))
   in_target = int(np.sum(train.labels == cfg.target_label))
-  if cfg.name == "sig":
+  if cfg.name in _CLEAN_LABEL:
     available, kind = in_target, "target-class"
   else:
     available, kind = len(train) - in_target, "non-target"
@@ -58,28 +64,42 @@ def _validate(cfg: ml_collections.ConfigDict, train: Dataset) -> int:
     raise ValueError(
         f"config.attack.poison_rate={cfg.poison_rate} asks for {n} {cfg.name} images but only {available} "
         f"{kind} images (class {cfg.target_label}) exist; max rate {available / len(train):.4f}")
+  if cfg.name == "input_aware":  # Backdoor examples are non-target images, relabelled (as BadNets').
+    input_aware.validate(cfg, len(train), n)
   return n
 
 
-def poison(cfg: ml_collections.ConfigDict, train: Dataset, key: jax.Array) -> Poisoned:
-  """Poisons a copy of `train` with the attack `cfg` (= config.attack), deterministic in `key`."""
+def poison(cfg: ml_collections.ConfigDict, train: Dataset, key: jax.Array,
+           config: ml_collections.ConfigDict | None = None) -> Poisoned:
+  """Poisons a copy of `train` with the attack `cfg` (= config.attack), deterministic in `key`.
+
+  clean_label and input_aware also need the whole `config` (normalisation, cache, their own training).
+  """
   n = _validate(cfg, train)
+  if cfg.name in ("clean_label", "input_aware") and config is None:
+    raise ValueError(f"attack {cfg.name} needs the whole config: poison(config.attack, train, key, config=config)")
+  if cfg.name == "input_aware":  # Trains (or reuses) its generators; also marks cross-trigger examples.
+    return input_aware.poison(config, train, key, n)
   if cfg.name == "none":
     logging.info("none: poisoned 0 of %d training images", len(train))
     return Poisoned(train, np.zeros(len(train), dtype=bool), None)
 
   is_target = train.labels == cfg.target_label
-  # SIG is clean-label, so it poisons target-class images. BadNets and Blend pick among the
+  # SIG and clean_label keep labels, so they poison target-class images. BadNets and Blend pick among the
   # non-target images (the ABL code and BackdoorBench pick from all), so that every poisoned
   # example really is relabelled and the poison count is the number of wrong labels.
-  candidates = np.flatnonzero(is_target if cfg.name == "sig" else ~is_target)
-  chosen = candidates[np.asarray(jax.random.choice(key, len(candidates), (n,), replace=False))]
+  candidates = np.flatnonzero(is_target if cfg.name in _CLEAN_LABEL else ~is_target)
+  k_choice, k_attack = jax.random.split(key) if cfg.name == "clean_label" else (key, None)
+  chosen = candidates[np.asarray(jax.random.choice(k_choice, len(candidates), (n,), replace=False))]
   is_poisoned = np.zeros(len(train), dtype=bool)
   is_poisoned[chosen] = True
 
   apply_trigger = _trigger(cfg, train.images.shape[1:])
   images, labels = train.images.copy(), train.labels.copy()
-  images[is_poisoned] = apply_trigger(train.images[is_poisoned])
+  source = train.images[is_poisoned]
+  if cfg.name == "clean_label":  # Adversarially perturbed (PGD on the surrogate) before the trigger.
+    source = clean_label.perturb_images(config, train, np.flatnonzero(is_poisoned), k_attack)
+  images[is_poisoned] = apply_trigger(source)
   if cfg.name in _LABEL_FLIP:
     labels[is_poisoned] = cfg.target_label
 
@@ -97,3 +117,10 @@ def poisoned_test_set(test: Dataset, poisoned: Poisoned, target_label: int) -> D
   keep = test.labels != target_label
   labels = np.full(int(keep.sum()), target_label, dtype=np.int32)
   return Dataset(poisoned.apply_trigger(test.images[keep]), labels, test.class_names)
+
+
+def cross_test_set(test: Dataset, poisoned: Poisoned) -> Dataset | None:
+  """Every test image with another test image's trigger and its true label (input_aware), else None."""
+  if poisoned.cross_trigger is None:
+    return None
+  return Dataset(poisoned.cross_trigger(test.images), test.labels.copy(), test.class_names)

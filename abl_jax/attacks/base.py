@@ -16,10 +16,14 @@ class Poisoned(NamedTuple):
   `is_poisoned` is ground truth for metrics only: the defense must never see it.
   `apply_trigger` maps uint8 images [N, H, W, C] to triggered uint8 images (numpy);
   it is None for the clean baseline (attack 'none'), which has no trigger.
+  `is_cross` (ground truth too) and `cross_trigger` exist for input_aware only: the training examples
+  carrying another image's trigger with their true labels, and test images given other images' triggers.
   """
   train: Dataset
   is_poisoned: np.ndarray
   apply_trigger: Optional[TriggerFn]
+  is_cross: Optional[np.ndarray] = None
+  cross_trigger: Optional[TriggerFn] = None
 
 
 def apply_in_chunks(fn: Callable, images: np.ndarray, chunk_size: int = 8192) -> np.ndarray:

@@ -1,0 +1,141 @@
+"""The clean-label attack's surrogate classifier: trained once on the clean training set, cached with Orbax.
+
+    model, variables = surrogate.load_or_train(config, train)
+
+The cache entry is keyed by a hash of config.attack.surrogate, the normalisation, config.seed and the
+training arrays themselves, under config.data.cache_dir (or ~/.cache/abl_jax) / surrogates/. Training is
+standard, or PGD adversarial training (L-inf, random start; Madry et al.) when surrogate.adversarial.
+Its PRNG key comes from config.seed alone, so the cache key determines the surrogate.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from abl_jax import abl, models, train
+from abl_jax.attacks import pgd
+from abl_jax.checkpoint import Checkpointer
+from abl_jax.data import Dataset
+
+_VERSION = 1  # Bump when training changes meaning, so that old cache entries are not reused.
+_KEY_PURPOSE = 1000  # fold_in(PRNGKey(config.seed), this): apart from experiment's purposes (0..3).
+
+
+def create(config: ml_collections.ConfigDict, num_classes: int):
+  """The surrogate's (untrained) flax module."""
+  s = config.attack.surrogate
+  return models.create_model(s.model, num_classes, s.width, bn_axis_name=train.AXIS)
+
+
+def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
+  """The cache directory of the surrogate that `config` trains on `train_set`."""
+  h = hashlib.sha1()
+  h.update(json.dumps({"surrogate": config.attack.surrogate.to_dict(), "mean": list(config.data.mean),
+                       "std": list(config.data.std), "seed": config.seed, "momentum": config.train.momentum,
+                       "version": _VERSION}, sort_keys=True).encode())
+  h.update(np.ascontiguousarray(train_set.images).data)
+  h.update(np.ascontiguousarray(train_set.labels).data)
+  root = config.data.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "abl_jax")
+  return os.path.join(os.path.expanduser(root), "surrogates", f"{config.attack.surrogate.model}-{h.hexdigest()[:16]}")
+
+
+def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tuple[Any, dict]:
+  """(model, variables) of the cached surrogate, trained first (and cached) if there is none."""
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _KEY_PURPOSE)
+  model = create(config, train_set.num_classes)
+  path = cache_path(config, train_set)
+  if os.path.isdir(path):
+    like = _variables(model, train_set, key)
+    ckpt = Checkpointer(path, 1)
+    variables, meta = ckpt.restore(ckpt.latest(), like=like)
+    ckpt.close()
+    logging.info("surrogate: reusing the cached %s from %s (trained in %.0f s; train accuracy %.3f)",
+                 config.attack.surrogate.model, path, meta["seconds"], meta["train_accuracy"])
+    return model, variables
+  s = config.attack.surrogate
+  logging.info("surrogate: no cache at %s; training %s (width %s) for %d epochs (%s)", path, s.model, s.width or
+               "default", s.epochs, f"PGD-{s.adv_steps} adversarial, eps {s.adv_eps}" if s.adversarial else "standard")
+  t0 = time.perf_counter()
+  variables = train_surrogate(config, model, train_set, key)
+  meta = {"seconds": time.perf_counter() - t0,
+          "train_accuracy": accuracy(model, variables, config, train_set.images, train_set.labels),
+          "config": s.to_dict()}
+  logging.info("surrogate: trained in %.0f s, train accuracy %.3f; caching it in %s", meta["seconds"],
+               meta["train_accuracy"], path)
+  _save_atomically(path, variables, meta)
+  return model, variables
+
+
+def _variables(model, train_set: Dataset, key: jax.Array) -> dict:
+  """Zero variables of the right shapes, a restore target (eval_shape: nothing is compiled)."""
+  x = np.zeros((1, *train_set.images.shape[1:]), np.float32)
+  shapes = jax.eval_shape(lambda k: model.init(k, x, train=False), key)
+  return {k: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes.get(k, {})) for k in ("params", "batch_stats")}
+
+
+def train_surrogate(config: ml_collections.ConfigDict, model, train_set: Dataset, key: jax.Array) -> dict:
+  """Trains the surrogate with the project's pmapped step (on PGD examples if adversarial); its variables."""
+  s = config.attack.surrogate
+  k_init, k_data, k_aug = jax.random.split(key, 3)
+  steps = -(-len(train_set) // s.batch_size)
+  tx = train.sgd(optax.cosine_decay_schedule(s.lr, max(s.epochs * steps, 1)), config.train.momentum, s.weight_decay)
+  state = train.create_train_state(model, tx, k_init, train_set.images.shape[1:])
+  step = train.make_train_step(model, abl.cross_entropy_loss, config.data.mean, config.data.std,
+                               augment_data=s.augment)
+  if s.adversarial:
+    attack = pgd.make_pgd_pmapped(model, config.data.mean, config.data.std, norm="linf", eps=float(s.adv_eps),
+                                  step=float(s.adv_step), steps=int(s.adv_steps), random_start=True)
+    zero, clean_step = train.replicate(np.int32(0)), step
+
+    def step(state, x, y, k):  # Each batch replaced by PGD examples against the current weights.
+      adv = attack({"params": state.params, "batch_stats": state.batch_stats}, x, y, k, zero)
+      return clean_step(state, adv, y, k)
+
+  rstate = train.replicate(state)
+  for epoch in range(s.epochs):
+    order = train.epoch_order(len(train_set), s.batch_size, jax.random.fold_in(k_data, epoch))
+    rstate, _ = train.run_epoch(step, rstate, train_set.images, train_set.labels, order,
+                                jax.random.fold_in(k_aug, epoch), log_every=config.train.log_every_steps,
+                                describe=f"surrogate epoch {epoch + 1}/{s.epochs}",
+                                eta_steps_after=(s.epochs - epoch - 1) * steps)
+  state = train.unreplicate(rstate)
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def accuracy(model, variables: dict, config: ml_collections.ConfigDict, images: np.ndarray,
+             labels: np.ndarray) -> float:
+  """The surrogate's accuracy on uint8 `images` (inference mode, pmapped batches)."""
+  eval_fn = _eval_step(model, tuple(config.data.mean), tuple(config.data.std))
+  state = train.replicate(train.TrainState(step=0, apply_fn=model.apply, params=variables["params"],
+                                           tx=None, opt_state=None, batch_stats=variables["batch_stats"]))
+  _, pred = train.predict(eval_fn, state, images, labels, config.train.eval_batch_size)  # One batch shape.
+  return float(np.mean(pred == labels))
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_step(model, mean: tuple[float, ...], std: tuple[float, ...]):
+  return train.make_eval_step(model, mean, std)  # Cached: one compilation per model and batch shape.
+
+
+def _save_atomically(path: str, variables: dict, meta: dict) -> None:
+  """Writes the checkpoint under a temporary name, then renames it (a concurrent run keeps the first)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  ckpt = Checkpointer(tmp, 1)
+  ckpt.save(0, jax.device_get(variables), meta)
+  ckpt.close()
+  try:
+    os.rename(tmp, path)
+  except OSError:  # Another run cached the same surrogate meanwhile.
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,164 @@
+"""Pictures of a run, redrawn from its files (headless matplotlib): curves, isolation histogram, gallery.
+
+    plots.write_run_plots(workdir)   # WORKDIR/curves.png and, for ABL runs, WORKDIR/isolation.png
+    plots.gallery([("no defense", "runs/t/sig_none"), ("ABL", "runs/t/sig_abl")], "runs/t/sig_abl/gallery.png")
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from abl_jax import models, train  # noqa: E402
+from abl_jax.checkpoint import Checkpointer  # noqa: E402
+
+DPI = 90
+
+
+def epoch_records(workdir: str) -> list[dict]:
+  """The per-epoch records with CA in WORKDIR/metrics.jsonl, in order (a resumed epoch: the last record)."""
+  by_key: dict[tuple, dict] = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      if "global_epoch" in r and "clean_accuracy" in r and not r.get("full_test_set"):
+        by_key[(r["global_epoch"], r["phase"])] = r
+  return sorted(by_key.values(), key=lambda r: r["global_epoch"])
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+  return path
+
+
+def plot_curves(workdir: str, path: str) -> str | None:
+  """CA and ASR per epoch through the phases, phase boundaries marked; None without per-epoch records."""
+  records = epoch_records(workdir)
+  if not records:
+    return None
+  x = [r["global_epoch"] for r in records]
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  ax.plot(x, [r["clean_accuracy"] for r in records], marker=".", label="clean accuracy (CA)")
+  asr = [r.get("attack_success_rate") for r in records]
+  if any(a is not None for a in asr):
+    ax.plot(x, [np.nan if a is None else a for a in asr], marker=".", color="tab:red", label="attack success rate (ASR)")
+  start = 0
+  for i, r in enumerate(records):  # One span per phase, a dotted line where the next begins.
+    if i + 1 == len(records) or records[i + 1]["phase"] != r["phase"]:
+      ax.text((start + r["global_epoch"]) / 2, 1.02, r["phase"], ha="center", va="bottom", fontsize=8)
+      if i + 1 < len(records):
+        ax.axvline(r["global_epoch"], color="gray", ls=":", lw=1)
+      start = r["global_epoch"]
+  ax.set(xlabel="epoch (all phases)", ylabel="share of test images", ylim=(0, 1.1), xlim=(0, max(x) + 0.5))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="center right")
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_isolation(workdir: str, path: str) -> str | None:
+  """Histogram of the per-example isolation loss, poisoned vs clean, with the threshold; None without isolation."""
+  npz = os.path.join(workdir, "isolation.npz")
+  if not os.path.exists(npz):
+    return None
+  saved = np.load(npz)
+  scores = np.maximum(saved["scores"].astype(np.float64), 1e-7)  # Log axis: a loss of 0 is drawn at 1e-7.
+  threshold = float(scores[saved["isolated"]].max())
+  bins = np.logspace(np.log10(scores.min()), np.log10(scores.max()) + 1e-6, 60)
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  if "is_poisoned" in saved:
+    mask = saved["is_poisoned"].astype(bool)
+    ax.hist(scores[~mask], bins=bins, alpha=0.6, color="tab:blue", label=f"clean ({int((~mask).sum())})")
+    ax.hist(scores[mask], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned ({int(mask.sum())})")
+    iso = saved["isolated"]
+    title = (f"isolated {len(iso)}: {int(mask[iso].sum())} poisoned (precision {mask[iso].mean():.2f}, "
+             f"recall {mask[iso].sum() / max(mask.sum(), 1):.2f})")
+  else:
+    ax.hist(scores, bins=bins, color="gray", label="all examples (ground truth not saved with this run)")
+    title = f"isolated {len(saved['isolated'])}"
+  ax.axvline(threshold, color="black", ls="--", lw=1, label=f"isolation threshold ({threshold:.2g})")
+  ax.set(xscale="log", yscale="log", xlabel="cross-entropy of the isolation model (end of the isolation phase)",
+         ylabel="training examples", title=title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def _config(workdir: str) -> ml_collections.ConfigDict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.ndarray:
+  """Predicted classes of `images` by the run's latest checkpoint (its final model once finished)."""
+  config = _config(workdir)
+  model = models.create_model(config.model.name, num_classes, config.model.width, bn_axis_name=train.AXIS)
+  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
+  # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
+  shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), images.shape[1:]))
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+  if (latest := ckpt.latest()) is None:
+    raise FileNotFoundError(f"{workdir} holds no checkpoint to predict with")
+  state, _ = ckpt.restore(latest, like=state)
+  ckpt.close()
+  n_dev = jax.local_device_count()
+  eval_fn = train.make_eval_step(model, config.data.mean, config.data.std)
+  _, pred = train.predict(eval_fn, train.replicate(state), images, np.zeros(len(images), np.int32),
+                          n_dev * -(-len(images) // n_dev))
+  return pred
+
+
+def load_examples(workdir: str) -> dict[str, np.ndarray]:
+  """WORKDIR/examples.npz; for a run from before it was saved, re-poisons the data to write it."""
+  path = os.path.join(workdir, "examples.npz")
+  if not os.path.exists(path):
+    from abl_jax import experiment  # Deterministic in the config: the same data and trigger as the run.
+    config = _config(workdir)
+    experiment.save_examples(workdir, experiment.prepare(config), config.attack.target_label)
+  with np.load(path) as saved:
+    return dict(saved)
+
+
+def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | None:
+  """Test images (clean, then with the trigger) and each (label, workdir) model's prediction on the triggered one."""
+  ex = load_examples(runs[-1][1])
+  if not len(ex["labels"]):
+    return None
+  names, target = [str(n) for n in ex["class_names"]], int(ex["target"])
+  clean, triggered, labels = ex["clean"][:count], ex["triggered"][:count], ex["labels"][:count]
+  preds = [(name, predict_latest(w, triggered, len(names))) for name, w in runs]
+  fig, axes = plt.subplots(2, len(labels), figsize=(1.5 * len(labels), 1.9 + 0.45 * len(runs)), squeeze=False)
+  for j, true in enumerate(labels):
+    axes[0, j].imshow(clean[j])
+    axes[0, j].set_title(names[true], fontsize=8)
+    axes[1, j].imshow(triggered[j])
+    for k, (name, p) in enumerate(preds):
+      color = "tab:red" if p[j] == target else "tab:green" if p[j] == true else "black"
+      axes[1, j].text(0.5, -0.08 - 0.2 * k, f"{name}: {names[p[j]]}", color=color, fontsize=7,
+                      ha="center", va="top", transform=axes[1, j].transAxes)
+  for ax in axes.flat:
+    ax.set_xticks([])
+    ax.set_yticks([])
+  axes[0, 0].set_ylabel("clean", fontsize=8)
+  axes[1, 0].set_ylabel("trigger", fontsize=8)
+  fig.suptitle(f"predictions on triggered test images (target: {names[target]}; red = target, green = true class)",
+               fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def write_run_plots(workdir: str) -> list[str]:
+  """Writes the run's curves.png and (ABL) isolation.png; returns the paths written."""
+  written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
+             plot_isolation(workdir, os.path.join(workdir, "isolation.png"))]
+  return [p for p in written if p]

@@ -1,0 +1,159 @@
+"""The results table of a sweep (or of any runs) as markdown and JSON, from the runs' files alone.
+
+    rows = report.collect("runs/table")         # one row per planned or found run, finished or not
+    text = report.write("runs/table")           # writes report.md and report.json, returns the markdown
+
+A run directory is one with a config.json. Rows come from WORKDIR/table.json (written by the sweep)
+when there is one, so that a row not run yet is shown as missing; otherwise from WORKDIR itself or
+its sub-directories. A row without results.json is shown as unfinished, with how far it got.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_label": "clean-label",
+                "input_aware": "input-aware"}
+METRICS = ("train_accuracy", "clean_accuracy", "attack_success_rate", "train_loss", "clean_test_loss",
+           "poisoned_test_loss", "train_accuracy_clean_part", "train_accuracy_poisoned_part",
+           "train_loss_poisoned_part", "cross_trigger_accuracy")
+# (row key, header, kind): 'pct' shows a share as a percentage, 'loss' three significant digits.
+COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test CA (%)", "pct"),
+           ("attack_success_rate", "Test ASR (%)", "pct"), ("train_loss", "Train loss", "loss"),
+           ("clean_test_loss", "Clean test loss", "loss"), ("poisoned_test_loss", "Poisoned test loss", "loss"),
+           ("isolation", "Isolation P / R", "iso"), ("wall_time_s", "Wall time", "time"))
+PICTURES = ("curves.png", "isolation.png", "gallery.png")
+
+
+def _json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+def label(attack: str, defense: str) -> str:
+  """The row's name in the seed report's words."""
+  if attack == "none":
+    return "Model trained with clean data" + (" and ABL" if defense == "abl" else "")
+  name = ATTACK_NAMES.get(attack, attack)
+  return f"Model trained using ABL against {name} attack" if defense == "abl" else f"Model trained with {name} attack"
+
+
+def _planned_epochs(config: dict[str, Any]) -> int:
+  if config["defense"]["name"] == "none":
+    return config["train"]["epochs"]
+  a = config["abl"]
+  return a["isolation_epochs"] + a["finetune_epochs"] + a["unlearning_epochs"]
+
+
+def _progress(workdir: str, config: dict[str, Any]) -> str:
+  """How far an unfinished run got, from its last per-epoch record in metrics.jsonl."""
+  last = None
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if "global_epoch" in r and r.get("epoch", 0) > 0:
+          last = r
+  total = _planned_epochs(config)
+  if last is None:
+    return f"unfinished: no epoch done (0 of {total})"
+  return (f"unfinished: {last['phase']} epoch {last['epoch']} done ({last['global_epoch']} of {total} epochs); "
+          "rerun the sweep to resume")
+
+
+def load_row(workdir: str, name: str, attack: str | None = None, defense: str | None = None) -> dict[str, Any]:
+  """One row: status ('done', 'unfinished', 'missing'), its metrics where finished, and its pictures."""
+  row: dict[str, Any] = {"name": name, "workdir": workdir, "attack": attack, "defense": defense}
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    row.update(status="missing", detail=f"missing: no run in {workdir}")
+  else:
+    config = _json(config_path)
+    row.update(attack=config["attack"]["name"], defense=config["defense"]["name"])
+    results_path = os.path.join(workdir, "results.json")
+    if not os.path.exists(results_path):
+      row.update(status="unfinished", detail=_progress(workdir, config))
+    else:
+      r = _json(results_path)
+      iso = r.get("isolation") or {}
+      row.update(status="done", detail="done", **{k: r.get(k) for k in METRICS},
+                 isolation_precision=iso.get("precision"), isolation_recall=iso.get("recall"),
+                 wall_time_s=sum(r["wall_time"].values()), wall_time=r["wall_time"],
+                 num_train=r.get("num_train"), num_poisoned=r.get("num_poisoned"), versions=r.get("versions"),
+                 unlearning_before=(r.get("unlearning") or {}).get("before"))
+  row["label"] = label(row["attack"] or "?", row["defense"] or "?")
+  row["pictures"] = [p for p in PICTURES if os.path.exists(os.path.join(workdir, p))]
+  return row
+
+
+def _row_order(row: dict[str, Any]) -> tuple:
+  return (row["attack"] != "none", row["attack"] or "", row["defense"] != "none", row["name"])
+
+
+def collect(workdir: str) -> list[dict[str, Any]]:
+  """The rows of `workdir`: those table.json plans, else the run in it or the runs under it."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"{workdir} does not exist; run the table (or an experiment) there first")
+  plan_path = os.path.join(workdir, "table.json")
+  if os.path.exists(plan_path):
+    plan = _json(plan_path)
+    return [load_row(os.path.join(workdir, n), n, plan["rows"][n]["attack"], plan["rows"][n]["defense"])
+            for n in plan["order"]]
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    return [load_row(workdir, os.path.basename(os.path.normpath(workdir)))]
+  subdirs = sorted(d for d in os.listdir(workdir) if os.path.exists(os.path.join(workdir, d, "config.json")))
+  if not subdirs:
+    raise FileNotFoundError(f"{workdir} holds no runs (no config.json in it or its sub-directories) and no table.json")
+  return sorted((load_row(os.path.join(workdir, d), d) for d in subdirs), key=_row_order)
+
+
+def _cell(row: dict[str, Any], key: str, kind: str) -> str:
+  if row["status"] != "done":
+    return "—"
+  if kind == "iso":
+    p, r = row["isolation_precision"], row["isolation_recall"]
+    return "" if p is None else f"{p:.2f} / {'n/a' if r is None else f'{r:.2f}'}"
+  value = row[key]
+  if value is None:
+    return "n/a"
+  if kind == "pct":
+    return f"{100 * value:.1f}"
+  if kind == "time":
+    return f"{value / 60:.1f} min"
+  return f"{value:.3g}"
+
+
+def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
+  """The table, one line per row, with a status column; then definitions and each row's pictures (linked from `base`)."""
+  header = ["Model", *(h for _, h, _ in COLUMNS), "Status"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row in rows:
+    cells = [row["label"], *(_cell(row, k, kind) for k, _, kind in COLUMNS), row["detail"]]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", "Train acc. and train loss: on the set the model was trained on (the poisoned set for attacked "
+            "rows). CA: the whole clean test set. ASR: non-target-class test images with the trigger, classified "
+            "as the target (n/a without an attack). Isolation P / R: precision and recall of ABL's isolated "
+            "examples against the ground truth. Wall time: the run's phases and evaluation."]
+  done = next((r for r in rows if r["status"] == "done" and r.get("versions")), None)
+  if done:
+    v = done["versions"]
+    lines.append(f"Measured with python {v['python']}, jax {v['jax']}, devices {', '.join(v['devices'])}.")
+  pictures = [f"- {r['name']}: " + ", ".join(f"[{p}]({os.path.relpath(os.path.join(r['workdir'], p), base)})"
+                                           for p in r["pictures"])
+              for r in rows if r["pictures"]]
+  if pictures:
+    lines += ["", "Pictures:", *pictures]
+  return "\n".join(lines) + "\n"
+
+
+def write(workdir: str) -> str:
+  """Writes WORKDIR/report.md and WORKDIR/report.json; returns the markdown."""
+  rows = collect(workdir)
+  text = markdown(rows, workdir)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump({"rows": rows, "columns": [k for k, _, _ in COLUMNS]}, f, indent=2)
+  return text

@@ -1,0 +1,94 @@
+"""The results-table sweep: every selected row of configs/table.py in WORKDIR/<row>, its pictures, the report.
+
+    table.run(config, workdir)   # skips finished rows, resumes an interrupted one, writes WORKDIR/report.md
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from abl_jax import experiment, plots, report
+
+
+def is_table(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` is a table (configs/table.py) rather than one experiment."""
+  return "rows" in config and "table" in config
+
+
+def selected(config: ml_collections.ConfigDict) -> list[str]:
+  """The rows config.table.only picks (row names, or attack names for all of an attack's rows), in order."""
+  order = list(config.table.order)
+  missing = [n for n in order if n not in config.rows]
+  if missing:
+    raise ValueError(f"config.table.order names rows that config.rows lacks: {', '.join(missing)}")
+  wanted = [w.strip() for w in config.table.only.split(",") if w.strip()]
+  if not wanted:
+    return order
+  attacks = {n: config.rows[n].attack.name for n in order}
+  unknown = [w for w in wanted if w not in order and w not in attacks.values()]
+  if unknown:
+    raise ValueError(f"config.table.only={config.table.only!r}: unknown {', '.join(unknown)}; "
+                     f"rows: {', '.join(order)}")
+  return [n for n in order if n in wanted or (attacks[n] in wanted and n != "clean")]
+
+
+def _write_plan(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """WORKDIR/table.json: every row of the table (so the report shows rows not run yet as missing)."""
+  rows = {n: {"attack": config.rows[n].attack.name, "defense": config.rows[n].defense.name} for n in config.table.order}
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "table.json"), "w") as f:
+    json.dump({"variant": config.table.variant, "order": list(config.table.order), "rows": rows}, f, indent=2)
+
+
+def _stale(picture: str, runs: list[str]) -> bool:
+  """Whether `picture` is missing or older than any of the runs' results.json."""
+  return not os.path.exists(picture) or any(
+      os.path.getmtime(os.path.join(r, "results.json")) > os.path.getmtime(picture) for r in runs)
+
+
+def draw(workdir: str, names: list[str] | None = None) -> list[str]:
+  """Draws the finished rows' missing or outdated pictures (curves, isolation, each attack's gallery)."""
+  with open(os.path.join(workdir, "table.json")) as f:
+    plan = json.load(f)["rows"]
+  done = {n for n in plan if os.path.exists(os.path.join(workdir, n, "results.json"))}
+  written = []
+  for name in [n for n in (names or plan) if n in done]:
+    run = os.path.join(workdir, name)
+    try:
+      if _stale(os.path.join(run, "curves.png"), [run]):
+        written += plots.write_run_plots(run)
+      attack = plan[name]["attack"]
+      pair = [next((n for n in plan if plan[n] == {"attack": attack, "defense": d}), "") for d in ("none", "abl")]
+      runs = [os.path.join(workdir, n) for n in pair]
+      out = os.path.join(runs[1], "gallery.png")
+      if attack != "none" and set(pair) <= done and _stale(out, runs):
+        written.append(plots.gallery([("no defense", runs[0]), ("ABL", runs[1])], out))
+    except Exception:  # A picture is not worth the remaining rows; the error is logged in full.
+      logging.exception("pictures of table row %s failed", name)
+  return [p for p in written if p]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
+  """Runs the selected rows one after another, then writes the report; returns {row: results or None}."""
+  names = selected(config)
+  _write_plan(config, workdir)
+  results: dict[str, Any] = {}
+  failed: dict[str, str] = {}
+  for i, name in enumerate(names):
+    logging.info("table row %d/%d: %s", i + 1, len(names), name)
+    try:
+      results[name] = experiment.train_and_evaluate(config.rows[name], os.path.join(workdir, name), overwrite=overwrite)
+    except Exception as e:  # One failing row should not cost the others; the report shows it as unfinished.
+      logging.exception("table row %s failed", name)
+      results[name], failed[name] = None, f"{type(e).__name__}: {e}"
+      continue
+    if config.table.plots:
+      draw(workdir, [name])
+  print(report.write(workdir))
+  if failed:
+    raise RuntimeError("table rows failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+  return results

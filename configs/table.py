@@ -1,0 +1,54 @@
+"""The seed report's results table: a clean model, and for each attack a model without defense and one with ABL.
+
+  python launch.py --config=configs/table.py --workdir=runs/table              # ResNet-18, full CIFAR-10
+  python launch.py --config=configs/table.py:cpu --workdir=runs/table-cpu      # small CNN, 2 CPU cores
+  python launch.py --config=configs/table.py:smoke --workdir=/tmp/table-smoke  # synthetic data, minutes
+  python launch.py --mode=report --workdir=runs/table-cpu                      # report.md, report.json
+
+Each row runs in WORKDIR/<row> (clean, badnets_none, badnets_abl, ...) with the config of
+configs/abl_<attack>.py:<variant>; a finished row is skipped, an interrupted one resumed.
+Rows: --config.table.only=clean,sig_abl (row names, or attack names for both of its rows; '' = all).
+One row's field: --config.rows.sig_abl.abl.isolation_epochs=10.
+"""
+import importlib
+
+import ml_collections
+
+from configs import common
+
+# The attacks of the table, each with its configs/abl_<attack>.py: a new attack is one more name here.
+ATTACKS = ("badnets", "blend", "sig", "clean_label", "input_aware")
+DEFENSES = ("none", "abl")
+# cpu: the rows that fit in well under an hour on 2 cores (the seed's attacks are clean-label and SIG).
+CPU_ROWS = "clean,badnets,sig,clean_label"
+
+
+def row_names(attacks=ATTACKS) -> tuple[str, ...]:
+  """The table's rows in order: the clean model, then each attack without defense and with ABL."""
+  return ("clean",) + tuple(f"{a}_{d}" for a in attacks for d in DEFENSES)
+
+
+def attack_config(attack: str, variant: str) -> ml_collections.ConfigDict:
+  """configs/abl_<attack>.py:<variant>."""
+  return importlib.import_module(f"configs.abl_{attack}").get_config(variant)
+
+
+def get_config(variant: str = ""):
+  if variant not in common.VARIANTS:
+    raise ValueError(f"config variant {variant!r} is unknown; allowed: {', '.join(map(repr, common.VARIANTS))}")
+  c = ml_collections.ConfigDict()
+  c.table = ml_collections.ConfigDict()
+  c.table.variant = variant
+  c.table.order = row_names()  # Row order of the sweep and the report.
+  c.table.only = CPU_ROWS if variant == "cpu" else ""  # Rows to run: names or attacks, comma-separated; '' = all.
+  c.table.plots = True  # Write each row's pictures (and each attack's gallery) once it is finished.
+  c.rows = ml_collections.ConfigDict()
+  clean = attack_config("badnets", variant)
+  clean.attack.name, clean.defense.name = "none", "none"
+  c.rows.clean = clean
+  for attack in ATTACKS:
+    for defense in DEFENSES:
+      row = attack_config(attack, variant)
+      row.defense.name = defense
+      c.rows[f"{attack}_{defense}"] = row
+  return c

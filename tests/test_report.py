@@ -1,0 +1,127 @@
+"""The report from run directories, the pictures, and the table sweep (skips finished rows)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from abl_jax import experiment, plots, report, table
+from configs import table as table_config
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path, obj):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(obj if isinstance(obj, str) else json.dumps(obj))
+
+
+def _fake_run(root, name, attack, defense, results=None, epochs=()):
+  """A run directory with config.json, metrics.jsonl (per-epoch records) and, if finished, results.json."""
+  run = os.path.join(root, name)
+  _write(os.path.join(run, "config.json"), {"attack": {"name": attack}, "defense": {"name": defense},
+                                            "train": {"epochs": 8},
+                                            "abl": {"isolation_epochs": 2, "finetune_epochs": 4, "unlearning_epochs": 20}})
+  _write(os.path.join(run, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in epochs))
+  if results is not None:
+    _write(os.path.join(run, "results.json"), results)
+  return run
+
+
+CLEAN = {"train_accuracy": 0.99, "clean_accuracy": 0.95, "attack_success_rate": None, "train_loss": 0.031,
+         "clean_test_loss": 0.2, "poisoned_test_loss": None, "isolation": None,
+         "wall_time": {"poison": 1.0, "train": 239.0, "evaluate": 60.0}}
+SIG_ABL = {"train_accuracy": 0.96, "clean_accuracy": 0.89, "attack_success_rate": 0.05, "train_loss": 0.13,
+           "clean_test_loss": 0.41, "poisoned_test_loss": 10.8,
+           "isolation": {"precision": 0.35, "recall": 0.7, "num_isolated": 100},
+           "wall_time": {"isolation": 60.0, "finetune": 50.0, "unlearning": 10.0}}
+
+
+def test_report_from_two_runs_gives_their_rows_and_numbers(tmp_path):
+  _fake_run(tmp_path, "sig_abl", "sig", "abl", SIG_ABL)
+  _fake_run(tmp_path, "clean", "none", "none", CLEAN)
+  text = report.write(str(tmp_path))
+  rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+  assert [r["name"] for r in rows] == ["clean", "sig_abl"]  # The clean model first.
+  clean, sig = rows
+  assert clean["label"] == "Model trained with clean data" and clean["status"] == "done"
+  assert sig["label"] == "Model trained using ABL against SIG attack"
+  assert sig["clean_accuracy"] == 0.89 and sig["isolation_precision"] == 0.35 and sig["wall_time_s"] == 120.0
+  lines = text.splitlines()
+  assert lines[2] == "| Model trained with clean data | 99.0 | 95.0 | n/a | 0.031 | 0.2 | n/a |  | 5.0 min | done |"
+  assert lines[3] == ("| Model trained using ABL against SIG attack | 96.0 | 89.0 | 5.0 | 0.13 | 0.41 | 10.8 "
+                      "| 0.35 / 0.70 | 2.0 min | done |")
+  assert (tmp_path / "report.md").read_text() == text
+
+
+def test_missing_and_unfinished_rows_are_reported_not_dropped(tmp_path):
+  _fake_run(tmp_path, "clean", "none", "none", CLEAN)
+  _fake_run(tmp_path, "badnets_none", "badnets", "none", epochs=[
+      {"phase": "train", "epoch": e, "step": 10, "loss": 1.0} if e == 3 else
+      {"phase": "train", "epoch": e, "global_epoch": e, "clean_accuracy": 0.3} for e in (1, 2, 3)])
+  _write(str(tmp_path / "table.json"), {"order": ["clean", "badnets_none", "badnets_abl"], "rows": {
+      "clean": {"attack": "none", "defense": "none"}, "badnets_none": {"attack": "badnets", "defense": "none"},
+      "badnets_abl": {"attack": "badnets", "defense": "abl"}}})
+  rows = report.collect(str(tmp_path))
+  assert [r["status"] for r in rows] == ["done", "unfinished", "missing"]
+  assert rows[1]["detail"].startswith("unfinished: train epoch 2 done (2 of 8 epochs)")
+  assert rows[2]["label"] == "Model trained using ABL against BadNets attack"
+  lines = report.markdown(rows).splitlines()
+  assert lines[3].startswith("| Model trained with BadNets attack | — | — |") and "unfinished: train epoch 2" in lines[3]
+  assert lines[4].endswith(f"missing: no run in {tmp_path / 'badnets_abl'} |")
+
+
+def _is_png(path):
+  with open(path, "rb") as f:
+    return f.read(8) == PNG and os.path.getsize(path) > 5000
+
+
+def test_run_plots_are_written(tmp_path):
+  epochs = [{"phase": p, "epoch": e, "global_epoch": g, "clean_accuracy": 0.1 * g, "attack_success_rate": a}
+            for p, e, g, a in [("isolation", 1, 1, 0.9), ("isolation", 2, 2, 1.0), ("finetune", 1, 3, 1.0),
+                               ("unlearning", 1, 4, 0.5), ("unlearning", 2, 5, 0.0)]]
+  run = _fake_run(tmp_path, "badnets_abl", "badnets", "abl", epochs=epochs)
+  rng = np.random.default_rng(0)
+  is_poisoned = np.arange(200) < 20
+  scores = np.where(is_poisoned, rng.uniform(1e-5, 1e-3, 200), rng.uniform(0.1, 5.0, 200)).astype(np.float32)
+  np.savez(os.path.join(run, "isolation.npz"), scores=scores, isolated=np.argsort(scores)[:4], is_poisoned=is_poisoned)
+  written = plots.write_run_plots(run)
+  assert [os.path.basename(p) for p in written] == ["curves.png", "isolation.png"]
+  assert all(_is_png(p) for p in written)
+  assert [r["global_epoch"] for r in plots.epoch_records(run)] == [1, 2, 3, 4, 5]
+
+
+def test_rows_are_selected_by_name_or_attack():
+  config = table_config.get_config("smoke")
+  config.table.only = "clean,sig,badnets_abl"
+  assert table.selected(config) == ["clean", "badnets_abl", "sig_none", "sig_abl"]
+  config.table.only = "clean,nope"
+  with pytest.raises(ValueError, match="nope"):
+    table.selected(config)
+
+
+def test_sweep_runs_new_rows_skips_finished_ones_and_draws(runs, tmp_path, monkeypatch):
+  root, _, _ = runs  # BadNets smoke runs without defense and with ABL: the table's badnets rows, finished.
+  workdir = tmp_path / "table"
+  for name, src in (("badnets_none", "none"), ("badnets_abl", "abl")):
+    shutil.copytree(root / src, workdir / name)
+  config = table_config.get_config("smoke")
+  config.table.only = "clean,badnets"
+  clean = config.rows.clean
+  clean.train.epochs, clean.data.synthetic_train_size, clean.data.synthetic_test_size = 1, 128, 128
+  prepared = []
+  real_prepare = experiment.prepare
+  monkeypatch.setattr(experiment, "prepare", lambda c: prepared.append(c.attack.name) or real_prepare(c))
+  results = table.run(config, str(workdir))
+  assert prepared == ["none"]  # Only the clean row trained; the finished badnets rows were not retrained.
+  assert set(results) == {"clean", "badnets_none", "badnets_abl"}
+  for path in ("clean/curves.png", "badnets_none/curves.png", "badnets_abl/curves.png",
+               "badnets_abl/isolation.png", "badnets_abl/gallery.png"):
+    assert _is_png(workdir / path), path
+  rows = {r["name"]: r for r in json.loads((workdir / "report.json").read_text())["rows"]}
+  assert len(rows) == len(config.table.order) and rows["sig_abl"]["status"] == "missing"
+  assert rows["badnets_abl"]["clean_accuracy"] == results["badnets_abl"]["clean_accuracy"]
+  table.run(config, str(workdir))
+  assert prepared == ["none"]  # A second sweep retrains nothing.
