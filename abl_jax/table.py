@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import ast
+import copy
 import json
 import os
 from typing import Any
@@ -34,6 +36,25 @@ def selected(config: ml_collections.ConfigDict) -> list[str]:
     raise ValueError(f"config.table.only={config.table.only!r}: unknown {', '.join(unknown)}; "
                      f"rows: {', '.join(order)}")
   return [n for n in order if n in wanted or (attacks[n] in wanted and n != "clean")]
+
+
+def with_fields(row: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
+  """A copy of `row` with 'group.field=value;...' set (values read as Python literals, else as strings)."""
+  row = copy.deepcopy(row)
+  for item in (i.strip() for i in spec.split(";") if i.strip()):
+    key, _, text = item.partition("=")
+    *parents, last = key.strip().split(".")
+    node = row
+    for p in parents:
+      node = node[p]
+    if last not in node:
+      raise ValueError(f"config.table.set: {key.strip()!r} is not a field of the rows' configs")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()
+    node[last] = value
+  return row
 
 
 def _write_plan(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -75,13 +96,14 @@ def draw(workdir: str, names: list[str] | None = None) -> list[str]:
 def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
   """Runs the selected rows one after another, then writes the report; returns {row: results or None}."""
   names = selected(config)
+  rows = {n: with_fields(config.rows[n], config.table.set) for n in names}  # A bad field fails here, at once.
   _write_plan(config, workdir)
   results: dict[str, Any] = {}
   failed: dict[str, str] = {}
   for i, name in enumerate(names):
     logging.info("table row %d/%d: %s", i + 1, len(names), name)
     try:
-      results[name] = experiment.train_and_evaluate(config.rows[name], os.path.join(workdir, name), overwrite=overwrite)
+      results[name] = experiment.train_and_evaluate(rows[name], os.path.join(workdir, name), overwrite=overwrite)
     except Exception as e:  # One failing row should not cost the others; the report shows it as unfinished.
       logging.exception("table row %s failed", name)
       results[name], failed[name] = None, f"{type(e).__name__}: {e}"

@@ -8,7 +8,7 @@
 Each row runs in WORKDIR/<row> (clean, badnets_none, badnets_abl, ...) with the config of
 configs/abl_<attack>.py:<variant>; a finished row is skipped, an interrupted one resumed.
 Rows: --config.table.only=clean,sig_abl (row names, or attack names for both of its rows; '' = all).
-One row's field: --config.rows.sig_abl.abl.isolation_epochs=10.
+One row's field: --config.rows.sig_abl.abl.isolation_epochs=10; every row's: --config.table.set='abl.unlearning_epochs=5'.
 """
 import importlib
 
@@ -41,6 +41,8 @@ def get_config(variant: str = ""):
   c.table.variant = variant
   c.table.order = row_names()  # Row order of the sweep and the report.
   c.table.only = CPU_ROWS if variant == "cpu" else ""  # Rows to run: names or attacks, comma-separated; '' = all.
+  c.table.set = ""  # Fields set in every row, e.g. the paper's unlearning:
+  #                   'abl.unlearning_mode=ascent;abl.unlearning_loss=neg_ce;abl.joint_exclude_ratio=0.0'.
   c.table.plots = True  # Write each row's pictures (and each attack's gallery) once it is finished.
   c.rows = ml_collections.ConfigDict()
   clean = attack_config("badnets", variant)

@@ -93,10 +93,14 @@ def test_run_plots_are_written(tmp_path):
   assert [r["global_epoch"] for r in plots.epoch_records(run)] == [1, 2, 3, 4, 5]
 
 
-def test_rows_are_selected_by_name_or_attack():
+def test_rows_are_selected_by_name_or_attack_and_fields_set_in_every_row():
   config = table_config.get_config("smoke")
   config.table.only = "clean,sig,badnets_abl"
   assert table.selected(config) == ["clean", "badnets_abl", "sig_none", "sig_abl"]
+  row = table.with_fields(config.rows.sig_abl, "abl.unlearning_mode=ascent; abl.unlearning_lr=0.5")
+  assert (row.abl.unlearning_mode, row.abl.unlearning_lr, config.rows.sig_abl.abl.unlearning_lr) == ("ascent", 0.5, 0.02)
+  with pytest.raises(ValueError, match="abl.nope"):
+    table.with_fields(row, "abl.nope=1")
   config.table.only = "clean,nope"
   with pytest.raises(ValueError, match="nope"):
     table.selected(config)
