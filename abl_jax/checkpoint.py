@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import flax
@@ -67,3 +68,19 @@ def _check_shapes(expected: Any, got: Any, directory: str) -> None:
       raise CheckpointMismatchError(
           f"checkpoint in {directory}: {jax.tree_util.keystr(path)} has shape {np.shape(a)}, the configured "
           f"model expects {np.shape(e)}; config.model.* differs from the run that wrote it")
+
+
+def save_once(path: str, tree: Any, meta: dict[str, Any]) -> None:
+  """Writes a one-off checkpoint (a cache entry) under a temporary name, then renames it into `path`.
+
+  If a concurrent run wrote `path` meanwhile, its copy is kept and this one dropped.
+  """
+  tmp = f"{path}.tmp{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  ckpt = Checkpointer(tmp, 1)
+  ckpt.save(0, jax.device_get(tree), meta)
+  ckpt.close()
+  try:
+    os.rename(tmp, path)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)

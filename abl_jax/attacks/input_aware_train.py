@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any, Callable, Sequence
 
@@ -31,7 +30,7 @@ import optax
 from flax import jax_utils
 
 from abl_jax import data as data_lib, models, train
-from abl_jax.checkpoint import Checkpointer
+from abl_jax.checkpoint import Checkpointer, save_once
 from abl_jax.data import Dataset
 from abl_jax.models import generator
 
@@ -224,7 +223,7 @@ def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tupl
   meta = {"seconds": time.perf_counter() - t0, "attacker": attacker, "config": ia.to_dict()}
   logging.info("input_aware: trained in %.0f s; attacker's classifier %s; caching in %s", meta["seconds"],
                _describe(attacker), path)
-  _save_atomically(path, variables, meta)
+  save_once(path, variables, meta)
   return variables, meta
 
 
@@ -275,15 +274,3 @@ def train_generators(config: ml_collections.ConfigDict, train_set: Dataset, key:
                                                                        "batch_stats": cls.batch_stats}, test_set)
   return variables, attacker
 
-
-def _save_atomically(path: str, variables: dict, meta: dict) -> None:
-  """Writes the checkpoint under a temporary name, then renames it (a concurrent run keeps the first)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  ckpt = Checkpointer(tmp, 1)
-  ckpt.save(0, jax.device_get(variables), meta)
-  ckpt.close()
-  try:
-    os.rename(tmp, path)
-  except OSError:  # Another run cached the same generators meanwhile.
-    shutil.rmtree(tmp, ignore_errors=True)

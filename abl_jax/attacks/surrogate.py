@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Any
 
@@ -25,7 +24,7 @@ import optax
 
 from abl_jax import abl, models, train
 from abl_jax.attacks import pgd
-from abl_jax.checkpoint import Checkpointer
+from abl_jax.checkpoint import Checkpointer, save_once
 from abl_jax.data import Dataset
 
 _VERSION = 1  # Bump when training changes meaning, so that old cache entries are not reused.
@@ -73,7 +72,7 @@ def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tupl
           "config": s.to_dict()}
   logging.info("surrogate: trained in %.0f s, train accuracy %.3f; caching it in %s", meta["seconds"],
                meta["train_accuracy"], path)
-  _save_atomically(path, variables, meta)
+  save_once(path, variables, meta)
   return model, variables
 
 
@@ -127,15 +126,3 @@ def accuracy(model, variables: dict, config: ml_collections.ConfigDict, images: 
 def _eval_step(model, mean: tuple[float, ...], std: tuple[float, ...]):
   return train.make_eval_step(model, mean, std)  # Cached: one compilation per model and batch shape.
 
-
-def _save_atomically(path: str, variables: dict, meta: dict) -> None:
-  """Writes the checkpoint under a temporary name, then renames it (a concurrent run keeps the first)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  ckpt = Checkpointer(tmp, 1)
-  ckpt.save(0, jax.device_get(variables), meta)
-  ckpt.close()
-  try:
-    os.rename(tmp, path)
-  except OSError:  # Another run cached the same surrogate meanwhile.
-    shutil.rmtree(tmp, ignore_errors=True)
