@@ -179,12 +179,19 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises WorkdirError naming the fields where `config` differs from the workdir's run."""
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
-  diffs = _diff(saved, _config_json(config), "config")
+  unused = _unused_fields(config)
+  diffs = [d for d in _diff(saved, _config_json(config), "config") if not d[0].startswith(unused)]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
     raise WorkdirError(f"workdir {workdir} holds a run with a different config ({shown}{more}); "
                        "use another --workdir, or --overwrite to start over")
+
+
+def _unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Config prefixes that cannot change this run (the abl group without ABL), so a new default there
+  does not make a finished no-defense run look like another experiment."""
+  return ("config.abl.",) if config.defense.name == "none" else ()
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:

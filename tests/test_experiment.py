@@ -73,6 +73,13 @@ def test_workdir_of_another_config_is_refused(runs):
     experiment.evaluate_checkpoint(smoke(abl__gamma=0.3), str(root / "abl"))
 
 
+def test_no_defense_run_ignores_abl_fields_only(runs):
+  root, none, _ = runs
+  assert experiment.train_and_evaluate(smoke(defense__name="none", abl__gamma=0.3), str(root / "none")) == none
+  with pytest.raises(experiment.WorkdirError, match=r"config\.attack\.poison_rate"):
+    experiment.train_and_evaluate(smoke(defense__name="none", attack__poison_rate=0.2), str(root / "none"))
+
+
 @pytest.mark.parametrize("override, message", [
     (dict(attack__name="trojan"), r"config\.attack\.name='trojan' is unknown; allowed: none, badnets, blend, sig"),
     (dict(model__name="vgg"), r"config\.model\.name='vgg' is unknown; allowed: resnet18, wrn16_1, small_cnn"),
