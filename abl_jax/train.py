@@ -162,13 +162,18 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
   """One epoch over `order` (a [steps, batch] index array) with a replicated state.
 
   Logs loss, images/s and an ETA every `log_every` steps; raises FloatingPointError on a NaN loss.
+  The summary adds images/s and data_wait_share, the share of the epoch spent waiting for the next batch.
   `eta_steps_after` is the number of steps still to come after this epoch (for the ETA).
   """
   steps, batch = order.shape
   pending, logged = [], []
   t0 = time.perf_counter()
   tick, tick_step = t0, 0
-  for i, (x, y) in enumerate(_prefetch(images, labels, order)):
+  batches, waited = _prefetch(images, labels, order), 0.0
+  for i in range(steps):
+    t_wait = time.perf_counter()
+    x, y = next(batches)  # Host time not spent dispatching steps: gathering, sharding, copying to device.
+    waited += time.perf_counter() - t_wait
     step_key = jax.random.fold_in(key, i)
     state, metrics = step_fn(state, x, y, replicate(step_key))
     pending.append(metrics)
@@ -193,7 +198,9 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
         on_log({"step": i + 1, "images_per_s": rate, **mean})
   total = sum(n for n, _ in logged)
   summary = {k: sum(n * m[k] for n, m in logged) / total for k in logged[0][1]}
-  summary["images_per_s"] = steps * batch / max(time.perf_counter() - t0, 1e-9)
+  seconds = max(time.perf_counter() - t0, 1e-9)
+  summary["images_per_s"] = steps * batch / seconds
+  summary["data_wait_share"] = waited / seconds
   return state, summary
 
 
