@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -74,6 +75,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _allowed("config.attack.name", config.attack.name, attacks.ATTACKS)
   _allowed("config.defense.name", config.defense.name, DEFENSES)
   _allowed("config.train.schedule", config.train.schedule, SCHEDULES)
+  _allowed("config.train.dtype", config.train.dtype, models.DTYPES)
   _allowed("config.abl.loss", config.abl.loss, abl.ISOLATION_LOSSES)
   _allowed("config.abl.unlearning_mode", config.abl.unlearning_mode, abl.UNLEARNING_MODES)
   _allowed("config.abl.unlearning_loss", config.abl.unlearning_loss, abl.UNLEARNING_LOSSES)
@@ -149,7 +151,10 @@ def _key(config: ml_collections.ConfigDict, purpose: str) -> jax.Array:
 
 
 def _model(config: ml_collections.ConfigDict, num_classes: int):
-  return models.create_model(config.model.name, num_classes, config.model.width, bn_axis_name=train.AXIS)
+  """The classifier; parameters, optimizer state and BatchNorm statistics stay float32 in every dtype."""
+  dtype = jnp.dtype(models.compute_dtype(config.train.dtype))
+  return models.create_model(config.model.name, num_classes, config.model.width, dtype=dtype,
+                             bn_axis_name=train.AXIS)
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -180,12 +185,20 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   unused = _unused_fields(config)
-  diffs = [d for d in _diff(saved, _config_json(config), "config") if not d[0].startswith(unused)]
+  diffs = [d for d in _diff(_comparable(saved), _comparable(_config_json(config)), "config")
+           if not d[0].startswith(unused)]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
     raise WorkdirError(f"workdir {workdir} holds a run with a different config ({shown}{more}); "
                        "use another --workdir, or --overwrite to start over")
+
+
+def _comparable(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config.json with train.dtype resolved on this machine (runs saved before the field existed ran float32)."""
+  out = json.loads(json.dumps(saved))
+  out["train"]["dtype"] = models.compute_dtype(out["train"].get("dtype", "float32"))
+  return out
 
 
 def _unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -337,7 +350,7 @@ def _check_start_from(config: ml_collections.ConfigDict) -> None:
   """Refuses a config.abl.start_from run that differs in more than the unlearning fields."""
   source = config.abl.start_from
   with open(os.path.join(source, "config.json")) as f:
-    diffs = [d for d in _diff(json.load(f), _config_json(config), "config")
+    diffs = [d for d in _diff(_comparable(json.load(f)), _comparable(_config_json(config)), "config")
              if not any(d[0].startswith("config." + field) for field in UNLEARNING_FIELDS)]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])

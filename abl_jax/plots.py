@@ -101,7 +101,9 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
 def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.ndarray:
   """Predicted classes of `images` by the run's latest checkpoint (its final model once finished)."""
   config = _config(workdir)
-  model = models.create_model(config.model.name, num_classes, config.model.width, bn_axis_name=train.AXIS)
+  dtype = models.compute_dtype(config.train.get("dtype", "float32"))
+  model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jax.numpy.dtype(dtype),
+                              bn_axis_name=train.AXIS)
   tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
   # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
   shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), images.shape[1:]))

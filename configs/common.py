@@ -87,6 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_boundaries = (50, 75)  # Epochs where the step schedule drops the lr 10x.
   c.train.momentum = 0.9  # SGD momentum, every phase.
   c.train.weight_decay = 5e-4  # L2 weight decay, every phase (ABL code uses 1e-4 for WRN-16-1).
+  c.train.dtype = "auto"  # Activations: float32, bfloat16 (parameters, optimizer and BatchNorm statistics
+  #                        stay float32), or auto = bfloat16 on GPU/TPU, float32 on CPU.
   c.train.augment = True  # Random crop (pad 4) + horizontal flip, on device (not in isolation).
   c.train.eval_batch_size = 500  # Batch size of evaluation and loss scoring.
   c.train.eval_every_epochs = 1  # Evaluate CA/ASR every this many epochs (0 = only at the end).

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -10,6 +11,16 @@ from abl_jax.models.resnet import WRN16_1, ResNet18, WideResNet
 from abl_jax.models.small_cnn import SmallCNN
 
 MODELS = ("resnet18", "wrn16_1", "small_cnn")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype(name: str, backend: str | None = None) -> str:
+  """The activation dtype `config.train.dtype` names: auto is bfloat16 on GPU/TPU and float32 on CPU."""
+  if name not in DTYPES:
+    raise ValueError(f"config.train.dtype={name!r} is unknown; allowed: {', '.join(DTYPES)}")
+  if name == "auto":
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+  return name
 
 
 def create_model(name: str, num_classes: int, width: int = 0, dtype: Any = jnp.float32,
@@ -28,4 +39,4 @@ def create_model(name: str, num_classes: int, width: int = 0, dtype: Any = jnp.f
   raise ValueError(f"config.model.name={name!r} is unknown; allowed: {', '.join(MODELS)}")
 
 
-__all__ = ["MODELS", "ResNet18", "SmallCNN", "WRN16_1", "WideResNet", "create_model"]
+__all__ = ["DTYPES", "MODELS", "compute_dtype", "ResNet18", "SmallCNN", "WRN16_1", "WideResNet", "create_model"]
