@@ -2,6 +2,7 @@
 
     plots.write_run_plots(workdir)   # WORKDIR/curves.png and, for ABL runs, WORKDIR/isolation.png
     plots.gallery([("no defense", "runs/t/sig_none"), ("ABL", "runs/t/sig_abl")], "runs/t/sig_abl/gallery.png")
+    plots.unlearning_curves({"paper": "runs/unl/a", "joint": "runs/unl/b"}, "unlearning.png")
 """
 from __future__ import annotations
 
@@ -164,3 +165,32 @@ def write_run_plots(workdir: str) -> list[str]:
   written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
              plot_isolation(workdir, os.path.join(workdir, "isolation.png"))]
   return [p for p in written if p]
+
+
+def load_curve(workdir: str) -> list[dict]:
+  """WORKDIR/unlearning_curve.json: CA, ASR and isolated-set accuracy per unlearning epoch (0 = before)."""
+  with open(os.path.join(workdir, "unlearning_curve.json")) as f:
+    return json.load(f)["curve"]
+
+
+def unlearning_curves(runs: dict[str, str], path: str, title: str = "") -> str:
+  """CA and ASR against unlearning epoch, one line per named run, a dotted line where a run stopped."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for label, workdir in runs.items():
+    curve = load_curve(workdir)
+    epochs = [c["epoch"] for c in curve]
+    for ax, key in zip(axes, ("clean_accuracy", "attack_success_rate")):
+      ax.plot(epochs, [c[key] for c in curve], marker=".", label=label)
+      stops = [c["epoch"] for c in curve if c.get("stopped")]
+      if stops:
+        ax.axvline(stops[0], color=ax.lines[-1].get_color(), ls=":", lw=1)
+  for ax, name in zip(axes, ("clean accuracy (CA)", "attack success rate (ASR)")):
+    ax.set_xlabel("unlearning epoch (0 = before)")
+    ax.set_ylabel(name)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return _save(fig, path)

@@ -2,6 +2,7 @@
 
     rows = report.collect("runs/table")         # one row per planned or found run, finished or not
     text = report.write("runs/table")           # writes report.md and report.json, returns the markdown
+    python -m abl_jax.report --out=unlearning.png "paper=runs/unl/a" "joint=runs/unl/b"  # unlearning variants
 
 A run directory is one with a config.json. Rows come from WORKDIR/table.json (written by the sweep)
 when there is one, so that a row not run yet is shown as missing; otherwise from WORKDIR itself or
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_label": "clean-label",
@@ -157,3 +159,33 @@ def write(workdir: str) -> str:
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump({"rows": rows, "columns": [k for k, _, _ in COLUMNS]}, f, indent=2)
   return text
+
+
+def unlearning_table(runs: dict[str, str]) -> str:
+  """Markdown: CA/ASR before and after unlearning (full test set) and epochs run, one row per named run."""
+  lines = ["| run | CA before | ASR before | CA after | ASR after | CA change | epochs |",
+           "|---|---|---|---|---|---|---|"]
+  for name, workdir in runs.items():
+    r = _json(os.path.join(workdir, "results.json"))
+    before, stop = r["unlearning"]["before"], r["unlearning"]["stopped_at_epoch"]
+    lines.append(f"| {name} | {before['clean_accuracy']:.4f} | {before['attack_success_rate']:.4f} | "
+                 f"{r['clean_accuracy']:.4f} | {r['attack_success_rate']:.4f} | "
+                 f"{100 * (r['clean_accuracy'] - before['clean_accuracy']):+.1f} pts | "
+                 f"{r['unlearning']['epochs_run']}{' (stopped)' if stop else ''} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  """Compares unlearning variants: prints their table and draws their curves (LABEL=WORKDIR arguments)."""
+  from abl_jax import plots  # matplotlib only where a picture is drawn.
+  out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "unlearning.png")
+  title = next((a.split("=", 1)[1] for a in argv if a.startswith("--title=")), "")
+  runs = dict(a.split("=", 1) for a in argv if not a.startswith("--"))
+  if not runs or any(not w for w in runs.values()):
+    raise SystemExit("usage: python -m abl_jax.report --out=PNG [--title=T] LABEL=WORKDIR ...")
+  print(unlearning_table(runs))
+  print(plots.unlearning_curves(runs, out, title))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

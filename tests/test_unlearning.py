@@ -141,13 +141,17 @@ def test_stopping_rule_ends_unlearning_early_and_resume_keeps_it(variants):
 
 
 def test_curves_plot_one_line_per_run(variants, tmp_path):
-  from abl_jax import unlearning_plot
+  from abl_jax import plots, report
   root, out, *_ = variants
-  curves = {"ascent": unlearning_plot.load_curve(root / "abl"), "joint": unlearning_plot.load_curve(out / "joint")}
-  path = unlearning_plot.plot_curves(curves, str(tmp_path / "curves.png"))
+  runs = {"ascent": str(root / "abl"), "joint": str(out / "joint")}
+  path = plots.unlearning_curves(runs, str(tmp_path / "curves.png"))
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(path) > 10_000
+  rows = report.unlearning_table(runs).splitlines()
+  assert len(rows) == 4 and rows[2].startswith("| ascent |") and rows[3].startswith("| joint |")
+  joint = json.load(open(out / "joint" / "results.json"))
+  assert f"| {joint['clean_accuracy']:.4f} | {joint['attack_success_rate']:.4f} |" in rows[3]
 
 
 def test_joint_pool_leaves_out_the_lowest_isolation_scores(tmp_path):
