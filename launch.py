@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from abl_jax import distributed, experiment, plots, report, table
+from configs import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.",
                                           lock_config=True)
@@ -33,8 +34,8 @@ def main(argv):
   # Orbax reports every checkpoint step at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname or r.levelno >= pylogging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if config is not None and "distributed" in config:  # Before anything touches devices.
-    distributed.initialize(config.distributed)
+  if config is not None:  # Before anything touches devices; a table's config takes the defaults.
+    distributed.initialize(config.distributed if "distributed" in config else common.base_config().distributed)
     if not distributed.is_primary():  # Progress once, from process 0; warnings and errors from every process.
       logging.set_verbosity(logging.WARNING)
   if _MODE.value == "report":

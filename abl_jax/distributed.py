@@ -56,7 +56,7 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
       bool(cfg.coordinator_address) or cfg.num_processes > 1 or cluster_detected()))
   if not wanted:
     return False
-  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+  if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "", "none"):
     # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib (the default in jax 0.10).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=cfg.coordinator_address or None,

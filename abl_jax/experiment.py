@@ -189,7 +189,8 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   unused = _unused_fields(config)
-  diffs = [d for d in _diff(saved, _config_json(config), "config") if not d[0].startswith(unused)]
+  # A group missing on one side differs as a whole ("config.distributed"), hence the added dot.
+  diffs = [d for d in _diff(saved, _config_json(config), "config") if not (d[0] + ".").startswith(unused)]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
@@ -354,7 +355,7 @@ def _check_start_from(config: ml_collections.ConfigDict) -> None:
   source = config.abl.start_from
   with open(os.path.join(source, "config.json")) as f:
     diffs = [d for d in _diff(json.load(f), _config_json(config), "config")
-             if not any(d[0].startswith("config." + field) for field in (*UNLEARNING_FIELDS, "distributed."))]
+             if not any((d[0] + ".").startswith("config." + field) for field in (*UNLEARNING_FIELDS, "distributed."))]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     raise WorkdirError(f"config.abl.start_from={source!r} ran a different experiment ({shown}); only "
