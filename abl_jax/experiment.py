@@ -355,7 +355,7 @@ def _check_start_from(config: ml_collections.ConfigDict) -> None:
   source = config.abl.start_from
   with open(os.path.join(source, "config.json")) as f:
     diffs = [d for d in _diff(json.load(f), _config_json(config), "config")
-             if not any((d[0] + ".").startswith("config." + field) for field in (*UNLEARNING_FIELDS, "distributed."))]
+             if not any((d[0] + ".").startswith("config." + f) for f in (*UNLEARNING_FIELDS, "distributed."))]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     raise WorkdirError(f"config.abl.start_from={source!r} ran a different experiment ({shown}); only "
