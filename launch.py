@@ -5,6 +5,8 @@
   python launch.py --config=configs/abl_sig.py --workdir=runs/sig --mode=eval
   python launch.py --config=configs/table.py:cpu --workdir=runs/table-cpu   # every row of the results table
   python launch.py --mode=report --workdir=runs/table-cpu                   # report.md / report.json
+  python launch.py --config=configs/abl_sig.py --workdir=runs/sig --config.distributed.coordinator_address=\
+      host0:1234 --config.distributed.num_processes=2 --config.distributed.process_id=0  # docs/multihost.md
 """
 import logging as pylogging
 import os
@@ -12,7 +14,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from abl_jax import experiment, plots, report, table
+from abl_jax import distributed, experiment, plots, report, table
+from configs import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.",
                                           lock_config=True)
@@ -31,6 +34,10 @@ def main(argv):
   # Orbax reports every checkpoint step at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname or r.levelno >= pylogging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is not None:  # Before anything touches devices; a table's config takes the defaults.
+    distributed.initialize(config.distributed if "distributed" in config else common.base_config().distributed)
+    if not distributed.is_primary():  # Progress once, from process 0; warnings and errors from every process.
+      logging.set_verbosity(logging.WARNING)
   if _MODE.value == "report":
     if os.path.exists(os.path.join(workdir, "table.json")):
       table.draw(workdir)  # Pictures of finished rows that lack them (redrawn from the runs' files).
@@ -46,7 +53,8 @@ def main(argv):
     experiment.evaluate_checkpoint(config, workdir)
   else:
     experiment.train_and_evaluate(config, workdir, overwrite=_OVERWRITE.value)
-    logging.info("pictures: %s", ", ".join(plots.write_run_plots(workdir)))
+    if distributed.is_primary():
+      logging.info("pictures: %s", ", ".join(plots.write_run_plots(workdir)))
 
 
 if __name__ == "__main__":

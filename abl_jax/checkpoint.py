@@ -3,6 +3,9 @@
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=2)
     ckpt.save(global_epoch, state, {"phase": "finetune", "epoch": 3})
     state, meta = ckpt.restore(ckpt.latest(), like=state)
+
+Every Checkpointer is process-local (Orbax never synchronises processes here): in a multi-process run
+the primary alone saves host copies, and every process restores from the shared workdir.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from abl_jax import distributed
+
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in a workdir does not fit the model the config describes."""
@@ -25,8 +30,11 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    os.makedirs(self.directory, exist_ok=True)  # Orbax cannot create it with active_processes set.
+    me = jax.process_index()
+    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})))
 
   def latest(self) -> int | None:
     """The newest saved global epoch, or None."""
@@ -73,14 +81,17 @@ def _check_shapes(expected: Any, got: Any, directory: str) -> None:
 def save_once(path: str, tree: Any, meta: dict[str, Any]) -> None:
   """Writes a one-off checkpoint (a cache entry) under a temporary name, then renames it into `path`.
 
-  If a concurrent run wrote `path` meanwhile, its copy is kept and this one dropped.
+  If a concurrent run wrote `path` meanwhile, its copy is kept and this one dropped. In a multi-process
+  run every process calls it and the primary writes.
   """
-  tmp = f"{path}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  ckpt = Checkpointer(tmp, 1)
-  ckpt.save(0, jax.device_get(tree), meta)
-  ckpt.close()
-  try:
-    os.rename(tmp, path)
-  except OSError:
+  if distributed.is_primary():
+    tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    ckpt = Checkpointer(tmp, 1)
+    ckpt.save(0, jax.device_get(tree), meta)
+    ckpt.close()
+    try:
+      os.rename(tmp, path)
+    except OSError:
+      shutil.rmtree(tmp, ignore_errors=True)
+  distributed.barrier("save_once")

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from abl_jax import abl, attacks, data, evaluate, models, train
+from abl_jax import abl, attacks, data, distributed, evaluate, models, train
 from abl_jax.checkpoint import Checkpointer
 
 DEFENSES = ("none", "abl")
@@ -71,6 +71,8 @@ def _allowed(field: str, value: Any, allowed: tuple[str, ...]) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects bad names and ranges before any work, with one line naming the field."""
   _allowed("config.data.source", config.data.source, SOURCES)
+  if "distributed" in config:
+    distributed.validate(config.distributed)
   _allowed("config.model.name", config.model.name, models.MODELS)
   _allowed("config.attack.name", config.attack.name, attacks.ATTACKS)
   _allowed("config.defense.name", config.defense.name, DEFENSES)
@@ -124,7 +126,7 @@ def phases(config: ml_collections.ConfigDict) -> list[Phase]:
       Phase("finetune", a.finetune_epochs, "retained", abl.cross_entropy_loss, finetune_lr,
             t.batch_size, t.augment),
       Phase("unlearning", a.unlearning_epochs, "isolated" if a.unlearning_mode == "ascent" else "joint",
-            abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size // jax.local_device_count(),
+            abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size // jax.device_count(),
                                      a.joint_weight, a.unlearning_loss),
             lambda _: a.unlearning_lr, a.unlearning_batch_size, False, bn_train=a.unlearning_bn == "train"),
   ]
@@ -162,7 +164,14 @@ def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """Makes `workdir` this run's, refusing one that holds a run of another config."""
+  """Makes `workdir` this run's, refusing one that holds a run of another config (the primary writes)."""
+  if distributed.is_primary():
+    _claim(config, workdir, overwrite)
+  distributed.barrier("claim_workdir")
+  check_same_config(config, workdir)  # Every process, once the primary has written config.json.
+
+
+def _claim(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
   path = os.path.join(workdir, "config.json")
   if overwrite and os.path.isdir(workdir):
     logging.warning("--overwrite: deleting the previous run in %s", workdir)
@@ -185,8 +194,9 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, "config.json")) as f:
     saved = json.load(f)
   unused = _unused_fields(config)
+  # A group missing on one side differs as a whole ("config.distributed"), hence the added dot.
   diffs = [d for d in _diff(_comparable(saved), _comparable(_config_json(config)), "config")
-           if not d[0].startswith(unused)]
+           if not (d[0] + ".").startswith(unused)]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
@@ -202,9 +212,9 @@ def _comparable(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Config prefixes that cannot change this run (the abl group without ABL), so a new default there
-  does not make a finished no-defense run look like another experiment."""
-  return ("config.abl.",) if config.defense.name == "none" else ()
+  """Config prefixes that cannot change this run: the process setup (a run may resume with another process
+  count) and the abl group without ABL (a new default there does not make a no-defense run another one)."""
+  return ("config.distributed.", "config.abl.") if config.defense.name == "none" else ("config.distributed.",)
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
@@ -220,6 +230,8 @@ class _Log:
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def __call__(self, **record: Any) -> None:
+    if not distributed.is_primary():  # Every process holds the same record; one writes it.
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
 
@@ -240,9 +252,11 @@ def _isolate(config, workdir, eval_fn, state, prep: Prepared, log: _Log) -> np.n
   stats["threshold"] = float(scores[isolated[-1]])
   stats["seconds"] = time.perf_counter() - t0
   # is_poisoned is the ground truth, saved for the report's histogram only; the phases read scores/isolated.
-  np.savez(os.path.join(workdir, "isolation.npz"), scores=scores, isolated=isolated, is_poisoned=prep.is_poisoned)
-  with open(os.path.join(workdir, "isolation.json"), "w") as f:
-    json.dump(stats, f, indent=2)
+  if distributed.is_primary():
+    np.savez(os.path.join(workdir, "isolation.npz"), scores=scores, isolated=isolated, is_poisoned=prep.is_poisoned)
+    with open(os.path.join(workdir, "isolation.json"), "w") as f:
+      json.dump(stats, f, indent=2)
+  distributed.barrier("isolation")  # The others read isolation.npz later (joint unlearning's pool).
   logging.info("isolation: %d examples with loss <= %.4g isolated; precision %.3f, recall %s (ground truth, "
                "metrics only)", stats["num_isolated"], stats["threshold"], stats["precision"] or 0.0,
                "n/a" if stats["recall"] is None else f"{stats['recall']:.3f}")
@@ -284,7 +298,7 @@ def _epoch_order(phase: Phase, config, isolated: np.ndarray | None, num_train: i
   # laid out so that each device's shard holds its isolated examples first (see abl.joint_unlearning_loss).
   k_iso, k_ret = jax.random.split(key)
   iso = isolated[train.epoch_order(len(isolated), phase.batch_size, k_iso)]
-  steps, n_dev = len(iso), jax.local_device_count()
+  steps, n_dev = len(iso), jax.device_count()  # Global: each device's shard of the global batch.
   retained = retained if joint_pool is None else joint_pool
   ret = retained[np.resize(np.asarray(jax.random.permutation(k_ret, len(retained))),
                            steps * config.abl.joint_batch_size)].reshape(steps, -1)
@@ -308,6 +322,8 @@ def _before_unlearning(config, workdir, eval_fn, rstate, prep: Prepared, isolate
   record.update(metrics)
   log(**record)
   _write_curve(workdir)
+  if not distributed.is_primary():
+    return
   saved = Checkpointer(os.path.join(workdir, "before_unlearning"), 1)
   saved.save(done, train.unreplicate(rstate), {"phase": "before_unlearning", "epoch": 0, "global_epoch": done,
                                                "wall_time": wall})
@@ -343,7 +359,8 @@ def unlearning_curve(workdir: str) -> list[dict[str, Any]]:
 
 
 def _write_curve(workdir: str) -> None:
-  _write_json(os.path.join(workdir, "unlearning_curve.json"), {"curve": unlearning_curve(workdir)})
+  if distributed.is_primary():
+    _write_json(os.path.join(workdir, "unlearning_curve.json"), {"curve": unlearning_curve(workdir)})
 
 
 def _check_start_from(config: ml_collections.ConfigDict) -> None:
@@ -351,7 +368,7 @@ def _check_start_from(config: ml_collections.ConfigDict) -> None:
   source = config.abl.start_from
   with open(os.path.join(source, "config.json")) as f:
     diffs = [d for d in _diff(_comparable(json.load(f)), _comparable(_config_json(config)), "config")
-             if not any(d[0].startswith("config." + field) for field in UNLEARNING_FIELDS)]
+             if not any((d[0] + ".").startswith("config." + f) for f in (*UNLEARNING_FIELDS, "distributed."))]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     raise WorkdirError(f"config.abl.start_from={source!r} ran a different experiment ({shown}); only "
@@ -368,8 +385,10 @@ def _start_from(config, workdir: str, state, wall: dict[str, float]):
                        "checkpoint); finish that run first")
   state, meta = saved.restore(step, like=state)
   saved.close()
-  for name in ("isolation.npz", "isolation.json"):
-    shutil.copy(os.path.join(source, name), os.path.join(workdir, name))
+  if distributed.is_primary():
+    for name in ("isolation.npz", "isolation.json"):
+      shutil.copy(os.path.join(source, name), os.path.join(workdir, name))
+  distributed.barrier("start_from")
   logging.info("starting at unlearning from %s (its isolation and fine-tuned model, global epoch %d)", source, step)
   return state, meta["global_epoch"], {**meta["wall_time"], "poison": wall["poison"]}
 
@@ -479,9 +498,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
       log(**record)
       if unlearning:
         _write_curve(workdir)
-      ckpt.save(done, train.unreplicate(rstate), meta)
+      if distributed.is_primary():
+        ckpt.save(done, train.unreplicate(rstate), meta)
       if max_epochs is not None and done >= max_epochs:
         ckpt.close()
+        distributed.barrier("interrupted")
         logging.info("stopping after %d epochs (max_epochs); rerun to resume", done)
         return None
       if done >= end:
@@ -494,8 +515,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   results = _with_isolation(_final_metrics(config, eval_fn, train.replicate(state), prep), workdir)
   wall["evaluate"] = time.perf_counter() - t0
   results["wall_time"] = wall
-  save_examples(workdir, prep, config.attack.target_label)
-  _write_json(results_path, results)
+  if distributed.is_primary():
+    save_examples(workdir, prep, config.attack.target_label)
+    _write_json(results_path, results)
+  distributed.barrier("results")
+  if not distributed.is_primary():  # The same metrics; the primary's file also has its wall times.
+    with open(results_path) as f:
+      results = json.load(f)
   logging.info("results: %s", _summary(results))
   return results
 
@@ -524,7 +550,8 @@ def _final_metrics(config, eval_fn, rstate, prep: Prepared) -> dict[str, Any]:
   out["isolation"] = None
   out["config"] = _config_json(config)
   out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__,
-                     "devices": [str(d) for d in jax.local_devices()]}
+                     "devices": [str(d) for d in jax.local_devices()], "processes": jax.process_count(),
+                     "global_devices": jax.device_count()}
   return out
 
 
@@ -547,7 +574,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   out = _final_metrics(config, train.make_eval_step(model, config.data.mean, config.data.std),
                        train.replicate(state), prep)
   out["checkpoint"] = {"step": latest, "phase": meta["phase"], "epoch": meta["epoch"]}
-  _write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))
+  if distributed.is_primary():
+    _write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))
+  distributed.barrier("eval")
   logging.info("eval of checkpoint %d (%s epoch %d): %s", latest, meta["phase"], meta["epoch"], _summary(out))
   return out
 

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from abl_jax import experiment, plots, report
+from abl_jax import distributed, experiment, plots, report
 
 
 def is_table(config: ml_collections.ConfigDict) -> bool:
@@ -97,7 +97,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   """Runs the selected rows one after another, then writes the report; returns {row: results or None}."""
   names = selected(config)
   rows = {n: with_fields(config.rows[n], config.table.set) for n in names}  # A bad field fails here, at once.
-  _write_plan(config, workdir)
+  if distributed.is_primary():  # Files once, by process 0 (docs/multihost.md); every process trains.
+    _write_plan(config, workdir)
   results: dict[str, Any] = {}
   failed: dict[str, str] = {}
   for i, name in enumerate(names):
@@ -108,9 +109,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
       logging.exception("table row %s failed", name)
       results[name], failed[name] = None, f"{type(e).__name__}: {e}"
       continue
-    if config.table.plots:
+    if config.table.plots and distributed.is_primary():
       draw(workdir, [name])
-  print(report.write(workdir))
+  if distributed.is_primary():
+    print(report.write(workdir))
   if failed:
     raise RuntimeError("table rows failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
   return results

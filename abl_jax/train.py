@@ -22,6 +22,7 @@ from absl import logging
 from flax import jax_utils
 from flax.training import train_state
 
+from abl_jax import distributed
 from abl_jax.abl import LossFn
 
 AXIS = "batch"  # The pmap axis: gradients, metrics and BatchNorm statistics are averaged over it.
@@ -136,11 +137,17 @@ def shard(x: np.ndarray, num_devices: int) -> np.ndarray:
   return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
 
 
+def local_batch(x: np.ndarray) -> np.ndarray:
+  """This process's rows of a global batch, split over its local devices: [local devices, B / devices, ...]."""
+  return shard(x[distributed.rows(len(x))], jax.local_device_count())
+
+
 def check_batch_size(batch_size: int, field: str) -> None:
-  """A global batch must split evenly over the local devices."""
-  n = jax.local_device_count()
+  """A global batch must split evenly over all devices (of every process)."""
+  n = jax.device_count()
   if batch_size < 1 or batch_size % n:
-    raise ValueError(f"{field}={batch_size} must be a positive multiple of the {n} local devices")
+    where = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+    raise ValueError(f"{field}={batch_size} must be a positive multiple of the {n} devices{where}")
 
 
 def epoch_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarray:
@@ -151,8 +158,8 @@ def epoch_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarra
 
 
 def _prefetch(images: np.ndarray, labels: np.ndarray, order: np.ndarray) -> Iterator:
-  n = jax.local_device_count()
-  batches = ((shard(images[idx], n), shard(labels[idx], n)) for idx in order)
+  n, mine = jax.local_device_count(), distributed.rows(order.shape[1])
+  batches = ((shard(images[idx], n), shard(labels[idx], n)) for idx in order[:, mine])
   return jax_utils.prefetch_to_device(batches, 2)
 
 
@@ -160,6 +167,8 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
               key: jax.Array, *, log_every: int, describe: str, eta_steps_after: int = 0,
               on_log: Callable[[dict[str, float]], None] | None = None) -> tuple[TrainState, dict[str, float]]:
   """One epoch over `order` (a [steps, batch] index array) with a replicated state.
+
+  Each process feeds its local devices its rows of every global batch (`distributed.rows`).
 
   Logs loss, images/s and an ETA every `log_every` steps; raises FloatingPointError on a NaN loss.
   The summary adds images/s and data_wait_share, the share of the epoch spent waiting for the next batch.
@@ -206,8 +215,10 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
 
 def predict(eval_fn: Callable, state: TrainState, images: np.ndarray, labels: np.ndarray,
             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per-example cross-entropy and predicted class for a whole set, in large pmapped batches."""
-  n_dev = jax.local_device_count()
+  """Per-example cross-entropy and predicted class for a whole set, in large pmapped batches.
+
+  Each process scores its rows of every batch; every process receives the whole set's results.
+  """
   total = len(images)
   pad = (-total) % batch_size
   if pad:  # Pad the last batch so that every call has one shape (one compilation).
@@ -216,11 +227,12 @@ def predict(eval_fn: Callable, state: TrainState, images: np.ndarray, labels: np
   losses, preds = [], []
   for start in range(0, len(images), batch_size):
     sl = slice(start, start + batch_size)
-    ce, pred = eval_fn(state, shard(images[sl], n_dev), shard(labels[sl], n_dev))
+    ce, pred = eval_fn(state, local_batch(images[sl]), local_batch(labels[sl]))
     losses.append(ce.reshape(-1))
     preds.append(pred.reshape(-1))
   losses, preds = jax.device_get((losses, preds))
-  return np.concatenate(losses)[:total], np.concatenate(preds)[:total]
+  losses, preds = distributed.gather_batches(np.stack(losses)), distributed.gather_batches(np.stack(preds))
+  return losses[:total], preds[:total]
 
 
 def _hms(seconds: float) -> str:

@@ -95,6 +95,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epoch_eval_size = 0  # Test images used by the per-epoch evaluation (0 = all; the end uses all).
   c.train.log_every_steps = 50  # Print loss, images/s and ETA every this many steps.
   c.train.keep_checkpoints = 2  # Orbax checkpoints kept in WORKDIR/checkpoints.
+
+  # Multi-process data parallelism (docs/multihost.md). Not part of the experiment: a workdir's run may
+  # resume with another process count, so check_same_config ignores this group.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"  # auto (join a job when an address or a cluster is found), always, never.
+  c.distributed.coordinator_address = ""  # host:port of process 0; '' = from the environment / auto-detection.
+  c.distributed.num_processes = 0  # Processes in the job; 0 = from the environment.
+  c.distributed.process_id = -1  # This process's index; -1 = from the environment.
   return c
 
 

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from abl_jax import distributed
 from abl_jax.attacks import badnets, blend, clean_label, input_aware, sig
 from abl_jax.attacks.base import Poisoned, TriggerFn, apply_in_chunks
 from abl_jax.data import Dataset
@@ -99,7 +100,8 @@ def poison(cfg: ml_collections.ConfigDict, train: Dataset, key: jax.Array,
   source = train.images[is_poisoned]
   if cfg.name == "clean_label":  # Adversarially perturbed (PGD on the surrogate) before the trigger.
     source = clean_label.perturb_images(config, train, np.flatnonzero(is_poisoned), k_attack)
-  images[is_poisoned] = apply_trigger(source)
+  # Each process triggers its share of the poisoned images; every process receives all of them.
+  images[is_poisoned] = distributed.map_rows(apply_trigger, source)
   if cfg.name in _LABEL_FLIP:
     labels[is_poisoned] = cfg.target_label
 

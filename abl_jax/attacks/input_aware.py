@@ -36,7 +36,7 @@ def validate(cfg: ml_collections.ConfigDict, num_train: int, num_poison: int) ->
     raise ValueError("config.attack.input_aware is missing: input_aware needs configs/abl_input_aware.py "
                      "(or configs.common.add_input_aware(config))")
   ia = cfg.input_aware
-  per_device = ia.batch_size // max(jax.local_device_count(), 1)
+  per_device = ia.batch_size // max(jax.device_count(), 1)
   checks = [
       (0.0 <= ia.cross_rate < 1.0, "cross_rate", ia.cross_rate, "in [0, 1)"),
       (num_poison + round(ia.cross_rate * num_train) <= num_train, "cross_rate", ia.cross_rate,

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import jax_utils
 
-from abl_jax import data as data_lib, models, train
+from abl_jax import data as data_lib, distributed, models, train
 from abl_jax.checkpoint import Checkpointer, save_once
 from abl_jax.data import Dataset
 from abl_jax.models import generator
@@ -141,7 +141,7 @@ def make_joint_step(classifier, pattern_model, mask_model, ia: ml_collections.Co
 def paired_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarray:
   """[steps, 2 * batch]: two independent shuffles, laid out so each device's shard is (its x1, its x2)."""
   k1, k2 = jax.random.split(key)
-  n_dev = jax.local_device_count()
+  n_dev = jax.device_count()  # Global: each device's shard of the global batch is (its x1, its x2).
   o1, o2 = (train.epoch_order(num_examples, batch_size, k) for k in (k1, k2))
   steps = len(o1)
   return np.concatenate([o1.reshape(steps, n_dev, -1), o2.reshape(steps, n_dev, -1)], 2).reshape(steps, -1)
@@ -150,8 +150,9 @@ def paired_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarr
 def run_epoch(step_fn: Callable, state: Any, ds: Dataset, order: np.ndarray, key: jax.Array, *,
               describe: str, log_every: int) -> tuple[Any, dict[str, float]]:
   """One epoch of `step_fn` over `order`; logs every metric's running mean; raises on a NaN loss."""
+  mine = distributed.rows(order.shape[1])  # This process's rows of every global batch.
   n = jax.local_device_count()
-  batches = ((train.shard(ds.images[i], n), train.shard(ds.labels[i], n)) for i in order)
+  batches = ((train.shard(ds.images[i], n), train.shard(ds.labels[i], n)) for i in order[:, mine])
   pending, fetched, t0 = [], [], time.perf_counter()
   for i, (x, y) in enumerate(jax_utils.prefetch_to_device(batches, 2)):
     state, metrics = step_fn(state, x, y, train.replicate(jax.random.fold_in(key, i)))
@@ -208,7 +209,7 @@ def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tupl
   """({'pattern', 'mask'} generator variables, meta), from the cache or trained (then cached) first."""
   path = cache_path(config, train_set)
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _KEY_PURPOSE)
-  if os.path.isdir(path):
+  if distributed.everywhere(os.path.isdir(path)):  # Every process takes one branch: training is collective.
     ckpt = Checkpointer(path, 1)
     variables, meta = ckpt.restore(ckpt.latest(), like=init_variables(config, train_set.images.shape[1:], key))
     ckpt.close()

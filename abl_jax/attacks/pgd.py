@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from abl_jax import train
+from abl_jax import distributed, train
 
 NORMS = ("linf", "l2")
 
@@ -116,20 +116,21 @@ def make_pgd_pmapped(model: flax.linen.Module, mean: Sequence[float], std: Seque
 
 def perturb(attack_pmapped: Callable, variables: Any, images: np.ndarray, labels: np.ndarray, key: jax.Array,
             batch_size: int) -> np.ndarray:
-  """`attack_pmapped` over a whole uint8 set in batches of `batch_size` split over the local devices."""
-  n_dev = jax.local_device_count()
+  """`attack_pmapped` over a whole uint8 set in batches of `batch_size` split over all devices (every process)."""
+  n_dev = jax.device_count()
   train.check_batch_size(batch_size, "config.attack.pgd.batch_size")
   total = len(images)
   batch_size = min(batch_size, -(-total // n_dev) * n_dev)  # A small set needs no padding to a large batch.
-  out = np.empty_like(images, dtype=np.uint8)
   rvars, rkey = train.replicate(variables), train.replicate(key)
+  out = []
   for start in range(0, total, batch_size):
     x, y = images[start:start + batch_size], labels[start:start + batch_size]
     pad = batch_size - len(x)
     if pad:  # One shape for every call: one compilation.
       x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-    adv = attack_pmapped(rvars, train.shard(x, n_dev), train.shard(y, n_dev), rkey,
-                         train.replicate(np.int32(start)))
-    out[start:start + batch_size] = np.asarray(adv).reshape(-1, *images.shape[1:])[:batch_size - pad]
-  return out
+    adv = attack_pmapped(rvars, train.local_batch(x), train.local_batch(y), rkey, train.replicate(np.int32(start)))
+    out.append(np.asarray(adv).reshape(-1, *images.shape[1:]))
+  if not out:
+    return np.empty_like(images, dtype=np.uint8)
+  return distributed.gather_batches(np.stack(out))[:total].astype(np.uint8)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from abl_jax import abl, models, train
+from abl_jax import abl, distributed, models, train
 from abl_jax.attacks import pgd
 from abl_jax.checkpoint import Checkpointer, save_once
 from abl_jax.data import Dataset
@@ -54,7 +54,7 @@ def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tupl
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _KEY_PURPOSE)
   model = create(config, train_set.num_classes)
   path = cache_path(config, train_set)
-  if os.path.isdir(path):
+  if distributed.everywhere(os.path.isdir(path)):  # Every process takes one branch: training is collective.
     like = _variables(model, train_set, key)
     ckpt = Checkpointer(path, 1)
     variables, meta = ckpt.restore(ckpt.latest(), like=like)
