@@ -104,7 +104,7 @@ def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.nda
   """Predicted classes of `images` by the run's latest checkpoint (its final model once finished)."""
   config = _config(workdir)
   dtype = models.compute_dtype(config.train.get("dtype", "float32"))
-  model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jax.numpy.dtype(dtype),
+  model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jnp.dtype(dtype),
                               bn_axis_name=train.AXIS)
   tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
   # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
