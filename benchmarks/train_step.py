@@ -16,6 +16,8 @@ the median of the per-repeat ratios (robust to a machine whose load changes). Pr
 
 --part=step times the whole training step; grad forward + backward only (no optimizer update, both sides);
 forward the inference forward pass (running BatchNorm statistics; the isolation scoring pass per image).
+--part=convs times each of the model's convolutions alone (lax.conv_general_dilated NHWC/HWIO against
+torch conv2d and aten.convolution_backward): forward, input gradient, weight gradient, in ms per step.
 --impl=pmap (default) is abl_jax.train.make_train_step, the step every training phase runs; --impl=jit is
 the same computation under jax.jit on one device, without the pmap axis.
 """
@@ -274,6 +276,83 @@ def torch_runner(args: argparse.Namespace, images: np.ndarray, labels: np.ndarra
   return run, info
 
 
+# ------------------------------------------------------------------------- per-convolution breakdown
+
+
+def conv_shapes(model_name: str, width: int, batch: int) -> list[tuple]:
+  """(input NHWC shape, kernel HWIO shape, stride) of every convolution in the model, in call order."""
+  import flax.linen as fnn  # pylint: disable=g-import-not-at-top
+  model = models.create_model(model_name, 10, width)
+  found = []
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, fnn.Conv) and context.method_name == "__call__":
+      x = args[0]
+      kernel = (*module.kernel_size, x.shape[-1], module.features)
+      strides = module.strides if isinstance(module.strides, tuple) else (module.strides or 1,) * 2
+      found.append((tuple(x.shape), kernel, int(strides[0])))
+    return next_fun(*args, **kwargs)
+
+  with fnn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, 32, 32, 3)), train=False))
+  return found
+
+
+def conv_breakdown(args: argparse.Namespace) -> dict[str, Any]:
+  """Seconds per step of each convolution's forward, input gradient and weight gradient, per side."""
+  shapes = conv_shapes(args.model, args.width, args.batch)
+  rng = np.random.default_rng(0)
+  jobs = {}  # (side, part) -> list of zero-argument callables, one per convolution.
+  for x_shape, k_shape, stride in shapes:
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    k = rng.standard_normal(k_shape, dtype=np.float32) * 0.1
+    pad = k_shape[0] // 2
+    conv = lambda a, b, s=stride, p=pad: jax.lax.conv_general_dilated(
+        a, b, (s, s), [(p, p), (p, p)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    xj, kj = jax.device_put(x), jax.device_put(k)
+    y, vjp = jax.vjp(conv, xj, kj)
+    gy = jnp.ones_like(y)
+    fwd = jax.jit(conv)
+    dx = jax.jit(lambda a, b, g, c=conv: jax.vjp(lambda u: c(u, b), a)[1](g)[0])
+    dw = jax.jit(lambda a, b, g, c=conv: jax.vjp(lambda v: c(a, v), b)[1](g)[0])
+    jobs.setdefault(("jax", "forward"), []).append(lambda f=fwd, a=xj, b=kj: f(a, b).block_until_ready())
+    jobs.setdefault(("jax", "input_grad"), []).append(lambda f=dx, a=xj, b=kj, g=gy: f(a, b, g).block_until_ready())
+    jobs.setdefault(("jax", "weight_grad"), []).append(lambda f=dw, a=xj, b=kj, g=gy: f(a, b, g).block_until_ready())
+    if args.torch:
+      import torch  # pylint: disable=g-import-not-at-top
+      layout = torch.channels_last if args.torch_layout == "channels_last" else torch.contiguous_format
+      xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+      kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous(memory_format=layout)
+      gt = torch.ones(tuple(y.shape[i] for i in (0, 3, 1, 2))).contiguous(memory_format=layout)
+      back = lambda mask, a=xt, b=kt, g=gt, s=stride, p=pad: torch.ops.aten.convolution_backward(
+          g, a, b, None, [s, s], [p, p], [1, 1], False, [0, 0], 1, mask)
+      tf = lambda a=xt, b=kt, s=stride, p=pad: torch.nn.functional.conv2d(a, b, None, s, p)
+      jobs.setdefault(("torch", "forward"), []).append(tf)
+      jobs.setdefault(("torch", "input_grad"), []).append(lambda f=back: f([True, False, False]))
+      jobs.setdefault(("torch", "weight_grad"), []).append(lambda f=back: f([False, True, False]))
+  for fns in jobs.values():  # Compile and warm up.
+    for fn in fns:
+      fn()
+      fn()
+  seconds = {key: [0.0] * len(fns) for key, fns in jobs.items()}
+  for _ in range(args.repeats):  # The sides alternate, convolution by convolution.
+    for i in range(len(shapes)):
+      for key, fns in jobs.items():
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+          fns[i]()
+        seconds[key][i] += (time.perf_counter() - t0) / (args.steps * args.repeats)
+  out = {"convs": [f"{x[1]}x{x[2]}x{x[3]}->{k[3]}/s{s}" for x, k, s in shapes]}
+  for (side, part), secs in seconds.items():
+    out[f"{side}_{part}_ms"] = [round(1e3 * v, 2) for v in secs]
+    out[f"{side}_{part}_ms_total"] = round(1e3 * sum(secs), 1)
+  if args.torch:
+    for part in ("forward", "input_grad", "weight_grad"):
+      out[f"jax_over_torch_{part}"] = round(out[f"torch_{part}_ms_total"] / out[f"jax_{part}_ms_total"], 3)
+  return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -293,7 +372,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=10, help="Timed steps per repeat and side.")
   p.add_argument("--repeats", type=int, default=3, help="Timed blocks per side (alternating with --torch).")
   p.add_argument("--warmup", type=int, default=2, help="Untimed steps after the first call, per side.")
-  p.add_argument("--part", default="step", choices=("step", "grad", "forward"))
+  p.add_argument("--part", default="step", choices=("step", "grad", "forward", "convs"),
+                 help="convs: time each convolution's forward, input and weight gradient alone (float32).")
   p.add_argument("--impl", default="pmap", choices=("pmap", "jit"))
   p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="Compute dtype (torch: autocast).")
   p.add_argument("--augment", action="store_true", help="JAX side only: on-device crop + flip in the step.")
@@ -311,6 +391,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = {"benchmark": "train_step", "model": args.model, "width": args.width, "batch": args.batch,
          "part": args.part, "impl": args.impl, "dtype": args.dtype, "augment": args.augment,
          "steps": args.steps, "repeats": args.repeats, **machine()}
+  if args.part == "convs":
+    out.update(conv_breakdown(args))
+    finish(out)
+    return out
   sides = {}
   if not args.no_jax:
     sides["jax"] = jax_runner(args, images, labels)
