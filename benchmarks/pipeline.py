@@ -47,7 +47,8 @@ def read_run(workdir: str) -> dict[str, Any]:
   """Phase wall times, scoring time and per-phase data-wait share and images/s of a finished run."""
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
-  out = {"phase_s": {k: round(v, 2) for k, v in results.get("wall_time", {}).items()}}
+  out = {"phase_s": {k: round(v, 2) for k, v in results.get("wall_time", {}).items()},
+         "clean_accuracy": results.get("clean_accuracy"), "attack_success_rate": results.get("attack_success_rate")}
   iso_path = os.path.join(workdir, "isolation.json")
   if os.path.exists(iso_path):
     with open(iso_path) as f:
