@@ -1,0 +1,46 @@
+"""The benchmark scripts run on tiny sizes and print sane figure lines (no timing is asserted)."""
+import importlib.util
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import isolation, pipeline, train_step
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+# The full training step is left out: compiling it takes most of a minute on a busy 2-core machine.
+def test_train_step_forward_runs():
+  torch_flag = ["--torch"] if HAVE_TORCH else []
+  out = train_step.main(["--model=small_cnn", "--width=4", "--batch=4", "--part=forward", "--steps=1",
+                         "--repeats=1", "--warmup=0", *torch_flag])
+  assert out["jax_images_per_s"] > 0 and out["jax_compile_s"] >= 0
+  if HAVE_TORCH:
+    assert out["jax_over_torch"] > 0 and out["torch_params"] == out["jax_params"]
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is an optional benchmark dependency")
+def test_torch_twins_match_parameter_counts():
+  for model in train_step.models.MODELS:
+    jax_model = train_step.models.create_model(model, 10)
+    shapes = jax.eval_shape(lambda m=jax_model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    net = train_step.torch_model(model)
+    assert sum(p.numel() for p in net.parameters()) == train_step.param_count(shapes["params"]), model
+
+
+def test_isolation_runs():
+  out = isolation.main(["--model=small_cnn", "--width=4", "--examples=8", "--batch=4", "--single=2", "--rounds=1"])
+  assert out["examples"] == 8 and out["jax_batched_examples_per_s"] > 0 and out["speedup_over"] == "jax_batch1"
+
+
+def test_pipeline_reads_a_run(tmp_path):
+  (tmp_path / "results.json").write_text(json.dumps({"wall_time": {"poison": 1.0, "isolation": 2.0}, "num_train": 8}))
+  (tmp_path / "isolation.json").write_text(json.dumps({"seconds": 0.5}))
+  records = [{"phase": "isolation", "epoch": 1, "train_data_wait_share": 0.1, "train_images_per_s": 10.0},
+             {"phase": "isolation", "epoch": 2, "train_data_wait_share": 0.3, "train_images_per_s": 30.0}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = pipeline.read_run(str(tmp_path))
+  assert out["phase_s"] == {"poison": 1.0, "isolation": 2.0, "scoring": 0.5}
+  assert out["data_wait_share"] == {"isolation": 0.2} and out["train_images_per_s"] == {"isolation": 20.0}
