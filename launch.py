@@ -11,11 +11,15 @@
 import logging as pylogging
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from abl_jax import xla_flags
 
-from abl_jax import distributed, experiment, plots, report, table
-from configs import common
+xla_flags.prefer_xla_cpu_convolutions()  # Before jax starts its backend (docs/benchmarks.md).
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from abl_jax import distributed, experiment, plots, report, table  # noqa: E402
+from configs import common  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.",
                                           lock_config=True)

@@ -549,7 +549,8 @@ def _final_metrics(config, eval_fn, rstate, prep: Prepared) -> dict[str, Any]:
                                               config.train.eval_batch_size))
   out["isolation"] = None
   out["config"] = _config_json(config)
-  out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__,
+  out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+                     "xla_flags": os.environ.get("XLA_FLAGS", ""),
                      "devices": [str(d) for d in jax.local_devices()], "processes": jax.process_count(),
                      "global_devices": jax.device_count()}
   return out

@@ -141,7 +141,8 @@ def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
   done = next((r for r in rows if r["status"] == "done" and r.get("versions")), None)
   if done:
     v = done["versions"]
-    lines.append(f"Measured with python {v['python']}, jax {v['jax']}, devices {', '.join(v['devices'])}.")
+    flags = f", XLA_FLAGS '{v['xla_flags']}'" if v.get("xla_flags") else ""
+    lines.append(f"Measured with python {v['python']}, jax {v['jax']}, devices {', '.join(v['devices'])}{flags}.")
   pictures = [f"- {r['name']}: " + ", ".join(f"[{p}]({os.path.relpath(os.path.join(r['workdir'], p), base)})"
                                            for p in r["pictures"])
               for r in rows if r["pictures"]]

@@ -18,7 +18,8 @@ writes them):
   evaluations, checkpoints and the evaluation before unlearning.
 data_wait_share: per phase, the mean over epochs of run_epoch's share of the epoch spent waiting for
 the next batch (gathering, sharding and copying it to the device; metrics.jsonl train_data_wait_share).
-Prints one JSON line.
+Like launch.py, it turns jaxlib's YNNPACK convolutions off on CPU unless XLA_FLAGS sets them
+(abl_jax/xla_flags.py); train_step.py and isolation.py keep whatever XLA_FLAGS says. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
+from abl_jax import xla_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+
+xla_flags.prefer_xla_cpu_convolutions()  # Time the run with the kernels launch.py uses.
+
 from abl_jax import experiment  # noqa: E402  pylint: disable=g-import-not-at-top
 from benchmarks import train_step as ts  # noqa: E402  pylint: disable=g-import-not-at-top
 

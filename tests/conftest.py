@@ -3,6 +3,9 @@ import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+from abl_jax import xla_flags  # noqa: E402
+
+xla_flags.prefer_xla_cpu_convolutions()  # The kernels launch.py uses.
 
 import jax  # noqa: E402  (after XLA_FLAGS: the device count is read when jax starts)
 

@@ -32,7 +32,9 @@ def _fake_run(root, name, attack, defense, results=None, epochs=()):
 
 CLEAN = {"train_accuracy": 0.99, "clean_accuracy": 0.95, "attack_success_rate": None, "train_loss": 0.031,
          "clean_test_loss": 0.2, "poisoned_test_loss": None, "isolation": None,
-         "wall_time": {"poison": 1.0, "train": 239.0, "evaluate": 60.0}}
+         "wall_time": {"poison": 1.0, "train": 239.0, "evaluate": 60.0},
+         "versions": {"python": "3.11.7", "jax": "0.10.2", "devices": ["TFRT_CPU_0"],
+                      "xla_flags": "--xla_cpu_experimental_ynn_fusion_type="}}
 SIG_ABL = {"train_accuracy": 0.96, "clean_accuracy": 0.89, "attack_success_rate": 0.05, "train_loss": 0.13,
            "clean_test_loss": 0.41, "poisoned_test_loss": 10.8,
            "isolation": {"precision": 0.35, "recall": 0.7, "num_isolated": 100},
@@ -54,6 +56,8 @@ def test_report_from_two_runs_gives_their_rows_and_numbers(tmp_path):
   assert lines[3] == ("| Model trained using ABL against SIG attack | 96.0 | 89.0 | 5.0 | 0.13 | 0.41 | 10.8 "
                       "| 0.35 / 0.70 | 2.0 min | done |")
   assert (tmp_path / "report.md").read_text() == text
+  assert ("Measured with python 3.11.7, jax 0.10.2, devices TFRT_CPU_0, "
+          "XLA_FLAGS '--xla_cpu_experimental_ynn_fusion_type='.") in lines
 
 
 def test_missing_and_unfinished_rows_are_reported_not_dropped(tmp_path):

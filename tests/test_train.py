@@ -116,3 +116,17 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(CheckpointMismatchError, match="config.model"):
     ckpt.restore(3, like=_state(Tiny(features=5)))
+
+
+def test_xla_flags_keep_a_users_ynn_setting():
+  from abl_jax import xla_flags
+  new = (0, 10, 2)
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert xla_flags.prefer_xla_cpu_convolutions(env, new) == (
+      "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=")
+  mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"}
+  assert xla_flags.prefer_xla_cpu_convolutions(mine, new) == "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+  assert xla_flags.prefer_xla_cpu_convolutions({}, new) == "--xla_cpu_experimental_ynn_fusion_type="
+  # An older jaxlib would abort on the unknown flag.
+  assert xla_flags.prefer_xla_cpu_convolutions({}, (0, 8, 0)) == ""
+  assert xla_flags._jaxlib_version() >= (0, 4, 30)

@@ -93,7 +93,7 @@ def variants(runs, tmp_path_factory):
   out = tmp_path_factory.mktemp("unlearning")
   joint = experiment.train_and_evaluate(
       _variant(root, abl__unlearning_mode="joint", abl__unlearning_loss="neg_ce", abl__unlearning_bn="frozen",
-               abl__unlearning_lr=0.005), 
+               abl__unlearning_lr=0.0075),
       str(out / "joint"))
   stopped = experiment.train_and_evaluate(_variant(root, **STOP), str(out / "stop"))
   return root, out, base, joint, stopped
