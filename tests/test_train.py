@@ -127,6 +127,7 @@ def test_xla_flags_keep_a_users_ynn_setting():
   mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"}
   assert xla_flags.prefer_xla_cpu_convolutions(mine, new) == "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
   assert xla_flags.prefer_xla_cpu_convolutions({}, new) == "--xla_cpu_experimental_ynn_fusion_type="
+  assert xla_flags.prefer_xla_cpu_convolutions({"ABL_JAX_KEEP_YNNPACK": "1"}, new) == ""
   # An older jaxlib would abort on the unknown flag.
   assert xla_flags.prefer_xla_cpu_convolutions({}, (0, 8, 0)) == ""
   assert xla_flags._jaxlib_version() >= (0, 4, 30)
