@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import isolation, pipeline, train_step
+from benchmarks import isolation, pipeline, step_profile, train_step
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -44,3 +44,29 @@ def test_pipeline_reads_a_run(tmp_path):
   out = pipeline.read_run(str(tmp_path))
   assert out["phase_s"] == {"poison": 1.0, "isolation": 2.0, "scoring": 0.5}
   assert out["data_wait_share"] == {"isolation": 0.2} and out["train_images_per_s"] == {"isolation": 20.0}
+
+
+def test_step_profile_groups_name_stacks_and_finds_the_thunks():
+  assert step_profile.group_of("jit(step)/transpose(jvp(SmallCNN))/Conv_1/conv_general_dilated") == "conv backward"
+  assert step_profile.group_of("jit(step)/jvp(SmallCNN)/BatchNorm_0/reduce_sum") == "batchnorm forward"
+  assert step_profile.group_of("jit(step)/jvp(jit(log_softmax))/reduce_max") == "loss forward"
+  assert step_profile.group_of("jit(step)/jvp(SmallCNN)/reduce_max") == "maxpool forward"
+  assert step_profile.group_of("jit(step)/mul") == "update & rest"
+  assert step_profile.torch_group("aten::convolution_backward") == "conv backward"
+  assert step_profile.torch_group("aten::max_pool2d_with_indices") == "maxpool forward"
+
+  from abl_jax.models.small_cnn import max_pool_2x2
+  x = jnp.ones((2, 8, 8, 3))
+  w = jnp.ones((3, 3, 3, 4)) / 27
+
+  def loss(w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(max_pool_2x2(jax.nn.relu(y)) ** 2)
+
+  grad = jax.jit(jax.grad(loss))
+  hlo = grad.lower(w).compile().as_text()
+  by_group, times = step_profile.profile_groups(lambda n: [grad(w).block_until_ready() for _ in range(n)], hlo, 2)
+  # The trace's thunk names are the module's instruction names (what the grouping relies on), and the
+  # convolution of the gradient is found among them.
+  assert times and set(times) <= set(step_profile.hlo_groups(hlo))
+  assert by_group.get("conv backward", 0) > 0 and sum(by_group.values()) == pytest.approx(sum(times.values()))

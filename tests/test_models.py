@@ -114,3 +114,15 @@ def test_bn_statistics_are_global_under_pmap(name, width):
 def test_unknown_name():
   with pytest.raises(ValueError, match=r"config.model.name='vgg' is unknown; allowed: resnet18, wrn16_1, small_cnn"):
     models.create_model("vgg", 10)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 5, 2)])
+def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
+  from flax import linen as nn
+  from abl_jax.models.small_cnn import max_pool_2x2
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)  # No ties: the gradients must agree exactly.
+  reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))  # noqa: E731
+  np.testing.assert_array_equal(max_pool_2x2(x), reference(x))  # Odd sizes drop the last row / column.
+  w = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
+  grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * w))(x)  # noqa: E731
+  np.testing.assert_array_equal(grad(max_pool_2x2), grad(reference))

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from abl_jax.models.small_cnn import max_pool_2x2
+
 
 class ConvBlock(nn.Module):
   """3x3 conv (with bias, as PyTorch's default), BatchNorm, optional ReLU."""
@@ -51,7 +53,7 @@ class Generator(nn.Module):
       features = self.width * 2 ** i
       x = block(features)(x, train)
       x = block(features)(x, train)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     x = block(features)(x, train)
     for i in range(self.depth):
       x = upsample2x(x)
