@@ -42,7 +42,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Component of the model an XLA operation was traced from, by its op_name (the JAX name stack), in order.
 _COMPONENTS = (("conv", ("conv_general_dilated",)), ("batchnorm", ("BatchNorm",)),
                ("loss", ("take_along_axis", "log_softmax", "logsumexp", "softmax")),
-               ("maxpool", ("reduce_window", "select_and_scatter", "reduce_max")),
+               ("maxpool", ("max_pool", "reduce_window", "select_and_scatter", "reduce_max")),
                ("relu", ("relu", "select_n", "/gt")), ("dense", ("Dense", "dot_general")))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -15,8 +16,9 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   # reduce_window (select-and-scatter) into index iotas, an argmax reduce-window and a scatter, which took
   # 29% of the small CNN's training step (docs/benchmarks.md). Gradients differ only where the window ties.
   n, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2]
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  with jax.named_scope("max_pool"):  # Names its forward and gradient in profiles (benchmarks/step_profile.py).
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class SmallCNN(nn.Module):
