@@ -130,11 +130,7 @@ def profile_jax(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray
   args.impl, args.part = "jit", "step"
   run, _ = ts.jax_runner(args, images, labels)
   run(1 + args.warmup)
-  model = ts.models.create_model(args.model, 10, args.width, dtype=ts.DTYPES[args.dtype])
-  state = ts.train.create_train_state(model, ts.train.sgd(ts.LR, ts.MOMENTUM, ts.WEIGHT_DECAY),
-                                      jax.random.PRNGKey(0), images.shape[1:])
-  # The same function and arguments as the runner's, so the same optimized module and instruction names.
-  hlo = ts._jit_fn(model, "step", False).lower(state, images, labels, jax.random.PRNGKey(1)).compile().as_text()
+  hlo = run.lower().compile().as_text()  # The runner's own executable (cached): its instruction names.
   by_group, times = profile_groups(run, hlo, args.steps)
   groups = hlo_groups(hlo)
   top = sorted(times.items(), key=lambda kv: -kv[1])[:args.top]

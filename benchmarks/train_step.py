@@ -120,6 +120,7 @@ def jax_runner(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray)
         holder["state"], out = fn(holder["state"], x, y, keys)
     jax.block_until_ready((out, holder["state"]))
 
+  run.lower = lambda: fn.lower(holder["state"], x, y, *(() if args.part in ("forward", "grad") else (keys,)))
   return run, info
 
 
