@@ -14,7 +14,7 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   """2x2 max-pool with stride 2 and VALID padding: the values of nn.max_pool(x, (2, 2), strides=(2, 2))."""
   # A max over reshaped axes: its gradient is elementwise, where XLA's CPU backend expands the gradient of
   # reduce_window (select-and-scatter) into index iotas, an argmax reduce-window and a scatter, which took
-  # 29% of the small CNN's training step (docs/benchmarks.md). Gradients differ only where the window ties.
+  # 28% of the small CNN's training step (docs/benchmarks.md). Gradients differ only where the window ties.
   n, h, w, c = x.shape
   with jax.named_scope("max_pool"):  # Names its forward and gradient in profiles (benchmarks/step_profile.py).
     x = x[:, : h // 2 * 2, : w // 2 * 2]
