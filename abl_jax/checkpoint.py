@@ -48,7 +48,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-    """Restores checkpoint `step` into the structure of `like` (an unreplicated state)."""
+    """Restores checkpoint `step` into the structure of `like` (host arrays)."""
     target = jax.tree.map(np.asarray, flax.serialization.to_state_dict(like))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -7,18 +7,15 @@ Conventions (also in the README):
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import numpy as np
 
 from abl_jax.data import Dataset
-from abl_jax.train import predict
+from abl_jax.train import Predict
 
 
-def test_metrics(eval_fn: Callable, state: Any, test: Dataset, poisoned_test: Dataset | None,
-                 batch_size: int) -> dict[str, float | None]:
+def test_metrics(predict: Predict, test: Dataset, poisoned_test: Dataset | None) -> dict[str, float | None]:
   """CA and clean test loss; ASR and poisoned test loss when there is a trigger."""
-  ce, pred = predict(eval_fn, state, test.images, test.labels, batch_size)
+  ce, pred = predict(test.images, test.labels)
   out: dict[str, float | None] = {
       "clean_accuracy": float(np.mean(pred == test.labels)),
       "clean_test_loss": float(np.mean(ce)),
@@ -26,16 +23,15 @@ def test_metrics(eval_fn: Callable, state: Any, test: Dataset, poisoned_test: Da
       "poisoned_test_loss": None,
   }
   if poisoned_test is not None:
-    ce, pred = predict(eval_fn, state, poisoned_test.images, poisoned_test.labels, batch_size)
+    ce, pred = predict(poisoned_test.images, poisoned_test.labels)
     out["attack_success_rate"] = float(np.mean(pred == poisoned_test.labels))
     out["poisoned_test_loss"] = float(np.mean(ce))
   return out
 
 
-def train_metrics(eval_fn: Callable, state: Any, train: Dataset, is_poisoned: np.ndarray,
-                  batch_size: int) -> dict[str, float | None]:
+def train_metrics(predict: Predict, train: Dataset, is_poisoned: np.ndarray) -> dict[str, float | None]:
   """Accuracy and loss on the (poisoned) training set, overall and on its clean / poisoned parts."""
-  ce, pred = predict(eval_fn, state, train.images, train.labels, batch_size)
+  ce, pred = predict(train.images, train.labels)
   correct = pred == train.labels
 
   def part(values, mask):
@@ -51,10 +47,9 @@ def train_metrics(eval_fn: Callable, state: Any, train: Dataset, is_poisoned: np
   }
 
 
-def cross_trigger_metrics(eval_fn: Callable, state: Any, cross_test: Dataset, is_cross: np.ndarray | None,
-                          batch_size: int) -> dict[str, float | int]:
+def cross_trigger_metrics(predict: Predict, cross_test: Dataset, is_cross: np.ndarray | None) -> dict[str, float | int]:
   """Share of cross-triggered test images (another image's trigger) classified as their true label."""
-  _, pred = predict(eval_fn, state, cross_test.images, cross_test.labels, batch_size)
+  _, pred = predict(cross_test.images, cross_test.labels)
   return {"cross_trigger_accuracy": float(np.mean(pred == cross_test.labels)),
           "num_cross_train": 0 if is_cross is None else int(np.sum(is_cross))}
 

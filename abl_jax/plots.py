@@ -18,21 +18,17 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from abl_jax import models, train  # noqa: E402
+from abl_jax import metrics, models, train  # noqa: E402
 from abl_jax.checkpoint import Checkpointer  # noqa: E402
 
 DPI = 90
 
 
 def epoch_records(workdir: str) -> list[dict]:
-  """The per-epoch records with CA in WORKDIR/metrics.jsonl, in order (a resumed epoch: the last record)."""
-  by_key: dict[tuple, dict] = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      if "global_epoch" in r and "clean_accuracy" in r and not r.get("full_test_set"):
-        by_key[(r["global_epoch"], r["phase"])] = r
-  return sorted(by_key.values(), key=lambda r: r["global_epoch"])
+  """Per-epoch CA and ASR (the per-epoch test subset) with their phase and global epoch, in order."""
+  records = [r for r in metrics.series(metrics.read(workdir), "eval/clean_accuracy") if not r.get("eval/full_test_set")]
+  return [{"phase": r["phase"], "global_epoch": r["global_epoch"], "clean_accuracy": r["eval/clean_accuracy"],
+           "attack_success_rate": r.get("eval/attack_success_rate")} for r in records]
 
 
 def _save(fig, path: str) -> str:
@@ -104,8 +100,7 @@ def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.nda
   """Predicted classes of `images` by the run's latest checkpoint (its final model once finished)."""
   config = _config(workdir)
   dtype = models.compute_dtype(config.train.get("dtype", "float32"))
-  model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jnp.dtype(dtype),
-                              bn_axis_name=train.AXIS)
+  model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jnp.dtype(dtype))
   tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
   # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
   shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), images.shape[1:]))
@@ -115,10 +110,10 @@ def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.nda
     raise FileNotFoundError(f"{workdir} holds no checkpoint to predict with")
   state, _ = ckpt.restore(latest, like=state)
   ckpt.close()
-  # One local jit, not the pmapped predict: in a multi-process run only the primary draws pictures.
-  mean, std = tuple(config.data.mean), tuple(config.data.std)
-  fn = jax.jit(lambda v, x: jnp.argmax(model.apply(v, train.preprocess(x, mean, std), train=False), -1))
-  return np.asarray(fn({"params": state.params, "batch_stats": state.batch_stats}, images))
+  # This process's devices only: in a multi-process run the primary alone draws pictures.
+  mesh = train.make_mesh(jax.local_devices())
+  predict = train.predictor(model, train.variables_of(state), config.data.mean, config.data.std, mesh.size, mesh)
+  return predict(images, np.zeros(len(images), np.int32))[1]
 
 
 def load_examples(workdir: str) -> dict[str, np.ndarray]:

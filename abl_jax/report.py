@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+from abl_jax import metrics
+
 ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_label": "clean-label",
                 "input_aware": "input-aware"}
 METRICS = ("train_accuracy", "clean_accuracy", "attack_success_rate", "train_loss", "clean_test_loss",
@@ -49,15 +51,12 @@ def _planned_epochs(config: dict[str, Any]) -> int:
 
 
 def _progress(workdir: str, config: dict[str, Any]) -> str:
-  """How far an unfinished run got, from its last per-epoch record in metrics.jsonl."""
-  last = None
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        r = json.loads(line)
-        if "global_epoch" in r and r.get("epoch", 0) > 0:
-          last = r
+  """How far an unfinished run got, from its last per-epoch record in the metrics stream."""
+  try:
+    epochs = metrics.series(metrics.read(workdir), "epoch/loss")
+  except ValueError as e:  # Written by an older abl-jax.
+    return f"unfinished: {e}"
+  last = epochs[-1] if epochs else None
   total = _planned_epochs(config)
   if last is None:
     return f"unfinished: no epoch done (0 of {total})"

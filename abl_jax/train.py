@@ -1,14 +1,21 @@
-"""The trainer: TrainState, pmapped train/eval steps, and one epoch loop shared by every phase.
+"""The trainer: TrainState, data-parallel train and predict steps, and one epoch loop shared by every phase.
 
-    state = create_train_state(model, tx, key, image_shape)
-    step = make_train_step(model, abl.cross_entropy_loss, mean, std, augment=True)
-    state = run_epoch(step, replicate(state), images, labels, order, batch_size, aug_key, ...)
+    mesh = train.make_mesh()                        # every device of every process, one batch axis
+    state = train.replicate(create_train_state(model, tx, key, image_shape), mesh)
+    step = make_train_step(model, abl.cross_entropy_loss, mean, std, augment_data=True, mesh=mesh)
+    state, summary = run_epoch(step, state, images, labels, order, key, log_every=50, describe="epoch 1")
+    ce, pred = predictor(model, variables, mean, std, batch_size=500)(images, labels)
 
-Phases (baseline training, ABL isolation, fine-tuning, unlearning) differ only by loss function,
-data, optimizer schedule and augmentation; they all use `make_train_step`.
+Data parallelism lives here alone. Every step is one `jax.jit` over a `Mesh` of all devices: batches are
+sharded along the mesh's batch axis and everything else (parameters, optimizer state, BatchNorm statistics,
+PRNG keys, metrics) is replicated. Losses, models and metrics are written for the whole global batch; XLA
+inserts the cross-device reductions (gradients, batch means, BatchNorm statistics), so any device count
+computes what one device does. In a multi-process run each process feeds its rows of every global batch
+(`jax.make_array_from_process_local_data`) and receives replicated results.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -20,13 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from flax import jax_utils
 from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from abl_jax import distributed
+BATCH = "batch"  # The mesh axis that batches are split along.
+
 from abl_jax.abl import LossFn
 
-AXIS = "batch"  # The pmap axis: gradients, metrics and BatchNorm statistics are averaged over it.
+# (uint8 images [N, H, W, C], labels [N]) -> (per-example cross-entropy [N], predicted class [N]), on the host.
+Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class TrainState(train_state.TrainState):
@@ -61,15 +70,121 @@ def with_optimizer(state: TrainState, tx: optax.GradientTransformation) -> Train
   return state.replace(tx=tx, opt_state=tx.init(state.params), step=jnp.zeros_like(state.step))
 
 
-def preprocess(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-  """uint8 0..255 -> normalised float32."""
-  x = images.astype(jnp.float32) / 255.0
+def variables_of(state: TrainState) -> dict[str, Any]:
+  """The model variables ({'params', 'batch_stats'}) of a train state."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# --- The device mesh, and moving arrays onto it and back. -------------------------------------------------
+
+
+def make_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+  """A one-axis mesh over `devices` (default: every device of every process)."""
+  return Mesh(np.asarray(list(devices) if devices is not None else jax.devices()), (BATCH,))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_mesh(devices: tuple[Any, ...]) -> Mesh:
+  return make_mesh(devices)
+
+
+def default_mesh() -> Mesh:
+  """The mesh of every device of every process (built once)."""
+  return _default_mesh(tuple(jax.devices()))
+
+
+def replicated(mesh: Mesh | None = None) -> NamedSharding:
+  """The sharding of a value every device holds whole."""
+  return NamedSharding(mesh or default_mesh(), PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh | None = None) -> NamedSharding:
+  """The sharding of a batch split along its first axis over the mesh."""
+  return NamedSharding(mesh or default_mesh(), PartitionSpec(BATCH))
+
+
+def replicate(tree: Any, mesh: Mesh | None = None) -> Any:
+  """`tree` (host or device values, the same on every process) placed whole on every device of `mesh`."""
+  sharding = replicated(mesh)
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda a: jax.make_array_from_callback(
+      np.shape(a), sharding, lambda index, a=np.asarray(a): a[index]), tree)
+
+
+def local_rows(batch: int, mesh: Mesh | None = None) -> slice:
+  """The rows of a global batch of `batch` rows that this process's devices hold."""
+  index = batch_sharding(mesh).addressable_devices_indices_map((batch,)).values()
+  starts = [i[0].start or 0 for i in index]
+  stops = [batch if i[0].stop is None else i[0].stop for i in index]
+  return slice(min(starts), max(stops))
+
+
+def put_batch(x: np.ndarray, mesh: Mesh | None = None, *, rows: np.ndarray | None = None) -> jax.Array:
+  """A global batch sharded over `mesh`; each process supplies only its own rows.
+
+  `x` is the whole global batch, or, with `rows`, the array that `rows` (the batch's indices) index into,
+  so that a process gathers only the rows it feeds.
+  """
+  sharding = batch_sharding(mesh)
+  batch = len(x) if rows is None else len(rows)
+  mine = slice(None) if sharding.is_fully_addressable else local_rows(batch, mesh)
+  local = x[mine] if rows is None else x[rows[mine]]
+  if sharding.is_fully_addressable:
+    return jax.device_put(local, sharding)
+  return jax.make_array_from_process_local_data(sharding, local, (batch, *local.shape[1:]))
+
+
+def _whole(a: Any) -> Any:
+  """A value this process can fetch whole: the array itself, its local replica, or a gather over processes."""
+  if not isinstance(a, jax.Array) or a.is_fully_addressable:
+    return a
+  if a.sharding.is_fully_replicated:
+    return a.addressable_data(0)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(a, tiled=True)
+
+
+def to_host(tree: Any) -> Any:
+  """Host (numpy) copies of device values, whole on every process (batch-split ones gathered)."""
+  return jax.device_get(jax.tree.map(_whole, tree))
+
+
+def check_batch_size(batch_size: int, field: str, mesh: Mesh | None = None) -> None:
+  """A global batch must split evenly over all devices (of every process)."""
+  n = (mesh or default_mesh()).size
+  if batch_size < 1 or batch_size % n:
+    where = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
+    raise ValueError(f"{field}={batch_size} must be a positive multiple of the {n} devices{where}")
+
+
+def data_parallel(fn: Callable, mesh: Mesh | None, batch_args: Sequence[int], num_args: int, *,
+                  batch_outputs: bool = False, donate_argnums: Sequence[int] = ()) -> Callable:
+  """`fn` jitted over `mesh`: the arguments at `batch_args` split along the batch axis, the rest replicated.
+
+  Outputs are replicated, or split along the batch axis like the inputs when `batch_outputs`.
+  """
+  in_shardings = tuple(batch_sharding(mesh) if i in batch_args else replicated(mesh) for i in range(num_args))
+  out = batch_sharding(mesh) if batch_outputs else replicated(mesh)
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=out, donate_argnums=tuple(donate_argnums))
+
+
+# --- Steps. --------------------------------------------------------------------------------------------------
+
+
+def normalise(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """Images as [0, 1] floats -> normalised per channel."""
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def preprocess(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """uint8 0..255 (or floats on that scale) -> normalised float32."""
+  return normalise(images.astype(jnp.float32) / 255.0, mean, std)
 
 
 def augment(images: jax.Array, keys: jax.Array, pad: int = 4) -> jax.Array:
   """Random crop after zero-padding by `pad`, and random horizontal flip; one key per image."""
-  n, h, w, _ = images.shape
+  _, h, w, _ = images.shape
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
   def one(img, key):
@@ -78,21 +193,21 @@ def augment(images: jax.Array, keys: jax.Array, pad: int = 4) -> jax.Array:
     crop = jax.lax.dynamic_slice(img, (dy, dx, 0), (h, w, img.shape[-1]))
     return jnp.where(jax.random.bernoulli(k_flip), crop[:, ::-1], crop)
 
-  del n
   return jax.vmap(one)(padded, keys)
 
 
+def example_keys(key: jax.Array, n: int, start: jax.Array | int = 0) -> jax.Array:
+  """One key per example of a batch: fold_in(key, position), so that no key depends on the device count."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n))
+
+
 def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[float], std: Sequence[float],
-                    *, augment_data: bool, bn_train: bool = True, devices: Sequence[Any] | None = None) -> Callable:
-  """A pmapped step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device."""
+                    *, augment_data: bool, bn_train: bool = True, mesh: Mesh | None = None) -> Callable:
+  """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device."""
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array):
-    local = images.shape[0]
     if augment_data:
-      # Keys by global example position, so the augmentation does not depend on the device count.
-      first = jax.lax.axis_index(AXIS) * local
-      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(local))
-      images = augment(images, keys)
+      images = augment(images, example_keys(key, images.shape[0]))
     x = preprocess(images, mean, std)
 
     def loss_of(params):
@@ -103,59 +218,56 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
       else:
         logits, batch_stats = model.apply(variables, x, train=False), state.batch_stats
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return loss_fn(ce, AXIS), (logits, ce, batch_stats)
+      return loss_fn(ce), (logits, ce, batch_stats)
 
     (loss, (logits, ce, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, AXIS)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {
         "loss": loss,
         "ce": jnp.mean(ce),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
     }
-    return new_state, jax.lax.pmean(metrics, AXIS)
+    return new_state, metrics
 
-  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+  return data_parallel(step, mesh, batch_args=(1, 2), num_args=4, donate_argnums=(0,))
 
 
-def make_eval_step(model: flax.linen.Module, mean: Sequence[float], std: Sequence[float]) -> Callable:
-  """A pmapped step (state, images uint8, labels) -> (per-example cross-entropy, predictions)."""
+@functools.lru_cache(maxsize=32)
+def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[float, ...], mesh: Mesh) -> Callable:
+  """(variables, images, labels) -> (per-example cross-entropy, predictions): one compilation per batch shape."""
 
-  def step(state: TrainState, images: jax.Array, labels: jax.Array):
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+  def infer(variables, images, labels):
     logits = model.apply(variables, preprocess(images, mean, std), train=False)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.argmax(logits, -1)
 
-  return jax.pmap(step, axis_name=AXIS)
+  return data_parallel(infer, mesh, batch_args=(1, 2), num_args=3)
 
 
-def replicate(tree: Any, devices: Sequence[Any] | None = None) -> Any:
-  """A copy of `tree` on every local device (leading device axis)."""
-  return jax_utils.replicate(tree, devices=devices)
+def predictor(model: flax.linen.Module, variables: Any, mean: Sequence[float], std: Sequence[float],
+              batch_size: int, mesh: Mesh | None = None) -> Predict:
+  """The (images, labels) -> (cross-entropy, predicted class) function of `model` with `variables` (inference mode).
 
+  Whole sets go through in batches of `batch_size` split over `mesh` (padded to one shape); every process
+  receives the whole result. A process drawing pictures alone passes a mesh of its local devices.
+  """
+  mesh = mesh or default_mesh()
+  check_batch_size(batch_size, "eval batch size", mesh)
+  fn = _infer_step(model, tuple(float(m) for m in mean), tuple(float(s) for s in std), mesh)
+  placed = replicate(variables, mesh)
 
-def unreplicate(tree: Any) -> Any:
-  """The first device's copy of a replicated tree."""
-  # flax's unreplicate keeps the device axis when there is a single device.
-  return jax.tree.map(lambda x: x[0], tree)
+  def predict(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    total = len(images)
+    size = min(batch_size, -(-total // mesh.size) * mesh.size) or mesh.size  # Small sets: one small batch.
+    pad = (-total) % size
+    if pad:  # Pad the last batch so that every call has one shape (one compilation).
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+      labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+    outputs = [fn(placed, put_batch(images[s:s + size], mesh), put_batch(labels[s:s + size], mesh))
+               for s in range(0, len(images), size)]
+    ce, pred = (np.concatenate(x) for x in zip(*to_host(outputs))) if outputs else (np.zeros(0), np.zeros(0, int))
+    return ce[:total], pred[:total]
 
-
-def shard(x: np.ndarray, num_devices: int) -> np.ndarray:
-  """[B, ...] -> [devices, B / devices, ...]."""
-  return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
-
-
-def local_batch(x: np.ndarray) -> np.ndarray:
-  """This process's rows of a global batch, split over its local devices: [local devices, B / devices, ...]."""
-  return shard(x[distributed.rows(len(x))], jax.local_device_count())
-
-
-def check_batch_size(batch_size: int, field: str) -> None:
-  """A global batch must split evenly over all devices (of every process)."""
-  n = jax.device_count()
-  if batch_size < 1 or batch_size % n:
-    where = f" ({jax.process_count()} processes)" if jax.process_count() > 1 else ""
-    raise ValueError(f"{field}={batch_size} must be a positive multiple of the {n} devices{where}")
+  return predict
 
 
 def epoch_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarray:
@@ -165,18 +277,23 @@ def epoch_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarra
   return np.resize(perm, steps * batch_size).reshape(steps, batch_size)
 
 
-def _prefetch(images: np.ndarray, labels: np.ndarray, order: np.ndarray) -> Iterator:
-  n, mine = jax.local_device_count(), distributed.rows(order.shape[1])
-  batches = ((shard(images[idx], n), shard(labels[idx], n)) for idx in order[:, mine])
-  return jax_utils.prefetch_to_device(batches, 2)
+def device_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, mesh: Mesh | None = None,
+                   ahead: int = 2) -> Iterator[tuple[jax.Array, jax.Array]]:
+  """The batches `order` ([steps, batch] indices) picks, put on the mesh `ahead` steps before they are used."""
+  queue: collections.deque = collections.deque()
+  for idx in order:
+    queue.append((put_batch(images, mesh, rows=idx), put_batch(labels, mesh, rows=idx)))
+    if len(queue) > ahead:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
               key: jax.Array, *, log_every: int, describe: str, eta_steps_after: int = 0,
-              on_log: Callable[[dict[str, float]], None] | None = None) -> tuple[TrainState, dict[str, float]]:
-  """One epoch over `order` (a [steps, batch] index array) with a replicated state.
-
-  Each process feeds its local devices its rows of every global batch (`distributed.rows`).
+              on_log: Callable[[dict[str, float]], None] | None = None,
+              mesh: Mesh | None = None) -> tuple[TrainState, dict[str, float]]:
+  """One epoch over `order` (a [steps, batch] index array) with a state replicated on `mesh`.
 
   Logs loss, images/s and an ETA every `log_every` steps; raises FloatingPointError on a NaN loss.
   The summary adds images/s and data_wait_share, the share of the epoch spent waiting for the next batch.
@@ -186,19 +303,18 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
   pending, logged = [], []
   t0 = time.perf_counter()
   tick, tick_step = t0, 0
-  batches, waited = _prefetch(images, labels, order), 0.0
+  batches, waited = device_batches(images, labels, order, mesh), 0.0
   for i in range(steps):
     t_wait = time.perf_counter()
-    x, y = next(batches)  # Host time not spent dispatching steps: gathering, sharding, copying to device.
+    x, y = next(batches)  # Host time not spent dispatching steps: gathering and copying to the devices.
     waited += time.perf_counter() - t_wait
-    step_key = jax.random.fold_in(key, i)
-    state, metrics = step_fn(state, x, y, replicate(step_key))
+    state, metrics = step_fn(state, x, y, replicate(jax.random.fold_in(key, i), mesh))
     pending.append(metrics)
     if i == 0:  # The first step includes compilation: start the rate clock after it.
       jax.block_until_ready(metrics)
       tick, tick_step = time.perf_counter(), 1
     if (i + 1) % log_every == 0 or i + 1 == steps:
-      fetched = [jax.tree.map(lambda m: float(m[0]), m) for m in jax.device_get(pending)]
+      fetched = [{k: float(v) for k, v in m.items()} for m in to_host(pending)]
       pending = []
       mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       if not all(math.isfinite(v) for v in mean.values()):
@@ -207,8 +323,8 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
       now = time.perf_counter()
       rate = (i + 1 - tick_step) * batch / (now - tick) if i + 1 > tick_step else batch / (now - t0)
       eta = (steps - i - 1 + eta_steps_after) * batch / max(rate, 1e-9)
-      logging.info("%s step %d/%d loss %.4f ce %.4f acc %.3f | %.0f img/s, ETA %s", describe, i + 1, steps,
-                   mean["loss"], mean["ce"], mean["accuracy"], rate, _hms(eta))
+      logging.info("%s step %d/%d %s | %.0f img/s, ETA %s", describe, i + 1, steps,
+                   " ".join(f"{k} {v:.4f}" for k, v in mean.items()), rate, _hms(eta))
       tick, tick_step = now, i + 1
       logged.append((len(fetched), mean))
       if on_log:
@@ -219,28 +335,6 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
   summary["images_per_s"] = steps * batch / seconds
   summary["data_wait_share"] = waited / seconds
   return state, summary
-
-
-def predict(eval_fn: Callable, state: TrainState, images: np.ndarray, labels: np.ndarray,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per-example cross-entropy and predicted class for a whole set, in large pmapped batches.
-
-  Each process scores its rows of every batch; every process receives the whole set's results.
-  """
-  total = len(images)
-  pad = (-total) % batch_size
-  if pad:  # Pad the last batch so that every call has one shape (one compilation).
-    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-    labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-  losses, preds = [], []
-  for start in range(0, len(images), batch_size):
-    sl = slice(start, start + batch_size)
-    ce, pred = eval_fn(state, local_batch(images[sl]), local_batch(labels[sl]))
-    losses.append(ce.reshape(-1))
-    preds.append(pred.reshape(-1))
-  losses, preds = jax.device_get((losses, preds))
-  losses, preds = distributed.gather_batches(np.stack(losses)), distributed.gather_batches(np.stack(preds))
-  return losses[:total], preds[:total]
 
 
 def _hms(seconds: float) -> str:

@@ -7,7 +7,7 @@ The pass scores every training example with the isolation model (per-example cro
 inference-mode BatchNorm) so that the lowest losses can be isolated. Timed here on random uint8
 CIFAR-shaped images (speed does not depend on the pixels or weights), after a warm-up call that
 compiles (its time is reported apart):
-- jax_batched: abl_jax.train.predict with abl_jax.train.make_eval_step, as the ABL run does it
+- jax_batched: abl_jax.train.predictor, as the ABL run scores the training set
   (config.train.eval_batch_size, default 500), over all --examples;
 - jax_batch1: the same predict with one example per device per call (our own per-example loop);
 - torch_batch1 (--torch): the reference's loop (bboylyg/ABL scores each example with batch size 1 and
@@ -36,14 +36,13 @@ from benchmarks import train_step as ts  # noqa: E402  pylint: disable=g-import-
 
 
 def jax_scorer(args: argparse.Namespace) -> tuple[Callable[[np.ndarray, np.ndarray, int], None], dict]:
-  """predict(images, labels, batch_size) with abl_jax's pmapped eval step, and facts about it."""
+  """predict(images, labels, batch_size) with abl_jax's train.predictor (as isolation runs it), and facts about it."""
   model = models.create_model(args.model, 10, args.width, dtype=ts.DTYPES[args.dtype])
   state = train.create_train_state(model, train.sgd(0.0, 0.9, 0.0), jax.random.PRNGKey(0), (32, 32, 3))
-  rstate = train.replicate(state)
-  eval_fn = train.make_eval_step(model, ts.MEAN, ts.STD)
 
   def score(images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
-    train.predict(eval_fn, rstate, images, labels, batch_size)  # Returns host arrays: finished.
+    # Returns host arrays: finished. The predictor is built per call, as each isolation pass builds one.
+    train.predictor(model, train.variables_of(state), ts.MEAN, ts.STD, batch_size)(images, labels)
 
   return score, {"jax_params": ts.param_count(state.params)}
 

@@ -5,7 +5,7 @@
 
 Both sides run the same PGD (L-inf eps 8/255, step 2/255, no random start, inference-mode BatchNorm,
 summed cross-entropy) on the same random uint8 batch against an untrained CIFAR ResNet-18 (speed does
-not depend on the weights). The JAX side is one pmapped call per batch (compilation excluded); the
+not depend on the weights). The JAX side is one data-parallel call per batch (compilation excluded); the
 PyTorch side loops over steps with autograd on the default CUDA device, or on CPU. Prints one JSON line.
 """
 from __future__ import annotations
@@ -28,12 +28,11 @@ MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
 
 def bench_jax(args, images: np.ndarray, labels: np.ndarray) -> float:
-  """Adversarial images per second of abl_jax's pmapped PGD."""
-  model = models.create_model(args.model, 10, bn_axis_name=train.AXIS)
+  """Adversarial images per second of abl_jax's data-parallel PGD."""
+  model = models.create_model(args.model, 10)
   state = train.create_train_state(model, train.sgd(0.0, 0.9, 0.0), jax.random.PRNGKey(0), images.shape[1:])
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  attack = pgd.make_pgd_pmapped(model, MEAN, STD, norm="linf", eps=8.0, step=2.0, steps=args.steps,
-                                random_start=False)
+  attack = pgd.make_pgd(model, MEAN, STD, norm="linf", eps=8.0, step=2.0, steps=args.steps, random_start=False)
   run = lambda: pgd.perturb(attack, variables, images, labels, jax.random.PRNGKey(0), args.batch)
   run()  # Compile.
   t0 = time.perf_counter()

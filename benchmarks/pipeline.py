@@ -17,7 +17,7 @@ writes them):
 - other (only when this script ran the experiment): the rest of the call, mostly the per-epoch
   evaluations, checkpoints and the evaluation before unlearning.
 data_wait_share: per phase, the mean over epochs of run_epoch's share of the epoch spent waiting for
-the next batch (gathering, sharding and copying it to the device; metrics.jsonl train_data_wait_share).
+the next batch (gathering, sharding and copying it to the device; metrics.jsonl epoch/data_wait_share).
 Like launch.py, it turns jaxlib's YNNPACK convolutions off on CPU unless XLA_FLAGS sets them
 (abl_jax/xla_flags.py); train_step.py and isolation.py keep whatever XLA_FLAGS says. Prints one JSON line.
 """
@@ -39,7 +39,7 @@ from abl_jax import xla_flags  # noqa: E402  pylint: disable=g-import-not-at-top
 
 xla_flags.prefer_xla_cpu_convolutions()  # Time the run with the kernels launch.py uses.
 
-from abl_jax import experiment  # noqa: E402  pylint: disable=g-import-not-at-top
+from abl_jax import experiment, metrics  # noqa: E402  pylint: disable=g-import-not-at-top
 from benchmarks import train_step as ts  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'; "
@@ -60,17 +60,11 @@ def read_run(workdir: str) -> dict[str, Any]:
       out["phase_s"]["scoring"] = round(json.load(f)["seconds"], 2)
     out["num_train"] = results.get("num_train")
   waits, rates = {}, {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if "train_data_wait_share" in record:
-        waits.setdefault(record["phase"], []).append(record["train_data_wait_share"])
-      if "train_images_per_s" in record:
-        rates.setdefault(record["phase"], []).append(record["train_images_per_s"])
+  for record in metrics.series(metrics.read(workdir), "epoch/data_wait_share"):
+    waits.setdefault(record["phase"], []).append(record["epoch/data_wait_share"])
+    rates.setdefault(record["phase"], []).append(record["epoch/images_per_s"])
   out["data_wait_share"] = {p: round(sum(v) / len(v), 4) for p, v in waits.items()}
   out["train_images_per_s"] = {p: round(sum(v) / len(v), 1) for p, v in rates.items()}
-  if not waits:
-    out["data_wait_share"] = "not recorded (a run from before run_epoch measured it)"
   out["phase_s_sum"] = round(sum(out["phase_s"].values()), 2)
   return out
 

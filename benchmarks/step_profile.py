@@ -3,7 +3,7 @@
   taskset -c 0 python benchmarks/step_profile.py --model=small_cnn --batch=256 --torch
   python benchmarks/step_profile.py --model=resnet18 --batch=64 --steps=3
 
-JAX: the step of benchmarks/train_step.py --impl=jit (abl_jax's train step without the pmap axis) runs
+JAX: the step of benchmarks/train_step.py --impl=jit (abl_jax's train step on one device) runs
 --steps times under jax.profiler after warm-up; each XLA thunk in the trace is an instruction of the
 compiled module, grouped by the JAX name stack in its op_name metadata: '<conv|batchnorm|relu|maxpool|
 dense|loss|model other> <forward|backward>' ('backward' under transpose(...)), 'update & rest' outside

@@ -1,4 +1,4 @@
-"""Training images per second of one model and batch: abl_jax's pmapped step, and PyTorch eager (--torch).
+"""Training images per second of one model and batch: abl_jax's data-parallel step, and PyTorch eager (--torch).
 
   python benchmarks/train_step.py --model=small_cnn --batch=256 --torch
   python benchmarks/train_step.py --model=resnet18 --batch=128 --steps=5 --repeats=3 --torch
@@ -18,8 +18,8 @@ the median of the per-repeat ratios (robust to a machine whose load changes). Pr
 forward the inference forward pass (running BatchNorm statistics; the isolation scoring pass per image).
 --part=convs times each of the model's convolutions alone (lax.conv_general_dilated NHWC/HWIO against
 torch conv2d and aten.convolution_backward): forward, input gradient, weight gradient, in ms per step.
---impl=pmap (default) is abl_jax.train.make_train_step, the step every training phase runs; --impl=jit is
-the same computation under jax.jit on one device, without the pmap axis.
+--impl=mesh (default) is abl_jax.train.make_train_step over a mesh of the local devices, the step every
+training phase runs; --impl=jit is the same computation under a plain jax.jit on one device.
 """
 from __future__ import annotations
 
@@ -84,27 +84,28 @@ def param_count(tree: Any) -> int:
 
 def jax_runner(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> tuple[Callable[[int], None], dict]:
   """A function running n steps of the JAX side (blocking at the end), and facts about it."""
-  n_dev = jax.local_device_count() if args.impl == "pmap" else 1
+  n_dev = jax.local_device_count() if args.impl == "mesh" else 1
   if args.batch % n_dev:
     raise ValueError(f"--batch={args.batch} must be a multiple of the {n_dev} local devices")
   dtype = DTYPES[args.dtype]
-  axis = train.AXIS if args.impl == "pmap" else None
-  model = models.create_model(args.model, 10, args.width, dtype=dtype, bn_axis_name=axis)
+  model = models.create_model(args.model, 10, args.width, dtype=dtype)
   tx = train.sgd(LR, MOMENTUM, WEIGHT_DECAY)
   state = train.create_train_state(model, tx, jax.random.PRNGKey(0), images.shape[1:])
   info = {"jax_params": param_count(state.params)}
   key = jax.random.PRNGKey(1)
 
-  if args.impl == "pmap":
+  if args.impl == "mesh":
+    mesh = train.make_mesh(jax.local_devices())
     if args.part == "forward":
-      fn = train.make_eval_step(model, MEAN, STD)
+      fn = train._infer_step(model, MEAN, STD, mesh)  # What train.predictor runs per batch.
+      state = {"params": state.params, "batch_stats": state.batch_stats}
     elif args.part == "step":
-      fn = train.make_train_step(model, abl.cross_entropy_loss, MEAN, STD, augment_data=args.augment)
+      fn = train.make_train_step(model, abl.cross_entropy_loss, MEAN, STD, augment_data=args.augment, mesh=mesh)
     else:
       raise ValueError("--part=grad needs --impl=jit")
-    state = train.replicate(state)
-    x, y = _put_sharded(images, labels, n_dev)
-    keys = train.replicate(key)
+    state = train.replicate(state, mesh)
+    x, y = train.put_batch(images, mesh), train.put_batch(labels, mesh)
+    keys = train.replicate(key, mesh)
   else:
     fn = _jit_fn(model, args.part, args.augment)
     x, y, keys = jax.device_put(images), jax.device_put(labels), key
@@ -122,12 +123,6 @@ def jax_runner(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray)
 
   run.lower = lambda: fn.lower(holder["state"], x, y, *(() if args.part in ("forward", "grad") else (keys,)))
   return run, info
-
-
-def _put_sharded(images: np.ndarray, labels: np.ndarray, n_dev: int) -> tuple[jax.Array, jax.Array]:
-  """The batch split over the local devices, as pmap takes it, placed once (not timed again)."""
-  put = jax.pmap(lambda v: v)  # Leaves each shard on its device (device_put_sharded is gone in new jax).
-  return put(train.shard(images, n_dev)), put(train.shard(labels, n_dev))
 
 
 def _jit_fn(model: Any, part: str, augment_data: bool) -> Callable:
@@ -369,13 +364,13 @@ def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="resnet18", choices=models.MODELS)
   p.add_argument("--width", type=int, default=0, help="Base width; 0 = the model's default.")
-  p.add_argument("--batch", type=int, default=128, help="Global batch (split over local devices with pmap).")
+  p.add_argument("--batch", type=int, default=128, help="Global batch (split over the local devices).")
   p.add_argument("--steps", type=int, default=10, help="Timed steps per repeat and side.")
   p.add_argument("--repeats", type=int, default=3, help="Timed blocks per side (alternating with --torch).")
   p.add_argument("--warmup", type=int, default=2, help="Untimed steps after the first call, per side.")
   p.add_argument("--part", default="step", choices=("step", "grad", "forward", "convs"),
                  help="convs: time each convolution's forward, input and weight gradient alone (float32).")
-  p.add_argument("--impl", default="pmap", choices=("pmap", "jit"))
+  p.add_argument("--impl", default="mesh", choices=("mesh", "jit"))
   p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="Compute dtype (torch: autocast).")
   p.add_argument("--augment", action="store_true", help="JAX side only: on-device crop + flip in the step.")
   p.add_argument("--torch", action="store_true", help="Also time PyTorch eager (needs torch installed).")

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from abl_jax import metrics
 from benchmarks import isolation, pipeline, step_profile, train_step
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -38,9 +39,10 @@ def test_isolation_runs():
 def test_pipeline_reads_a_run(tmp_path):
   (tmp_path / "results.json").write_text(json.dumps({"wall_time": {"poison": 1.0, "isolation": 2.0}, "num_train": 8}))
   (tmp_path / "isolation.json").write_text(json.dumps({"seconds": 0.5}))
-  records = [{"phase": "isolation", "epoch": 1, "train_data_wait_share": 0.1, "train_images_per_s": 10.0},
-             {"phase": "isolation", "epoch": 2, "train_data_wait_share": 0.3, "train_images_per_s": 30.0}]
-  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  writer = metrics.Writer(str(tmp_path))
+  writer.write(5, {"epoch/data_wait_share": 0.1, "epoch/images_per_s": 10.0}, phase="isolation", epoch=1)
+  writer.write(10, {"epoch/data_wait_share": 0.3, "epoch/images_per_s": 30.0}, phase="isolation", epoch=2)
+  writer.close()
   out = pipeline.read_run(str(tmp_path))
   assert out["phase_s"] == {"poison": 1.0, "isolation": 2.0, "scoring": 0.5}
   assert out["data_wait_share"] == {"isolation": 0.2} and out["train_images_per_s"] == {"isolation": 20.0}

@@ -1,4 +1,4 @@
-"""Clean-label attack: PGD bounds and effect, pmap = single device, triggers, poisoning, surrogate cache."""
+"""Clean-label attack: PGD bounds and effect, two devices = one device, triggers, poisoning, surrogate cache."""
 import logging
 
 import jax
@@ -19,7 +19,7 @@ SIZE, CLASSES, MEAN, STD = 8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 def net():
   """A tiny untrained CNN on 8x8 images, its variables, and a batch whose pixels touch 0 and 255."""
   # The surrogate of _config() below, initialised as it will be: its training reuses this compilation.
-  model = models.create_model("small_cnn", CLASSES, 4, bn_axis_name=train.AXIS)
+  model = models.create_model("small_cnn", CLASSES, 4)
   state = train.create_train_state(model, train.sgd(0.0, 0.9, 0.0), jax.random.PRNGKey(0), (SIZE, SIZE, 3))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   rng = np.random.default_rng(0)
@@ -39,7 +39,7 @@ def _loss(model, variables, images, labels):
 def test_pgd_raises_loss_stays_in_ball_and_range(net, norm, eps, step):
   model, variables, x, y = net
   attack = pgd.make_pgd(model, MEAN, STD, norm=norm, eps=eps, step=step, steps=4, random_start=True)
-  adv = np.asarray(attack(variables, x, y, jax.random.PRNGKey(1)))
+  adv = np.asarray(attack(variables, x, y, jax.random.PRNGKey(1), 0))
   assert adv.dtype == np.uint8 and adv.shape == x.shape
   d = adv.astype(np.int64) - x.astype(np.int64)
   if norm == "linf":
@@ -49,19 +49,20 @@ def test_pgd_raises_loss_stays_in_ball_and_range(net, norm, eps, step):
   assert np.abs(d).max() > 0
   assert _loss(model, variables, adv, y) > _loss(model, variables, x, y) + 0.01
   # Same key, same output; the random start depends on the key.
-  np.testing.assert_array_equal(adv, attack(variables, x, y, jax.random.PRNGKey(1)))
-  assert not np.array_equal(adv, np.asarray(attack(variables, x, y, jax.random.PRNGKey(2))))
+  np.testing.assert_array_equal(adv, attack(variables, x, y, jax.random.PRNGKey(1), 0))
+  assert not np.array_equal(adv, np.asarray(attack(variables, x, y, jax.random.PRNGKey(2), 0)))
 
 
-def test_pmapped_pgd_equals_single_device(net):
+def test_pgd_on_two_devices_equals_one_device(net):
   model, variables, x, y = net
   assert jax.local_device_count() == 2
-  kwargs = dict(norm="linf", eps=7.5, step=2.0, steps=4, random_start=True)  # As above: compiled once.
-  single = np.asarray(pgd.make_pgd(model, MEAN, STD, **kwargs)(variables, x, y, jax.random.PRNGKey(3)))
-  pmapped = pgd.make_pgd_pmapped(model, MEAN, STD, **kwargs)
+  kwargs = dict(norm="linf", eps=7.5, step=2.0, steps=4, random_start=True)
+  one = train.make_mesh(jax.local_devices()[:1])
+  single = pgd.perturb(pgd.make_pgd(model, MEAN, STD, one, **kwargs), variables, x, y, jax.random.PRNGKey(3), 8, one)
+  two = pgd.make_pgd(model, MEAN, STD, **kwargs)  # Every device.
   # Batches of 4 over 2 devices (two calls, so the start offsets matter too), and one padded odd tail.
-  np.testing.assert_array_equal(pgd.perturb(pmapped, variables, x, y, jax.random.PRNGKey(3), 4), single)
-  np.testing.assert_array_equal(pgd.perturb(pmapped, variables, x[:7], y[:7], jax.random.PRNGKey(3), 4), single[:7])
+  np.testing.assert_array_equal(pgd.perturb(two, variables, x, y, jax.random.PRNGKey(3), 4), single)
+  np.testing.assert_array_equal(pgd.perturb(two, variables, x[:7], y[:7], jax.random.PRNGKey(3), 4), single[:7])
 
 
 def test_triggers():

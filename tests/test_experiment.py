@@ -6,7 +6,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from abl_jax import experiment
+from abl_jax import experiment, metrics
 from configs import abl_badnets
 from smoke import config as smoke
 
@@ -33,10 +33,15 @@ def test_results_file_has_the_promised_fields(runs):
   assert set(saved["wall_time"]) >= {"poison", "isolation", "finetune", "unlearning", "evaluate"}
   assert saved["config"]["abl"]["isolation_ratio"] == 0.05
   assert 0.0 <= saved["attack_success_rate"] <= 1.0
-  lines = [json.loads(l) for l in open(root / "abl" / "metrics.jsonl")]
-  assert [l["phase"] for l in lines if "global_epoch" in l] == ["isolation"] * 2 + ["finetune"] * 2 + ["unlearning"] * 4
-  assert [l["epoch"] for l in lines if l["phase"] == "unlearning" and "global_epoch" in l] == [0, 1, 2, 3]
+  records = metrics.read(str(root / "abl"))
+  epochs = metrics.series(records, "epoch/loss")
+  assert [r["phase"] for r in epochs] == ["isolation"] * 2 + ["finetune"] * 2 + ["unlearning"] * 3
+  assert [r["global_epoch"] for r in epochs] == list(range(1, 8))
+  assert [r["step"] for r in epochs] == [16, 32, 48, 64, 66, 68, 70]  # 1024 / 64 steps, 973 / 64, 51 / 32.
+  assert [r["epoch"] for r in metrics.series(records, "eval/clean_accuracy") if r["phase"] == "unlearning"] == [0, 1, 2, 3]
+  assert metrics.series(records, "isolation/precision")[0]["isolation/precision"] == saved["isolation"]["precision"]
   assert os.path.exists(root / "abl" / "isolation.npz")
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(root / "abl" / "tensorboard"))
 
 
 def test_eval_mode_reproduces_results(runs):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from abl_jax import attacks, data
-from abl_jax.attacks import input_aware, input_aware_train
+from abl_jax.attacks import input_aware, input_aware_train, input_aware_trigger
 from abl_jax.attacks.input_aware_figure import save_png
 from abl_jax.models import generator
 from configs import abl_input_aware
@@ -87,8 +87,8 @@ def test_training_changes_generators_and_cache_restores_same_triggers(trained, c
   with caplog.at_level(logging.INFO):
     again, _ = input_aware_train.load_or_train(config, train)
   assert "reusing the cached generators" in caplog.text
-  first = input_aware.trigger_parts(config, variables, train.images[:6])
-  second = input_aware.trigger_parts(config, again, train.images[:6])
+  first = input_aware_trigger.trigger_parts(config, variables, train.images[:6])
+  second = input_aware_trigger.trigger_parts(config, again, train.images[:6])
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)
 
@@ -97,7 +97,7 @@ def test_each_image_gets_its_own_trigger(trained):
   config, train, variables, _, _ = trained
   x = train.images[:2]
   assert np.any(x[0] != x[1])
-  triggered, patterns, masks = input_aware.trigger_parts(config, variables, x)
+  triggered, patterns, masks = input_aware_trigger.trigger_parts(config, variables, x)
   assert triggered.dtype == np.uint8 and triggered.shape == x.shape
   assert patterns.shape == x.shape and masks.shape == (*x.shape[:-1], 1)
   assert 0.0 <= masks.min() and masks.max() <= 1.0 and 0.0 <= patterns.min() and patterns.max() <= 1.0
@@ -112,11 +112,11 @@ def test_cross_trigger_uses_another_images_trigger(trained):
   config, train, variables, _, _ = trained
   x = train.images[:7]
   key = jax.random.PRNGKey(3)
-  p = input_aware.partners(len(x), key)
+  p = input_aware_trigger.partners(len(x), key)
   assert np.all(p != np.arange(len(x))) and sorted(p) == list(range(len(x)))
-  apply_trigger, cross_trigger = input_aware.make_trigger_fns(config, variables, key)
+  apply_trigger, cross_trigger = input_aware_trigger.make_trigger_fns(config, variables, key)
   crossed = cross_trigger(x)
-  np.testing.assert_array_equal(crossed, input_aware.trigger_parts(config, variables, x, x[p])[0])
+  np.testing.assert_array_equal(crossed, input_aware_trigger.trigger_parts(config, variables, x, x[p])[0])
   assert np.any(crossed != apply_trigger(x))
 
 

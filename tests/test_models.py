@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from abl_jax import models
+from abl_jax import models, train
 
 
 def _init_shapes(model, image_size: int = 32):
@@ -93,22 +93,22 @@ def test_train_mode_updates_batch_stats():
 
 
 @pytest.mark.parametrize("name,width", [("small_cnn", 4), ("wrn16_1", 0), ("resnet18", 4)])
-def test_bn_statistics_are_global_under_pmap(name, width):
+def test_bn_statistics_are_global_when_the_batch_is_split_over_devices(name, width):
   assert jax.local_device_count() >= 2, "tests/conftest.py should give 2 CPU devices"
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 16, 16, 3)) * 2 + 0.5
-  single = models.create_model(name, 10, width)
-  variables = _numpy_variables(single, 16)
-  logits, updates = jax.jit(lambda v, x: single.apply(v, x, train=True, mutable=["batch_stats"]))(variables, x)
-
-  sharded = models.create_model(name, 10, width, bn_axis_name="batch")
-  apply = jax.pmap(lambda v, x: sharded.apply(v, x, train=True, mutable=["batch_stats"]),
-                   axis_name="batch", in_axes=(None, 0))
-  p_logits, p_updates = apply(variables, x.reshape(2, 4, *x.shape[1:]))
-
-  np.testing.assert_allclose(p_logits.reshape(logits.shape), logits, rtol=1e-4, atol=1e-4)
-  for a, b in zip(jax.tree.leaves(p_updates), jax.tree.leaves(updates)):
-    np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(a[1], b, rtol=1e-4, atol=1e-5)
+  x = x.at[4:].add(3.0)  # Each device's half has its own mean: per-device statistics would differ.
+  model = models.create_model(name, 10, width)
+  variables = _numpy_variables(model, 16)
+  apply = lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
+  one = train.make_mesh(jax.local_devices()[:1])
+  two = train.make_mesh(jax.local_devices()[:2])
+  logits, updates = train.data_parallel(apply, one, batch_args=(1,), num_args=2)(variables, train.put_batch(x, one))
+  split = train.put_batch(np.asarray(x), two)
+  assert len(split.sharding.device_set) == 2
+  s_logits, s_updates = train.data_parallel(apply, two, batch_args=(1,), num_args=2)(variables, split)
+  np.testing.assert_allclose(s_logits, logits, rtol=1e-4, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(s_updates), jax.tree.leaves(updates)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_name():

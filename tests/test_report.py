@@ -63,8 +63,9 @@ def test_report_from_two_runs_gives_their_rows_and_numbers(tmp_path):
 def test_missing_and_unfinished_rows_are_reported_not_dropped(tmp_path):
   _fake_run(tmp_path, "clean", "none", "none", CLEAN)
   _fake_run(tmp_path, "badnets_none", "badnets", "none", epochs=[
-      {"phase": "train", "epoch": e, "step": 10, "loss": 1.0} if e == 3 else
-      {"phase": "train", "epoch": e, "global_epoch": e, "clean_accuracy": 0.3} for e in (1, 2, 3)])
+      {"step": 25, "phase": "train", "epoch": e, "train/loss": 1.0} if e == 3 else
+      {"step": 10 * e, "phase": "train", "epoch": e, "global_epoch": e, "epoch/loss": 1.0,
+       "eval/clean_accuracy": 0.3} for e in (1, 2, 3)])
   _write(str(tmp_path / "table.json"), {"order": ["clean", "badnets_none", "badnets_abl"], "rows": {
       "clean": {"attack": "none", "defense": "none"}, "badnets_none": {"attack": "badnets", "defense": "none"},
       "badnets_abl": {"attack": "badnets", "defense": "abl"}}})
@@ -83,8 +84,8 @@ def _is_png(path):
 
 
 def test_run_plots_are_written(tmp_path):
-  epochs = [{"phase": p, "epoch": e, "global_epoch": g, "clean_accuracy": 0.1 * g, "attack_success_rate": a}
-            for p, e, g, a in [("isolation", 1, 1, 0.9), ("isolation", 2, 2, 1.0), ("finetune", 1, 3, 1.0),
+  epochs = [{"step": 10 * g, "phase": p, "epoch": e, "global_epoch": g, "eval/clean_accuracy": 0.1 * g,
+             "eval/attack_success_rate": a} for p, e, g, a in [("isolation", 1, 1, 0.9), ("isolation", 2, 2, 1.0), ("finetune", 1, 3, 1.0),
                                ("unlearning", 1, 4, 0.5), ("unlearning", 2, 5, 0.0)]]
   run = _fake_run(tmp_path, "badnets_abl", "badnets", "abl", epochs=epochs)
   rng = np.random.default_rng(0)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 import smoke
-from abl_jax import abl, experiment, models, train
+from abl_jax import abl, experiment, models, schedule, train
 
 
 def test_ascent_and_joint_losses_on_a_hand_checked_batch():
   ce = jnp.array([1.0, 2.0, 3.0, 4.0])
-  assert float(abl.unlearning_loss(ce)) == pytest.approx(-2.5)
+  assert float(abl.neg_ce_loss(ce)) == pytest.approx(-2.5)
   # Isolated first: -(1 + 2) / 2 + 0.5 * (3 + 4) / 2 = -1.5 + 1.75.
   assert float(abl.joint_unlearning_loss(ce, 2, 0.5)) == pytest.approx(0.25)
   grad = jax.grad(lambda c: abl.unlearning_step_loss("joint", 2, 0.5)(c))(ce)
@@ -47,35 +47,35 @@ def test_stopping_rule_sees_only_isolated_predictions_and_labels():
 
 @pytest.mark.parametrize("bn_train", [True, False])
 def test_frozen_batchnorm_keeps_statistics(bn_train):
-  model = models.create_model("small_cnn", 10, 4, bn_axis_name=train.AXIS)
+  model = models.create_model("small_cnn", 10, 4)
   state = train.create_train_state(model, train.sgd(0.1, 0.9, 0.0), jax.random.PRNGKey(0), (8, 8, 3))
-  step = train.make_train_step(model, abl.unlearning_loss, (0.5,) * 3, (0.25,) * 3, augment_data=False,
+  step = train.make_train_step(model, abl.neg_ce_loss, (0.5,) * 3, (0.25,) * 3, augment_data=False,
                                bn_train=bn_train)
   n = jax.local_device_count()
-  images = np.random.default_rng(0).integers(0, 256, (n, 4, 8, 8, 3), dtype=np.uint8)
-  labels = np.zeros((n, 4), np.int32)
+  images = np.random.default_rng(0).integers(0, 256, (4 * n, 8, 8, 3), dtype=np.uint8)
+  labels = np.zeros((4 * n,), np.int32)
   before = jax.device_get(state.batch_stats)
-  new, _ = step(train.replicate(state), images, labels, train.replicate(jax.random.PRNGKey(1)))
-  after = jax.device_get(train.unreplicate(new).batch_stats)
+  new, _ = step(train.replicate(state), train.put_batch(images), train.put_batch(labels),
+                train.replicate(jax.random.PRNGKey(1)))
+  after = train.to_host(new).batch_stats
   same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before, after))
   assert all(same) != bn_train  # Frozen: every statistic unchanged; train mode: they move.
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), state.params,
-                                         jax.device_get(train.unreplicate(new).params)))
+                                         train.to_host(new).params))
   assert not all(changed)  # The weights still learn (unlearn) either way.
 
 
-def test_joint_batches_put_each_devices_isolated_examples_first():
-  config = smoke.config(abl__unlearning_mode="joint", abl__unlearning_batch_size=4, abl__joint_batch_size=6,
-                        abl__joint_exclude_ratio=0.0)
-  phase = experiment.phases(config)[-1]
-  isolated = np.arange(100, 110)
-  order = experiment._epoch_order(phase, config, isolated, 200, jax.random.PRNGKey(0))
-  n = jax.local_device_count()
+def test_joint_batches_put_the_isolated_examples_first():
+  isolated, pool = np.arange(100, 110), np.arange(0, 100)
+  order = schedule.joint_order(isolated, pool, 4, 6, jax.random.PRNGKey(0))
   assert order.shape == (3, 10)  # ceil(10 / 4) steps of 4 isolated + 6 retained.
-  per_device = order.reshape(3, n, -1)
-  iso_part, ret_part = per_device[:, :, :4 // n], per_device[:, :, 4 // n:]
-  assert np.isin(iso_part, isolated).all() and not np.isin(ret_part, isolated).any()
+  iso_part, ret_part = order[:, :4], order[:, 4:]
+  assert np.isin(iso_part, isolated).all() and np.isin(ret_part, pool).all()
   assert set(iso_part.ravel()) == set(isolated)
+  assert len(set(ret_part.ravel())) == 18  # Distinct pool examples within an epoch.
+  # The loss reads the first 4 of each batch as the isolated ones.
+  ce = jnp.arange(10.0)
+  assert float(abl.unlearning_step_loss("joint", 4, 1.0, "neg_ce")(ce)) == pytest.approx(-1.5 + 6.5)
 
 
 def _variant(root, **overrides):
@@ -156,9 +156,6 @@ def test_curves_plot_one_line_per_run(variants, tmp_path):
 
 def test_joint_pool_leaves_out_the_lowest_isolation_scores(tmp_path):
   scores = np.arange(100, dtype=np.float32)[::-1].copy()  # Example 99 has the lowest loss.
-  np.savez(tmp_path / "isolation.npz", scores=scores, isolated=np.array([99]))
-  config = smoke.config(abl__unlearning_mode="joint", abl__joint_exclude_ratio=0.2)
-  pool = experiment._joint_pool(config, str(tmp_path), np.array([99]), 100)
+  pool = schedule.joint_pool(scores, np.array([99]), 0.2)
   np.testing.assert_array_equal(pool, np.arange(80))  # Examples 80..99 (lowest 20% of losses) left out.
-  config.abl.joint_exclude_ratio = 0.0
-  np.testing.assert_array_equal(experiment._joint_pool(config, str(tmp_path), np.array([99]), 100), np.arange(99))
+  np.testing.assert_array_equal(schedule.joint_pool(scores, np.array([99]), 0.0), np.arange(99))

@@ -79,8 +79,8 @@ def perturb_images(config: ml_collections.ConfigDict, train: Dataset, chosen: np
   """PGD (config.attack.pgd) against the cached surrogate on train.images[chosen], true labels; uint8."""
   model, variables = surrogate.load_or_train(config, train)
   p = config.attack.pgd
-  attack = pgd.make_pgd_pmapped(model, config.data.mean, config.data.std, norm=p.norm, eps=float(p.eps),
-                                step=float(p.step), steps=int(p.steps), random_start=bool(p.random_start))
+  attack = pgd.make_pgd(model, config.data.mean, config.data.std, norm=p.norm, eps=float(p.eps),
+                       step=float(p.step), steps=int(p.steps), random_start=bool(p.random_start))
   images, labels = train.images[chosen], train.labels[chosen]
   t0 = time.perf_counter()
   adv = pgd.perturb(attack, variables, images, labels, key, p.batch_size)

@@ -2,8 +2,7 @@
 
   python -m abl_jax.attacks.input_aware_figure --config=configs/abl_input_aware.py:cpu --out=ia.png
 
-Uses (or trains and caches) the config's generators. The attack also writes this picture for the first
-`num` training images next to its cache entry (CACHE/input_aware/<hash>-examples.png).
+Uses (or trains and caches) the config's generators.
 """
 from __future__ import annotations
 
@@ -12,6 +11,9 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
+
+from abl_jax import data
+from abl_jax.attacks import input_aware_train, input_aware_trigger
 
 ROWS = ("clean", "pattern", "mask", "backdoor")
 
@@ -42,16 +44,13 @@ def save_png(path: str, clean: np.ndarray, patterns: np.ndarray, masks: np.ndarr
 
 def write_examples(config: ml_collections.ConfigDict, variables: dict, images: np.ndarray, out: str) -> None:
   """The four rows for uint8 `images` under the generators `variables`, saved to `out`."""
-  from abl_jax.attacks import input_aware  # Not at import time: input_aware imports the attack's training.
-  backdoor, patterns, masks = input_aware.trigger_parts(config, variables, images)
+  backdoor, patterns, masks = input_aware_trigger.trigger_parts(config, variables, images)
   save_png(out, images, patterns, masks, backdoor)
   logging.info("input_aware: wrote %s (%d examples; mean mask %.3f)", out, len(images), float(np.mean(masks)))
 
 
 def make_figure(config: ml_collections.ConfigDict, out: str, num: int = 8) -> None:
   """Loads the data and the (cached or trained) generators; writes the first `num` test images' triggers."""
-  from abl_jax import data
-  from abl_jax.attacks import input_aware_train
   train, test = data.load(config.data, seed=config.seed)
   variables, _ = input_aware_train.load_or_train(config, train)
   idx = np.linspace(0, len(test) - 1, min(num, len(test))).astype(np.int64)  # Spread over the classes.

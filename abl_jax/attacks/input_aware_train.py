@@ -4,11 +4,11 @@
 
 Stage 1 (config.attack.input_aware.mask_epochs): M alone, loss lambda_norm * mean(relu(m - mask_density))
 + lambda_div * diversity(x1, x2, m1, m2), Adam(mask_lr, betas 0.5, 0.9), lr x0.1 at 40% and 80% of the epochs
-(the reference's 10 and 20 of 25). Stage 2 (epochs): M frozen; in each device's batch the first
+(the reference's 10 and 20 of 25). Stage 2 (epochs): M frozen; in each batch of b pairs the first
 int(p_attack * b) images become backdoor examples (their own trigger, target label), the next
 int(p_cross * b) cross-trigger examples (the trigger of an image from a second batch, true label);
 loss = CE over all + lambda_div * diversity(x1, x2, G(x1), G(x2)); SGD (cosine) for the classifier, Adam
-(cosine, betas 0.5, 0.9) for G. Each update is one pmapped step. Diversity distances are taken on
+(cosine, betas 0.5, 0.9) for G. Each update is one data-parallel step (train.data_parallel). Diversity distances are taken on
 normalised images and patterns, as in the reference. The trained generators are cached with Orbax under
 config.data.cache_dir (or ~/.cache/abl_jax) / input_aware/, keyed by a hash of their config and the data.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -27,9 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import jax_utils
 
 from abl_jax import data as data_lib, distributed, models, train
+from abl_jax.attacks import input_aware_trigger
 from abl_jax.checkpoint import Checkpointer, save_once
 from abl_jax.data import Dataset
 from abl_jax.models import generator
@@ -55,29 +54,22 @@ def mask_density_loss(masks: jax.Array, density: float) -> jax.Array:
   return jnp.mean(jax.nn.relu(masks - density))
 
 
-def normalise(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-  """[0, 1] floats -> normalised, per channel."""
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
 def _pairs(images: jax.Array, key: jax.Array, augment: bool) -> tuple[jax.Array, jax.Array]:
-  """This device's [2b] uint8 shard -> two [b] float batches in [0, 1], augmented if asked."""
-  local = images.shape[0]
+  """A [2b] uint8 batch (x1 then x2) -> two [b] float batches in [0, 1], augmented if asked."""
+  n = images.shape[0]
   if augment:
-    first = jax.lax.axis_index(train.AXIS) * local
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(local))
-    images = train.augment(images, keys)
+    images = train.augment(images, train.example_keys(key, n))
   x = images.astype(jnp.float32) / 255.0
-  return x[:local // 2], x[local // 2:]
+  return x[:n // 2], x[n // 2:]
 
 
 def make_mask_step(mask_model, ia: ml_collections.ConfigDict, mean, std, *, augment: bool) -> Callable:
-  """Pmapped (mask TrainState, paired images, labels, key) -> (state, metrics): stage 1."""
+  """Data-parallel (mask TrainState, paired images, labels, key) -> (state, metrics): stage 1."""
 
   def step(state, images, labels, key):
     del labels
     p1, p2 = _pairs(images, key, augment)
-    n1, n2 = normalise(p1, mean, std), normalise(p2, mean, std)
+    n1, n2 = train.normalise(p1, mean, std), train.normalise(p2, mean, std)
 
     def loss_of(params):
       # One call on both batches: BatchNorm statistics over 2b images.
@@ -88,16 +80,15 @@ def make_mask_step(mask_model, ia: ml_collections.ConfigDict, mean, std, *, augm
       return ia.lambda_norm * density + ia.lambda_div * div, (density, div, jnp.mean(m1), upd["batch_stats"])
 
     (loss, (density, div, mean_mask, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=jax.lax.pmean(grads, train.AXIS), batch_stats=stats)
-    metrics = {"loss": loss, "density": density, "diversity": div, "mean_mask": mean_mask}
-    return state, jax.lax.pmean(metrics, train.AXIS)
+    state = state.apply_gradients(grads=grads, batch_stats=stats)
+    return state, {"loss": loss, "density": density, "diversity": div, "mean_mask": mean_mask}
 
-  return jax.pmap(step, axis_name=train.AXIS, donate_argnums=(0,))
+  return train.data_parallel(step, None, batch_args=(1, 2), num_args=4, donate_argnums=(0,))
 
 
 def make_joint_step(classifier, pattern_model, mask_model, ia: ml_collections.ConfigDict, mean, std,
                     target: int, *, augment: bool) -> Callable:
-  """Pmapped ((classifier, G, M vars), paired images, labels, key) -> (state, metrics): stage 2."""
+  """Data-parallel ((classifier, G, M vars), paired images, labels, key) -> (state, metrics): stage 2."""
 
   def step(state, images, labels, key):
     cls, gen, mask_vars = state
@@ -106,7 +97,7 @@ def make_joint_step(classifier, pattern_model, mask_model, ia: ml_collections.Co
     b = p1.shape[0]
     nb, nc = int(ia.p_attack * b), int(ia.p_cross * b)
     k = min(nb, nc)  # Diversity pairs (the reference: nb == nc).
-    n1, n2 = normalise(p1, mean, std), normalise(p2, mean, std)
+    n1, n2 = train.normalise(p1, mean, std), train.normalise(p2, mean, std)
     src = jnp.concatenate([n1[:nb], n2[nb:nb + nc]])  # Backdoor examples' own images, then cross sources.
     masks = generator.threshold(mask_model.apply(mask_vars, src, train=False))
     targets = jnp.concatenate([jnp.full((nb,), target, y1.dtype), y1[nb:]])
@@ -116,58 +107,32 @@ def make_joint_step(classifier, pattern_model, mask_model, ia: ml_collections.Co
       pats, g_upd = pattern_model.apply({"params": g_params, "batch_stats": gen.batch_stats}, src, train=True,
                                         mutable=["batch_stats"])
       triggered = generator.compose(p1[:nb + nc], pats, masks)  # bd: own trigger; cross: another image's.
-      x = normalise(jnp.concatenate([triggered, p1[nb + nc:]]), mean, std)
+      x = train.normalise(jnp.concatenate([triggered, p1[nb + nc:]]), mean, std)
       logits, c_upd = classifier.apply({"params": c_params, "batch_stats": cls.batch_stats}, x, train=True,
                                        mutable=["batch_stats"])
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-      pn = normalise(pats, mean, std)
+      pn = train.normalise(pats, mean, std)
       div = diversity_loss(n1[:k], n2[nb:nb + k], pn[:k], pn[nb:nb + k])
       return jnp.mean(ce) + ia.lambda_div * div, (ce, div, logits, c_upd["batch_stats"], g_upd["batch_stats"])
 
     (loss, (ce, div, logits, c_stats, g_stats)), (gc, gg) = jax.value_and_grad(loss_of, has_aux=True)(
         (cls.params, gen.params))
-    gc, gg = jax.lax.pmean((gc, gg), train.AXIS)
     cls = cls.apply_gradients(grads=gc, batch_stats=c_stats)
     gen = gen.apply_gradients(grads=gg, batch_stats=g_stats)
     right = jnp.argmax(logits, -1) == targets
     metrics = {"loss": loss, "ce": jnp.mean(ce), "diversity": div, "accuracy": jnp.mean(right),
                "backdoor_accuracy": jnp.mean(right[:nb]), "cross_accuracy": jnp.mean(right[nb:nb + nc]),
                "clean_accuracy": jnp.mean(right[nb + nc:])}
-    return (cls, gen, mask_vars), jax.lax.pmean(metrics, train.AXIS)
+    return (cls, gen, mask_vars), metrics
 
-  return jax.pmap(step, axis_name=train.AXIS, donate_argnums=(0,))
+  return train.data_parallel(step, None, batch_args=(1, 2), num_args=4, donate_argnums=(0,))
 
 
 def paired_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarray:
-  """[steps, 2 * batch]: two independent shuffles, laid out so each device's shard is (its x1, its x2)."""
+  """[steps, 2 * batch]: two independent shuffles, each row the x1 batch followed by the x2 batch."""
   k1, k2 = jax.random.split(key)
-  n_dev = jax.device_count()  # Global: each device's shard of the global batch is (its x1, its x2).
   o1, o2 = (train.epoch_order(num_examples, batch_size, k) for k in (k1, k2))
-  steps = len(o1)
-  return np.concatenate([o1.reshape(steps, n_dev, -1), o2.reshape(steps, n_dev, -1)], 2).reshape(steps, -1)
-
-
-def run_epoch(step_fn: Callable, state: Any, ds: Dataset, order: np.ndarray, key: jax.Array, *,
-              describe: str, log_every: int) -> tuple[Any, dict[str, float]]:
-  """One epoch of `step_fn` over `order`; logs every metric's running mean; raises on a NaN loss."""
-  mine = distributed.rows(order.shape[1])  # This process's rows of every global batch.
-  n = jax.local_device_count()
-  batches = ((train.shard(ds.images[i], n), train.shard(ds.labels[i], n)) for i in order[:, mine])
-  pending, fetched, t0 = [], [], time.perf_counter()
-  for i, (x, y) in enumerate(jax_utils.prefetch_to_device(batches, 2)):
-    state, metrics = step_fn(state, x, y, train.replicate(jax.random.fold_in(key, i)))
-    pending.append(metrics)
-    if (i + 1) % log_every == 0 or i + 1 == len(order):
-      fetched += [{k: float(v[0]) for k, v in m.items()} for m in jax.device_get(pending)]
-      pending = []
-      mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      if not math.isfinite(mean["loss"]):
-        raise FloatingPointError(f"input_aware {describe}: loss became {mean['loss']} at step {i + 1}; "
-                                 "lower the learning rates")
-      rate = (i + 1) * order.shape[1] / 2 / (time.perf_counter() - t0)
-      logging.info("input_aware %s step %d/%d %s | %.0f pairs/s", describe, i + 1, len(order),
-                   " ".join(f"{k} {v:.4f}" for k, v in mean.items()), rate)
-  return state, mean
+  return np.concatenate([o1, o2], axis=1)
 
 
 def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
@@ -189,16 +154,9 @@ def classifier_spec(config: ml_collections.ConfigDict) -> tuple[str, int]:
   return ia.classifier or config.model.name, ia.classifier_width or config.model.width
 
 
-def generators(config: ml_collections.ConfigDict, channels: int) -> tuple[generator.Generator, generator.Generator]:
-  """The (pattern G, mask M) modules that config.attack.input_aware describes."""
-  ia = config.attack.input_aware
-  return (generator.pattern_generator(ia.generator_width, ia.generator_depth, channels, train.AXIS),
-          generator.mask_generator(ia.generator_width, ia.generator_depth, train.AXIS))
-
-
 def init_variables(config: ml_collections.ConfigDict, image_shape: Sequence[int], key: jax.Array) -> dict:
   """Fresh {'pattern', 'mask'} generator variables for images of `image_shape` (H, W, C)."""
-  g, m = generators(config, image_shape[-1])
+  g, m = input_aware_trigger.generators(config, image_shape[-1])
   x = jnp.zeros((1, *image_shape), jnp.float32)
   kg, km = jax.random.split(key)
   return {"pattern": jax.jit(lambda k: g.init(k, x, train=False))(kg),
@@ -235,11 +193,10 @@ def _describe(m: dict[str, float]) -> str:
 
 def train_generators(config: ml_collections.ConfigDict, train_set: Dataset, key: jax.Array) -> tuple[dict, dict]:
   """Both stages; returns the generator variables and the attacker's classifier's test metrics."""
-  from abl_jax.attacks import input_aware  # The trigger functions (a cycle at import time otherwise).
   ia, mean, std = config.attack.input_aware, config.data.mean, config.data.std
   k_init, k_cls, k_mask, k_joint = jax.random.split(key, 4)
   variables = init_variables(config, train_set.images.shape[1:], k_init)
-  g, m = generators(config, train_set.images.shape[-1])
+  g, m = input_aware_trigger.generators(config, train_set.images.shape[-1])
   steps = -(-len(train_set) // ia.batch_size)
   bounds = {int(f * ia.mask_epochs * steps): 0.1 for f in (0.4, 0.8)}
   mask_tx = optax.adam(optax.piecewise_constant_schedule(ia.mask_lr, bounds), *BETAS)
@@ -248,13 +205,13 @@ def train_generators(config: ml_collections.ConfigDict, train_set: Dataset, key:
   mask_step = make_mask_step(m, ia, mean, std, augment=ia.augment)
   for epoch in range(ia.mask_epochs):
     order = paired_order(len(train_set), ia.batch_size, jax.random.fold_in(k_mask, 2 * epoch))
-    mstate, _ = run_epoch(mask_step, mstate, train_set, order, jax.random.fold_in(k_mask, 2 * epoch + 1),
-                          describe=f"mask epoch {epoch + 1}/{ia.mask_epochs}", log_every=config.train.log_every_steps)
-  mstate = train.unreplicate(mstate)
-  mask_vars = {"params": mstate.params, "batch_stats": mstate.batch_stats}
+    mstate, _ = train.run_epoch(mask_step, mstate, train_set.images, train_set.labels, order,
+                                jax.random.fold_in(k_mask, 2 * epoch + 1), log_every=config.train.log_every_steps,
+                                describe=f"input_aware mask epoch {epoch + 1}/{ia.mask_epochs}")
+  mask_vars = train.to_host(train.variables_of(mstate))
 
   name, width = classifier_spec(config)
-  cls_model = models.create_model(name, train_set.num_classes, width, bn_axis_name=train.AXIS)
+  cls_model = models.create_model(name, train_set.num_classes, width)
   total = max(ia.epochs * steps, 1)
   cls_tx = train.sgd(optax.cosine_decay_schedule(ia.classifier_lr, total), config.train.momentum, ia.weight_decay)
   cls = train.create_train_state(cls_model, cls_tx, k_cls, train_set.images.shape[1:])
@@ -265,13 +222,26 @@ def train_generators(config: ml_collections.ConfigDict, train_set: Dataset, key:
   state = train.replicate((cls, gen, mask_vars))
   for epoch in range(ia.epochs):
     order = paired_order(len(train_set), ia.batch_size, jax.random.fold_in(k_joint, 2 * epoch))
-    state, _ = run_epoch(joint_step, state, train_set, order, jax.random.fold_in(k_joint, 2 * epoch + 1),
-                         describe=f"joint epoch {epoch + 1}/{ia.epochs}", log_every=config.train.log_every_steps)
-  cls, gen, _ = train.unreplicate(state)
-  variables = {"pattern": {"params": gen.params, "batch_stats": gen.batch_stats}, "mask": mask_vars}
-  variables = jax.device_get(variables)
+    state, _ = train.run_epoch(joint_step, state, train_set.images, train_set.labels, order,
+                               jax.random.fold_in(k_joint, 2 * epoch + 1), log_every=config.train.log_every_steps,
+                               describe=f"input_aware joint epoch {epoch + 1}/{ia.epochs}")
+  cls, gen, _ = state
+  variables = train.to_host({"pattern": train.variables_of(gen), "mask": mask_vars})
   _, test_set = data_lib.load(config.data, seed=config.seed)
-  attacker = input_aware.attack_metrics(config, variables, cls_model, {"params": cls.params,
-                                                                       "batch_stats": cls.batch_stats}, test_set)
+  attacker = attack_metrics(config, variables, cls_model, train.to_host(train.variables_of(cls)), test_set)
   return variables, attacker
+
+
+def attack_metrics(config: ml_collections.ConfigDict, variables: dict, model: Any, model_vars: dict,
+                   test: Dataset) -> dict[str, float]:
+  """The attacker's classifier on the test set: CA, ASR (non-target, own triggers), cross-trigger accuracy."""
+  predict = train.predictor(model, model_vars, config.data.mean, config.data.std, config.train.eval_batch_size)
+  apply_trigger, cross_trigger = input_aware_trigger.make_trigger_fns(config, variables, jax.random.PRNGKey(0))
+  keep = test.labels != config.attack.target_label
+  target = np.full(int(keep.sum()), config.attack.target_label, test.labels.dtype)
+  return {
+      "clean_accuracy": float(np.mean(predict(test.images, test.labels)[1] == test.labels)),
+      "attack_success_rate": float(np.mean(predict(apply_trigger(test.images[keep]), target)[1] == target)),
+      "cross_trigger_accuracy": float(np.mean(predict(cross_trigger(test.images), test.labels)[1] == test.labels)),
+  }
 

@@ -1,8 +1,7 @@
 """Projected gradient descent (L-inf or L2) against a classifier, on uint8 images, in one jitted function.
 
     attack = make_pgd(model, mean, std, norm="linf", eps=8.0, step=1.5, steps=100, random_start=False)
-    adv = attack(variables, images, labels, key)                    # one device (jit)
-    adv = perturb(attack_pmapped, variables, images, labels, key, batch_size=512)  # all local devices
+    adv = perturb(attack, variables, images, labels, key, batch_size=512)   # batches split over all devices
 
 Every size is on the 0..255 pixel scale (L-inf eps 8 = 8/255). PGD ascends the summed cross-entropy of
 the given labels with the model in inference mode. Example i's random start comes from
@@ -20,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from abl_jax import distributed, train
+from jax.sharding import Mesh
+
+from abl_jax import train
 
 NORMS = ("linf", "l2")
 
@@ -85,43 +86,25 @@ def pgd(variables: Any, images: jax.Array, labels: jax.Array, keys: jax.Array, *
   return _quantize(x, delta, norm, eps)
 
 
-def example_keys(key: jax.Array, start: jax.Array | int, n: int) -> jax.Array:
-  """The keys of examples start .. start + n - 1: fold_in(key, index)."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n))
-
-
-def make_pgd(model: flax.linen.Module, mean: Sequence[float], std: Sequence[float], **pgd_kwargs) -> Callable:
-  """jit of (variables, images, labels, key, start=0) -> uint8 adversarial images, on one device."""
-  fn = functools.partial(pgd, apply_fn=model.apply, mean=tuple(mean), std=tuple(std), **pgd_kwargs)
-
-  @jax.jit
-  def attack(variables, images, labels, key, start=0):
-    return fn(variables, images, labels, example_keys(key, start, images.shape[0]))
-
-  return attack
-
-
-def make_pgd_pmapped(model: flax.linen.Module, mean: Sequence[float], std: Sequence[float],
-                     **pgd_kwargs) -> Callable:
-  """pmap of (replicated variables, [dev, b, ...] images, [dev, b] labels, replicated key, replicated start)."""
+def make_pgd(model: flax.linen.Module, mean: Sequence[float], std: Sequence[float], mesh: Mesh | None = None,
+             **pgd_kwargs) -> Callable:
+  """Data-parallel (variables, images, labels, key, start) -> uint8 adversarial images, over `mesh` (default: all)."""
   fn = functools.partial(pgd, apply_fn=model.apply, mean=tuple(mean), std=tuple(std), **pgd_kwargs)
 
   def attack(variables, images, labels, key, start):
-    local = images.shape[0]
-    first = start + jax.lax.axis_index(train.AXIS) * local  # Global position: device-count independent.
-    return fn(variables, images, labels, example_keys(key, first, local))
+    return fn(variables, images, labels, train.example_keys(key, images.shape[0], start))
 
-  return jax.pmap(attack, axis_name=train.AXIS)
+  return train.data_parallel(attack, mesh, batch_args=(1, 2), num_args=5, batch_outputs=True)
 
 
-def perturb(attack_pmapped: Callable, variables: Any, images: np.ndarray, labels: np.ndarray, key: jax.Array,
-            batch_size: int) -> np.ndarray:
-  """`attack_pmapped` over a whole uint8 set in batches of `batch_size` split over all devices (every process)."""
-  n_dev = jax.device_count()
-  train.check_batch_size(batch_size, "config.attack.pgd.batch_size")
+def perturb(attack: Callable, variables: Any, images: np.ndarray, labels: np.ndarray, key: jax.Array,
+            batch_size: int, mesh: Mesh | None = None) -> np.ndarray:
+  """`attack` (make_pgd's for the same `mesh`) over a whole uint8 set in batches of `batch_size`."""
+  mesh = mesh or train.default_mesh()
+  train.check_batch_size(batch_size, "config.attack.pgd.batch_size", mesh)
   total = len(images)
-  batch_size = min(batch_size, -(-total // n_dev) * n_dev)  # A small set needs no padding to a large batch.
-  rvars, rkey = train.replicate(variables), train.replicate(key)
+  batch_size = min(batch_size, -(-total // mesh.size) * mesh.size)  # A small set needs no padding to a large batch.
+  placed_vars, placed_key = train.replicate((variables, key), mesh)
   out = []
   for start in range(0, total, batch_size):
     x, y = images[start:start + batch_size], labels[start:start + batch_size]
@@ -129,8 +112,8 @@ def perturb(attack_pmapped: Callable, variables: Any, images: np.ndarray, labels
     if pad:  # One shape for every call: one compilation.
       x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-    adv = attack_pmapped(rvars, train.local_batch(x), train.local_batch(y), rkey, train.replicate(np.int32(start)))
-    out.append(np.asarray(adv).reshape(-1, *images.shape[1:]))
+    out.append(attack(placed_vars, train.put_batch(x, mesh), train.put_batch(y, mesh), placed_key,
+                      train.replicate(np.int32(start), mesh)))
   if not out:
     return np.empty_like(images, dtype=np.uint8)
-  return distributed.gather_batches(np.stack(out))[:total].astype(np.uint8)
+  return np.concatenate(train.to_host(out))[:total].astype(np.uint8)

@@ -9,7 +9,6 @@ Its PRNG key comes from config.seed alone, so the cache key determines the surro
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ _KEY_PURPOSE = 1000  # fold_in(PRNGKey(config.seed), this): apart from experimen
 def create(config: ml_collections.ConfigDict, num_classes: int):
   """The surrogate's (untrained) flax module."""
   s = config.attack.surrogate
-  return models.create_model(s.model, num_classes, s.width, bn_axis_name=train.AXIS)
+  return models.create_model(s.model, num_classes, s.width)
 
 
 def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
@@ -84,7 +83,7 @@ def _variables(model, train_set: Dataset, key: jax.Array) -> dict:
 
 
 def train_surrogate(config: ml_collections.ConfigDict, model, train_set: Dataset, key: jax.Array) -> dict:
-  """Trains the surrogate with the project's pmapped step (on PGD examples if adversarial); its variables."""
+  """Trains the surrogate with the project's train step (on PGD examples if adversarial); its variables."""
   s = config.attack.surrogate
   k_init, k_data, k_aug = jax.random.split(key, 3)
   steps = -(-len(train_set) // s.batch_size)
@@ -93,36 +92,26 @@ def train_surrogate(config: ml_collections.ConfigDict, model, train_set: Dataset
   step = train.make_train_step(model, abl.cross_entropy_loss, config.data.mean, config.data.std,
                                augment_data=s.augment)
   if s.adversarial:
-    attack = pgd.make_pgd_pmapped(model, config.data.mean, config.data.std, norm="linf", eps=float(s.adv_eps),
-                                  step=float(s.adv_step), steps=int(s.adv_steps), random_start=True)
+    attack = pgd.make_pgd(model, config.data.mean, config.data.std, norm="linf", eps=float(s.adv_eps),
+                          step=float(s.adv_step), steps=int(s.adv_steps), random_start=True)
     zero, clean_step = train.replicate(np.int32(0)), step
 
     def step(state, x, y, k):  # Each batch replaced by PGD examples against the current weights.
-      adv = attack({"params": state.params, "batch_stats": state.batch_stats}, x, y, k, zero)
-      return clean_step(state, adv, y, k)
+      return clean_step(state, attack(train.variables_of(state), x, y, k, zero), y, k)
 
-  rstate = train.replicate(state)
+  state = train.replicate(state)
   for epoch in range(s.epochs):
     order = train.epoch_order(len(train_set), s.batch_size, jax.random.fold_in(k_data, epoch))
-    rstate, _ = train.run_epoch(step, rstate, train_set.images, train_set.labels, order,
-                                jax.random.fold_in(k_aug, epoch), log_every=config.train.log_every_steps,
-                                describe=f"surrogate epoch {epoch + 1}/{s.epochs}",
-                                eta_steps_after=(s.epochs - epoch - 1) * steps)
-  state = train.unreplicate(rstate)
-  return {"params": state.params, "batch_stats": state.batch_stats}
+    state, _ = train.run_epoch(step, state, train_set.images, train_set.labels, order,
+                               jax.random.fold_in(k_aug, epoch), log_every=config.train.log_every_steps,
+                               describe=f"surrogate epoch {epoch + 1}/{s.epochs}",
+                               eta_steps_after=(s.epochs - epoch - 1) * steps)
+  return train.to_host(train.variables_of(state))
 
 
 def accuracy(model, variables: dict, config: ml_collections.ConfigDict, images: np.ndarray,
              labels: np.ndarray) -> float:
-  """The surrogate's accuracy on uint8 `images` (inference mode, pmapped batches)."""
-  eval_fn = _eval_step(model, tuple(config.data.mean), tuple(config.data.std))
-  state = train.replicate(train.TrainState(step=0, apply_fn=model.apply, params=variables["params"],
-                                           tx=None, opt_state=None, batch_stats=variables["batch_stats"]))
-  _, pred = train.predict(eval_fn, state, images, labels, config.train.eval_batch_size)  # One batch shape.
-  return float(np.mean(pred == labels))
-
-
-@functools.lru_cache(maxsize=8)
-def _eval_step(model, mean: tuple[float, ...], std: tuple[float, ...]):
-  return train.make_eval_step(model, mean, std)  # Cached: one compilation per model and batch shape.
+  """The surrogate's accuracy on uint8 `images` (inference mode)."""
+  predict = train.predictor(model, variables, config.data.mean, config.data.std, config.train.eval_batch_size)
+  return float(np.mean(predict(images, labels)[1] == labels))
 

@@ -23,10 +23,9 @@ def compute_dtype(name: str, backend: str | None = None) -> str:
   return name
 
 
-def create_model(name: str, num_classes: int, width: int = 0, dtype: Any = jnp.float32,
-                 bn_axis_name: str | None = None) -> nn.Module:
+def create_model(name: str, num_classes: int, width: int = 0, dtype: Any = jnp.float32) -> nn.Module:
   """The model `name`; width 0 means its default (resnet18: 64, small_cnn: 16; wrn16_1 ignores it)."""
-  kwargs = dict(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name)
+  kwargs = dict(num_classes=num_classes, dtype=dtype)
   if width:
     kwargs["width"] = width
   if name == "resnet18":

@@ -22,13 +22,12 @@ class ConvBlock(nn.Module):
   """3x3 conv (with bias, as PyTorch's default), BatchNorm, optional ReLU."""
   features: int
   relu: bool = True
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = nn.Conv(self.features, (3, 3), padding=1)(x)
     # PyTorch BatchNorm2d(momentum=0.05) in the reference = flax momentum 0.95.
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.95, epsilon=1e-5, axis_name=self.bn_axis_name)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.95, epsilon=1e-5)(x)
     return nn.relu(x) if self.relu else x
 
 
@@ -43,11 +42,10 @@ class Generator(nn.Module):
   out_channels: int = 3
   width: int = 32
   depth: int = 3
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    block = lambda f, relu=True: ConvBlock(f, relu, self.bn_axis_name)  # noqa: E731
+    block = lambda f, relu=True: ConvBlock(f, relu)  # noqa: E731
     features = self.width
     for i in range(self.depth):
       features = self.width * 2 ** i
@@ -75,12 +73,11 @@ def compose(images: jnp.ndarray, patterns: jnp.ndarray, masks: jnp.ndarray) -> j
   return images + (patterns - images) * masks
 
 
-def pattern_generator(width: int = 32, depth: int = 3, channels: int = 3,
-                      bn_axis_name: str | None = None) -> Generator:
+def pattern_generator(width: int = 32, depth: int = 3, channels: int = 3) -> Generator:
   """G: `channels` output maps (the image's channels)."""
-  return Generator(channels, width, depth, bn_axis_name)
+  return Generator(channels, width, depth)
 
 
-def mask_generator(width: int = 32, depth: int = 3, bn_axis_name: str | None = None) -> Generator:
+def mask_generator(width: int = 32, depth: int = 3) -> Generator:
   """M before the threshold: one output map."""
-  return Generator(1, width, depth, bn_axis_name)
+  return Generator(1, width, depth)

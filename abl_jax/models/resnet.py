@@ -13,12 +13,12 @@ ModuleDef = Callable[..., nn.Module]
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _layers(dtype: Any, bn_axis_name: str | None, train: bool) -> tuple[ModuleDef, ModuleDef]:
+def _layers(dtype: Any, train: bool) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free 3x3 convolution and PyTorch-style BatchNorm factories."""
   conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1, use_bias=False,
                            kernel_init=conv_init, dtype=dtype)
   norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                           dtype=dtype, axis_name=bn_axis_name)
+                           dtype=dtype)
   return conv, norm
 
 
@@ -45,11 +45,10 @@ class ResNet18(nn.Module):
   num_classes: int
   width: int = 64
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    conv, norm = _layers(self.dtype, self.bn_axis_name, train)
+    conv, norm = _layers(self.dtype, train)
     x = nn.relu(norm()(conv(self.width)(x)))
     for i, strides in enumerate((1, 2, 2, 2)):
       for j in range(2):
@@ -82,13 +81,12 @@ class WideResNet(nn.Module):
   depth: int = 16
   widen_factor: int = 1
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n+4, got {self.depth}")
-    conv, norm = _layers(self.dtype, self.bn_axis_name, train)
+    conv, norm = _layers(self.dtype, train)
     x = conv(16)(x)
     for i, strides in enumerate((1, 2, 2)):
       for j in range((self.depth - 4) // 6):

@@ -26,7 +26,6 @@ class SmallCNN(nn.Module):
   num_classes: int
   width: int = 16
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -35,7 +34,7 @@ class SmallCNN(nn.Module):
         x = nn.Conv(features, (3, 3), padding=1, use_bias=False, kernel_init=conv_init,
                     dtype=self.dtype)(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, axis_name=self.bn_axis_name)(x)
+                         dtype=self.dtype)(x)
         x = nn.relu(x)
       x = max_pool_2x2(x)
     x = jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,320 @@
+"""The training schedules, as a sequence of named steps over one run context.
+
+    for step in schedule(config):   # no defense: [train]; ABL: [isolation_training, isolate, finetune, unlearn]
+      step(run)
+
+A training step describes a `Phase` (examples, loss, optimizer, epochs) and hands it to `run_phase`, the one
+epoch loop: resume, metrics, per-epoch evaluation, checkpoints. Adding a phase is one function here and one
+line in `schedule`. The defense reads the training images, labels and its own scores only: the ground-truth
+poison mask stays inside `Run.evaluation`, which computes metrics for the log and the results.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from abl_jax import abl, distributed, evaluate, train
+from abl_jax.checkpoint import Checkpointer
+from abl_jax.data import Dataset
+from abl_jax.metrics import Writer
+
+PURPOSES = ("poison", "init", "data", "augment")  # One PRNG key each, folded from config.seed.
+
+
+def key_for(config: ml_collections.ConfigDict, purpose: str) -> jax.Array:
+  """The PRNG key for one purpose, derived from config.seed."""
+  return jax.random.fold_in(jax.random.PRNGKey(config.seed), PURPOSES.index(purpose))
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """The test sets and the ground truth: metrics for the log and the results, never inputs of the defense."""
+  test: Dataset
+  poisoned_test: Dataset | None
+  epoch_test: Dataset  # The subset evaluated after each epoch (config.train.epoch_eval_size).
+  epoch_poisoned_test: Dataset | None
+  is_poisoned: np.ndarray
+
+  def test_metrics(self, predict: train.Predict, full: bool) -> dict[str, float | None]:
+    """CA, ASR and test losses on the whole test set (`full`) or on the per-epoch subset."""
+    if full:
+      return evaluate.test_metrics(predict, self.test, self.poisoned_test)
+    return evaluate.test_metrics(predict, self.epoch_test, self.epoch_poisoned_test)
+
+  def isolation_metrics(self, isolated: np.ndarray) -> dict[str, float | int | None]:
+    """Precision and recall of an isolated set against the ground truth."""
+    return evaluate.isolation_metrics(isolated, self.is_poisoned)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the steps of a schedule share; `state` is replicated on `mesh`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  train: Dataset  # The (poisoned) training set: what the defender has.
+  evaluation: Evaluation
+  model: flax.linen.Module
+  mesh: Mesh
+  state: train.TrainState
+  checkpoints: Checkpointer
+  writer: Writer
+  wall: dict[str, float]
+  done: int = 0  # Global epochs finished (all phases), as checkpointed.
+  step: int = 0  # Global training steps finished.
+  cursor: int = 0  # The global epoch where the next phase starts.
+  phases: int = 0  # Training phases met so far; a phase's index seeds its data order and augmentation.
+  isolated: np.ndarray | None = None  # Indices isolated as suspected backdoor examples (ABL).
+  scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
+  max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
+
+  def predict(self) -> train.Predict:
+    """The current model's (images, labels) -> (cross-entropy, prediction)."""
+    c = self.config
+    return train.predictor(self.model, train.variables_of(self.state), c.data.mean, c.data.std,
+                           c.train.eval_batch_size, self.mesh)
+
+
+class Interrupted(Exception):
+  """The run stopped after `max_epochs` global epochs (checkpointed; rerun to resume)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One training phase: which examples in which order, which loss, which optimizer, how long."""
+  name: str
+  epochs: int
+  num_examples: int  # Examples per epoch (for the log and the optimizer schedule's length).
+  order: Callable[[Run, jax.Array], np.ndarray]  # (run, key) -> one epoch's [steps, batch] training indices.
+  loss_fn: train.LossFn
+  lr: Callable[[int], optax.Schedule]  # Steps per epoch -> the learning rate schedule.
+  batch_size: int
+  augment: bool
+  bn_train: bool = True  # False: BatchNorm in inference mode, statistics unchanged.
+  eval_every: int = 1  # Evaluate on the per-epoch test subset every this many epochs (and after the last).
+  after_epoch: Callable[[Run, dict[str, Any]], bool] | None = None  # Adds to the record; True stops the phase.
+
+  def steps_per_epoch(self) -> int:
+    return -(-self.num_examples // self.batch_size)
+
+
+def run_phase(run: Run, phase: Phase) -> None:
+  """Trains `phase` from where the run stands (skipped when done), evaluating and checkpointing every epoch."""
+  c = run.config
+  index, start, end = run.phases, run.cursor, run.cursor + phase.epochs
+  run.phases, run.cursor = index + 1, end
+  if run.done >= end:
+    return
+  steps = phase.steps_per_epoch()
+  tx = train.sgd(phase.lr(steps), c.train.momentum, c.train.weight_decay)
+  if run.done == start:  # A new phase: fresh optimizer state, step 0.
+    run.state = train.replicate(train.with_optimizer(train.to_host(run.state), tx), run.mesh)
+  else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
+    run.state = run.state.replace(tx=tx)
+  step_fn = train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
+                                  bn_train=phase.bn_train, mesh=run.mesh)
+  logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
+               steps, phase.batch_size)
+  for epoch in range(run.done - start, phase.epochs):
+    t0 = time.perf_counter()
+    data_key = jax.random.fold_in(jax.random.fold_in(key_for(c, "data"), index), epoch)
+    aug_key = jax.random.fold_in(jax.random.fold_in(key_for(c, "augment"), index), epoch)
+    order = phase.order(run, data_key)
+    context = {"phase": phase.name, "epoch": epoch + 1}
+    first = run.step
+    run.state, summary = train.run_epoch(
+        step_fn, run.state, run.train.images, run.train.labels, order, aug_key, mesh=run.mesh,
+        log_every=c.train.log_every_steps, describe=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
+        eta_steps_after=(phase.epochs - epoch - 1) * steps,
+        on_log=lambda m: run.writer.write(first + m.pop("step"), {f"train/{k}": v for k, v in m.items()}, **context))
+    run.step += len(order)
+    run.wall[phase.name] = run.wall.get(phase.name, 0.0) + time.perf_counter() - t0
+    run.done += 1
+    record = {f"epoch/{k}": v for k, v in summary.items()}
+    if phase.eval_every and ((epoch + 1) % phase.eval_every == 0 or epoch + 1 == phase.epochs):
+      record.update({f"eval/{k}": v for k, v in run.evaluation.test_metrics(run.predict(), full=False).items()})
+    meta = {**context, "global_epoch": run.done, "global_step": run.step, "wall_time": run.wall}
+    if phase.after_epoch is not None and phase.after_epoch(run, record) and epoch + 1 < phase.epochs:
+      logging.info("%s stopped after epoch %d of %d", phase.name, epoch + 1, phase.epochs)
+      run.done = meta["global_epoch"] = end  # The phase counts as finished: a resume does not go on.
+      meta["stopped_at_epoch"] = epoch + 1
+    run.writer.write(run.step, record, **context, global_epoch=run.done)
+    run.writer.flush()
+    if distributed.is_primary():
+      run.checkpoints.save(run.done, train.to_host(run.state), meta)
+    if run.max_epochs is not None and run.done >= run.max_epochs:
+      raise Interrupted(f"stopped after {run.done} epochs (max_epochs); rerun to resume")
+    if run.done >= end:
+      break
+
+
+# --- The steps of the schedules. ------------------------------------------------------------------------------
+
+
+def _all_examples(run: Run, key: jax.Array, batch_size: int) -> np.ndarray:
+  return train.epoch_order(len(run.train), batch_size, key)
+
+
+def train_baseline(run: Run) -> None:
+  """No defense: ordinary training on every example (config.train.*)."""
+  t = run.config.train
+
+  def lr(steps_per_epoch: int) -> optax.Schedule:
+    total = max(t.epochs * steps_per_epoch, 1)
+    if t.schedule == "cosine":
+      return optax.cosine_decay_schedule(t.learning_rate, total)
+    if t.schedule == "step":
+      return optax.piecewise_constant_schedule(t.learning_rate,
+                                               {int(e * steps_per_epoch): 0.1 for e in t.lr_boundaries})
+    return optax.constant_schedule(t.learning_rate)
+
+  run_phase(run, Phase("train", t.epochs, len(run.train), lambda r, k: _all_examples(r, k, t.batch_size),
+                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs))
+
+
+def isolation_training(run: Run) -> None:
+  """ABL's first phase: the local gradient ascent (or flooding) loss on every example, no augmentation."""
+  a, t = run.config.abl, run.config.train
+  run_phase(run, Phase("isolation", a.isolation_epochs, len(run.train),
+                       lambda r, k: _all_examples(r, k, t.batch_size), abl.isolation_loss(a.loss, a.gamma),
+                       lambda _: optax.constant_schedule(a.isolation_lr), t.batch_size, False,
+                       eval_every=t.eval_every_epochs))
+
+
+def isolate(run: Run) -> None:
+  """Scores every training example with the isolation model and isolates the lowest losses (saved once)."""
+  path = os.path.join(run.workdir, "isolation.npz")
+  if os.path.exists(path):  # Isolated before an interruption, or copied by config.abl.start_from.
+    with np.load(path) as saved:
+      run.scores, run.isolated = saved["scores"], saved["isolated"]
+    return
+  if run.done > run.cursor:
+    raise FileNotFoundError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
+  t0 = time.perf_counter()
+  scores, _ = run.predict()(run.train.images, run.train.labels)
+  isolated = abl.isolate(scores, run.config.abl.isolation_ratio)
+  stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
+  stats["threshold"] = float(scores[isolated[-1]])
+  stats["seconds"] = time.perf_counter() - t0
+  if distributed.is_primary():
+    # is_poisoned is saved for the report's histogram only; the steps read scores and isolated.
+    np.savez(path, scores=scores, isolated=isolated, is_poisoned=run.evaluation.is_poisoned)
+    with open(os.path.join(run.workdir, "isolation.json"), "w") as f:
+      json.dump(stats, f, indent=2)
+  distributed.barrier("isolation")
+  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase="isolate",
+                   global_epoch=run.done)
+  run.scores, run.isolated = scores, isolated
+
+
+def _retained(run: Run) -> np.ndarray:
+  return np.setdiff1d(np.arange(len(run.train)), run.isolated)
+
+
+def finetune(run: Run) -> None:
+  """ABL's second phase: ordinary training on the examples not isolated."""
+  a, t = run.config.abl, run.config.train
+  retained = _retained(run)
+
+  def lr(steps_per_epoch: int) -> optax.Schedule:
+    return optax.piecewise_constant_schedule(a.finetune_lr,
+                                             {int(e * steps_per_epoch): 0.1 for e in a.finetune_lr_boundaries})
+
+  run_phase(run, Phase("finetune", a.finetune_epochs, len(retained),
+                       lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
+                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs))
+
+
+def joint_pool(scores: np.ndarray, isolated: np.ndarray, exclude_ratio: float) -> np.ndarray:
+  """The examples joint unlearning descends on: neither isolated nor among the lowest `exclude_ratio` scores."""
+  if exclude_ratio * len(scores) <= len(isolated):
+    return np.setdiff1d(np.arange(len(scores)), isolated)
+  # Low isolation loss = suspect: examples too suspect to descend on (the backdoor examples isolation
+  # missed) but too many to ascend on are left out.
+  ratio = exclude_ratio
+  pool = np.setdiff1d(np.arange(len(scores)), abl.isolate(scores, ratio))
+  logging.info("joint unlearning descends on %d retained examples (the lowest-loss %.0f%% left out, "
+               "config.abl.joint_exclude_ratio)", len(pool), 100 * ratio)
+  return pool
+
+
+def joint_order(isolated: np.ndarray, pool: np.ndarray, isolated_batch: int, pool_batch: int,
+                key: jax.Array) -> np.ndarray:
+  """[steps, isolated_batch + pool_batch]: each row a batch of isolated examples, then one of pool examples."""
+  k_iso, k_pool = jax.random.split(key)
+  iso = isolated[train.epoch_order(len(isolated), isolated_batch, k_iso)]
+  steps = len(iso)
+  ret = pool[np.resize(np.asarray(jax.random.permutation(k_pool, len(pool))), steps * pool_batch)]
+  return np.concatenate([iso, ret.reshape(steps, pool_batch)], axis=1)
+
+
+def _isolated_metrics(run: Run) -> tuple[dict[str, float], np.ndarray]:
+  """Loss and accuracy on the isolated examples with their training labels (what a defender has)."""
+  labels = run.train.labels[run.isolated]
+  ce, pred = run.predict()(run.train.images[run.isolated], labels)
+  return {"unlearning/isolated_loss": float(np.mean(ce)),
+          "unlearning/isolated_accuracy": float(np.mean(pred == labels))}, pred
+
+
+def _before_unlearning(run: Run) -> None:
+  """Records the fine-tuned model's metrics on the full test set and saves it (config.abl.start_from reuses it)."""
+  record = {f"eval/{k}": v for k, v in run.evaluation.test_metrics(run.predict(), full=True).items()}
+  record["eval/full_test_set"] = 1
+  record.update(_isolated_metrics(run)[0])
+  run.writer.write(run.step, record, phase="unlearning", epoch=0, global_epoch=run.done)
+  if distributed.is_primary():
+    saved = Checkpointer(os.path.join(run.workdir, "before_unlearning"), 1)
+    saved.save(run.done, train.to_host(run.state), {"phase": "before_unlearning", "epoch": 0, "global_epoch": run.done,
+                                                    "global_step": run.step, "wall_time": run.wall})
+    saved.close()
+
+
+def _unlearning_check(run: Run, record: dict[str, Any]) -> bool:
+  """Adds the isolated set's metrics to `record`; true when the defender's stopping rule fires."""
+  metrics, pred = _isolated_metrics(run)
+  record.update(metrics)
+  a = run.config.abl
+  # The rule receives the isolated examples' predictions and training labels: never the poison mask.
+  stop = abl.stop_unlearning(pred, run.train.labels[run.isolated], a.unlearning_stop, a.stop_accuracy)
+  record["unlearning/stopped"] = int(stop)
+  return stop
+
+
+def unlearn(run: Run) -> None:
+  """ABL's last phase: unlearn the isolated examples (config.abl.unlearning_*, joint_*)."""
+  a = run.config.abl
+  isolated = run.isolated
+  if a.unlearning_mode == "ascent":
+    num, order = len(isolated), lambda r, k: isolated[train.epoch_order(len(isolated), a.unlearning_batch_size, k)]
+    batch = a.unlearning_batch_size
+  else:  # joint: each batch pairs isolated examples (forgotten) with retained ones (descended on).
+    pool = joint_pool(run.scores, isolated, a.joint_exclude_ratio)
+    num, batch = len(isolated), a.unlearning_batch_size  # Isolated examples per step; the pool's come on top.
+    order = lambda r, k: joint_order(isolated, pool, a.unlearning_batch_size, a.joint_batch_size, k)
+  if run.done == run.cursor and a.unlearning_epochs:
+    _before_unlearning(run)
+  run_phase(run, Phase(
+      "unlearning", a.unlearning_epochs, num, order,
+      abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size, a.joint_weight, a.unlearning_loss),
+      lambda _: optax.constant_schedule(a.unlearning_lr), batch, False, bn_train=a.unlearning_bn == "train",
+      eval_every=1, after_epoch=_unlearning_check))
+
+
+Step = Callable[[Run], None]
+
+
+def schedule(config: ml_collections.ConfigDict) -> list[Step]:
+  """The steps of the run `config` asks for, in order."""
+  if config.defense.name == "none":
+    return [train_baseline]
+  return [isolation_training, isolate, finetune, unlearn]
