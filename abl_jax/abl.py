@@ -13,11 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ISOLATION_LOSSES = ("lga", "flooding")
-UNLEARNING_MODES = ("ascent", "joint")
-UNLEARNING_LOSSES = ("neg_ce", "complement")
-UNLEARNING_BN = ("train", "frozen")
-STOP_RULES = ("none", "isolated_accuracy")
+from abl_jax import registry
+
 
 # Every loss maps the per-example cross-entropy [B] of the whole batch to a scalar.
 LossFn = Callable[[jax.Array], jax.Array]
@@ -57,7 +54,8 @@ def _forget(loss: str) -> LossFn:
     return neg_ce_loss
   if loss == "complement":
     return complement_loss
-  raise ValueError(f"config.abl.unlearning_loss={loss!r} is unknown; allowed: {', '.join(UNLEARNING_LOSSES)}")
+  registry.check_name("config.abl.unlearning_loss", loss)
+  raise AssertionError(loss)
 
 
 def joint_unlearning_loss(ce: jax.Array, num_isolated: int, weight: float,
@@ -76,7 +74,8 @@ def unlearning_step_loss(mode: str, num_isolated: int, weight: float, loss: str 
     return forget
   if mode == "joint":
     return lambda ce: joint_unlearning_loss(ce, num_isolated, weight, forget)
-  raise ValueError(f"config.abl.unlearning_mode={mode!r} is unknown; allowed: {', '.join(UNLEARNING_MODES)}")
+  registry.check_name("config.abl.unlearning_mode", mode)
+  raise AssertionError(mode)
 
 
 def stop_unlearning(isolated_predictions: np.ndarray, isolated_labels: np.ndarray, rule: str,
@@ -89,7 +88,8 @@ def stop_unlearning(isolated_predictions: np.ndarray, isolated_labels: np.ndarra
     return False
   if rule == "isolated_accuracy":
     return bool(np.mean(np.asarray(isolated_predictions) == np.asarray(isolated_labels)) <= threshold)
-  raise ValueError(f"config.abl.unlearning_stop={rule!r} is unknown; allowed: {', '.join(STOP_RULES)}")
+  registry.check_name("config.abl.unlearning_stop", rule)
+  raise AssertionError(rule)
 
 
 def isolation_loss(name: str, gamma: float) -> LossFn:
@@ -98,13 +98,13 @@ def isolation_loss(name: str, gamma: float) -> LossFn:
     return lambda ce: lga_loss(ce, gamma)
   if name == "flooding":
     return lambda ce: flooding_loss(ce, gamma)
-  raise ValueError(f"config.abl.loss={name!r} is unknown; allowed: {', '.join(ISOLATION_LOSSES)}")
+  registry.check_name("config.abl.loss", name)
+  raise AssertionError(name)
 
 
 def num_isolated(num_examples: int, ratio: float) -> int:
   """How many examples `ratio` isolates out of `num_examples` (the authors' int(n * ratio))."""
-  if not 0.0 < ratio < 1.0:
-    raise ValueError(f"config.abl.isolation_ratio={ratio} must be in (0, 1)")
+  registry.check_range("config.abl.isolation_ratio", ratio, 0.0, 1.0, low_open=True, high_open=True)
   k = int(num_examples * ratio)
   if k < 1:
     raise ValueError(f"config.abl.isolation_ratio={ratio} isolates 0 of {num_examples} training examples; "

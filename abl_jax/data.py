@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-SOURCES = ("tfds", "folder", "synthetic")
+from abl_jax import registry
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
 _CHUNK = 1000  # Images per decoding task and per tfds batch read.
@@ -71,7 +72,7 @@ def load(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Dataset, Dataset]:
                             cfg.image_size, seed)
     what = "synthetic data"
   else:
-    raise ValueError(f"config.data.source={cfg.source!r} is unknown; allowed: {', '.join(SOURCES)}")
+    registry.check_name("config.data.source", cfg.source)
   subset_seed, test_seed, shuffle_seed = np.random.SeedSequence(seed).spawn(3)
   train = _maybe_subset(train, cfg.train_size, subset_seed, "config.data.train_size")
   test = _maybe_subset(test, cfg.test_size, test_seed, "config.data.test_size")

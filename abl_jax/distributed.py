@@ -1,8 +1,7 @@
-"""Multi-process runs on JAX's distributed runtime: process setup, this process's rows, gathers, barriers.
+"""Multi-process runs on JAX's distributed runtime: process setup, shared work, gathers, barriers.
 
     distributed.initialize(config.distributed)    # in launch.py, before anything touches devices
-    x_local = x[distributed.rows(len(x))]         # this process's contiguous share of a global batch
-    full = distributed.gather_batches(outputs)    # [steps, local rows] from every process -> [steps * batch]
+    y = distributed.map_rows(fn, x)               # each process computes its share of the rows, all receive y
     if distributed.is_primary(): write files      # files are written once, by process 0...
     distributed.barrier("results")                # ...and the others wait before reading them
 
@@ -18,7 +17,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-INIT_MODES = ("auto", "always", "never")
+from abl_jax import registry
+
 
 
 def _env_int(name: str) -> int:
@@ -38,8 +38,7 @@ def cluster_detected() -> bool:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Rejects bad config.distributed values with one line naming the field."""
-  if cfg.initialize not in INIT_MODES:
-    raise ValueError(f"config.distributed.initialize={cfg.initialize!r} is unknown; allowed: {', '.join(INIT_MODES)}")
+  registry.check_name("config.distributed.initialize", cfg.initialize)
   if cfg.num_processes < 0:
     raise ValueError(f"config.distributed.num_processes={cfg.num_processes} must be >= 0 (0 = from the environment)")
   if cfg.process_id < -1 or (cfg.num_processes and cfg.process_id >= cfg.num_processes):
@@ -73,31 +72,6 @@ def initialize(cfg: ml_collections.ConfigDict) -> bool:
 def is_primary() -> bool:
   """True on the process that writes files and logs progress (process 0)."""
   return jax.process_index() == 0
-
-
-def rows(batch: int) -> slice:
-  """This process's contiguous rows of a global batch of `batch` rows (which splits evenly over processes)."""
-  n, p = jax.process_count(), jax.process_index()
-  if batch % n:
-    raise ValueError(f"a batch of {batch} does not split over {n} processes")
-  return slice(p * batch // n, (p + 1) * batch // n)
-
-
-def gather(x: np.ndarray) -> np.ndarray:
-  """Every process's `x` (same shape on each), concatenated along axis 0 in process order."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
-
-
-def gather_batches(x: np.ndarray) -> np.ndarray:
-  """[steps, local rows, ...] outputs of `rows`-split global batches -> [steps * batch, ...] in global order."""
-  if jax.process_count() == 1:
-    return x.reshape(-1, *x.shape[2:])
-  steps, local = x.shape[:2]
-  every = gather(x[None])  # [processes, steps, local, ...]
-  return np.swapaxes(every, 0, 1).reshape(steps * local * jax.process_count(), *x.shape[2:])
 
 
 def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -21,12 +21,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abl_jax import abl, attacks, data, distributed, evaluate, metrics, models, schedule, train
+from abl_jax import abl, attacks, data, distributed, evaluate, metrics, models, registry, schedule, train
 from abl_jax.checkpoint import Checkpointer
 
-DEFENSES = ("none", "abl")
-SCHEDULES = ("cosine", "step", "constant")
-SOURCES = ("tfds", "folder", "synthetic")
 RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
                 "unlearning_curve.json", "examples.npz")
 # Fields a run started from another run's fine-tuned model (config.abl.start_from) may change.
@@ -49,36 +46,22 @@ class Prepared:
   is_cross: np.ndarray | None = None  # input_aware: training examples with a cross trigger (metrics only).
 
 
-def _allowed(field: str, value: Any, allowed: tuple[str, ...]) -> None:
-  if value not in allowed:
-    raise ValueError(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects bad names and ranges before any work, with one line naming the field."""
-  _allowed("config.data.source", config.data.source, SOURCES)
+  for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
+                "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop"):
+    group, name = field.split(".")
+    registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
     distributed.validate(config.distributed)
-  _allowed("config.model.name", config.model.name, models.MODELS)
-  _allowed("config.attack.name", config.attack.name, attacks.ATTACKS)
-  _allowed("config.defense.name", config.defense.name, DEFENSES)
-  _allowed("config.train.schedule", config.train.schedule, SCHEDULES)
-  _allowed("config.train.dtype", config.train.dtype, models.DTYPES)
-  _allowed("config.abl.loss", config.abl.loss, abl.ISOLATION_LOSSES)
-  _allowed("config.abl.unlearning_mode", config.abl.unlearning_mode, abl.UNLEARNING_MODES)
-  _allowed("config.abl.unlearning_loss", config.abl.unlearning_loss, abl.UNLEARNING_LOSSES)
-  _allowed("config.abl.unlearning_bn", config.abl.unlearning_bn, abl.UNLEARNING_BN)
-  _allowed("config.abl.unlearning_stop", config.abl.unlearning_stop, abl.STOP_RULES)
-  if not 0.0 <= config.abl.joint_exclude_ratio < 1.0:
-    raise ValueError(f"config.abl.joint_exclude_ratio={config.abl.joint_exclude_ratio} must be in [0, 1)")
-  if not 0.0 <= config.abl.stop_accuracy <= 1.0:
-    raise ValueError(f"config.abl.stop_accuracy={config.abl.stop_accuracy} must be in [0, 1]")
+  registry.check_range("config.abl.joint_exclude_ratio", config.abl.joint_exclude_ratio, 0.0, 1.0, high_open=True)
+  registry.check_range("config.abl.stop_accuracy", config.abl.stop_accuracy, 0.0, 1.0)
   if config.abl.start_from and not os.path.exists(os.path.join(config.abl.start_from, "config.json")):
     raise ValueError(f"config.abl.start_from={config.abl.start_from!r} holds no run (no config.json)")
-  if config.attack.name != "none" and not 0.0 < config.attack.poison_rate <= 1.0:
-    raise ValueError(f"config.attack.poison_rate={config.attack.poison_rate} must be in (0, 1]")
-  if not 0.0 < config.abl.isolation_ratio < 1.0:
-    raise ValueError(f"config.abl.isolation_ratio={config.abl.isolation_ratio} must be in (0, 1)")
+  if config.attack.name != "none":
+    registry.check_range("config.attack.poison_rate", config.attack.poison_rate, 0.0, 1.0, low_open=True)
+  registry.check_range("config.abl.isolation_ratio", config.abl.isolation_ratio, 0.0, 1.0, low_open=True,
+                       high_open=True)
   for field in ("train.batch_size", "train.eval_batch_size", "abl.unlearning_batch_size", "abl.joint_batch_size"):
     group, name = field.split(".")
     train.check_batch_size(config[group][name], f"config.{field}")

@@ -14,11 +14,12 @@ import importlib
 
 import ml_collections
 
+from abl_jax import registry
 from configs import common
 
 # The attacks of the table, each with its configs/abl_<attack>.py: a new attack is one more name here.
 ATTACKS = ("badnets", "blend", "sig", "clean_label", "input_aware")
-DEFENSES = ("none", "abl")
+DEFENSES = registry.DEFENSES
 # cpu: the rows that fit in well under an hour on 2 cores (the seed's attacks are clean-label and SIG).
 CPU_ROWS = "clean,badnets,sig,clean_label"
 

@@ -13,16 +13,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from abl_jax import distributed
+from abl_jax import distributed, registry
 from abl_jax.attacks import badnets, blend, clean_label, input_aware, sig
 from abl_jax.attacks.base import Poisoned, TriggerFn, apply_in_chunks
 from abl_jax.data import Dataset
 
-ATTACKS = ("none", "badnets", "blend", "sig", "clean_label", "input_aware")
 _CLEAN_LABEL = ("sig", "clean_label")  # Poison target-class images and keep their labels.
 _LABEL_FLIP = ("badnets", "blend")
 
-__all__ = ["ATTACKS", "Poisoned", "apply_in_chunks", "cross_test_set", "poison", "poisoned_test_set"]
+__all__ = ["Poisoned", "apply_in_chunks", "cross_test_set", "poison", "poisoned_test_set"]
 
 
 def _trigger(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) -> TriggerFn:
@@ -43,16 +42,14 @@ def _trigger(cfg: ml_collections.ConfigDict, image_shape: tuple[int, int, int]) 
 
 def _validate(cfg: ml_collections.ConfigDict, train: Dataset) -> int:
   """Rejects bad attack settings with one line naming the field; returns how many to poison."""
-  if cfg.name not in ATTACKS:
-    raise ValueError(f"config.attack.name={cfg.name!r} is unknown; allowed: {', '.join(ATTACKS)}")
+  registry.check_name("config.attack.name", cfg.name)
   if not 0 <= cfg.target_label < train.num_classes:
     raise ValueError(f"config.attack.target_label={cfg.target_label} must be in 0..{train.num_classes - 1}")
   if cfg.name == "none":
     return 0
-  if not 0.0 < cfg.poison_rate <= 1.0:
-    raise ValueError(f"config.attack.poison_rate={cfg.poison_rate} must be in (0, 1]")
-  if cfg.name == "blend" and not 0.0 <= cfg.alpha <= 1.0:
-    raise ValueError(f"config.attack.alpha={cfg.alpha} must be in [0, 1]")
+  registry.check_range("config.attack.poison_rate", cfg.poison_rate, 0.0, 1.0, low_open=True)
+  if cfg.name == "blend":
+    registry.check_range("config.attack.alpha", cfg.alpha, 0.0, 1.0)
   if cfg.name == "clean_label":
     clean_label.validate(cfg)
   n = max(1, round(cfg.poison_rate * len(train)))

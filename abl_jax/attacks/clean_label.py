@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from abl_jax import models, train as train_lib
+from abl_jax import registry, train as train_lib
 from abl_jax.attacks import badnets, pgd, surrogate
 from abl_jax.data import Dataset
 
@@ -62,7 +62,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       (p.steps >= 0, "pgd.steps", p.steps, ">= 0"),
       (cfg.trigger_style in TRIGGER_STYLES, "trigger_style", cfg.trigger_style, "one of " + ", ".join(TRIGGER_STYLES)),
       (0 <= cfg.trigger_amplitude <= 255, "trigger_amplitude", cfg.trigger_amplitude, "in [0, 255] (0 = overwrite)"),
-      (s.model in models.MODELS, "surrogate.model", s.model, "one of " + ", ".join(models.MODELS)),
+      (s.model in registry.MODELS, "surrogate.model", s.model, "one of " + ", ".join(registry.MODELS)),
       (s.epochs >= 0, "surrogate.epochs", s.epochs, ">= 0"),
       (not s.adversarial or s.adv_steps >= 1, "surrogate.adv_steps", s.adv_steps, ">= 1 when adversarial"),
   ]

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from abl_jax import models, train as train_lib
+from abl_jax import registry, train as train_lib
 from abl_jax.attacks import input_aware_train
 from abl_jax.attacks.base import Poisoned
 from abl_jax.attacks.input_aware_trigger import make_trigger_fns, trigger_parts
@@ -43,8 +43,8 @@ def validate(cfg: ml_collections.ConfigDict, num_train: int, num_poison: int) ->
       (ia.generator_depth >= 1, "generator_depth", ia.generator_depth, ">= 1"),
       (ia.mask_epochs >= 0 and ia.epochs >= 0, "epochs", (ia.mask_epochs, ia.epochs), ">= 0 (and mask_epochs)"),
       (0.0 <= ia.mask_density <= 1.0, "mask_density", ia.mask_density, "in [0, 1]"),
-      (not ia.classifier or ia.classifier in models.MODELS, "classifier", ia.classifier,
-       "'' (config.model.name) or one of " + ", ".join(models.MODELS)),
+      (not ia.classifier or ia.classifier in registry.MODELS, "classifier", ia.classifier,
+       "'' (config.model.name) or one of " + ", ".join(registry.MODELS)),
   ]
   for ok, field, value, allowed in checks:
     if not ok:

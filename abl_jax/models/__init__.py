@@ -7,17 +7,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from abl_jax import registry
 from abl_jax.models.resnet import WRN16_1, ResNet18, WideResNet
 from abl_jax.models.small_cnn import SmallCNN
 
-MODELS = ("resnet18", "wrn16_1", "small_cnn")
-DTYPES = ("auto", "float32", "bfloat16")
+from abl_jax.registry import DTYPES, MODELS
 
 
 def compute_dtype(name: str, backend: str | None = None) -> str:
   """The activation dtype `config.train.dtype` names: auto is bfloat16 on GPU/TPU and float32 on CPU."""
-  if name not in DTYPES:
-    raise ValueError(f"config.train.dtype={name!r} is unknown; allowed: {', '.join(DTYPES)}")
+  registry.check_name("config.train.dtype", name)
   if name == "auto":
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
   return name
@@ -35,7 +34,8 @@ def create_model(name: str, num_classes: int, width: int = 0, dtype: Any = jnp.f
   if name == "wrn16_1":
     kwargs.pop("width", None)
     return WRN16_1(**kwargs)
-  raise ValueError(f"config.model.name={name!r} is unknown; allowed: {', '.join(MODELS)}")
+  registry.check_name("config.model.name", name)
+  raise AssertionError(name)
 
 
 __all__ = ["DTYPES", "MODELS", "compute_dtype", "ResNet18", "SmallCNN", "WRN16_1", "WideResNet", "create_model"]

@@ -1,0 +1,52 @@
+"""Every name a config field selects, declared once: validation, the modules that implement them, the configs
+and the results table read them from here.
+
+    registry.check_name("config.abl.loss", "lga")   # ValueError naming the field and the allowed values
+"""
+from __future__ import annotations
+
+from typing import Any
+
+SOURCES = ("tfds", "folder", "synthetic")  # config.data.source
+MODELS = ("resnet18", "wrn16_1", "small_cnn")  # config.model.name
+DTYPES = ("auto", "float32", "bfloat16")  # config.train.dtype
+SCHEDULES = ("cosine", "step", "constant")  # config.train.schedule
+ATTACKS = ("none", "badnets", "blend", "sig", "clean_label", "input_aware")  # config.attack.name
+DEFENSES = ("none", "abl")  # config.defense.name
+ISOLATION_LOSSES = ("lga", "flooding")  # config.abl.loss
+UNLEARNING_MODES = ("ascent", "joint")  # config.abl.unlearning_mode
+UNLEARNING_LOSSES = ("neg_ce", "complement")  # config.abl.unlearning_loss
+UNLEARNING_BN = ("train", "frozen")  # config.abl.unlearning_bn
+STOP_RULES = ("none", "isolated_accuracy")  # config.abl.unlearning_stop
+INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
+
+FIELDS = {
+    "config.data.source": SOURCES,
+    "config.model.name": MODELS,
+    "config.train.dtype": DTYPES,
+    "config.train.schedule": SCHEDULES,
+    "config.attack.name": ATTACKS,
+    "config.defense.name": DEFENSES,
+    "config.abl.loss": ISOLATION_LOSSES,
+    "config.abl.unlearning_mode": UNLEARNING_MODES,
+    "config.abl.unlearning_loss": UNLEARNING_LOSSES,
+    "config.abl.unlearning_bn": UNLEARNING_BN,
+    "config.abl.unlearning_stop": STOP_RULES,
+    "config.distributed.initialize": INIT_MODES,
+}
+
+
+def check_name(field: str, value: Any) -> None:
+  """Raises ValueError naming `field` and its allowed values unless `value` is one of them."""
+  allowed = FIELDS[field]
+  if value not in allowed:
+    raise ValueError(f"{field}={value!r} is unknown; allowed: {', '.join(allowed)}")
+
+
+def check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+  """Raises ValueError naming `field` and its interval unless low <= value <= high (or < where open)."""
+  ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+  if not ok:
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{field}={value} must be in {interval}")
