@@ -22,20 +22,15 @@ import numpy as np
 import optax
 from absl import logging
 
-from abl_jax import abl, attacks, data, distributed, evaluate, models, train
+from abl_jax import abl, attacks, data, distributed, evaluate, models, train, workdir as wd
 from abl_jax.checkpoint import Checkpointer
+from abl_jax.workdir import WorkdirError, check_same_config
 
 DEFENSES = ("none", "abl")
 SCHEDULES = ("cosine", "step", "constant")
 SOURCES = ("tfds", "folder", "synthetic")
-RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
-                "unlearning_curve.json", "examples.npz")
 # Fields a run started from another run's fine-tuned model (config.abl.start_from) may change.
 UNLEARNING_FIELDS = ("abl.unlearning_", "abl.joint_", "abl.stop_accuracy", "abl.start_from")
-
-
-class WorkdirError(ValueError):
-  """The workdir holds a different run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,70 +152,6 @@ def _model(config: ml_collections.ConfigDict, num_classes: int):
   dtype = jnp.dtype(models.compute_dtype(config.train.dtype))
   return models.create_model(config.model.name, num_classes, config.model.width, dtype=dtype,
                              bn_axis_name=train.AXIS)
-
-
-def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """Makes `workdir` this run's, refusing one that holds a run of another config (the primary writes)."""
-  if distributed.is_primary():
-    _claim(config, workdir, overwrite)
-  distributed.barrier("claim_workdir")
-  check_same_config(config, workdir)  # Every process, once the primary has written config.json.
-
-
-def _claim(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  path = os.path.join(workdir, "config.json")
-  if overwrite and os.path.isdir(workdir):
-    logging.warning("--overwrite: deleting the previous run in %s", workdir)
-    for name in (*RESULT_FILES, "checkpoints", "before_unlearning"):
-      p = os.path.join(workdir, name)
-      if os.path.isdir(p):
-        shutil.rmtree(p)
-      elif os.path.exists(p):
-        os.remove(p)
-  os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(path):
-    check_same_config(config, workdir)
-  else:
-    with open(path, "w") as f:
-      json.dump(_config_json(config), f, indent=2)
-
-
-def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises WorkdirError naming the fields where `config` differs from the workdir's run."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  unused = _unused_fields(config)
-  # A group missing on one side differs as a whole ("config.distributed"), hence the added dot.
-  diffs = [d for d in _diff(_comparable(saved), _comparable(_config_json(config)), "config")
-           if not (d[0] + ".").startswith(unused)]
-  if diffs:
-    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
-    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-    raise WorkdirError(f"workdir {workdir} holds a run with a different config ({shown}{more}); "
-                       "use another --workdir, or --overwrite to start over")
-
-
-def _comparable(saved: dict[str, Any]) -> dict[str, Any]:
-  """A config.json with train.dtype resolved on this machine (runs saved before the field existed ran float32)."""
-  out = json.loads(json.dumps(saved))
-  out["train"]["dtype"] = models.compute_dtype(out["train"].get("dtype", "float32"))
-  return out
-
-
-def _unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Config prefixes that cannot change this run: the process setup (a run may resume with another process
-  count) and the abl group without ABL (a new default there does not make a no-defense run another one)."""
-  return ("config.distributed.", "config.abl.") if config.defense.name == "none" else ("config.distributed.",)
-
-
-def _diff(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}.{k}")]
-  return [] if a == b else [(prefix, a, b)]
 
 
 class _Log:
@@ -360,14 +291,14 @@ def unlearning_curve(workdir: str) -> list[dict[str, Any]]:
 
 def _write_curve(workdir: str) -> None:
   if distributed.is_primary():
-    _write_json(os.path.join(workdir, "unlearning_curve.json"), {"curve": unlearning_curve(workdir)})
+    wd.write_json(os.path.join(workdir, "unlearning_curve.json"), {"curve": unlearning_curve(workdir)})
 
 
 def _check_start_from(config: ml_collections.ConfigDict) -> None:
   """Refuses a config.abl.start_from run that differs in more than the unlearning fields."""
   source = config.abl.start_from
   with open(os.path.join(source, "config.json")) as f:
-    diffs = [d for d in _diff(_comparable(json.load(f)), _comparable(_config_json(config)), "config")
+    diffs = [d for d in wd.diff(wd.comparable(json.load(f)), wd.comparable(wd.config_json(config)), "config")
              if not any((d[0] + ".").startswith("config." + f) for f in (*UNLEARNING_FIELDS, "distributed."))]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
@@ -417,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     abl.num_isolated(len(prep.train), config.abl.isolation_ratio)  # Fail now, not after isolation training.
   if config.abl.start_from and config.defense.name == "abl":
     _check_start_from(config)
-  _claim_workdir(config, workdir, overwrite)  # Only once the config has proved valid.
+  wd.claim(config, workdir, overwrite)  # Only once the config has proved valid.
   log = _Log(workdir)
   eval_fn = train.make_eval_step(model, config.data.mean, config.data.std)
   epoch_test, epoch_poisoned = _subset(prep.test, config.train.epoch_eval_size), _subset(
@@ -517,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   results["wall_time"] = wall
   if distributed.is_primary():
     save_examples(workdir, prep, config.attack.target_label)
-    _write_json(results_path, results)
+    wd.write_json(results_path, results)
   distributed.barrier("results")
   if not distributed.is_primary():  # The same metrics; the primary's file also has its wall times.
     with open(results_path) as f:
@@ -548,7 +479,7 @@ def _final_metrics(config, eval_fn, rstate, prep: Prepared) -> dict[str, Any]:
     out.update(evaluate.cross_trigger_metrics(eval_fn, rstate, prep.cross_test, prep.is_cross,
                                               config.train.eval_batch_size))
   out["isolation"] = None
-  out["config"] = _config_json(config)
+  out["config"] = wd.config_json(config)
   out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jax.lib.__version__,
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
                      "devices": [str(d) for d in jax.local_devices()], "processes": jax.process_count(),
@@ -576,7 +507,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                        train.replicate(state), prep)
   out["checkpoint"] = {"step": latest, "phase": meta["phase"], "epoch": meta["epoch"]}
   if distributed.is_primary():
-    _write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))
+    wd.write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))
   distributed.barrier("eval")
   logging.info("eval of checkpoint %d (%s epoch %d): %s", latest, meta["phase"], meta["epoch"], _summary(out))
   return out
@@ -599,13 +530,6 @@ def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
         "stopped_at_epoch": next((c["epoch"] for c in curve if c["stopped"]), None),
     }
   return out
-
-
-def _write_json(path: str, obj: dict[str, Any]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _summary(r: dict[str, Any]) -> str:
