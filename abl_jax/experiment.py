@@ -8,7 +8,6 @@ The ground-truth poison mask goes to `evaluate` only: the phases below receive i
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -163,8 +162,7 @@ class _Log:
   def __call__(self, **record: Any) -> None:
     if not distributed.is_primary():  # Every process holds the same record; one writes it.
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    wd.append_jsonl(self.path, record)
 
 
 def _subset(ds: data.Dataset | None, size: int) -> data.Dataset | None:
@@ -184,9 +182,8 @@ def _isolate(config, workdir, eval_fn, state, prep: Prepared, log: _Log) -> np.n
   stats["seconds"] = time.perf_counter() - t0
   # is_poisoned is the ground truth, saved for the report's histogram only; the phases read scores/isolated.
   if distributed.is_primary():
-    np.savez(os.path.join(workdir, "isolation.npz"), scores=scores, isolated=isolated, is_poisoned=prep.is_poisoned)
-    with open(os.path.join(workdir, "isolation.json"), "w") as f:
-      json.dump(stats, f, indent=2)
+    wd.write_npz(os.path.join(workdir, "isolation.npz"), scores=scores, isolated=isolated, is_poisoned=prep.is_poisoned)
+    wd.write_json(os.path.join(workdir, "isolation.json"), stats)
   distributed.barrier("isolation")  # The others read isolation.npz later (joint unlearning's pool).
   logging.info("isolation: %d examples with loss <= %.4g isolated; precision %.3f, recall %s (ground truth, "
                "metrics only)", stats["num_isolated"], stats["threshold"], stats["precision"] or 0.0,
@@ -199,7 +196,7 @@ def _load_isolated(workdir: str) -> np.ndarray:
   path = os.path.join(workdir, "isolation.npz")
   if not os.path.exists(path):
     raise WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
-  return np.load(path)["isolated"]
+  return wd.load_npz(path)["isolated"]
 
 
 def _joint_pool(config, workdir: str, isolated: np.ndarray, num_train: int) -> np.ndarray:
@@ -209,7 +206,7 @@ def _joint_pool(config, workdir: str, isolated: np.ndarray, num_train: int) -> n
     return np.setdiff1d(np.arange(num_train), isolated)
   # The isolation model's scores, as for isolation itself: low loss = suspect. Examples too suspect to
   # descend on (the backdoor examples isolation missed) but too many to ascend on are left out.
-  scores = np.load(os.path.join(workdir, "isolation.npz"))["scores"]
+  scores = wd.load_npz(os.path.join(workdir, "isolation.npz"))["scores"]
   pool = np.setdiff1d(np.arange(num_train), abl.isolate(scores, ratio))
   logging.info("joint unlearning descends on %d retained examples (the lowest-loss %.0f%% left out, "
                "config.abl.joint_exclude_ratio)", len(pool), 100 * ratio)
@@ -280,11 +277,9 @@ def unlearning_curve(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, "metrics.jsonl")
   by_epoch: dict[int, dict[str, Any]] = {}
   if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        r = json.loads(line)
-        if r.get("phase") == "unlearning" and "global_epoch" in r:
-          by_epoch[r["epoch"]] = r  # A repeated epoch (resumed run): the last record wins.
+    for r in wd.read_jsonl(path):
+      if r.get("phase") == "unlearning" and "global_epoch" in r:
+        by_epoch[r["epoch"]] = r  # A repeated epoch (resumed run): the last record wins.
   keys = ("epoch", "clean_accuracy", "attack_success_rate", "isolated_loss", "isolated_accuracy", "stopped")
   return [{k: by_epoch[e].get(k) for k in keys} for e in sorted(by_epoch)]
 
@@ -297,9 +292,9 @@ def _write_curve(workdir: str) -> None:
 def _check_start_from(config: ml_collections.ConfigDict) -> None:
   """Refuses a config.abl.start_from run that differs in more than the unlearning fields."""
   source = config.abl.start_from
-  with open(os.path.join(source, "config.json")) as f:
-    diffs = [d for d in wd.diff(wd.comparable(json.load(f)), wd.comparable(wd.config_json(config)), "config")
-             if not any((d[0] + ".").startswith("config." + f) for f in (*UNLEARNING_FIELDS, "distributed."))]
+  saved = wd.read_json(os.path.join(source, "config.json"))
+  diffs = [d for d in wd.diff(wd.comparable(saved), wd.comparable(wd.config_json(config)), "config")
+           if not any((d[0] + ".").startswith("config." + f) for f in (*UNLEARNING_FIELDS, "distributed."))]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     raise WorkdirError(f"config.abl.start_from={source!r} ran a different experiment ({shown}); only "
@@ -310,20 +305,22 @@ def _start_from(config, workdir: str, state, wall: dict[str, float]):
   """Starts this run at unlearning from config.abl.start_from's fine-tuned model and isolation."""
   source = config.abl.start_from
   saved = Checkpointer(os.path.join(source, "before_unlearning"), 1)
-  step = saved.latest()
-  if step is None:
+  restored = saved.restore_latest(like=state)
+  if restored is None:
     raise WorkdirError(f"config.abl.start_from={source!r} has not reached unlearning yet (no before_unlearning "
                        "checkpoint); finish that run first")
-  state, meta = saved.restore(step, like=state)
+  step, state, meta = restored
   saved.close()
   if distributed.is_primary():
     for name in ("isolation.npz", "isolation.json"):
-      shutil.copy(os.path.join(source, name), os.path.join(workdir, name))
+      with wd.atomic(os.path.join(workdir, name)) as tmp:
+        shutil.copy(os.path.join(source, name), tmp)
   distributed.barrier("start_from")
   logging.info("starting at unlearning from %s (its isolation and fine-tuned model, global epoch %d)", source, step)
   return state, meta["global_epoch"], {**meta["wall_time"], "poison": wall["poison"]}
 
 
+@wd.guarded
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
                        max_epochs: int | None = None) -> dict[str, Any] | None:
   """Runs (or resumes) the experiment in `workdir` and returns what it writes to results.json.
@@ -336,8 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     check_same_config(config, workdir)
     logging.warning("%s already holds a finished run; not training again (--overwrite starts over, "
                     "--mode=eval re-evaluates)", workdir)
-    with open(results_path) as f:
-      return json.load(f)
+    return wd.read_json(results_path)
   if not overwrite and os.path.exists(os.path.join(workdir, "config.json")):
     check_same_config(config, workdir)
 
@@ -358,8 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   state = train.create_train_state(model, placeholder_tx, _key(config, "init"), prep.train.images.shape[1:])
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
   done, wall = 0, {"poison": prep.seconds}
-  if (latest := ckpt.latest()) is not None:
-    state, meta = ckpt.restore(latest, like=state)
+  if (restored := ckpt.restore_latest(like=state)) is not None:
+    latest, state, meta = restored
     done, wall = meta["global_epoch"], {**meta["wall_time"], "poison": prep.seconds}
     logging.info("resuming %s from checkpoint %d (phase %s, epoch %d)", workdir, latest, meta["phase"], meta["epoch"])
   elif config.abl.start_from and config.defense.name == "abl":
@@ -451,8 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     wd.write_json(results_path, results)
   distributed.barrier("results")
   if not distributed.is_primary():  # The same metrics; the primary's file also has its wall times.
-    with open(results_path) as f:
-      results = json.load(f)
+    results = wd.read_json(results_path)
   logging.info("results: %s", _summary(results))
   return results
 
@@ -463,7 +458,7 @@ def save_examples(workdir: str, prep: Prepared, target: int) -> None:
     return
   keep = np.flatnonzero(prep.test.labels != target)  # poisoned_test holds these test images, in this order.
   pos = np.array([np.flatnonzero(prep.test.labels[keep] == c)[0] for c in np.unique(prep.test.labels[keep])])
-  np.savez(os.path.join(workdir, "examples.npz"), clean=prep.test.images[keep[pos]],
+  wd.write_npz(os.path.join(workdir, "examples.npz"), clean=prep.test.images[keep[pos]],
            triggered=prep.poisoned_test.images[pos], labels=prep.test.labels[keep[pos]], target=target,
            class_names=np.array(prep.test.class_names))
 
@@ -487,6 +482,7 @@ def _final_metrics(config, eval_fn, rstate, prep: Prepared) -> dict[str, Any]:
   return out
 
 
+@wd.guarded
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the latest checkpoint in `workdir`, evaluates it, and writes WORKDIR/eval.json."""
   validate(config)
@@ -494,14 +490,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     raise WorkdirError(f"workdir {workdir} holds no run (no config.json); train first")
   check_same_config(config, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  latest = ckpt.latest()
-  if latest is None:
+  if ckpt.latest() is None:
     raise WorkdirError(f"workdir {workdir} holds no checkpoint to evaluate")
   prep = prepare(config)
   model = _model(config, prep.train.num_classes)
   tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
   state = train.create_train_state(model, tx, _key(config, "init"), prep.train.images.shape[1:])
-  state, meta = ckpt.restore(latest, like=state)
+  latest, state, meta = ckpt.restore_latest(like=state)
   ckpt.close()
   out = _final_metrics(config, train.make_eval_step(model, config.data.mean, config.data.std),
                        train.replicate(state), prep)
@@ -517,8 +512,7 @@ def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
   """Adds the run's isolation stats and unlearning summary (CA/ASR before it, where it stopped)."""
   path = os.path.join(workdir, "isolation.json")
   if os.path.exists(path):
-    with open(path) as f:
-      out["isolation"] = json.load(f)
+    out["isolation"] = wd.read_json(path)
   curve = unlearning_curve(workdir)
   if curve:
     a = out["config"]["abl"]

@@ -182,5 +182,6 @@ def test_tfds_reads_a_mocked_data_source(monkeypatch):
 
 def test_tfds_without_data_suggests_the_folder(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(RuntimeError, match=r"tfds could not load 'cifar10'.*--config\.data\.source=folder"):
+  with pytest.raises(data.DataError, match=r"'cifar10'.*--config\.data\.source=folder") as e:
     data.load_tfds("cifar10", data_dir=str(tmp_path))
+  assert "; ;" not in str(e.value)
