@@ -48,13 +48,17 @@ def unknown_field_message(config: ml_collections.ConfigDict, path: str) -> str:
   """'unknown field PATH; did you mean ...' with the closest existing fields."""
   fields = config_fields(config)
   group = path.rsplit(".", 1)[0]
+  if not has_field(config, group):
+    groups = sorted(k for k in config.keys() if isinstance(config[k], ml_collections.ConfigDict))
+    close = difflib.get_close_matches(path, fields, n=3, cutoff=0.75)
+    hint = (f"did you mean {', '.join(close)}? " if close else "") + f"the groups are {', '.join(groups)}"
+    return f"unknown field {path}; {hint} (every field is described in configs/common.py)"
   # Close matches on the whole path, and on the last name within its group (train.lr -> train.learning_rate).
   close = difflib.get_close_matches(path, fields, n=3, cutoff=0.6)
   close += [f for f in fields if f.startswith(group + ".") and f not in close and difflib.SequenceMatcher(
       None, path.rsplit(".", 1)[1], f.rsplit(".", 1)[1]).ratio() >= 0.5][:3 - len(close)]
   hint = f"did you mean {', '.join(close)}?" if close else (
-      f"{group} has {', '.join(f.rsplit('.', 1)[1] for f in fields if f.startswith(group + '.'))}"
-      if has_field(config, group) else f"the groups are {', '.join(sorted(config.keys()))}")
+      f"{group} has {', '.join(f.rsplit('.', 1)[1] for f in fields if f.startswith(group + '.'))}")
   return f"unknown field {path}; {hint} (every field is described in configs/common.py)"
 
 
