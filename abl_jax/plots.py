@@ -40,16 +40,17 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def describe_run(config: dict) -> str:
+def describe_run(config: dict, defense: bool = True) -> str:
   """Attack, defense, data and model of a config.json: 'badnets 10%, ABL, synthetic data, small_cnn'."""
-  attack, defense, d = config["attack"], config["defense"]["name"], config.get("data", {})
+  attack, d = config["attack"], config.get("data", {})
   what = "no attack" if attack["name"] == "none" else f"{attack['name']} {100 * attack.get('poison_rate', 0):g}%"
   source = {"synthetic": "synthetic data", "tfds": f"tfds {d.get('name', '')}",
             "folder": f"image folder {os.path.basename(str(d.get('path', '')))}"}.get(d.get("source"), "data ?")
   if d.get("train_size"):
     source += f", {d['train_size']} training images"
   model = config.get("model", {}).get("name", "?")
-  return f"{what}, {'ABL' if defense == 'abl' else 'no defense'}, {source}, {model}"
+  name = ("ABL, " if config["defense"]["name"] == "abl" else "no defense, ") if defense else ""
+  return f"{what}, {name}{source}, {model}"
 
 
 def plot_curves(workdir: str, path: str) -> str | None:
@@ -164,7 +165,8 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
     ax.set_yticks([])
   axes[0, 0].set_ylabel("clean", fontsize=8)
   axes[1, 0].set_ylabel("trigger", fontsize=8)
-  fig.suptitle(f"{describe_run(_config(runs[-1][1]).to_dict())}\nbelow each triggered test image, each model's "
+  fig.suptitle(f"{describe_run(_config(runs[-1][1]).to_dict(), defense=False)}: "
+               f"{' vs '.join(name for name, _ in runs)}\nbelow each triggered test image, each model's "
                f"prediction: red = the attack's target ({names[target]}), the backdoor worked; green = the true "
                "class; black = another class", fontsize=8)
   fig.tight_layout()
