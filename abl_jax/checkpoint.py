@@ -3,12 +3,14 @@
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=2)
     ckpt.save(global_epoch, state, {"phase": "finetune", "epoch": 3})
     state, meta = ckpt.restore(ckpt.latest(), like=state)
+    step, state, meta = ckpt.restore_latest(like=state)   # a damaged newest step: the newest intact one
 
 Every Checkpointer is process-local (Orbax never synchronises processes here): in a multi-process run
 the primary alone saves host copies, and every process restores from the shared workdir.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -17,12 +19,22 @@ import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from abl_jax import distributed
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in a workdir does not fit the model the config describes."""
+
+
+class DamagedCheckpointError(ValueError):
+  """No checkpoint in a directory can be read, and not because of the config."""
+
+
+# Files every intact step holds (Orbax's layout); a missing, empty or invalid one marks the step damaged.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA")
+_DATA_FILES = ("state/manifest.ocdbt",)
 
 
 class Checkpointer:
@@ -51,15 +63,81 @@ class Checkpointer:
     """Restores checkpoint `step` into the structure of `like` (host arrays)."""
     target = jax.tree.map(np.asarray, flax.serialization.to_state_dict(like))
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
+      restored = self._read(step, target)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax and tensorstore raise many types.
+      damage = self._damage(step, target, e)
+      if damage is not None:
+        raise DamagedCheckpointError(f"checkpoint {step} in {self.directory} is damaged ({damage})") from e
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise CheckpointMismatchError(
           f"checkpoint {step} in {self.directory} does not fit the configured model "
           f"(config.model.*): {first}") from e
     _check_shapes(target, restored.state, self.directory)
     return flax.serialization.from_state_dict(like, restored.state), dict(restored.meta)
+
+  def restore_latest(self, like: Any) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, meta) of the newest intact checkpoint, or None when there is none.
+
+    Damaged newer steps are reported and moved to DIRECTORY.damaged/ (the primary moves them), so that
+    the run goes on from the step restored and saves its next steps where they were.
+    """
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, like)
+      except DamagedCheckpointError as e:
+        logging.warning("%s", e)
+        damaged.append(step)
+        continue
+      if damaged:
+        logging.warning("resuming from checkpoint %d in %s, the newest intact one; the damaged %s moved to %s",
+                        step, self.directory, ", ".join(map(str, damaged)), self.directory + ".damaged")
+        self._set_aside(damaged)
+      return step, state, meta
+    if damaged:
+      raise DamagedCheckpointError(
+          f"every checkpoint in {self.directory} is damaged (steps {', '.join(map(str, damaged))}); delete "
+          f"{self.directory} to train from the start (or --overwrite to start the whole run over)")
+    return None
+
+  def _read(self, step: int, target: Any) -> Any:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+
+  def _damage(self, step: int, target: Any, error: Exception) -> str | None:
+    """Why checkpoint `step` is damaged, or None when it is intact and `error` means another model."""
+    root = os.path.join(self.directory, str(step))
+    for name in (*_JSON_FILES, *_DATA_FILES):
+      path = os.path.join(root, name)
+      if not os.path.exists(path):
+        return f"{path} is missing"
+      if os.path.getsize(path) == 0:
+        return f"{path} is empty"
+    trees = {}
+    for name in _JSON_FILES:
+      path = os.path.join(root, name)
+      try:
+        with open(path) as f:
+          trees[name] = json.load(f)
+      except ValueError as e:
+        return f"{path} is not valid JSON: {e}"
+    saved = set(trees["state/_METADATA"].get("tree_metadata", {}))
+    wanted = {str(tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path))
+              for path, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+    model = lambda keys: {k for k in keys if k.startswith(("('params',", "('batch_stats',"))}  # noqa: E731
+    if model(saved) != model(wanted):
+      return None  # Another model's parameters: a config mismatch, not damage.
+    first = (str(error).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
+    return f"its array data cannot be read: {type(error).__name__}: {first[:300]}"
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if distributed.is_primary():
+      os.makedirs(self.directory + ".damaged", exist_ok=True)
+      for step in steps:
+        dest = os.path.join(self.directory + ".damaged", str(step))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(os.path.join(self.directory, str(step)), dest)
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()

@@ -13,6 +13,7 @@ import importlib.util
 import io
 import os
 import tarfile
+import zlib
 from typing import Iterable
 
 from absl import logging
@@ -20,7 +21,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from abl_jax import registry
+from abl_jax import cache as cache_lib, registry
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
@@ -28,6 +29,10 @@ _CHUNK = 1000  # Images per decoding task and per tfds batch read.
 _LOG_EVERY = 10_000
 
 Seed = int | np.random.SeedSequence
+
+
+class DataError(ValueError):
+  """The configured data cannot be read: a damaged archive or image, or tfds data that is not there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +170,7 @@ def load_folder(path: str, cache_dir: str = "") -> tuple[Dataset, Dataset]:
   base = os.path.basename(src.rstrip(os.sep))
   for suffix in (".tar.gz", ".tgz", ".tar"):
     base = base[:-len(suffix)] if base.endswith(suffix) else base
-  cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "abl_jax")
-  cache = os.path.join(os.path.expanduser(cache_dir), f"{base}-{key}.npz")
+  cache = os.path.join(cache_lib.root(cache_dir), f"{base}-{key}.npz")
 
   if os.path.exists(cache):
     logging.info("Reading cached arrays of %s from %s", path, cache)
@@ -175,15 +179,12 @@ def load_folder(path: str, cache_dir: str = "") -> tuple[Dataset, Dataset]:
       return tuple(Dataset(z[f"{s}_images"], z[f"{s}_labels"], names) for s in SPLITS)
 
   if is_tar:
-    # Read the members in archive order (a .tar.gz cannot seek back cheaply) instead of extracting them.
-    with tarfile.open(src) as tar:
-      blobs = {m.name: tar.extractfile(m).read() for m in tar
-               if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)}
+    blobs = _read_tar(src, path)
     layout = _layout(path, list(blobs))
-    items = {s: [(c, blobs[n]) for c, n in layout[s]] for s in SPLITS}
+    items = {s: [(c, (f"{path}: member {n}", blobs[n])) for c, n in layout[s]] for s in SPLITS}
   else:
     layout = _layout(path, [f for f, _, _ in files])
-    items = {s: [(c, os.path.join(src, n)) for c, n in layout[s]] for s in SPLITS}
+    items = {s: [(c, (os.path.join(path, n), os.path.join(src, n))) for c, n in layout[s]] for s in SPLITS}
 
   names = tuple(sorted({c for c, _ in items["train"]}))
   test_names = tuple(sorted({c for c, _ in items["test"]}))
@@ -195,13 +196,34 @@ def load_folder(path: str, cache_dir: str = "") -> tuple[Dataset, Dataset]:
   for s in SPLITS:
     arrays[f"{s}_images"] = _decode_all([x for _, x in items[s]], f"{path} {s}")
     arrays[f"{s}_labels"] = np.array([index[c] for c, _ in items[s]], np.int32)
-  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  try:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+  except OSError as e:
+    raise DataError(f"cannot create the cache directory {os.path.dirname(cache)} ({e.strerror}); set "
+                    "config.data.cache_dir to a writable directory") from None
   tmp = f"{cache}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     np.savez(f, class_names=np.array(names), **arrays)
   os.replace(tmp, cache)  # Atomic: a concurrent reader never sees half a file.
   logging.info("Cached the decoded arrays of %s in %s", path, cache)
   return tuple(Dataset(arrays[f"{s}_images"], arrays[f"{s}_labels"], names) for s in SPLITS)
+
+
+def _read_tar(src: str, path: str) -> dict[str, bytes]:
+  """Every image member of the tar at `src` by name, read in archive order (a .tar.gz cannot seek back cheaply)."""
+  blobs: dict[str, bytes] = {}
+  last = "none"
+  try:
+    with tarfile.open(src) as tar:
+      for m in tar:
+        if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
+          blobs[m.name] = tar.extractfile(m).read()
+        last = m.name
+  except (EOFError, tarfile.TarError, OSError, zlib.error) as e:
+    raise DataError(f"config.data.path={path!r} is truncated or damaged ({type(e).__name__}: {e or 'unexpected end'}; "
+                    f"{len(blobs)} images read, the last intact member {last}); copy or download the archive "
+                    "again") from None
+  return blobs
 
 
 def _walk(root: str) -> list[tuple[str, int, int]]:
@@ -234,13 +256,19 @@ def _layout(path: str, names: Iterable[str]) -> dict[str, list[tuple[str, str]]]
   return {s: sorted(found[s][root]) for s in SPLITS}
 
 
-def _decode(data: bytes | str) -> np.ndarray:
-  """One image file (bytes or path) as uint8 RGB [H, W, 3]."""
-  with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-    return np.asarray(im.convert("RGB"))
+def _decode(item: tuple[str, bytes | str]) -> np.ndarray:
+  """One image file (name, then its bytes or its path) as uint8 RGB [H, W, 3]."""
+  name, data = item
+  try:
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    # Pillow: UnidentifiedImageError (not an image), OSError "image file is truncated", and the like.
+    raise DataError(f"{name} cannot be decoded as an image ({type(e).__name__}: {e}); replace or delete that "
+                    "file (a folder's decoded arrays are cached, so this happens once)") from None
 
 
-def _decode_all(items: list[bytes | str], what: str) -> np.ndarray:
+def _decode_all(items: list[tuple[str, bytes | str]], what: str) -> np.ndarray:
   """Decodes images of one shape into one uint8 array, in threads (Pillow decodes without the GIL)."""
 
   def chunk(start: int) -> list[np.ndarray]:
@@ -265,29 +293,63 @@ def _decode_all(items: list[bytes | str], what: str) -> np.ndarray:
 
 
 def load_tfds(name: str, data_dir: str = "") -> tuple[Dataset, Dataset]:
-  """The train and test splits of a prepared tfds dataset (array_record; TFRecord needs TensorFlow)."""
-  kwargs = dict(split=list(SPLITS), data_dir=data_dir or None, download=False)
-  has_tensorflow = importlib.util.find_spec("tensorflow") is not None
+  """The train and test splits of a tfds dataset: prepared array_record data, else (with TensorFlow) downloaded."""
+  folder = ("--config.data.source=folder --config.data.path=<an image folder or .tar.gz of one> (this project's "
+            "CIFAR-10: ../shared/datasets/cifar10-jpeg.tar.gz, from the repository root)")
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # Slow import; only here.
-    try:
-      sources = tfds.data_source(name, **kwargs)
-    except Exception:  # Not prepared as array_record: only TensorFlow can download, prepare or read it.
-      if not has_tensorflow:
-        raise
-      kwargs["download"] = True
-      splits, info = tfds.load(name, batch_size=-1, with_info=True, **kwargs)
-      names = tuple(info.features["label"].names)
-      return tuple(Dataset(d["image"], d["label"].astype(np.int32), names) for d in tfds.as_numpy(splits))
+  except ImportError as e:
+    raise DataError(f"config.data.source='tfds' needs tensorflow_datasets ({e}); pip install -e '.[tfds]', or "
+                    f"use {folder}") from None
+  kwargs = dict(split=list(SPLITS), data_dir=data_dir or None, download=False)
+  try:
+    sources = tfds.data_source(name, **kwargs)
+  except Exception:  # pylint: disable=broad-except  # Not prepared as array_record: download it, below.
+    pass
+  else:
     names = tuple(sources[0].dataset_info.features["label"].names)
     return tuple(Dataset(*_read_source(src), names) for src in sources)
-  except Exception as e:  # pylint: disable=broad-except  # Any failure gets the same advice.
-    first = (str(e).strip().splitlines() or [""])[0]
-    raise RuntimeError(
-        f"tfds could not load {name!r} from {data_dir or 'its default data_dir'} ({type(e).__name__}: {first}); "
-        "; without TensorFlow it reads prepared array_record data only (with internet, `pip install -e "
-        "'.[tfds]'` lets tfds download and prepare it), or use the shared image folder instead: "
-        "--config.data.source=folder --config.data.path=../shared/datasets/cifar10-jpeg.tar.gz") from e
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    where = builder.data_dir
+  except Exception as e:  # pylint: disable=broad-except  # An unknown name, a broken install.
+    raise DataError(f"tfds cannot load {name!r}: {_first_line(e)}; check config.data.name, or use {folder}") from None
+  if importlib.util.find_spec("tensorflow") is None:
+    raise DataError(f"tfds found no {name!r} prepared as array_record in {where}; without TensorFlow it reads "
+                    "only that. Either pip install -e '.[tfds]' (TensorFlow: tfds downloads "
+                    f"and prepares it, with internet), or put prepared data there (config.data.tfds_data_dir), or "
+                    f"use {folder}")
+  try:
+    urls = list(builder.url_infos or {})
+  except ModuleNotFoundError as e:
+    raise DataError(f"tfds needs the module {e.name!r} to download {name!r}; pip install -e '.[tfds]' installs "
+                    f"it, or use {folder}") from None
+  if urls and (offline := _unreachable(urls[0])):
+    raise DataError(f"tfds cannot download {name!r}: {offline}. Without network: {folder}; or put data tfds "
+                    f"prepared elsewhere in {where} (config.data.tfds_data_dir)")
+  try:
+    splits, info = tfds.load(name, batch_size=-1, with_info=True, **{**kwargs, "download": True})
+  except ModuleNotFoundError as e:
+    raise DataError(f"tfds needs the module {e.name!r} to prepare {name!r}; pip install -e '.[tfds]' installs "
+                    f"it, or use {folder}") from None
+  except Exception as e:  # pylint: disable=broad-except  # A failed download or preparation.
+    raise DataError(f"tfds could not download and prepare {name!r} in {where} ({_first_line(e)}); use {folder}") from e
+  names = tuple(info.features["label"].names)
+  return tuple(Dataset(d["image"], d["label"].astype(np.int32), names) for d in tfds.as_numpy(splits))
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+  """Why `url` cannot be fetched now (a few seconds at most, unlike tfds' retries), or None when it answers."""
+  import requests  # pylint: disable=g-import-not-at-top  # A tfds dependency.
+  try:
+    requests.head(url, timeout=timeout, allow_redirects=True)
+  except requests.RequestException as e:
+    return f"{url} is unreachable ({type(e).__name__}; no network?)"
+  return None
 
 
 def _read_source(source) -> tuple[np.ndarray, np.ndarray]:

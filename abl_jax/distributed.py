@@ -74,6 +74,14 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def gather(x: np.ndarray) -> np.ndarray:
+  """Every process's `x` (same shape on each), concatenated along axis 0 in process order."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
 def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
   """fn(x), each process computing fn on its share of the rows and every process receiving all of them."""
   n = jax.process_count()

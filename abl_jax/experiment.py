@@ -8,7 +8,6 @@ The ground-truth poison mask goes to `evaluate` only: the phases below receive i
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -21,17 +20,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from abl_jax import abl, attacks, data, distributed, evaluate, metrics, models, registry, schedule, train
+from abl_jax import abl, attacks, data, distributed, evaluate, metrics, models, registry, schedule, train, workdir as wd
+from abl_jax.workdir import WorkdirError, check_same_config
 from abl_jax.checkpoint import Checkpointer
 
-RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
-                "unlearning_curve.json", "examples.npz")
 # Fields a run started from another run's fine-tuned model (config.abl.start_from) may change.
 UNLEARNING_FIELDS = ("abl.unlearning_", "abl.joint_", "abl.stop_accuracy", "abl.start_from")
-
-
-class WorkdirError(ValueError):
-  """The workdir holds a different run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,70 +83,6 @@ def _model(config: ml_collections.ConfigDict, num_classes: int):
   return models.create_model(config.model.name, num_classes, config.model.width, dtype=dtype)
 
 
-def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def _claim_workdir(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  """Makes `workdir` this run's, refusing one that holds a run of another config (the primary writes)."""
-  if distributed.is_primary():
-    _claim(config, workdir, overwrite)
-  distributed.barrier("claim_workdir")
-  check_same_config(config, workdir)  # Every process, once the primary has written config.json.
-
-
-def _claim(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
-  path = os.path.join(workdir, "config.json")
-  if overwrite and os.path.isdir(workdir):
-    logging.warning("--overwrite: deleting the previous run in %s", workdir)
-    for name in (*RESULT_FILES, "checkpoints", "before_unlearning"):
-      p = os.path.join(workdir, name)
-      if os.path.isdir(p):
-        shutil.rmtree(p)
-      elif os.path.exists(p):
-        os.remove(p)
-  os.makedirs(workdir, exist_ok=True)
-  if os.path.exists(path):
-    check_same_config(config, workdir)
-  else:
-    with open(path, "w") as f:
-      json.dump(_config_json(config), f, indent=2)
-
-
-def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises WorkdirError naming the fields where `config` differs from the workdir's run."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    saved = json.load(f)
-  unused = _unused_fields(config)
-  # A group missing on one side differs as a whole ("config.distributed"), hence the added dot.
-  diffs = [d for d in _diff(_comparable(saved), _comparable(_config_json(config)), "config")
-           if not (d[0] + ".").startswith(unused)]
-  if diffs:
-    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
-    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
-    raise WorkdirError(f"workdir {workdir} holds a run with a different config ({shown}{more}); "
-                       "use another --workdir, or --overwrite to start over")
-
-
-def _comparable(saved: dict[str, Any]) -> dict[str, Any]:
-  """A config.json with train.dtype resolved on this machine (runs saved before the field existed ran float32)."""
-  out = json.loads(json.dumps(saved))
-  out["train"]["dtype"] = models.compute_dtype(out["train"].get("dtype", "float32"))
-  return out
-
-
-def _unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Config prefixes that cannot change this run: the process setup (a run may resume with another process
-  count) and the abl group without ABL (a new default there does not make a no-defense run another one)."""
-  return ("config.distributed.", "config.abl.") if config.defense.name == "none" else ("config.distributed.",)
-
-
-def _diff(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}.{k}")]
-  return [] if a == b else [(prefix, a, b)]
-
-
 def _subset(ds: data.Dataset | None, size: int) -> data.Dataset | None:
   """An evenly spaced subset of `size` examples for per-epoch evaluation (0 = all)."""
   if ds is None or not size or size >= len(ds):
@@ -173,9 +103,9 @@ def unlearning_curve(workdir: str) -> list[dict[str, Any]]:
 def _check_start_from(config: ml_collections.ConfigDict) -> None:
   """Refuses a config.abl.start_from run that differs in more than the unlearning fields."""
   source = config.abl.start_from
-  with open(os.path.join(source, "config.json")) as f:
-    diffs = [d for d in _diff(_comparable(json.load(f)), _comparable(_config_json(config)), "config")
-             if not any((d[0] + ".").startswith("config." + f) for f in (*UNLEARNING_FIELDS, "distributed."))]
+  saved = wd.read_json(os.path.join(source, "config.json"))
+  diffs = [d for d in wd.diff(wd.comparable(saved), wd.comparable(wd.config_json(config)), "config")
+           if not any((d[0] + ".").startswith("config." + f) for f in (*UNLEARNING_FIELDS, "distributed."))]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     raise WorkdirError(f"config.abl.start_from={source!r} ran a different experiment ({shown}); only "
@@ -186,15 +116,16 @@ def _start_from(run: schedule.Run) -> None:
   """Starts `run` at unlearning from config.abl.start_from's fine-tuned model and isolation."""
   source = run.config.abl.start_from
   saved = Checkpointer(os.path.join(source, "before_unlearning"), 1)
-  step = saved.latest()
-  if step is None:
+  restored = saved.restore_latest(like=train.to_host(run.state))
+  if restored is None:
     raise WorkdirError(f"config.abl.start_from={source!r} has not reached unlearning yet (no before_unlearning "
                        "checkpoint); finish that run first")
-  state, meta = saved.restore(step, like=train.to_host(run.state))
+  step, state, meta = restored
   saved.close()
   if distributed.is_primary():
     for name in ("isolation.npz", "isolation.json"):
-      shutil.copy(os.path.join(source, name), os.path.join(run.workdir, name))
+      with wd.atomic(os.path.join(run.workdir, name)) as tmp:
+        shutil.copy(os.path.join(source, name), tmp)
   distributed.barrier("start_from")
   logging.info("starting at unlearning from %s (its isolation and fine-tuned model, global epoch %d)", source, step)
   run.state = train.replicate(state, run.mesh)
@@ -204,12 +135,12 @@ def _start_from(run: schedule.Run) -> None:
 
 def _restore(run: schedule.Run) -> None:
   """Moves `run` to its latest checkpoint, if any (or to config.abl.start_from's fine-tuned model)."""
-  latest = run.checkpoints.latest()
-  if latest is None:
+  restored = run.checkpoints.restore_latest(like=train.to_host(run.state))
+  if restored is None:
     if run.config.abl.start_from and run.config.defense.name == "abl":
       _start_from(run)
     return
-  state, meta = run.checkpoints.restore(latest, like=train.to_host(run.state))
+  latest, state, meta = restored
   if "global_step" not in meta:
     raise WorkdirError(f"checkpoint {latest} in {run.workdir} was written by an older abl-jax; "
                        "use --overwrite to start over")
@@ -225,6 +156,7 @@ def _initial_state(config: ml_collections.ConfigDict, model, image_shape: tuple[
   return train.create_train_state(model, tx, schedule.key_for(config, "init"), image_shape)
 
 
+@wd.guarded
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
                        max_epochs: int | None = None) -> dict[str, Any] | None:
   """Runs (or resumes) the experiment in `workdir` and returns what it writes to results.json.
@@ -237,8 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     check_same_config(config, workdir)
     logging.warning("%s already holds a finished run; not training again (--overwrite starts over, "
                     "--mode=eval re-evaluates)", workdir)
-    with open(results_path) as f:
-      return json.load(f)
+    return wd.read_json(results_path)
   if not overwrite and os.path.exists(os.path.join(workdir, "config.json")):
     check_same_config(config, workdir)
 
@@ -247,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     abl.num_isolated(len(prep.train), config.abl.isolation_ratio)  # Fail now, not after isolation training.
     if config.abl.start_from:
       _check_start_from(config)
-  _claim_workdir(config, workdir, overwrite)  # Only once the config has proved valid.
+  wd.claim(config, workdir, overwrite)  # Only once the config has proved valid.
 
   model = _model(config, prep.train.num_classes)
   mesh = train.default_mesh()
@@ -279,12 +210,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     save_examples(workdir, prep, config.attack.target_label)
     curve = unlearning_curve(workdir)
     if curve:
-      _write_json(os.path.join(workdir, "unlearning_curve.json"), {"curve": curve})
-    _write_json(results_path, results)
+      wd.write_json(os.path.join(workdir, "unlearning_curve.json"), {"curve": curve})
+    wd.write_json(results_path, results)
   distributed.barrier("results")
   if not distributed.is_primary():  # The same metrics; the primary's file also has its wall times.
-    with open(results_path) as f:
-      results = json.load(f)
+    results = wd.read_json(results_path)
   logging.info("results: %s", _summary(results))
   return results
 
@@ -295,7 +225,7 @@ def save_examples(workdir: str, prep: Prepared, target: int) -> None:
     return
   keep = np.flatnonzero(prep.test.labels != target)  # poisoned_test holds these test images, in this order.
   pos = np.array([np.flatnonzero(prep.test.labels[keep] == c)[0] for c in np.unique(prep.test.labels[keep])])
-  np.savez(os.path.join(workdir, "examples.npz"), clean=prep.test.images[keep[pos]],
+  wd.write_npz(os.path.join(workdir, "examples.npz"), clean=prep.test.images[keep[pos]],
            triggered=prep.poisoned_test.images[pos], labels=prep.test.labels[keep[pos]], target=target,
            class_names=np.array(prep.test.class_names))
 
@@ -310,7 +240,7 @@ def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, pr
   if prep.cross_test is not None:  # input_aware: a trigger from another image should not flip the label.
     out.update(evaluate.cross_trigger_metrics(predict, prep.cross_test, prep.is_cross))
   out["isolation"] = None
-  out["config"] = _config_json(config)
+  out["config"] = wd.config_json(config)
   out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jax.lib.__version__,
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
                      "devices": [str(d) for d in jax.local_devices()], "processes": jax.process_count(),
@@ -318,6 +248,7 @@ def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, pr
   return out
 
 
+@wd.guarded
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the latest checkpoint in `workdir`, evaluates it, and writes WORKDIR/eval.json."""
   validate(config)
@@ -325,19 +256,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     raise WorkdirError(f"workdir {workdir} holds no run (no config.json); train first")
   check_same_config(config, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  latest = ckpt.latest()
-  if latest is None:
+  if ckpt.latest() is None:
     raise WorkdirError(f"workdir {workdir} holds no checkpoint to evaluate")
   prep = prepare(config)
   model = _model(config, prep.train.num_classes)
-  state, meta = ckpt.restore(latest, like=_initial_state(config, model, prep.train.images.shape[1:]))
+  latest, state, meta = ckpt.restore_latest(like=_initial_state(config, model, prep.train.images.shape[1:]))
   ckpt.close()
   predict = train.predictor(model, train.variables_of(state), config.data.mean, config.data.std,
                             config.train.eval_batch_size)
   out = _final_metrics(config, predict, prep)
   out["checkpoint"] = {"step": latest, "phase": meta["phase"], "epoch": meta["epoch"]}
   if distributed.is_primary():
-    _write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))
+    wd.write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))
   distributed.barrier("eval")
   logging.info("eval of checkpoint %d (%s epoch %d): %s", latest, meta["phase"], meta["epoch"], _summary(out))
   return out
@@ -347,8 +277,7 @@ def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
   """Adds the run's isolation stats and unlearning summary (CA/ASR before it, where it stopped)."""
   path = os.path.join(workdir, "isolation.json")
   if os.path.exists(path):
-    with open(path) as f:
-      out["isolation"] = json.load(f)
+    out["isolation"] = wd.read_json(path)
   curve = unlearning_curve(workdir)
   if curve:
     a = out["config"]["abl"]
@@ -360,13 +289,6 @@ def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
         "stopped_at_epoch": next((c["epoch"] for c in curve if c["stopped"]), None),
     }
   return out
-
-
-def _write_json(path: str, obj: dict[str, Any]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _summary(r: dict[str, Any]) -> str:

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 from absl import logging
 
+from abl_jax import workdir as wd
+
 FILE = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CONTEXT = ("step", "phase", "epoch", "global_epoch")  # Non-scalar fields of a record.
@@ -41,8 +43,7 @@ class Writer:
     if not self.enabled:
       return
     values = {k: _plain(v) for k, v in scalars.items() if v is not None}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **context, **values}) + "\n")
+    wd.append_jsonl(self.path, {"step": int(step), **context, **values})
     for name, value in values.items():
       if isinstance(value, (int, float)) and math.isfinite(value):
         self._tb.add_scalar(name, value, int(step))

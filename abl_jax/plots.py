@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from abl_jax import metrics, models, train  # noqa: E402
+from abl_jax import metrics, models, train, workdir as wd  # noqa: E402
 from abl_jax.checkpoint import Checkpointer  # noqa: E402
 
 DPI = 90
@@ -33,9 +32,23 @@ def epoch_records(workdir: str) -> list[dict]:
 
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=DPI)
+  with wd.atomic(path) as tmp:
+    fig.savefig(tmp, dpi=DPI, format="png")
   plt.close(fig)
   return path
+
+
+def describe_run(config: dict, defense: bool = True) -> str:
+  """Attack, defense, data and model of a config.json: 'badnets 10%, ABL, synthetic data, small_cnn'."""
+  attack, d = config["attack"], config.get("data", {})
+  what = "no attack" if attack["name"] == "none" else f"{attack['name']} {100 * attack.get('poison_rate', 0):g}%"
+  source = {"synthetic": "synthetic data", "tfds": f"tfds {d.get('name', '')}",
+            "folder": f"image folder {os.path.basename(str(d.get('path', '')))}"}.get(d.get("source"), "data ?")
+  if d.get("train_size"):
+    source += f", {d['train_size']} training images"
+  model = config.get("model", {}).get("name", "?")
+  name = ("ABL, " if config["defense"]["name"] == "abl" else "no defense, ") if defense else ""
+  return f"{what}, {name}{source}, {model}"
 
 
 def plot_curves(workdir: str, path: str) -> str | None:
@@ -58,7 +71,9 @@ def plot_curves(workdir: str, path: str) -> str | None:
       start = r["global_epoch"]
   ax.set(xlabel="epoch (all phases)", ylabel="share of test images", ylim=(0, 1.1), xlim=(0, max(x) + 0.5))
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="center right")
+  fig.suptitle(describe_run(wd.read_json(os.path.join(workdir, "config.json"))), fontsize=9)
+  # Outside the axes, below: inside, it covered the CA line wherever it ran (every corner is used by a run).
+  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -68,7 +83,7 @@ def plot_isolation(workdir: str, path: str) -> str | None:
   npz = os.path.join(workdir, "isolation.npz")
   if not os.path.exists(npz):
     return None
-  saved = np.load(npz)
+  saved = wd.load_npz(npz)
   scores = np.maximum(saved["scores"].astype(np.float64), 1e-7)  # Log axis: a loss of 0 is drawn at 1e-7.
   threshold = float(scores[saved["isolated"]].max())
   bins = np.logspace(np.log10(scores.min()), np.log10(scores.max()) + 1e-6, 60)
@@ -92,8 +107,7 @@ def plot_isolation(workdir: str, path: str) -> str | None:
 
 
 def _config(workdir: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(wd.read_json(os.path.join(workdir, "config.json")))
 
 
 def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.ndarray:
@@ -106,9 +120,9 @@ def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.nda
   shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), images.shape[1:]))
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  if (latest := ckpt.latest()) is None:
+  if (restored := ckpt.restore_latest(like=state)) is None:
     raise FileNotFoundError(f"{workdir} holds no checkpoint to predict with")
-  state, _ = ckpt.restore(latest, like=state)
+  _, state, _ = restored
   ckpt.close()
   # This process's devices only: in a multi-process run the primary alone draws pictures.
   mesh = train.make_mesh(jax.local_devices())
@@ -123,8 +137,7 @@ def load_examples(workdir: str) -> dict[str, np.ndarray]:
     from abl_jax import experiment  # Deterministic in the config: the same data and trigger as the run.
     config = _config(workdir)
     experiment.save_examples(workdir, experiment.prepare(config), config.attack.target_label)
-  with np.load(path) as saved:
-    return dict(saved)
+  return wd.load_npz(path)
 
 
 def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | None:
@@ -149,8 +162,10 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
     ax.set_yticks([])
   axes[0, 0].set_ylabel("clean", fontsize=8)
   axes[1, 0].set_ylabel("trigger", fontsize=8)
-  fig.suptitle(f"predictions on triggered test images (target: {names[target]}; red = target, green = true class)",
-               fontsize=8)
+  fig.suptitle(f"{describe_run(_config(runs[-1][1]).to_dict(), defense=False)}: "
+               f"{' vs '.join(name for name, _ in runs)}\nbelow each triggered test image, each model's "
+               f"prediction: red = the attack's target ({names[target]}), the backdoor worked; green = the true "
+               "class; black = another class", fontsize=8)
   fig.tight_layout()
   return _save(fig, path)
 
@@ -164,8 +179,7 @@ def write_run_plots(workdir: str) -> list[str]:
 
 def load_curve(workdir: str) -> list[dict]:
   """WORKDIR/unlearning_curve.json: CA, ASR and isolated-set accuracy per unlearning epoch (0 = before)."""
-  with open(os.path.join(workdir, "unlearning_curve.json")) as f:
-    return json.load(f)["curve"]
+  return wd.read_json(os.path.join(workdir, "unlearning_curve.json"))["curve"]
 
 
 def unlearning_curves(runs: dict[str, str], path: str, title: str = "") -> str:

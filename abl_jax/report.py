@@ -10,12 +10,11 @@ its sub-directories. A row without results.json is shown as unfinished, with how
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
 
-from abl_jax import metrics
+from abl_jax import metrics, workdir as workdir_files
 
 ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_label": "clean-label",
                 "input_aware": "input-aware"}
@@ -31,8 +30,7 @@ PICTURES = ("curves.png", "isolation.png", "gallery.png")
 
 
 def _json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return workdir_files.read_json(path)
 
 
 def label(attack: str, defense: str) -> str:
@@ -72,7 +70,7 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
     row.update(status="missing", detail=f"missing: no run in {workdir}")
   else:
     config = _json(config_path)
-    row.update(attack=config["attack"]["name"], defense=config["defense"]["name"])
+    row.update(attack=config["attack"]["name"], defense=config["defense"]["name"], data=config.get("data", {}).get("source"))
     results_path = os.path.join(workdir, "results.json")
     if not os.path.exists(results_path):
       row.update(status="unfinished", detail=_progress(workdir, config))
@@ -130,8 +128,13 @@ def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
   """The table, one line per row, with a status column; then definitions and each row's pictures (linked from `base`)."""
   header = ["Model", *(h for _, h, _ in COLUMNS), "Status"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  if "synthetic" in {r.get("data") for r in rows}:
+    lines = ["**Synthetic data**: rows marked (synthetic) were trained and tested on generated images "
+             "(config.data.source=synthetic, the `smoke` variant's), not CIFAR-10; their numbers check the "
+             "pipeline and say nothing about the attacks or ABL.", "", *lines]
   for row in rows:
-    cells = [row["label"], *(_cell(row, k, kind) for k, _, kind in COLUMNS), row["detail"]]
+    name = row["label"] + (" (synthetic)" if row.get("data") == "synthetic" else "")
+    cells = [name, *(_cell(row, k, kind) for k, _, kind in COLUMNS), row["detail"]]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Train acc. and train loss: on the set the model was trained on (the poisoned set for attacked "
             "rows). CA: the whole clean test set. ASR: non-target-class test images with the trigger, classified "
@@ -154,10 +157,8 @@ def write(workdir: str) -> str:
   """Writes WORKDIR/report.md and WORKDIR/report.json; returns the markdown."""
   rows = collect(workdir)
   text = markdown(rows, workdir)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(text)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump({"rows": rows, "columns": [k for k, _, _ in COLUMNS]}, f, indent=2)
+  workdir_files.write_text(os.path.join(workdir, "report.md"), text)
+  workdir_files.write_json(os.path.join(workdir, "report.json"), {"rows": rows, "columns": [k for k, _, _ in COLUMNS]})
   return text
 
 

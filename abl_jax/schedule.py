@@ -11,7 +11,6 @@ poison mask stays inside `Run.evaluation`, which computes metrics for the log an
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable
@@ -24,7 +23,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from abl_jax import abl, distributed, evaluate, train
+from abl_jax import abl, distributed, evaluate, train, workdir as wd
 from abl_jax.checkpoint import Checkpointer
 from abl_jax.data import Dataset
 from abl_jax.metrics import Writer
@@ -195,11 +194,11 @@ def isolate(run: Run) -> None:
   """Scores every training example with the isolation model and isolates the lowest losses (saved once)."""
   path = os.path.join(run.workdir, "isolation.npz")
   if os.path.exists(path):  # Isolated before an interruption, or copied by config.abl.start_from.
-    with np.load(path) as saved:
-      run.scores, run.isolated = saved["scores"], saved["isolated"]
+    saved = wd.load_npz(path)
+    run.scores, run.isolated = saved["scores"], saved["isolated"]
     return
   if run.done > run.cursor:
-    raise FileNotFoundError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
+    raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
   t0 = time.perf_counter()
   scores, _ = run.predict()(run.train.images, run.train.labels)
   isolated = abl.isolate(scores, run.config.abl.isolation_ratio)
@@ -208,9 +207,8 @@ def isolate(run: Run) -> None:
   stats["seconds"] = time.perf_counter() - t0
   if distributed.is_primary():
     # is_poisoned is saved for the report's histogram only; the steps read scores and isolated.
-    np.savez(path, scores=scores, isolated=isolated, is_poisoned=run.evaluation.is_poisoned)
-    with open(os.path.join(run.workdir, "isolation.json"), "w") as f:
-      json.dump(stats, f, indent=2)
+    wd.write_npz(path, scores=scores, isolated=isolated, is_poisoned=run.evaluation.is_poisoned)
+    wd.write_json(os.path.join(run.workdir, "isolation.json"), stats)
   distributed.barrier("isolation")
   run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase="isolate",
                    global_epoch=run.done)

@@ -182,5 +182,45 @@ def test_tfds_reads_a_mocked_data_source(monkeypatch):
 
 def test_tfds_without_data_suggests_the_folder(tmp_path):
   pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(RuntimeError, match=r"tfds could not load 'cifar10'.*--config\.data\.source=folder"):
+  with pytest.raises(data.DataError, match=r"'cifar10'.*--config\.data\.source=folder") as e:
     data.load_tfds("cifar10", data_dir=str(tmp_path))
+  assert "; ;" not in str(e.value)
+
+
+def _jpeg_folder(root, n: int = 2) -> None:
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for name in ("cat", "dog"):
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / name / f"{i}.jpg")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:len(b) // 2], r"train/dog/1\.jpg cannot be decoded as an image \(OSError: (Truncated File Read|image file is truncated)"),
+    (lambda b: np.random.default_rng(1).bytes(len(b)), r"train/dog/1\.jpg cannot be decoded as an image "
+                                                       r"\(UnidentifiedImageError"),
+])
+def test_a_damaged_image_is_named(tmp_path, damage, message):
+  _jpeg_folder(tmp_path / "imgs")
+  path = tmp_path / "imgs" / "train" / "dog" / "1.jpg"
+  path.write_bytes(damage(path.read_bytes()))
+  with pytest.raises(data.DataError, match=message + r".*replace or delete that file"):
+    data.load_folder(str(tmp_path / "imgs"), str(tmp_path / "cache"))
+  import tarfile
+  with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+    tar.add(tmp_path / "imgs", arcname="imgs")
+  with pytest.raises(data.DataError, match=r"imgs\.tar\.gz: member imgs/" + message):
+    data.load_folder(str(tmp_path / "imgs.tar.gz"), str(tmp_path / "cache"))
+
+
+def test_a_truncated_tar_is_named(tmp_path):
+  _jpeg_folder(tmp_path / "imgs", n=30)
+  import tarfile
+  with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+    tar.add(tmp_path / "imgs", arcname="imgs")
+  blob = (tmp_path / "imgs.tar.gz").read_bytes()
+  (tmp_path / "imgs.tar.gz").write_bytes(blob[:len(blob) * 2 // 3])
+  with pytest.raises(data.DataError, match=r"config\.data\.path='.*imgs\.tar\.gz' is truncated or damaged .*"
+                                           r"the last intact member imgs/.*copy or download the archive again"):
+    data.load_folder(str(tmp_path / "imgs.tar.gz"), str(tmp_path / "cache"))

@@ -14,8 +14,6 @@ config.data.cache_dir (or ~/.cache/abl_jax) / input_aware/, keyed by a hash of t
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -27,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from abl_jax import data as data_lib, distributed, models, train
+from abl_jax import cache, data as data_lib, distributed, models, train
 from abl_jax.attacks import input_aware_trigger
 from abl_jax.checkpoint import Checkpointer, save_once
 from abl_jax.data import Dataset
@@ -137,15 +135,10 @@ def paired_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarr
 
 def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
   """The cache directory of the generators that `config` trains on `train_set`."""
-  h = hashlib.sha1()
-  h.update(json.dumps({"input_aware": config.attack.input_aware.to_dict(), "target": config.attack.target_label,
-                       "classifier": classifier_spec(config), "mean": list(config.data.mean),
-                       "std": list(config.data.std), "seed": config.seed, "momentum": config.train.momentum,
-                       "version": _VERSION}, sort_keys=True).encode())
-  h.update(np.ascontiguousarray(train_set.images).data)
-  h.update(np.ascontiguousarray(train_set.labels).data)
-  root = config.data.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "abl_jax")
-  return os.path.join(os.path.expanduser(root), "input_aware", h.hexdigest()[:16])
+  spec = {"input_aware": config.attack.input_aware.to_dict(), "target": config.attack.target_label,
+          "classifier": classifier_spec(config), "mean": list(config.data.mean), "std": list(config.data.std),
+          "seed": config.seed, "momentum": config.train.momentum, "version": _VERSION}
+  return cache.entry(config.data.cache_dir, "input_aware", spec, (train_set.images, train_set.labels))
 
 
 def classifier_spec(config: ml_collections.ConfigDict) -> tuple[str, int]:

@@ -9,8 +9,6 @@ Its PRNG key comes from config.seed alone, so the cache key determines the surro
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from typing import Any
@@ -21,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from abl_jax import abl, distributed, models, train
+from abl_jax import abl, cache, distributed, models, train
 from abl_jax.attacks import pgd
 from abl_jax.checkpoint import Checkpointer, save_once
 from abl_jax.data import Dataset
@@ -38,14 +36,10 @@ def create(config: ml_collections.ConfigDict, num_classes: int):
 
 def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
   """The cache directory of the surrogate that `config` trains on `train_set`."""
-  h = hashlib.sha1()
-  h.update(json.dumps({"surrogate": config.attack.surrogate.to_dict(), "mean": list(config.data.mean),
-                       "std": list(config.data.std), "seed": config.seed, "momentum": config.train.momentum,
-                       "version": _VERSION}, sort_keys=True).encode())
-  h.update(np.ascontiguousarray(train_set.images).data)
-  h.update(np.ascontiguousarray(train_set.labels).data)
-  root = config.data.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "abl_jax")
-  return os.path.join(os.path.expanduser(root), "surrogates", f"{config.attack.surrogate.model}-{h.hexdigest()[:16]}")
+  spec = {"surrogate": config.attack.surrogate.to_dict(), "mean": list(config.data.mean),
+          "std": list(config.data.std), "seed": config.seed, "momentum": config.train.momentum, "version": _VERSION}
+  return cache.entry(config.data.cache_dir, "surrogates", spec, (train_set.images, train_set.labels),
+                     prefix=f"{config.attack.surrogate.model}-")
 
 
 def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tuple[Any, dict]:

@@ -1,0 +1,30 @@
+"""Where derived artifacts are cached: decoded image folders, trained surrogates, trained input-aware generators.
+
+    path = cache.entry(config.data.cache_dir, "surrogates", spec, arrays, prefix="small_cnn-")
+
+An entry's name is a hash of everything that determines it (a JSON spec and the arrays it was computed
+from), so a changed setting or dataset never reuses a stale entry. The root is config.data.cache_dir, or
+$XDG_CACHE_HOME/abl_jax (default ~/.cache/abl_jax).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def root(cache_dir: str = "") -> str:
+  """The cache root: `cache_dir`, or $XDG_CACHE_HOME/abl_jax (default ~/.cache/abl_jax)."""
+  return os.path.expanduser(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "abl_jax"))
+
+
+def entry(cache_dir: str, kind: str, spec: dict[str, Any], arrays: Iterable[np.ndarray] = (), prefix: str = "",
+          suffix: str = "") -> str:
+  """ROOT/kind/<prefix><16 hex digits of the hash of spec and arrays><suffix>."""
+  h = hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
+  for a in arrays:
+    h.update(np.ascontiguousarray(a).data)
+  return os.path.join(root(cache_dir), kind, f"{prefix}{h.hexdigest()[:16]}{suffix}")

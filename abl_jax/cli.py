@@ -1,0 +1,131 @@
+"""What launch.py tells a user: one line for a mistake of theirs, close matches for an unknown field,
+a warning for a field set that the run does not use.
+
+    config_fields(config)                     # every field path: 'config.train.epochs', ...
+    unknown_field_message(config, "config.train.nope")  # 'unknown field ...; did you mean ...'
+    unused_overrides(config, ["config.train.learning_rate"])  # [(field, what this run uses instead)]
+    is_user_error(e), one_line(e)             # exit code 2 and this line, not a traceback
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Iterable
+
+import ml_collections
+
+from abl_jax import data
+from abl_jax.checkpoint import CheckpointMismatchError, DamagedCheckpointError
+from abl_jax.workdir import WorkdirError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C.
+USER_ERRORS = (WorkdirError, data.DataError, CheckpointMismatchError, DamagedCheckpointError, FileNotFoundError,
+               NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def config_fields(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
+  """Every leaf field of `config` as a dotted path."""
+  out = []
+  for key in sorted(config.keys()):
+    value = config[key]
+    path = f"{prefix}.{key}"
+    out += config_fields(value, path) if isinstance(value, ml_collections.ConfigDict) else [path]
+  return out
+
+
+def has_field(config: ml_collections.ConfigDict, path: str) -> bool:
+  """Whether dotted `path` ('config.train.epochs') names a field or group of `config`."""
+  node: Any = config
+  for part in path.split(".")[1:]:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def unknown_field_message(config: ml_collections.ConfigDict, path: str) -> str:
+  """'unknown field PATH; did you mean ...' with the closest existing fields."""
+  fields = config_fields(config)
+  group = path.rsplit(".", 1)[0]
+  if not has_field(config, group):
+    groups = sorted(k for k in config.keys() if isinstance(config[k], ml_collections.ConfigDict))
+    close = difflib.get_close_matches(path, fields, n=3, cutoff=0.75)
+    hint = (f"did you mean {', '.join(close)}? " if close else "") + f"the groups are {', '.join(groups)}"
+    return f"unknown field {path}; {hint} (every field is described in configs/common.py)"
+  # Close matches on the whole path, and on the last name within its group (train.lr -> train.learning_rate).
+  close = difflib.get_close_matches(path, fields, n=3, cutoff=0.6)
+  close += [f for f in fields if f.startswith(group + ".") and f not in close and difflib.SequenceMatcher(
+      None, path.rsplit(".", 1)[1], f.rsplit(".", 1)[1]).ratio() >= 0.5][:3 - len(close)]
+  hint = f"did you mean {', '.join(close)}?" if close else (
+      f"{group} has {', '.join(f.rsplit('.', 1)[1] for f in fields if f.startswith(group + '.'))}")
+  return f"unknown field {path}; {hint} (every field is described in configs/common.py)"
+
+
+def override_paths(argv: Iterable[str]) -> list[str]:
+  """The fields set on the command line: 'config.train.epochs' for --config.train.epochs=3."""
+  return [m.group(1) for a in argv if (m := re.match(r"^--?(config\.[\w.]+)(=|$)", a))]
+
+
+def _joint(config):
+  return config.abl.unlearning_mode == "joint"
+
+
+# (field prefix, whether this run ignores it, what does apply instead).
+_RULES = (
+    ("config.abl.", lambda c: c.defense.name == "none",
+     "the abl group applies to ABL runs only (--config.defense.name=abl); this run trains train.epochs at "
+     "train.learning_rate"),
+    ("config.train.epochs", lambda c: c.defense.name == "abl",
+     "ABL's epochs are abl.isolation_epochs, abl.finetune_epochs, abl.unlearning_epochs"),
+    ("config.train.learning_rate", lambda c: c.defense.name == "abl",
+     "ABL's learning rates are abl.isolation_lr, abl.finetune_lr, abl.unlearning_lr"),
+    ("config.train.schedule", lambda c: c.defense.name == "abl",
+     "ABL's schedules: abl.isolation_lr and abl.unlearning_lr are constant, abl.finetune_lr drops at "
+     "abl.finetune_lr_boundaries"),
+    ("config.train.lr_boundaries", lambda c: c.defense.name == "abl",
+     "ABL's fine-tuning drops its lr at abl.finetune_lr_boundaries"),
+    ("config.train.lr_boundaries", lambda c: c.train.schedule != "step",
+     "it applies to train.schedule=step only"),
+    ("config.abl.joint_", lambda c: not _joint(c), "it applies to abl.unlearning_mode=joint only"),
+    ("config.abl.stop_accuracy", lambda c: c.abl.unlearning_stop == "none",
+     "it applies with abl.unlearning_stop=isolated_accuracy only"),
+    ("config.data.name", lambda c: c.data.source != "tfds", "it applies to data.source=tfds only"),
+    ("config.data.tfds_data_dir", lambda c: c.data.source != "tfds", "it applies to data.source=tfds only"),
+    ("config.data.path", lambda c: c.data.source != "folder", "it applies to data.source=folder only"),
+    ("config.data.cache_dir", lambda c: c.data.source != "folder", "it applies to data.source=folder only"),
+    ("config.data.synthetic_", lambda c: c.data.source != "synthetic", "it applies to data.source=synthetic only"),
+    ("config.data.image_size", lambda c: c.data.source != "synthetic", "it applies to data.source=synthetic only"),
+    ("config.attack.alpha", lambda c: c.attack.name != "blend", "it applies to attack.name=blend only"),
+    ("config.attack.pattern", lambda c: c.attack.name != "blend", "it applies to attack.name=blend only"),
+    ("config.attack.delta", lambda c: c.attack.name != "sig", "it applies to attack.name=sig only"),
+    ("config.attack.freq", lambda c: c.attack.name != "sig", "it applies to attack.name=sig only"),
+    ("config.attack.", lambda c: c.attack.name == "none", "attack.name=none poisons nothing"),
+)
+
+
+def unused_overrides(config: ml_collections.ConfigDict, paths: Iterable[str]) -> list[tuple[str, str]]:
+  """(field, what applies instead) for each field in `paths` that this run does not use."""
+  out = []
+  for path in paths:
+    for prefix, ignored, instead in _RULES:
+      if path.startswith(prefix) and ignored(config):
+        if path == "config.attack.name" or path == "config.defense.name":
+          continue
+        out.append((path, instead))
+        break
+  return out
+
+
+def is_user_error(e: BaseException) -> bool:
+  """Whether `e` is a mistake in the command, config, workdir or data (one line), not a bug (a traceback)."""
+  if isinstance(e, USER_ERRORS):
+    return True
+  # Config validation everywhere raises ValueError naming the field (config.<group>.<field>=...).
+  return isinstance(e, (ValueError, KeyError)) and "config." in str(e)
+
+
+def one_line(e: BaseException) -> str:
+  """The error's message on one line."""
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  return " ".join(text.split()) or type(e).__name__

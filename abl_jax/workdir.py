@@ -1,0 +1,315 @@
+"""A run's directory: which run it holds, who writes it, and how its files are written.
+
+    workdir.check(path)                      # before any work: a directory this process can write
+    with workdir.lock(path): ...             # one process at a time (WORKDIR/.lock names the holder)
+    workdir.claim(config, path, overwrite)   # refuses a directory that holds a run of another config
+    workdir.write_json(path, obj)            # every output file: a temporary name, then renamed
+    workdir.read_json(path)                  # a damaged file is named in the error
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import functools
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from typing import Any, Callable, Iterator
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from abl_jax import distributed, models
+
+RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
+                "unlearning_curve.json", "examples.npz")
+PICTURES = ("curves.png", "isolation.png", "gallery.png")
+# Everything a run writes, removed by --overwrite (report.* and table.json belong to a table's directory).
+OUTPUTS = (*RESULT_FILES, *PICTURES, "tensorboard", "checkpoints", "checkpoints.damaged", "before_unlearning")
+LOCK = ".lock"
+_TMP = ".tmp"  # Infix of a file being written: NAME.tmpPID, renamed to NAME when complete.
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used as asked: another run's, in use, not writable, or a file in it damaged."""
+
+
+class DamagedFileError(WorkdirError):
+  """A file of the run cannot be read."""
+
+
+def check(workdir: str) -> None:
+  """Refuses, before any work, a workdir that is not a directory or cannot be written."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"--workdir={workdir} is a file, not a directory; pass a directory (new or of this run)")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise WorkdirError(f"--workdir={workdir} cannot be created: {existing} is a file")
+  try:  # A write, not os.access: root passes os.access on a read-only file system.
+    with tempfile.TemporaryFile(dir=existing, prefix=".abl_jax_write_check"):
+      pass
+  except OSError as e:
+    what = "the workdir" if existing == path else f"{existing}, where it would be created,"
+    raise WorkdirError(f"--workdir={workdir}: {what} is not writable ({e.strerror}); pass a writable "
+                       "directory (a finished run's directory gets its pictures written too)") from None
+
+
+def _holder() -> dict[str, Any]:
+  return {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+  return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (started {holder.get('started', '?')}: "
+          f"{holder.get('command') or '?'})")
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+  os.lseek(fd, 0, os.SEEK_SET)
+  text = os.read(fd, 65536).decode(errors="replace")
+  try:
+    return json.loads(text) if text.strip() else None
+  except ValueError:
+    return {"command": text.strip()[:200]}
+
+
+def _pid_alive(pid: Any) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except (ValueError, TypeError, ProcessLookupError):
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds WORKDIR/.lock (an OS file lock, freed on any exit, and the holder's pid and host) while the body runs.
+
+  A second process refuses at once, naming the holder; a lock file left by a killed process is taken over
+  with a warning. A directory the lock created and nothing else filled is removed again.
+  """
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      os_lock = True
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        holder = _read_holder(fd) or {}
+        os.close(fd)
+        raise WorkdirError(f"workdir {workdir} is in use by {_describe(holder)}; wait for it to finish or stop "
+                           f"it, or use another --workdir") from None
+      os_lock = False  # A file system without flock: the pid in the file decides.
+    try:  # The holder may have removed the file between our open and flock: lock the file that is there.
+      same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)
+  try:
+    previous = _read_holder(fd)
+    if previous and previous.get("pid") != os.getpid():
+      if not os_lock and previous.get("host") == socket.gethostname() and _pid_alive(previous.get("pid")):
+        os.close(fd)
+        raise WorkdirError(f"workdir {workdir} is in use by {_describe(previous)}; wait for it to finish or stop "
+                           f"it, or use another --workdir")
+      logging.warning("workdir %s: taking over the lock left by %s, which no longer runs", workdir,
+                      _describe(previous))
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(_holder()).encode())
+    os.fsync(fd)
+  except BaseException:
+    os.close(fd)
+    raise
+  try:
+    yield
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+    os.close(fd)
+    if created:
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)  # Only when empty: a config refused before any file was written.
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Runs `fn(config, workdir, ...)` after check(workdir), holding lock(workdir) on the primary process."""
+
+  @functools.wraps(fn)
+  def wrapper(config: ml_collections.ConfigDict, workdir: str, *args: Any, **kwargs: Any) -> Any:
+    if not distributed.is_primary():  # The primary alone writes files (docs/multihost.md).
+      return fn(config, workdir, *args, **kwargs)
+    check(workdir)
+    with lock(workdir):
+      return fn(config, workdir, *args, **kwargs)
+
+  return wrapper
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as the JSON object config.json holds."""
+  return json.loads(config.to_json_best_effort())
+
+
+def claim(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  """Makes `workdir` this run's, refusing one that holds a run of another config (the primary writes)."""
+  if distributed.is_primary():
+    _claim(config, workdir, overwrite)
+  distributed.barrier("claim_workdir")
+  check_same_config(config, workdir)  # Every process, once the primary has written config.json.
+
+
+def _claim(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> None:
+  path = os.path.join(workdir, "config.json")
+  if overwrite and os.path.isdir(workdir):
+    remove_outputs(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if os.path.exists(path):
+    check_same_config(config, workdir)
+  else:
+    write_json(path, config_json(config))
+
+
+def remove_outputs(workdir: str) -> list[str]:
+  """Deletes every output of a previous run in `workdir` (pictures and half-written files too); returns their names."""
+  names = sorted(n for n in os.listdir(workdir) if n in OUTPUTS or any(n.startswith(o + _TMP) for o in OUTPUTS))
+  if names:
+    logging.warning("--overwrite: deleting the previous run in %s (%s)", workdir, ", ".join(names))
+  for name in names:
+    p = os.path.join(workdir, name)
+    if os.path.isdir(p) and not os.path.islink(p):
+      shutil.rmtree(p)
+    else:
+      os.remove(p)
+  return names
+
+
+def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises WorkdirError naming the fields where `config` differs from the workdir's run."""
+  saved = read_json(os.path.join(workdir, "config.json"))
+  unused = unused_fields(config)
+  # A group missing on one side differs as a whole ("config.distributed"), hence the added dot.
+  diffs = [d for d in diff(comparable(saved), comparable(config_json(config)), "config")
+           if not (d[0] + ".").startswith(unused)]
+  if diffs:
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise WorkdirError(f"workdir {workdir} holds a run with a different config ({shown}{more}); "
+                       "use another --workdir, or --overwrite to start over")
+
+
+def comparable(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config.json with train.dtype resolved on this machine ('auto' equals what it resolves to)."""
+  out = json.loads(json.dumps(saved))
+  if "dtype" in out.get("train", {}):
+    out["train"]["dtype"] = models.compute_dtype(out["train"]["dtype"])
+  return out
+
+
+def unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Config prefixes that cannot change this run: the process setup (a run may resume with another process
+  count) and the abl group without ABL (a new default there does not make a no-defense run another one)."""
+  return ("config.distributed.", "config.abl.") if config.defense.name == "none" else ("config.distributed.",)
+
+
+def diff(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+  """(path, a's value, b's value) wherever two JSON trees differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}.{k}")]
+  return [] if a == b else [(prefix, a, b)]
+
+
+@contextlib.contextmanager
+def atomic(path: str) -> Iterator[str]:
+  """Yields a temporary name next to `path` to write; renames it into `path` once the body has finished."""
+  tmp = f"{path}{_TMP}{os.getpid()}"
+  try:
+    yield tmp
+    os.replace(tmp, path)  # A kill leaves the old file or the new one, never half of one.
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to a temporary name, then renames it into `path`."""
+  with atomic(path) as tmp, open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` to a temporary name, then renames it into `path`."""
+  with atomic(path) as tmp, open(tmp, "w") as f:
+    f.write(text)
+
+
+def write_npz(path: str, **arrays: Any) -> None:
+  """np.savez to a temporary name, then renamed into `path`."""
+  with atomic(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def _damaged(path: str, e: Exception) -> DamagedFileError:
+  first = (str(e).strip().splitlines() or [""])[0]
+  return DamagedFileError(f"{path} is damaged ({type(e).__name__}: {first}); delete it to have the run write it "
+                          "again (or --overwrite to start the run over)")
+
+
+def read_json(path: str) -> Any:
+  """The JSON in `path`; a file that is not valid JSON raises DamagedFileError naming it."""
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise _damaged(path, e) from None
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  """Every array in the .npz file `path`; a damaged file raises DamagedFileError naming it."""
+  with open(path, "rb") as f:
+    blob = f.read()
+  try:
+    with np.load(io.BytesIO(blob)) as z:
+      return {k: z[k] for k in z.files}
+  except Exception as e:  # pylint: disable=broad-except  # zipfile, zlib, pickle and format errors alike.
+    raise _damaged(path, e) from None
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a JSON-lines file; a line cut off by a kill is skipped with a warning (its epoch was redone)."""
+  records = []
+  with open(path) as f:
+    for i, line in enumerate(f, 1):
+      try:
+        records.append(json.loads(line))
+      except ValueError:
+        logging.warning("%s: skipping line %d, cut off by an interrupted write", path, i)
+  return records
+
+
+def append_jsonl(path: str, record: dict[str, Any]) -> None:
+  """Appends `record` as one line, first ending a line an interrupted write left unfinished."""
+  with open(path, "a+b") as f:
+    start = b""
+    if f.tell() > 0:
+      f.seek(-1, os.SEEK_END)
+      start = b"" if f.read(1) == b"\n" else b"\n"
+    f.write(start + json.dumps(record).encode() + b"\n")

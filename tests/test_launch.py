@@ -1,0 +1,93 @@
+"""launch.py as a user meets it: one line and exit code 2 for a mistake, warnings for unused fields, Ctrl-C."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from abl_jax import cli
+from configs import abl_badnets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "--config=configs/abl_badnets.py:smoke"
+
+
+def _launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+  """The error line; asserts exit code 2 and no traceback."""
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("launch.py: ")]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  return lines[0]
+
+
+def test_unknown_field_names_close_matches(tmp_path):
+  line = _one_line(_launch(SMOKE, f"--workdir={tmp_path}/run", "--config.train.epoch=3"))
+  assert "unknown field config.train.epoch; did you mean config.train.epochs" in line
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_field_message_lists_the_group():
+  config = abl_badnets.get_config("smoke")
+  assert cli.unknown_field_message(config, "config.abl.gama").startswith(
+      "unknown field config.abl.gama; did you mean config.abl.gamma")
+  assert "the groups are abl, attack" in cli.unknown_field_message(config, "config.nope.x")
+
+
+def test_bad_value_and_unused_field_one_line_after_the_warning(tmp_path):
+  proc = _launch(SMOKE, f"--workdir={tmp_path}/run", "--config.train.learning_rate=0.05",
+                 "--config.attack.poison_rate=2")
+  assert _one_line(proc) == "launch.py: config.attack.poison_rate=2.0 must be in (0, 1]"
+  assert ("--config.train.learning_rate is not used by this run: ABL's learning rates are abl.isolation_lr, "
+          "abl.finetune_lr, abl.unlearning_lr") in proc.stderr
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_verbosity_1_shows_the_traceback(tmp_path):
+  proc = _launch(SMOKE, f"--workdir={tmp_path}/run", "--config.attack.poison_rate=2", "--verbosity=1")
+  assert proc.returncode == 1 and "Traceback" in proc.stderr
+
+
+def test_unused_overrides():
+  abl = abl_badnets.get_config("smoke")
+  assert [f for f, _ in cli.unused_overrides(abl, ["config.train.learning_rate", "config.train.epochs",
+                                                   "config.abl.gamma", "config.data.path", "config.attack.delta"])] \
+      == ["config.train.learning_rate", "config.train.epochs", "config.data.path", "config.attack.delta"]
+  none = abl_badnets.get_config("smoke")
+  none.defense.name = "none"
+  assert cli.unused_overrides(none, ["config.abl.finetune_lr", "config.train.learning_rate"]) == [
+      ("config.abl.finetune_lr", "the abl group applies to ABL runs only (--config.defense.name=abl); this run "
+       "trains train.epochs at train.learning_rate")]
+  assert cli.override_paths(["x", "--config.train.epochs=3", "--config=c.py", "--config.abl.gamma", "1"]) == [
+      "config.train.epochs", "config.abl.gamma"]
+
+
+def test_workdir_that_is_a_file_and_a_missing_config(tmp_path):
+  (tmp_path / "run").write_text("x")
+  line = _one_line(_launch(SMOKE, f"--workdir={tmp_path}/run"))
+  assert "is a file, not a directory" in line and (tmp_path / "run").read_text() == "x"
+  line = _one_line(_launch("--config=configs/nope.py", f"--workdir={tmp_path}/w"))
+  assert "configs/nope.py does not exist" in line and "repository root" in line
+
+
+def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  work = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "launch.py", SMOKE, f"--workdir={work}", "--config.abl.finetune_epochs=40"],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  deadline = time.time() + 240
+  while time.time() < deadline and not os.path.exists(work / "isolation.npz"):  # Past two epochs.
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err[-2000:]
+  assert "launch.py: interrupted; rerun the same command to resume" in err and "Traceback" not in err
+  assert not os.path.exists(work / ".lock") and os.listdir(work / "checkpoints")
