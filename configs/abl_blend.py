@@ -5,9 +5,7 @@
   python launch.py --config=configs/abl_blend.py:smoke --workdir=/tmp/blend    # synthetic, seconds
 Baselines: add --config.defense.name=none (no defense) or --config.attack.name=none (clean model).
 
-cpu variant, measured 2026-11-25 (small CNN, 10,000 CIFAR-10 training images, 2 CPU cores):
-  no defense CA 0.630, ASR 0.999; ABL isolation precision 1.00, then CA 0.598, ASR 0.017 with the
-  default unlearning, CA 0.399, ASR 0.001 with the paper's (docs/unlearning.md).
+Measured numbers of the cpu variant, with their commands: README (Results) and docs/results.md.
 """
 from configs import common
 

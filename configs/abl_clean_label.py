@@ -17,9 +17,7 @@ Other settings: --config.attack.pgd.norm=l2 --config.attack.pgd.eps=600 --config
 --config.attack.trigger_style=all_corners --config.attack.trigger_amplitude=64 (Turner et al.'s variants);
 --config.attack.surrogate.adversarial=False; --config.attack.poison_rate=0.1 (the whole target class).
 
-cpu variant, measured 2026-11-25 (small CNN, 10,000 CIFAR-10 training images, busy 2-core machine):
-  no defense CA 0.646, ASR 0.852 (24 min, 16 of them the surrogate); ABL CA 0.435, ASR 0.000, isolation
-  precision 0.99 (18 min). Details in docs/clean_label.md.
+Measured numbers of the cpu variant, with their commands: README (Results) and docs/results.md.
 """
 from configs import common
 

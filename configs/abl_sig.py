@@ -5,9 +5,7 @@
   python launch.py --config=configs/abl_sig.py:smoke --workdir=/tmp/sig    # synthetic, seconds
 Baselines: add --config.defense.name=none (no defense) or --config.attack.name=none (clean model).
 
-cpu variant, measured 2026-11-25 (small CNN, 10,000 CIFAR-10 training images, 2 CPU cores; 5 LGA epochs):
-  no defense CA 0.648, ASR 0.683; ABL isolation precision 0.35, then CA 0.556, ASR 0.000 with the
-  default unlearning, CA 0.368, ASR 0.000 with the paper's (docs/unlearning.md).
+Measured numbers of the cpu variant, with their commands: README (Results) and docs/results.md.
 """
 from configs import common
 

@@ -72,3 +72,18 @@ def test_step_profile_groups_name_stacks_and_finds_the_thunks():
   # convolution of the gradient is found among them.
   assert times and set(times) <= set(step_profile.hlo_groups(hlo))
   assert by_group.get("conv backward", 0) > 0 and sum(by_group.values()) == pytest.approx(sum(times.values()))
+
+
+def test_gpu_check_runs_every_part_on_tiny_sizes(tmp_path):
+  from benchmarks import gpu_check
+  out = gpu_check.main(["--tiny", f"--out={tmp_path / 'check.json'}"])
+  saved = json.loads((tmp_path / "check.json").read_text())
+  assert saved == json.loads(json.dumps(out))
+  assert saved["environment"]["device_count"] == jax.device_count()
+  assert set(saved["train_step"]) == {"bfloat16", "float32"}
+  assert all(r["jax_images_per_s"] > 0 for r in saved["train_step"].values())
+  assert saved["scoring"]["examples"] == 64 and saved["scoring"]["examples_per_s"] > 0
+  row = saved["abl_badnets"]
+  assert row["num_train"] == 1024 and 0.0 <= row["clean_accuracy"] <= 1.0 and 0.0 <= row["attack_success_rate"] <= 1.0
+  assert row["isolation_precision"] is not None
+  assert set(row["wall_time_s"]) >= {"isolation", "finetune", "unlearning", "evaluate"}
