@@ -305,7 +305,7 @@ def unlearn(run: Run) -> None:
       "unlearning", a.unlearning_epochs, num, order,
       abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size, a.joint_weight, a.unlearning_loss),
       lambda _: optax.constant_schedule(a.unlearning_lr), batch, False, bn_train=a.unlearning_bn == "train",
-      eval_every=1, after_epoch=_unlearning_check))
+      eval_every=run.config.train.eval_every_epochs, after_epoch=_unlearning_check))
 
 
 Step = Callable[[Run], None]

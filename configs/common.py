@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                        stay float32), or auto = bfloat16 on GPU/TPU, float32 on CPU.
   c.train.augment = True  # Random crop (pad 4) + horizontal flip, on device (not in isolation).
   c.train.eval_batch_size = 500  # Batch size of evaluation and loss scoring.
-  c.train.eval_every_epochs = 1  # Evaluate CA/ASR every this many epochs (0 = only at the end).
+  c.train.eval_every_epochs = 1  # Evaluate CA/ASR every this many epochs of every phase (0 = only at the end,
+  #                                on the full test set); the unlearning curve has a point per evaluation.
   c.train.epoch_eval_size = 0  # Test images used by the per-epoch evaluation (0 = all; the end uses all).
   c.train.log_every_steps = 50  # Print loss, images/s and ETA every this many steps.
   c.train.keep_checkpoints = 2  # Orbax checkpoints kept in WORKDIR/checkpoints.
