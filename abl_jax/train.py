@@ -4,7 +4,7 @@
     state = train.replicate(create_train_state(model, tx, key, image_shape), mesh)
     step = make_train_step(model, abl.cross_entropy_loss, mean, std, augment_data=True, mesh=mesh)
     state, summary = run_epoch(step, state, images, labels, order, key, log_every=50, describe="epoch 1")
-    ce, pred = predictor(model, variables, mean, std, batch_size=500)(images, labels)
+    ce, pred = predictor(model, variables_of(state), mean, std, batch_size=500)(images, labels)
 
 Data parallelism lives here alone. Every step is one `jax.jit` over a `Mesh` of all devices: batches are
 sharded along the mesh's batch axis and everything else (parameters, optimizer state, BatchNorm statistics,

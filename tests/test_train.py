@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from abl_jax import abl, train
@@ -130,3 +131,24 @@ def test_xla_flags_keep_a_users_ynn_setting():
   # An older jaxlib would abort on the unknown flag.
   assert xla_flags.prefer_xla_cpu_convolutions({}, (0, 8, 0)) == ""
   assert xla_flags._jaxlib_version() >= (0, 4, 30)
+
+
+def test_every_phase_optimizer_has_one_state_structure():
+  # A checkpoint is restored into a state built with a placeholder optimizer, whatever phase wrote it.
+  params = _state().params
+  structures = {str(jax.tree.structure(train.sgd(lr, 0.9, 5e-4).init(params)))
+                for lr in (0.0, 0.1, optax.cosine_decay_schedule(0.1, 10),
+                           optax.piecewise_constant_schedule(0.1, {5: 0.1}))}
+  assert len(structures) == 1
+
+
+def test_module_docstring_example_runs():
+  model, (images, labels) = Tiny(), _data()
+  tx, key, image_shape, mean, std = train.sgd(0.1, 0.9, 5e-4), jax.random.PRNGKey(0), (8, 8, 3), MEAN, STD
+  order = train.epoch_order(len(images), 8, key)
+  mesh = train.make_mesh()
+  state = train.replicate(train.create_train_state(model, tx, key, image_shape), mesh)
+  step = train.make_train_step(model, abl.cross_entropy_loss, mean, std, augment_data=True, mesh=mesh)
+  state, summary = train.run_epoch(step, state, images, labels, order, key, log_every=50, describe="epoch 1")
+  ce, pred = train.predictor(model, train.variables_of(state), mean, std, batch_size=8)(images, labels)
+  assert ce.shape == pred.shape == (16,) and summary["images_per_s"] > 0 and int(train.to_host(state).step) == 2
