@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_label": "clean-label",
-                "input_aware": "input-aware"}
+                "input_aware": "input-aware", "wanet": "WaNet"}
 METRICS = ("train_accuracy", "clean_accuracy", "attack_success_rate", "train_loss", "clean_test_loss",
            "poisoned_test_loss", "train_accuracy_clean_part", "train_accuracy_poisoned_part",
            "train_loss_poisoned_part", "cross_trigger_accuracy")
@@ -33,11 +33,11 @@ def _json(path: str) -> Any:
     return json.load(f)
 
 
-def label(attack: str, defense: str) -> str:
-  """The row's name in the seed report's words."""
+def label(attack: str, defense: str, rate: float | None = None) -> str:
+  """The row's name in the seed report's words; `rate` (a poison rate) is added when given."""
   if attack == "none":
     return "Model trained with clean data" + (" and ABL" if defense == "abl" else "")
-  name = ATTACK_NAMES.get(attack, attack)
+  name = ATTACK_NAMES.get(attack, attack) + ("" if rate is None else f" {100 * rate:g}%")
   return f"Model trained using ABL against {name} attack" if defense == "abl" else f"Model trained with {name} attack"
 
 
@@ -74,6 +74,8 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
   else:
     config = _json(config_path)
     row.update(attack=config["attack"]["name"], defense=config["defense"]["name"])
+    if name.rsplit("_", 1)[0] not in (row["attack"], name):  # A pair at another rate, e.g. badnets_1pct_abl.
+      row["poison_rate"] = config["attack"]["poison_rate"]
     results_path = os.path.join(workdir, "results.json")
     if not os.path.exists(results_path):
       row.update(status="unfinished", detail=_progress(workdir, config))
@@ -85,7 +87,7 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
                  wall_time_s=sum(r["wall_time"].values()), wall_time=r["wall_time"],
                  num_train=r.get("num_train"), num_poisoned=r.get("num_poisoned"), versions=r.get("versions"),
                  unlearning_before=(r.get("unlearning") or {}).get("before"))
-  row["label"] = label(row["attack"] or "?", row["defense"] or "?")
+  row["label"] = label(row["attack"] or "?", row["defense"] or "?", row.get("poison_rate"))
   row["pictures"] = [p for p in PICTURES if os.path.exists(os.path.join(workdir, p))]
   return row
 
