@@ -53,7 +53,11 @@ def train_metrics(eval_fn: Callable, state: Any, train: Dataset, is_poisoned: np
 
 def cross_trigger_metrics(eval_fn: Callable, state: Any, cross_test: Dataset, is_cross: np.ndarray | None,
                           batch_size: int) -> dict[str, float | int]:
-  """Share of cross-triggered test images (another image's trigger) classified as their true label."""
+  """Share of cross-triggered test images classified as their true label.
+
+  The cross trigger is the attack's trigger that must not flip a label: input_aware, another image's trigger;
+  wanet, the noise-mode warp (the reference code's "cross" examples), so for WaNet this is noise-mode accuracy.
+  """
   _, pred = predict(eval_fn, state, cross_test.images, cross_test.labels, batch_size)
   return {"cross_trigger_accuracy": float(np.mean(pred == cross_test.labels)),
           "num_cross_train": 0 if is_cross is None else int(np.sum(is_cross))}
