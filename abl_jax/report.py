@@ -65,17 +65,17 @@ def _progress(workdir: str, config: dict[str, Any]) -> str:
           "rerun the sweep to resume")
 
 
-def load_row(workdir: str, name: str, attack: str | None = None, defense: str | None = None) -> dict[str, Any]:
+def load_row(workdir: str, name: str, attack: str | None = None, defense: str | None = None,
+             rate: float | None = None) -> dict[str, Any]:
   """One row: status ('done', 'unfinished', 'missing'), its metrics where finished, and its pictures."""
-  row: dict[str, Any] = {"name": name, "workdir": workdir, "attack": attack, "defense": defense}
+  row: dict[str, Any] = {"name": name, "workdir": workdir, "attack": attack, "defense": defense, "poison_rate": rate}
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     row.update(status="missing", detail=f"missing: no run in {workdir}")
   else:
     config = _json(config_path)
-    row.update(attack=config["attack"]["name"], defense=config["defense"]["name"])
-    if name.rsplit("_", 1)[0] not in (row["attack"], name):  # A pair at another rate, e.g. badnets_1pct_abl.
-      row["poison_rate"] = config["attack"]["poison_rate"]
+    row.update(attack=config["attack"]["name"], defense=config["defense"]["name"],
+               poison_rate=config["attack"].get("poison_rate"))
     results_path = os.path.join(workdir, "results.json")
     if not os.path.exists(results_path):
       row.update(status="unfinished", detail=_progress(workdir, config))
@@ -87,7 +87,8 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
                  wall_time_s=sum(r["wall_time"].values()), wall_time=r["wall_time"],
                  num_train=r.get("num_train"), num_poisoned=r.get("num_poisoned"), versions=r.get("versions"),
                  unlearning_before=(r.get("unlearning") or {}).get("before"))
-  row["label"] = label(row["attack"] or "?", row["defense"] or "?", row.get("poison_rate"))
+  other_rate = name.rsplit("_", 1)[0] not in (row["attack"], name)  # A pair at another rate: badnets_1pct_abl.
+  row["label"] = label(row["attack"] or "?", row["defense"] or "?", row["poison_rate"] if other_rate else None)
   row["pictures"] = [p for p in PICTURES if os.path.exists(os.path.join(workdir, p))]
   return row
 
@@ -103,7 +104,8 @@ def collect(workdir: str) -> list[dict[str, Any]]:
   plan_path = os.path.join(workdir, "table.json")
   if os.path.exists(plan_path):
     plan = _json(plan_path)
-    return [load_row(os.path.join(workdir, n), n, plan["rows"][n]["attack"], plan["rows"][n]["defense"])
+    return [load_row(os.path.join(workdir, n), n, plan["rows"][n]["attack"], plan["rows"][n]["defense"],
+                     plan["rows"][n].get("poison_rate"))
             for n in plan["order"]]
   if os.path.exists(os.path.join(workdir, "config.json")):
     return [load_row(workdir, os.path.basename(os.path.normpath(workdir)))]

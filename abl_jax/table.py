@@ -64,7 +64,8 @@ def with_fields(row: ml_collections.ConfigDict, spec: str) -> ml_collections.Con
 
 def _write_plan(config: ml_collections.ConfigDict, workdir: str) -> None:
   """WORKDIR/table.json: every row of the table (so the report shows rows not run yet as missing)."""
-  rows = {n: {"attack": config.rows[n].attack.name, "defense": config.rows[n].defense.name} for n in config.table.order}
+  rows = {n: {"attack": config.rows[n].attack.name, "defense": config.rows[n].defense.name,
+              "poison_rate": config.rows[n].attack.poison_rate} for n in config.table.order}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "table.json"), "w") as f:
     json.dump({"variant": config.table.variant, "order": list(config.table.order), "rows": rows}, f, indent=2)
