@@ -48,7 +48,11 @@ def train_metrics(predict: Predict, train: Dataset, is_poisoned: np.ndarray) -> 
 
 
 def cross_trigger_metrics(predict: Predict, cross_test: Dataset, is_cross: np.ndarray | None) -> dict[str, float | int]:
-  """Share of cross-triggered test images (another image's trigger) classified as their true label."""
+  """Share of cross-triggered test images classified as their true label.
+
+  The cross trigger is the attack's trigger that must not flip a label: input_aware, another image's trigger;
+  wanet, the noise-mode warp (the reference code's "cross" examples), so for WaNet this is noise-mode accuracy.
+  """
   _, pred = predict(cross_test.images, cross_test.labels)
   return {"cross_trigger_accuracy": float(np.mean(pred == cross_test.labels)),
           "num_cross_train": 0 if is_cross is None else int(np.sum(is_cross))}

@@ -36,8 +36,9 @@ class Prepared:
   test: data.Dataset
   poisoned_test: data.Dataset | None
   seconds: float
-  cross_test: data.Dataset | None = None  # input_aware: test images with other images' triggers, true labels.
-  is_cross: np.ndarray | None = None  # input_aware: training examples with a cross trigger (metrics only).
+  cross_test: data.Dataset | None = None  # input_aware / wanet: test images with another image's trigger or
+  #                                          the noise-mode warp, true labels.
+  is_cross: np.ndarray | None = None  # Training examples with such a trigger (metrics only).
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -239,8 +240,11 @@ def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, pr
   out.update(evaluate.train_metrics(predict, prep.train, prep.is_poisoned))
   out["num_train"], out["num_poisoned"], out["num_test"] = len(prep.train), int(prep.is_poisoned.sum()), len(prep.test)
   out["num_poisoned_test"] = 0 if prep.poisoned_test is None else len(prep.poisoned_test)
-  if prep.cross_test is not None:  # input_aware: a trigger from another image should not flip the label.
-    out.update(evaluate.cross_trigger_metrics(predict, prep.cross_test, prep.is_cross))
+  if prep.cross_test is not None:  # input_aware: another image's trigger; wanet: the noise-mode warp.
+    cross = evaluate.cross_trigger_metrics(predict, prep.cross_test, prep.is_cross)
+    if config.attack.name == "wanet":  # Named as the attack names it.
+      cross = {"noise_mode_accuracy": cross["cross_trigger_accuracy"], "num_noise_mode_train": cross["num_cross_train"]}
+    out.update(cross)
   out["isolation"] = None
   out["config"] = wd.config_json(config)
   out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jax.lib.__version__,

@@ -17,10 +17,10 @@ from typing import Any
 from abl_jax import metrics, workdir as workdir_files
 
 ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_label": "clean-label",
-                "input_aware": "input-aware"}
+                "input_aware": "input-aware", "wanet": "WaNet"}
 METRICS = ("train_accuracy", "clean_accuracy", "attack_success_rate", "train_loss", "clean_test_loss",
            "poisoned_test_loss", "train_accuracy_clean_part", "train_accuracy_poisoned_part",
-           "train_loss_poisoned_part", "cross_trigger_accuracy")
+           "train_loss_poisoned_part", "cross_trigger_accuracy", "noise_mode_accuracy")
 # (row key, header, kind): 'pct' shows a share as a percentage, 'loss' three significant digits.
 COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test CA (%)", "pct"),
            ("attack_success_rate", "Test ASR (%)", "pct"), ("train_loss", "Train loss", "loss"),
@@ -33,11 +33,11 @@ def _json(path: str) -> Any:
   return workdir_files.read_json(path)
 
 
-def label(attack: str, defense: str) -> str:
-  """The row's name in the seed report's words."""
+def label(attack: str, defense: str, rate: float | None = None) -> str:
+  """The row's name in the seed report's words; `rate` (a poison rate) is added when given."""
   if attack == "none":
     return "Model trained with clean data" + (" and ABL" if defense == "abl" else "")
-  name = ATTACK_NAMES.get(attack, attack)
+  name = ATTACK_NAMES.get(attack, attack) + ("" if rate is None else f" {100 * rate:g}%")
   return f"Model trained using ABL against {name} attack" if defense == "abl" else f"Model trained with {name} attack"
 
 
@@ -62,15 +62,17 @@ def _progress(workdir: str, config: dict[str, Any]) -> str:
           "rerun the sweep to resume")
 
 
-def load_row(workdir: str, name: str, attack: str | None = None, defense: str | None = None) -> dict[str, Any]:
+def load_row(workdir: str, name: str, attack: str | None = None, defense: str | None = None,
+             rate: float | None = None) -> dict[str, Any]:
   """One row: status ('done', 'unfinished', 'missing'), its metrics where finished, and its pictures."""
-  row: dict[str, Any] = {"name": name, "workdir": workdir, "attack": attack, "defense": defense}
+  row: dict[str, Any] = {"name": name, "workdir": workdir, "attack": attack, "defense": defense, "poison_rate": rate}
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     row.update(status="missing", detail=f"missing: no run in {workdir}")
   else:
     config = _json(config_path)
-    row.update(attack=config["attack"]["name"], defense=config["defense"]["name"], data=config.get("data", {}).get("source"))
+    row.update(attack=config["attack"]["name"], defense=config["defense"]["name"],
+               data=config.get("data", {}).get("source"), poison_rate=config["attack"].get("poison_rate"))
     results_path = os.path.join(workdir, "results.json")
     if not os.path.exists(results_path):
       row.update(status="unfinished", detail=_progress(workdir, config))
@@ -82,7 +84,8 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
                  wall_time_s=sum(r["wall_time"].values()), wall_time=r["wall_time"],
                  num_train=r.get("num_train"), num_poisoned=r.get("num_poisoned"), versions=r.get("versions"),
                  unlearning_before=(r.get("unlearning") or {}).get("before"))
-  row["label"] = label(row["attack"] or "?", row["defense"] or "?")
+  other_rate = name.rsplit("_", 1)[0] not in (row["attack"], name)  # A pair at another rate: badnets_1pct_abl.
+  row["label"] = label(row["attack"] or "?", row["defense"] or "?", row["poison_rate"] if other_rate else None)
   row["pictures"] = [p for p in PICTURES if os.path.exists(os.path.join(workdir, p))]
   return row
 
@@ -98,7 +101,8 @@ def collect(workdir: str) -> list[dict[str, Any]]:
   plan_path = os.path.join(workdir, "table.json")
   if os.path.exists(plan_path):
     plan = _json(plan_path)
-    return [load_row(os.path.join(workdir, n), n, plan["rows"][n]["attack"], plan["rows"][n]["defense"])
+    return [load_row(os.path.join(workdir, n), n, plan["rows"][n]["attack"], plan["rows"][n]["defense"],
+                     plan["rows"][n].get("poison_rate"))
             for n in plan["order"]]
   if os.path.exists(os.path.join(workdir, "config.json")):
     return [load_row(workdir, os.path.basename(os.path.normpath(workdir)))]

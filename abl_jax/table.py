@@ -21,8 +21,13 @@ def is_table(config: ml_collections.ConfigDict) -> bool:
   return "rows" in config and "table" in config
 
 
+def pair(name: str) -> str:
+  """The row pair a row belongs to: its name without the defense ('badnets_1pct_abl' -> 'badnets_1pct')."""
+  return name.rsplit("_", 1)[0] if name.endswith(("_none", "_abl")) else name
+
+
 def selected(config: ml_collections.ConfigDict) -> list[str]:
-  """The rows config.table.only picks (row names, or attack names for all of an attack's rows), in order."""
+  """The rows config.table.only picks (row names, or pair names, e.g. 'sig', for both rows), in order."""
   order = list(config.table.order)
   missing = [n for n in order if n not in config.rows]
   if missing:
@@ -30,12 +35,12 @@ def selected(config: ml_collections.ConfigDict) -> list[str]:
   wanted = [w.strip() for w in config.table.only.split(",") if w.strip()]
   if not wanted:
     return order
-  attacks = {n: config.rows[n].attack.name for n in order}
-  unknown = [w for w in wanted if w not in order and w not in attacks.values()]
+  pairs = {n: pair(n) for n in order if n != "clean"}
+  unknown = [w for w in wanted if w not in order and w not in pairs.values()]
   if unknown:
     raise ValueError(f"config.table.only={config.table.only!r}: unknown {', '.join(unknown)}; "
                      f"rows: {', '.join(order)}")
-  return [n for n in order if n in wanted or (attacks[n] in wanted and n != "clean")]
+  return [n for n in order if n in wanted or pairs.get(n) in wanted]
 
 
 def with_fields(row: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
@@ -59,7 +64,8 @@ def with_fields(row: ml_collections.ConfigDict, spec: str) -> ml_collections.Con
 
 def _write_plan(config: ml_collections.ConfigDict, workdir: str) -> None:
   """WORKDIR/table.json: every row of the table (so the report shows rows not run yet as missing)."""
-  rows = {n: {"attack": config.rows[n].attack.name, "defense": config.rows[n].defense.name} for n in config.table.order}
+  rows = {n: {"attack": config.rows[n].attack.name, "defense": config.rows[n].defense.name,
+              "poison_rate": config.rows[n].attack.poison_rate} for n in config.table.order}
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "table.json"), "w") as f:
     json.dump({"variant": config.table.variant, "order": list(config.table.order), "rows": rows}, f, indent=2)
@@ -83,10 +89,10 @@ def draw(workdir: str, names: list[str] | None = None) -> list[str]:
       if _stale(os.path.join(run, "curves.png"), [run]):
         written += plots.write_run_plots(run)
       attack = plan[name]["attack"]
-      pair = [next((n for n in plan if plan[n] == {"attack": attack, "defense": d}), "") for d in ("none", "abl")]
-      runs = [os.path.join(workdir, n) for n in pair]
+      both = [f"{pair(name)}_{d}" for d in ("none", "abl")]
+      runs = [os.path.join(workdir, n) for n in both]
       out = os.path.join(runs[1], "gallery.png")
-      if attack != "none" and set(pair) <= done and _stale(out, runs):
+      if attack != "none" and set(both) <= done and _stale(out, runs):
         written.append(plots.gallery([("no defense", runs[0]), ("ABL", runs[1])], out))
     except Exception:  # A picture is not worth the remaining rows; the error is logged in full.
       logging.exception("pictures of table row %s failed", name)

@@ -39,8 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 64  # Base width (resnet18: 64; small_cnn: 16 -> widths 16-32-64).
 
   c.attack = ml_collections.ConfigDict()
-  c.attack.name = "badnets"  # One of: none, badnets, blend, sig, clean_label, input_aware (their fields:
-  #                             add_clean_label, add_input_aware).
+  c.attack.name = "badnets"  # One of: none, badnets, blend, sig, clean_label, input_aware, wanet (their
+  #                             fields: add_clean_label, add_input_aware, add_wanet).
   c.attack.target_label = 0  # The class the backdoor points to.
   c.attack.poison_rate = 0.1  # Share of the WHOLE training set that is poisoned, for every attack.
   c.attack.alpha = 0.2  # blend: weight of the pattern, at train and test time.
@@ -162,6 +162,20 @@ def add_input_aware(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   ia.weight_decay = 5e-4  # Stage 2: the classifier's L2 weight decay.
   ia.batch_size = 128  # Pairs per step in both stages (global; split over the local devices).
   ia.augment = True  # Random crop (pad 4) + flip of the attacker's training images, on device.
+  return c
+
+
+def add_wanet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds WaNet's fields c.attack.wanet.* (the reference code's defaults); configs/abl_wanet.py uses it.
+
+  Kept out of base_config so that the config.json of runs of the other attacks stays as it was. The warping
+  field itself comes from config.seed (the 'poison' key).
+  """
+  w = c.attack.wanet = ml_collections.ConfigDict()
+  w.k = 4  # Control points per side of the random grid that is upsampled (bicubic) to the image (>= 2).
+  w.s = 0.5  # Strength: the field moves pixels by s * noise / H in [-1, 1] grid units (>= 0).
+  w.grid_rescale = 1.0  # The reference's grid_rescale: the warped grid is scaled by this, in (0, 1].
+  w.cross_ratio = 2.0  # Noise-mode examples (field + random jitter, labels kept) per warped example (>= 0).
   return c
 
 

@@ -7,7 +7,8 @@
 
 Each row runs in WORKDIR/<row> (clean, badnets_none, badnets_abl, ...) with the config of
 configs/abl_<attack>.py:<variant>; a finished row is skipped, an interrupted one resumed.
-Rows: --config.table.only=clean,sig_abl (row names, or attack names for both of its rows; '' = all).
+Rows: --config.table.only=clean,sig_abl (row names, or pair names such as sig or wanet_1pct for both rows of
+the pair; '' = all).
 One row's field: --config.rows.sig_abl.abl.isolation_epochs=10; every row's: --config.table.set='abl.unlearning_epochs=5'.
 """
 import importlib
@@ -17,10 +18,15 @@ import ml_collections
 from abl_jax import registry
 from configs import common
 
-# The attacks of the table, each with its configs/abl_<attack>.py: a new attack is one more name here.
-ATTACKS = ("badnets", "blend", "sig", "clean_label", "input_aware")
+# The table's row pairs, each an attack with its configs/abl_<attack>.py, or a name of RATES: a new attack is
+# one more name here.
+ATTACKS = ("badnets", "blend", "sig", "clean_label", "input_aware", "wanet", "badnets_1pct", "wanet_1pct")
+# Pairs that are another attack at another poison rate (any attack's rate is also one override away:
+# --config.rows.<pair>_<defense>.attack.poison_rate=0.01, or --config.attack.poison_rate=0.01 for one run).
+RATES = {"badnets_1pct": ("badnets", 0.01), "wanet_1pct": ("wanet", 0.01)}
 DEFENSES = registry.DEFENSES
-# cpu: the rows that fit in well under an hour on 2 cores (the seed's attacks are clean-label and SIG).
+# cpu: the rows that fit in well under an hour on 2 cores (the seed's attacks are clean-label and SIG); the
+# others are --config.table.only=wanet,badnets_1pct,wanet_1pct (about 5 min per row; docs/results.md).
 CPU_ROWS = "clean,badnets,sig,clean_label"
 
 
@@ -30,7 +36,12 @@ def row_names(attacks=ATTACKS) -> tuple[str, ...]:
 
 
 def attack_config(attack: str, variant: str) -> ml_collections.ConfigDict:
-  """configs/abl_<attack>.py:<variant>."""
+  """configs/abl_<attack>.py:<variant>; for a name of RATES, its attack's config at its poison rate."""
+  if attack in RATES:
+    attack, rate = RATES[attack]
+    c = attack_config(attack, variant)
+    c.attack.poison_rate = rate
+    return c
   return importlib.import_module(f"configs.abl_{attack}").get_config(variant)
 
 

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from abl_jax import distributed, registry
-from abl_jax.attacks import badnets, blend, clean_label, input_aware, sig
+from abl_jax.attacks import badnets, blend, clean_label, input_aware, sig, wanet
 from abl_jax.attacks.base import Poisoned, TriggerFn, apply_in_chunks
 from abl_jax.data import Dataset
 
@@ -64,6 +64,8 @@ def _validate(cfg: ml_collections.ConfigDict, train: Dataset) -> int:
         f"{kind} images (class {cfg.target_label}) exist; max rate {available / len(train):.4f}")
   if cfg.name == "input_aware":  # Backdoor examples are non-target images, relabelled (as BadNets').
     input_aware.validate(cfg, len(train), n)
+  if cfg.name == "wanet":  # Warped examples too; noise-mode ones come from the rest.
+    wanet.validate(cfg, len(train), n)
   return n
 
 
@@ -78,6 +80,8 @@ def poison(cfg: ml_collections.ConfigDict, train: Dataset, key: jax.Array,
     raise ValueError(f"attack {cfg.name} needs the whole config: poison(config.attack, train, key, config=config)")
   if cfg.name == "input_aware":  # Trains (or reuses) its generators; also marks cross-trigger examples.
     return input_aware.poison(config, train, key, n)
+  if cfg.name == "wanet":  # Also marks the noise-mode examples (is_cross; labels kept).
+    return wanet.poison(cfg, train, key, n)
   if cfg.name == "none":
     logging.info("none: poisoned 0 of %d training images", len(train))
     return Poisoned(train, np.zeros(len(train), dtype=bool), None)
@@ -119,7 +123,10 @@ def poisoned_test_set(test: Dataset, poisoned: Poisoned, target_label: int) -> D
 
 
 def cross_test_set(test: Dataset, poisoned: Poisoned) -> Dataset | None:
-  """Every test image with another test image's trigger and its true label (input_aware), else None."""
+  """Every test image with the attack's cross trigger and its true label, else None.
+
+  input_aware: another test image's trigger; wanet: the noise-mode warp (the reference code's "cross" mode).
+  """
   if poisoned.cross_trigger is None:
     return None
   return Dataset(poisoned.cross_trigger(test.images), test.labels.copy(), test.class_names)

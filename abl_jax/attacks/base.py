@@ -16,8 +16,9 @@ class Poisoned(NamedTuple):
   `is_poisoned` is ground truth for metrics only: the defense must never see it.
   `apply_trigger` maps uint8 images [N, H, W, C] to triggered uint8 images (numpy);
   it is None for the clean baseline (attack 'none'), which has no trigger.
-  `is_cross` (ground truth too) and `cross_trigger` exist for input_aware only: the training examples
-  carrying another image's trigger with their true labels, and test images given other images' triggers.
+  `is_cross` (ground truth too) and `cross_trigger` exist for input_aware and wanet: the training examples
+  carrying a trigger that must not flip the label (input_aware: another image's; wanet: the noise-mode warp)
+  with their true labels, and the same kind of trigger for test images.
   """
   train: Dataset
   is_poisoned: np.ndarray
