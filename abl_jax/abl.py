@@ -116,3 +116,20 @@ def isolate(scores: np.ndarray, ratio: float) -> np.ndarray:
   """Indices of the `ratio` lowest-scoring examples, lowest first (ties broken by index)."""
   k = num_isolated(len(scores), ratio)
   return np.argsort(np.asarray(scores), kind="stable")[:k].astype(np.int64)
+
+
+def suspicious_pool(scores: np.ndarray, isolated: np.ndarray, rule: str, ratio: float) -> np.ndarray:
+  """The examples fine-tuning leaves out (config.abl.pool_rule): always the isolated ones, sorted by index.
+
+  isolated: the isolated set only (the paper's fine-tuning on the other 99%).
+  ratio:    the lowest-scoring `ratio` of the set (low isolation loss = suspect), plus the isolated ones.
+  """
+  if rule == "isolated":
+    return np.sort(np.asarray(isolated, np.int64))
+  if rule == "ratio":
+    registry.check_range("config.abl.pool_ratio", ratio, 0.0, 1.0, high_open=True)
+    k = int(len(scores) * ratio)
+    low = np.argsort(np.asarray(scores), kind="stable")[:k]
+    return np.union1d(low, isolated).astype(np.int64)
+  registry.check_name("config.abl.pool_rule", rule)
+  raise AssertionError(rule)

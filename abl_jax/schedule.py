@@ -74,6 +74,7 @@ class Run:
   cursor: int = 0  # The global epoch where the next phase starts.
   phases: int = 0  # Training phases met so far; a phase's index seeds its data order and augmentation.
   isolated: np.ndarray | None = None  # Indices isolated as suspected backdoor examples (ABL).
+  pool: np.ndarray | None = None  # The suspicious pool fine-tuning leaves out (isolated included; ABL).
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
 
@@ -102,6 +103,7 @@ class Phase:
   bn_train: bool = True  # False: BatchNorm in inference mode, statistics unchanged.
   eval_every: int = 1  # Evaluate on the per-epoch test subset every this many epochs (and after the last).
   after_epoch: Callable[[Run, dict[str, Any]], bool] | None = None  # Adds to the record; True stops the phase.
+  fresh_weights: bool = False  # Start from freshly initialised weights (config.seed's init key), not the model.
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -117,7 +119,10 @@ def run_phase(run: Run, phase: Phase) -> None:
   steps = phase.steps_per_epoch()
   tx = train.sgd(phase.lr(steps), c.train.momentum, c.train.weight_decay)
   if run.done == start:  # A new phase: fresh optimizer state, step 0.
-    run.state = train.replicate(train.with_optimizer(train.to_host(run.state), tx), run.mesh)
+    state = train.to_host(run.state)
+    if phase.fresh_weights:
+      state = train.create_train_state(run.model, tx, key_for(c, "init"), run.train.images.shape[1:])
+    run.state = train.replicate(train.with_optimizer(state, tx), run.mesh)
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
   step_fn = train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
@@ -193,44 +198,65 @@ def isolation_training(run: Run) -> None:
 def isolate(run: Run) -> None:
   """Scores every training example with the isolation model and isolates the lowest losses (saved once)."""
   path = os.path.join(run.workdir, "isolation.npz")
+  a = run.config.abl
   if os.path.exists(path):  # Isolated before an interruption, or copied by config.abl.start_from.
     saved = wd.load_npz(path)
     run.scores, run.isolated = saved["scores"], saved["isolated"]
+    run.pool = _pool(run)
     return
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
   t0 = time.perf_counter()
   scores, _ = run.predict()(run.train.images, run.train.labels)
-  isolated = abl.isolate(scores, run.config.abl.isolation_ratio)
+  run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
+  run.pool = _pool(run)
+  isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
   stats["threshold"] = float(scores[isolated[-1]])
+  pool_stats = run.evaluation.isolation_metrics(run.pool)
+  stats.update({"pool_rule": a.pool_rule, "pool_size": len(run.pool), "pool_precision": pool_stats["precision"],
+                "pool_recall": pool_stats["recall"], "pool_threshold": float(np.max(scores[run.pool]))})
   stats["seconds"] = time.perf_counter() - t0
   if distributed.is_primary():
-    # is_poisoned is saved for the report's histogram only; the steps read scores and isolated.
-    wd.write_npz(path, scores=scores, isolated=isolated, is_poisoned=run.evaluation.is_poisoned)
+    # is_poisoned is saved for the report's histogram only; the steps read scores, isolated and pool.
+    wd.write_npz(path, scores=scores, isolated=isolated, pool=run.pool, labels=run.train.labels,
+                 is_poisoned=run.evaluation.is_poisoned)
     wd.write_json(os.path.join(run.workdir, "isolation.json"), stats)
   distributed.barrier("isolation")
-  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase="isolate",
+  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items() if k != "pool_rule"}, phase="isolate",
                    global_epoch=run.done)
-  run.scores, run.isolated = scores, isolated
+
+
+def _pool(run: Run) -> np.ndarray:
+  """The suspicious pool of config.abl.pool_rule, from the isolation scores (never the ground truth)."""
+  a = run.config.abl
+  pool = abl.suspicious_pool(run.scores, run.isolated, a.pool_rule, a.pool_ratio)
+  if len(pool) >= len(run.scores):
+    raise ValueError(f"config.abl.pool_ratio={a.pool_ratio} leaves no example to fine-tune on "
+                     f"(pool_rule={a.pool_rule!r}); use a smaller config.abl.pool_ratio")
+  return pool
 
 
 def _retained(run: Run) -> np.ndarray:
-  return np.setdiff1d(np.arange(len(run.train)), run.isolated)
+  """The examples fine-tuning trains on: all but the suspicious pool."""
+  return np.setdiff1d(np.arange(len(run.train)), run.pool)
 
 
 def finetune(run: Run) -> None:
-  """ABL's second phase: ordinary training on the examples not isolated."""
+  """ABL's second phase: ordinary training on the examples outside the suspicious pool (config.abl.pool_*)."""
   a, t = run.config.abl, run.config.train
   retained = _retained(run)
 
   def lr(steps_per_epoch: int) -> optax.Schedule:
+    if a.finetune_schedule == "cosine":
+      return optax.cosine_decay_schedule(a.finetune_lr, max(a.finetune_epochs * steps_per_epoch, 1))
     return optax.piecewise_constant_schedule(a.finetune_lr,
                                              {int(e * steps_per_epoch): 0.1 for e in a.finetune_lr_boundaries})
 
   run_phase(run, Phase("finetune", a.finetune_epochs, len(retained),
                        lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
-                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs))
+                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs,
+                       fresh_weights=a.finetune_init == "scratch"))
 
 
 def joint_pool(scores: np.ndarray, isolated: np.ndarray, exclude_ratio: float) -> np.ndarray:
