@@ -173,7 +173,7 @@ def unlearning_table(runs: dict[str, str]) -> str:
     lines.append(f"| {name} | {before['clean_accuracy']:.4f} | {before['attack_success_rate']:.4f} | "
                  f"{r['clean_accuracy']:.4f} | {r['attack_success_rate']:.4f} | "
                  f"{100 * (r['clean_accuracy'] - before['clean_accuracy']):+.1f} pts | "
-                 f"{r['unlearning']['epochs_run']}{' (stopped)' if stop else ''} |")
+                 f"{r['unlearning']['epochs_run']}{' (stopped)' if stop is not None else ''} |")
   return "\n".join(lines)
 
 

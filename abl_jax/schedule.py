@@ -230,7 +230,7 @@ def isolate(run: Run) -> None:
 def _pool(run: Run) -> np.ndarray:
   """The suspicious pool of config.abl.pool_rule, from the isolation scores (never the ground truth)."""
   a = run.config.abl
-  pool = abl.suspicious_pool(run.scores, run.isolated, a.pool_rule, a.pool_ratio)
+  pool = abl.suspicious_pool(run.scores, run.isolated, a.pool_rule, a.pool_ratio, run.train.labels)
   if len(pool) >= len(run.scores):
     raise ValueError(f"config.abl.pool_ratio={a.pool_ratio} leaves no example to fine-tune on "
                      f"(pool_rule={a.pool_rule!r}); use a smaller config.abl.pool_ratio")
@@ -290,17 +290,34 @@ def _isolated_metrics(run: Run) -> tuple[dict[str, float], np.ndarray]:
           "unlearning/isolated_accuracy": float(np.mean(pred == labels))}, pred
 
 
-def _before_unlearning(run: Run) -> None:
-  """Records the fine-tuned model's metrics on the full test set and saves it (config.abl.start_from reuses it)."""
+def _before_unlearning(run: Run) -> bool:
+  """Records the fine-tuned model's metrics on the full test set and saves it (config.abl.start_from reuses it);
+  true when the stopping rule already holds (nothing left to unlearn)."""
   record = {f"eval/{k}": v for k, v in run.evaluation.test_metrics(run.predict(), full=True).items()}
   record["eval/full_test_set"] = 1
-  record.update(_isolated_metrics(run)[0])
+  stop = _unlearning_check(run, record)
   run.writer.write(run.step, record, phase="unlearning", epoch=0, global_epoch=run.done)
   if distributed.is_primary():
     saved = Checkpointer(os.path.join(run.workdir, "before_unlearning"), 1)
     saved.save(run.done, train.to_host(run.state), {"phase": "before_unlearning", "epoch": 0, "global_epoch": run.done,
                                                     "global_step": run.step, "wall_time": run.wall})
     saved.close()
+  return stop
+
+
+def _retained_accuracy(run: Run, labels: np.ndarray, per_class: int = 500) -> float:
+  """Accuracy on retained (outside the pool) training examples with the isolated set's labels, in its mix."""
+  retained = _retained(run)
+  classes, counts = np.unique(labels, return_counts=True)
+  accuracies = []
+  for c in classes:
+    pick = retained[run.train.labels[retained] == c][:per_class]
+    if not len(pick):
+      accuracies.append(0.0)
+      continue
+    _, pred = run.predict()(run.train.images[pick], run.train.labels[pick])
+    accuracies.append(float(np.mean(pred == c)))
+  return float(np.dot(accuracies, counts) / counts.sum())
 
 
 def _unlearning_check(run: Run, record: dict[str, Any]) -> bool:
@@ -308,10 +325,27 @@ def _unlearning_check(run: Run, record: dict[str, Any]) -> bool:
   metrics, pred = _isolated_metrics(run)
   record.update(metrics)
   a = run.config.abl
-  # The rule receives the isolated examples' predictions and training labels: never the poison mask.
-  stop = abl.stop_unlearning(pred, run.train.labels[run.isolated], a.unlearning_stop, a.stop_accuracy)
+  labels = run.train.labels[run.isolated]
+  reference = None
+  if a.unlearning_stop == "retained_accuracy":
+    reference = record["unlearning/retained_accuracy"] = _retained_accuracy(run, labels)
+  # The rule receives the isolated examples' predictions and training labels and the model's accuracy on
+  # ordinary training examples of those labels: never the poison mask.
+  stop = abl.stop_unlearning(pred, labels, a.unlearning_stop, a.stop_accuracy, reference)
   record["unlearning/stopped"] = int(stop)
   return stop
+
+
+def _skip_phase(run: Run, name: str, epochs: int) -> None:
+  """Counts a phase of `epochs` as finished without training (checkpointed: a resume does not run it)."""
+  logging.info("%s skipped: the stopping rule holds before its first epoch (config.abl.unlearning_stop)", name)
+  run.phases += 1
+  run.cursor += epochs
+  run.done = run.cursor
+  if distributed.is_primary():
+    run.checkpoints.save(run.done, train.to_host(run.state),
+                         {"phase": name, "epoch": 0, "global_epoch": run.done, "global_step": run.step,
+                          "wall_time": run.wall, "stopped_at_epoch": 0})
 
 
 def unlearn(run: Run) -> None:
@@ -326,7 +360,9 @@ def unlearn(run: Run) -> None:
     num, batch = len(isolated), a.unlearning_batch_size  # Isolated examples per step; the pool's come on top.
     order = lambda r, k: joint_order(isolated, pool, a.unlearning_batch_size, a.joint_batch_size, k)
   if run.done == run.cursor and a.unlearning_epochs:
-    _before_unlearning(run)
+    if _before_unlearning(run):  # Unlearn only what is still learned.
+      _skip_phase(run, "unlearning", a.unlearning_epochs)
+      return
   run_phase(run, Phase(
       "unlearning", a.unlearning_epochs, num, order,
       abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size, a.joint_weight, a.unlearning_loss),

@@ -59,9 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.gamma = 0.5  # LGA / flooding threshold on the batch-mean cross-entropy.
   c.abl.isolation_ratio = 0.01  # Share of training examples isolated (lowest LGA-model loss).
   c.abl.pool_rule = "isolated"  # Which examples fine-tuning leaves out (the suspicious pool): isolated
-  #                               (the isolated set only, the paper) or ratio (the lowest pool_ratio of
-  #                               the isolation scores, isolated included; docs/defense.md).
-  c.abl.pool_ratio = 0.2  # pool_rule=ratio: share of the training set in the suspicious pool, in [0, 1).
+  #                               (the isolated set only, the paper), ratio (the lowest pool_ratio of the
+  #                               isolation scores) or class_ratio (the lowest pool_ratio of the log-scores
+  #                               minus their training label's median); isolated always in (docs/defense.md).
+  c.abl.pool_ratio = 0.2  # ratio, class_ratio: share of the training set in the suspicious pool, in [0, 1).
   c.abl.finetune_init = "isolation"  # Fine-tuning starts from the isolation model (the paper) or from
   #                                    fresh weights (scratch: the isolation model's backdoor is not kept).
   c.abl.finetune_epochs = 60  # Epochs of ordinary training on the examples outside the suspicious pool.
@@ -81,8 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.joint_exclude_ratio = 0.2  # joint: leave the lowest-loss share (isolation scores) out of the
   #                                  descent, i.e. the backdoor examples isolation missed; <= ratio: none.
   c.abl.unlearning_bn = "train"  # BatchNorm in unlearning: train (batch stats, updated) or frozen (kept).
-  c.abl.unlearning_stop = "none"  # none, or isolated_accuracy: stop once accuracy on the isolated set...
-  c.abl.stop_accuracy = 0.0  # ...is at most this (the defender's rule: no test ASR, no ground truth).
+  c.abl.unlearning_stop = "none"  # none; isolated_accuracy: stop once accuracy on the isolated set is at
+  #                                 most stop_accuracy; retained_accuracy: once it is at most the accuracy
+  #                                 on retained examples of the same labels + stop_accuracy. Checked before
+  #                                 the first epoch too: a model that no longer fits them unlearns nothing.
+  c.abl.stop_accuracy = 0.0  # The rule's threshold (the defender's rule: no test ASR, no ground truth).
   c.abl.start_from = ""  # Workdir of a run differing only in abl.unlearning_*/joint_*/stop_*: reuse its
   #                        isolation and fine-tuned model, and run only this config's unlearning.
 

@@ -30,8 +30,22 @@ def test_pool_ratio_rule_finds_planted_backdoor_scores():
   assert len(pool) == 200 and np.isin(planted, pool).all()
 
 
+def test_class_ratio_rule_sees_the_backdoor_through_a_class_biased_isolation_model():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(4), 250)
+  # Class 3 is fit a thousand times better than the others (a biased model), spread as widely as the
+  # backdoor examples; class 0 holds 25 planted backdoor examples.
+  scores = np.exp(rng.normal(0.0, np.where(labels == 3, 1.5, 0.5))) * np.where(labels == 3, 1e-3, 1.0)
+  planted = np.arange(25)
+  scores[planted] = np.exp(rng.normal(np.log(1e-3), 0.5, 25))
+  plain = abl.suspicious_pool(scores, planted[:5], "ratio", 0.05, labels)
+  normalised = abl.suspicious_pool(scores, planted[:5], "class_ratio", 0.05, labels)
+  assert np.isin(planted, plain).sum() < 25 and (labels[plain] == 3).sum() > 20  # Mostly class 3's easy examples.
+  assert np.isin(planted, normalised).all() and len(normalised) == 50
+
+
 @pytest.mark.parametrize("rule, ratio, message", [
-    ("gmm", 0.2, r"config\.abl\.pool_rule='gmm' is unknown; allowed: isolated, ratio"),
+    ("gmm", 0.2, r"config\.abl\.pool_rule='gmm' is unknown; allowed: isolated, ratio, class_ratio"),
     ("ratio", 1.0, r"config\.abl\.pool_ratio=1\.0 must be in \[0, 1\)"),
     ("ratio", -0.1, r"config\.abl\.pool_ratio=-0\.1 must be in \[0, 1\)"),
 ])
@@ -74,9 +88,9 @@ def test_finetune_never_sees_the_pool_and_starts_from_fresh_weights(monkeypatch)
 
 
 def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
-  monkeypatch.setattr(abl, "suspicious_pool", lambda scores, isolated, rule, ratio: np.arange(len(scores)))
+  monkeypatch.setattr(abl, "suspicious_pool", lambda scores, isolated, rule, ratio, labels: np.arange(len(scores)))
   run = types.SimpleNamespace(config=ml_collections.ConfigDict({"abl": {"pool_rule": "ratio", "pool_ratio": 0.9}}),
-                              scores=np.zeros(10), isolated=np.array([0]))
+                              scores=np.zeros(10), isolated=np.array([0]), train=types.SimpleNamespace(labels=np.zeros(10)))
   with pytest.raises(ValueError, match=r"config\.abl\.pool_ratio=0\.9 leaves no example to fine-tune on"):
     schedule._pool(run)
 
@@ -92,7 +106,8 @@ def pooled(tmp_path_factory):
   out = tmp_path_factory.mktemp("pooled")
   results = experiment.train_and_evaluate(
       smoke.config(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
-                   abl__finetune_schedule="cosine", abl__finetune_epochs=4), str(out))
+                   abl__finetune_schedule="cosine", abl__finetune_epochs=4,
+                   abl__unlearning_stop="retained_accuracy", abl__stop_accuracy=0.1), str(out))
   return out, results
 
 
@@ -137,3 +152,28 @@ def test_report_shows_the_target_class_accuracy(pooled):
   row = report.load_row(str(out), "badnets_abl")
   assert row["target_class_accuracy"] == results["target_class_accuracy"]
   assert len(row["class_accuracy"]) == 10
+
+
+def test_unlearning_is_skipped_when_nothing_is_left_to_unlearn(pooled):
+  out, results = pooled
+  # Fresh weights without the pool never fit the isolated (backdoor) examples' labels: no unlearning epoch.
+  assert results["unlearning"]["stopped_at_epoch"] == 0 and results["unlearning"]["epochs_run"] == 0
+  assert results["clean_accuracy"] == pytest.approx(results["unlearning"]["before"]["clean_accuracy"], abs=1e-6)
+  (out / "results.json").unlink()  # As if interrupted after the last checkpoint: the skip is not undone.
+  again = experiment.train_and_evaluate(
+      smoke.config(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
+                   abl__finetune_schedule="cosine", abl__finetune_epochs=4,
+                   abl__unlearning_stop="retained_accuracy", abl__stop_accuracy=0.1), str(out))
+  assert again["unlearning"]["epochs_run"] == 0
+  assert again["clean_accuracy"] == pytest.approx(results["clean_accuracy"], abs=1e-6)
+
+
+def test_unlearning_runs_while_the_isolated_examples_are_still_fit(runs, tmp_path):
+  root, _, _ = runs
+  # The paper's fine-tuning keeps the backdoor: the isolated examples are fit far better than ordinary ones.
+  r = experiment.train_and_evaluate(
+      smoke.config(abl__start_from=str(root / "abl"), abl__unlearning_stop="retained_accuracy",
+                   abl__stop_accuracy=0.0), str(tmp_path))
+  assert r["unlearning"]["epochs_run"] > 0
+  curve = json.loads((tmp_path / "unlearning_curve.json").read_text())["curve"]
+  assert not curve[0]["stopped"] and curve[0]["isolated_accuracy"] > 0.9
