@@ -130,9 +130,13 @@ def plot_scores_per_class(workdir: str, path: str) -> str | None:
     for part, color, size in ((~mask, "tab:blue", 1), (mask, "tab:red", 2)):
       y = scores[(labels == c) & part]
       ax.scatter(c + rng.uniform(-0.35, 0.35, len(y)), y, s=size, color=color, alpha=0.4, linewidths=0)
-  if "pool" in saved:
-    ax.axhline(float(scores[saved["pool"]].max()), color="tab:purple", ls=":", lw=1.5,
-               label=f"pool threshold ({len(saved['pool'])} examples)")
+  if "pool" in saved:  # Per label: the highest score in the pool (the rule may rank by class-relative scores).
+    in_pool = np.zeros(len(scores), bool)
+    in_pool[saved["pool"]] = True
+    for i, c in enumerate(classes):
+      if (in_pool & (labels == c)).any():
+        ax.hlines(float(scores[in_pool & (labels == c)].max()), c - 0.45, c + 0.45, color="tab:purple", ls=":",
+                  lw=1.5, label=f"pool threshold ({len(saved['pool'])} examples)" if i == 0 else None)
     ax.legend(fontsize=8, loc="lower right")
   ax.set(xticks=classes, xlabel="training label (poisoned examples in red)",
          ylabel="log10 isolation-model cross-entropy", title="isolation scores per training label")
