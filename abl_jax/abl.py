@@ -79,15 +79,24 @@ def unlearning_step_loss(mode: str, num_isolated: int, weight: float, loss: str 
 
 
 def stop_unlearning(isolated_predictions: np.ndarray, isolated_labels: np.ndarray, rule: str,
-                    threshold: float) -> bool:
+                    threshold: float, reference_accuracy: float | None = None) -> bool:
   """The defender's stopping rule: true once the model has unlearned the isolated examples' labels.
 
-  It sees the isolated examples' predictions and (training) labels only, nothing about the truth.
+  isolated_accuracy: accuracy on the isolated examples' training labels <= threshold.
+  retained_accuracy: that accuracy <= `reference_accuracy` + threshold, where the reference is the model's
+  accuracy on retained (not suspicious) training examples of the same labels: the isolated examples are
+  then fit no better than ordinary ones, i.e. nothing a backdoor taught is left to unlearn.
+  It sees predictions, training labels and that reference only, nothing about the truth.
   """
   if rule == "none":
     return False
+  accuracy = float(np.mean(np.asarray(isolated_predictions) == np.asarray(isolated_labels)))
   if rule == "isolated_accuracy":
-    return bool(np.mean(np.asarray(isolated_predictions) == np.asarray(isolated_labels)) <= threshold)
+    return bool(accuracy <= threshold)
+  if rule == "retained_accuracy":
+    if reference_accuracy is None:
+      raise ValueError("config.abl.unlearning_stop='retained_accuracy' needs the retained examples' accuracy")
+    return bool(accuracy <= reference_accuracy + threshold)
   registry.check_name("config.abl.unlearning_stop", rule)
   raise AssertionError(rule)
 
@@ -116,3 +125,38 @@ def isolate(scores: np.ndarray, ratio: float) -> np.ndarray:
   """Indices of the `ratio` lowest-scoring examples, lowest first (ties broken by index)."""
   k = num_isolated(len(scores), ratio)
   return np.argsort(np.asarray(scores), kind="stable")[:k].astype(np.int64)
+
+
+def class_normalised(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """log(score) minus the median log(score) of the example's training label.
+
+  An isolation model stopped at a constant learning rate fits some classes far better than others (on the
+  `cpu` SIG run, 63% of the trucks sit below the global 20% quantile, 0% of the dogs); measured against
+  its own label's median, a backdoor example (all of them carry the target label) still stands out.
+  """
+  logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-12))
+  out = np.empty_like(logs)
+  for c in np.unique(labels):
+    m = labels == c
+    out[m] = logs[m] - np.median(logs[m])
+  return out
+
+
+def suspicious_pool(scores: np.ndarray, isolated: np.ndarray, rule: str, ratio: float,
+                    labels: np.ndarray | None = None) -> np.ndarray:
+  """The examples fine-tuning leaves out (config.abl.pool_rule): always the isolated ones, sorted by index.
+
+  isolated: the isolated set only (the paper's fine-tuning on the other 99%).
+  ratio:    the lowest-scoring `ratio` of the set (low isolation loss = suspect), plus the isolated ones.
+  class_ratio: the lowest `ratio` by class_normalised(scores, labels) (training labels), plus the isolated.
+  """
+  if rule == "isolated":
+    return np.sort(np.asarray(isolated, np.int64))
+  if rule in ("ratio", "class_ratio"):
+    registry.check_range("config.abl.pool_ratio", ratio, 0.0, 1.0, high_open=True)
+    k = int(len(scores) * ratio)
+    ranked = np.asarray(scores) if rule == "ratio" else class_normalised(scores, np.asarray(labels))
+    low = np.argsort(ranked, kind="stable")[:k]
+    return np.union1d(low, isolated).astype(np.int64)
+  registry.check_name("config.abl.pool_rule", rule)
+  raise AssertionError(rule)

@@ -7,21 +7,32 @@ Conventions (also in the README):
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from abl_jax.data import Dataset
 from abl_jax.train import Predict
 
 
-def test_metrics(predict: Predict, test: Dataset, poisoned_test: Dataset | None) -> dict[str, float | None]:
-  """CA and clean test loss; ASR and poisoned test loss when there is a trigger."""
+def class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float | None]:
+  """Accuracy on the test images of each class (None for a class without images)."""
+  pred, labels = np.asarray(pred), np.asarray(labels)
+  return [float(np.mean(pred[labels == c] == c)) if np.any(labels == c) else None for c in range(num_classes)]
+
+
+def test_metrics(predict: Predict, test: Dataset, poisoned_test: Dataset | None,
+                 per_class: bool = False) -> dict[str, Any]:
+  """CA and clean test loss; ASR and poisoned test loss when there is a trigger; `per_class`: each class's CA."""
   ce, pred = predict(test.images, test.labels)
-  out: dict[str, float | None] = {
+  out: dict[str, Any] = {
       "clean_accuracy": float(np.mean(pred == test.labels)),
       "clean_test_loss": float(np.mean(ce)),
       "attack_success_rate": None,
       "poisoned_test_loss": None,
   }
+  if per_class:
+    out["class_accuracy"] = class_accuracy(pred, test.labels, test.num_classes)
   if poisoned_test is not None:
     ce, pred = predict(poisoned_test.images, poisoned_test.labels)
     out["attack_success_rate"] = float(np.mean(pred == poisoned_test.labels))

@@ -44,13 +44,15 @@ class Prepared:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects bad names and ranges before any work, with one line naming the field."""
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
-                "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop"):
+                "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
+                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
     distributed.validate(config.distributed)
   registry.check_range("config.abl.joint_exclude_ratio", config.abl.joint_exclude_ratio, 0.0, 1.0, high_open=True)
   registry.check_range("config.abl.stop_accuracy", config.abl.stop_accuracy, 0.0, 1.0)
+  registry.check_range("config.abl.pool_ratio", config.abl.pool_ratio, 0.0, 1.0, high_open=True)
   if config.abl.start_from and not os.path.exists(os.path.join(config.abl.start_from, "config.json")):
     raise ValueError(f"config.abl.start_from={config.abl.start_from!r} holds no run (no config.json)")
   if config.attack.name != "none":
@@ -236,7 +238,10 @@ def save_examples(workdir: str, prep: Prepared, target: int) -> None:
 def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, prep: Prepared) -> dict[str, Any]:
   """Every metric of results.json / eval.json, on the full test set."""
   out: dict[str, Any] = {"attack": config.attack.name, "defense": config.defense.name}
-  out.update(evaluate.test_metrics(predict, prep.test, prep.poisoned_test))
+  out.update(evaluate.test_metrics(predict, prep.test, prep.poisoned_test, per_class=True))
+  target = config.attack.target_label
+  out["target_class_accuracy"] = (out["class_accuracy"][target]
+                                  if config.attack.name != "none" and target < len(out["class_accuracy"]) else None)
   out.update(evaluate.train_metrics(predict, prep.train, prep.is_poisoned))
   out["num_train"], out["num_poisoned"], out["num_test"] = len(prep.train), int(prep.is_poisoned.sum()), len(prep.test)
   out["num_poisoned_test"] = 0 if prep.poisoned_test is None else len(prep.poisoned_test)

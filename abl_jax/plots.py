@@ -99,9 +99,47 @@ def plot_isolation(workdir: str, path: str) -> str | None:
     ax.hist(scores, bins=bins, color="gray", label="all examples (ground truth not saved with this run)")
     title = f"isolated {len(saved['isolated'])}"
   ax.axvline(threshold, color="black", ls="--", lw=1, label=f"isolation threshold ({threshold:.2g})")
+  if "pool" in saved and len(saved["pool"]) > len(saved["isolated"]):
+    pool = saved["pool"]
+    ax.axvline(float(scores[pool].max()), color="tab:purple", ls=":", lw=1.5,
+               label=f"suspicious pool: {len(pool)} left out of fine-tuning")
+    if "is_poisoned" in saved:
+      title += f"; pool recall {mask[pool].sum() / max(mask.sum(), 1):.2f}"
   ax.set(xscale="log", yscale="log", xlabel="cross-entropy of the isolation model (end of the isolation phase)",
          ylabel="training examples", title=title)
   ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def plot_scores_per_class(workdir: str, path: str) -> str | None:
+  """Per training label: the isolation loss of each example (clean blue, poisoned red), pool threshold dotted."""
+  npz = os.path.join(workdir, "isolation.npz")
+  if not os.path.exists(npz):
+    return None
+  saved = wd.load_npz(npz)
+  if "labels" not in saved:
+    return None
+  scores = np.log10(np.maximum(saved["scores"].astype(np.float64), 1e-7))
+  labels = saved["labels"]
+  mask = saved["is_poisoned"].astype(bool) if "is_poisoned" in saved else np.zeros(len(scores), bool)
+  classes = np.unique(labels)
+  fig, ax = plt.subplots(figsize=(8, 3.8))
+  rng = np.random.default_rng(0)
+  for c in classes:
+    for part, color, size in ((~mask, "tab:blue", 1), (mask, "tab:red", 2)):
+      y = scores[(labels == c) & part]
+      ax.scatter(c + rng.uniform(-0.35, 0.35, len(y)), y, s=size, color=color, alpha=0.4, linewidths=0)
+  if "pool" in saved:  # Per label: the highest score in the pool (the rule may rank by class-relative scores).
+    in_pool = np.zeros(len(scores), bool)
+    in_pool[saved["pool"]] = True
+    for i, c in enumerate(classes):
+      if (in_pool & (labels == c)).any():
+        ax.hlines(float(scores[in_pool & (labels == c)].max()), c - 0.45, c + 0.45, color="tab:purple", ls=":",
+                  lw=1.5, label=f"pool threshold ({len(saved['pool'])} examples)" if i == 0 else None)
+    ax.legend(fontsize=8, loc="lower right")
+  ax.set(xticks=classes, xlabel="training label (poisoned examples in red)",
+         ylabel="log10 isolation-model cross-entropy", title="isolation scores per training label")
   fig.tight_layout()
   return _save(fig, path)
 
@@ -171,9 +209,10 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
 
 
 def write_run_plots(workdir: str) -> list[str]:
-  """Writes the run's curves.png and (ABL) isolation.png; returns the paths written."""
+  """Writes the run's curves.png and (ABL) isolation.png and scores_per_class.png; returns the paths written."""
   written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
-             plot_isolation(workdir, os.path.join(workdir, "isolation.png"))]
+             plot_isolation(workdir, os.path.join(workdir, "isolation.png")),
+             plot_scores_per_class(workdir, os.path.join(workdir, "scores_per_class.png"))]
   return [p for p in written if p]
 
 

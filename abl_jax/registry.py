@@ -17,7 +17,10 @@ ISOLATION_LOSSES = ("lga", "flooding")  # config.abl.loss
 UNLEARNING_MODES = ("ascent", "joint")  # config.abl.unlearning_mode
 UNLEARNING_LOSSES = ("neg_ce", "complement")  # config.abl.unlearning_loss
 UNLEARNING_BN = ("train", "frozen")  # config.abl.unlearning_bn
-STOP_RULES = ("none", "isolated_accuracy")  # config.abl.unlearning_stop
+STOP_RULES = ("none", "isolated_accuracy", "retained_accuracy")  # config.abl.unlearning_stop
+POOL_RULES = ("isolated", "ratio", "class_ratio")  # config.abl.pool_rule
+FINETUNE_INITS = ("isolation", "scratch")  # config.abl.finetune_init
+FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {
@@ -32,6 +35,9 @@ FIELDS = {
     "config.abl.unlearning_loss": UNLEARNING_LOSSES,
     "config.abl.unlearning_bn": UNLEARNING_BN,
     "config.abl.unlearning_stop": STOP_RULES,
+    "config.abl.pool_rule": POOL_RULES,
+    "config.abl.finetune_init": FINETUNE_INITS,
+    "config.abl.finetune_schedule": FINETUNE_SCHEDULES,
     "config.distributed.initialize": INIT_MODES,
 }
 

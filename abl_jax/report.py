@@ -20,13 +20,15 @@ ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_lab
                 "input_aware": "input-aware", "wanet": "WaNet"}
 METRICS = ("train_accuracy", "clean_accuracy", "attack_success_rate", "train_loss", "clean_test_loss",
            "poisoned_test_loss", "train_accuracy_clean_part", "train_accuracy_poisoned_part",
-           "train_loss_poisoned_part", "cross_trigger_accuracy", "noise_mode_accuracy")
+           "train_loss_poisoned_part", "cross_trigger_accuracy", "noise_mode_accuracy", "target_class_accuracy",
+           "class_accuracy")
 # (row key, header, kind): 'pct' shows a share as a percentage, 'loss' three significant digits.
 COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test CA (%)", "pct"),
-           ("attack_success_rate", "Test ASR (%)", "pct"), ("train_loss", "Train loss", "loss"),
+           ("attack_success_rate", "Test ASR (%)", "pct"), ("target_class_accuracy", "Target-class CA (%)", "pct"),
+           ("train_loss", "Train loss", "loss"),
            ("clean_test_loss", "Clean test loss", "loss"), ("poisoned_test_loss", "Poisoned test loss", "loss"),
            ("isolation", "Isolation P / R", "iso"), ("wall_time_s", "Wall time", "time"))
-PICTURES = ("curves.png", "isolation.png", "gallery.png")
+PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "gallery.png")
 
 
 def _json(path: str) -> Any:
@@ -176,7 +178,7 @@ def unlearning_table(runs: dict[str, str]) -> str:
     lines.append(f"| {name} | {before['clean_accuracy']:.4f} | {before['attack_success_rate']:.4f} | "
                  f"{r['clean_accuracy']:.4f} | {r['attack_success_rate']:.4f} | "
                  f"{100 * (r['clean_accuracy'] - before['clean_accuracy']):+.1f} pts | "
-                 f"{r['unlearning']['epochs_run']}{' (stopped)' if stop else ''} |")
+                 f"{r['unlearning']['epochs_run']}{' (stopped)' if stop is not None else ''} |")
   return "\n".join(lines)
 
 

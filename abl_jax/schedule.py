@@ -74,6 +74,7 @@ class Run:
   cursor: int = 0  # The global epoch where the next phase starts.
   phases: int = 0  # Training phases met so far; a phase's index seeds its data order and augmentation.
   isolated: np.ndarray | None = None  # Indices isolated as suspected backdoor examples (ABL).
+  pool: np.ndarray | None = None  # The suspicious pool fine-tuning leaves out (isolated included; ABL).
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
 
@@ -102,6 +103,7 @@ class Phase:
   bn_train: bool = True  # False: BatchNorm in inference mode, statistics unchanged.
   eval_every: int = 1  # Evaluate on the per-epoch test subset every this many epochs (and after the last).
   after_epoch: Callable[[Run, dict[str, Any]], bool] | None = None  # Adds to the record; True stops the phase.
+  fresh_weights: bool = False  # Start from freshly initialised weights (config.seed's init key), not the model.
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -117,7 +119,10 @@ def run_phase(run: Run, phase: Phase) -> None:
   steps = phase.steps_per_epoch()
   tx = train.sgd(phase.lr(steps), c.train.momentum, c.train.weight_decay)
   if run.done == start:  # A new phase: fresh optimizer state, step 0.
-    run.state = train.replicate(train.with_optimizer(train.to_host(run.state), tx), run.mesh)
+    state = train.to_host(run.state)
+    if phase.fresh_weights:
+      state = train.create_train_state(run.model, tx, key_for(c, "init"), run.train.images.shape[1:])
+    run.state = train.replicate(train.with_optimizer(state, tx), run.mesh)
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
   step_fn = train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
@@ -193,44 +198,65 @@ def isolation_training(run: Run) -> None:
 def isolate(run: Run) -> None:
   """Scores every training example with the isolation model and isolates the lowest losses (saved once)."""
   path = os.path.join(run.workdir, "isolation.npz")
+  a = run.config.abl
   if os.path.exists(path):  # Isolated before an interruption, or copied by config.abl.start_from.
     saved = wd.load_npz(path)
     run.scores, run.isolated = saved["scores"], saved["isolated"]
+    run.pool = _pool(run)
     return
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
   t0 = time.perf_counter()
   scores, _ = run.predict()(run.train.images, run.train.labels)
-  isolated = abl.isolate(scores, run.config.abl.isolation_ratio)
+  run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
+  run.pool = _pool(run)
+  isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
   stats["threshold"] = float(scores[isolated[-1]])
+  pool_stats = run.evaluation.isolation_metrics(run.pool)
+  stats.update({"pool_rule": a.pool_rule, "pool_size": len(run.pool), "pool_precision": pool_stats["precision"],
+                "pool_recall": pool_stats["recall"], "pool_threshold": float(np.max(scores[run.pool]))})
   stats["seconds"] = time.perf_counter() - t0
   if distributed.is_primary():
-    # is_poisoned is saved for the report's histogram only; the steps read scores and isolated.
-    wd.write_npz(path, scores=scores, isolated=isolated, is_poisoned=run.evaluation.is_poisoned)
+    # is_poisoned is saved for the report's histogram only; the steps read scores, isolated and pool.
+    wd.write_npz(path, scores=scores, isolated=isolated, pool=run.pool, labels=run.train.labels,
+                 is_poisoned=run.evaluation.is_poisoned)
     wd.write_json(os.path.join(run.workdir, "isolation.json"), stats)
   distributed.barrier("isolation")
-  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase="isolate",
+  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items() if k != "pool_rule"}, phase="isolate",
                    global_epoch=run.done)
-  run.scores, run.isolated = scores, isolated
+
+
+def _pool(run: Run) -> np.ndarray:
+  """The suspicious pool of config.abl.pool_rule, from the isolation scores (never the ground truth)."""
+  a = run.config.abl
+  pool = abl.suspicious_pool(run.scores, run.isolated, a.pool_rule, a.pool_ratio, run.train.labels)
+  if len(pool) >= len(run.scores):
+    raise ValueError(f"config.abl.pool_ratio={a.pool_ratio} leaves no example to fine-tune on "
+                     f"(pool_rule={a.pool_rule!r}); use a smaller config.abl.pool_ratio")
+  return pool
 
 
 def _retained(run: Run) -> np.ndarray:
-  return np.setdiff1d(np.arange(len(run.train)), run.isolated)
+  """The examples fine-tuning trains on: all but the suspicious pool."""
+  return np.setdiff1d(np.arange(len(run.train)), run.pool)
 
 
 def finetune(run: Run) -> None:
-  """ABL's second phase: ordinary training on the examples not isolated."""
+  """ABL's second phase: ordinary training on the examples outside the suspicious pool (config.abl.pool_*)."""
   a, t = run.config.abl, run.config.train
   retained = _retained(run)
 
   def lr(steps_per_epoch: int) -> optax.Schedule:
+    if a.finetune_schedule == "cosine":
+      return optax.cosine_decay_schedule(a.finetune_lr, max(a.finetune_epochs * steps_per_epoch, 1))
     return optax.piecewise_constant_schedule(a.finetune_lr,
                                              {int(e * steps_per_epoch): 0.1 for e in a.finetune_lr_boundaries})
 
   run_phase(run, Phase("finetune", a.finetune_epochs, len(retained),
                        lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
-                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs))
+                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs,
+                       fresh_weights=a.finetune_init == "scratch"))
 
 
 def joint_pool(scores: np.ndarray, isolated: np.ndarray, exclude_ratio: float) -> np.ndarray:
@@ -264,17 +290,34 @@ def _isolated_metrics(run: Run) -> tuple[dict[str, float], np.ndarray]:
           "unlearning/isolated_accuracy": float(np.mean(pred == labels))}, pred
 
 
-def _before_unlearning(run: Run) -> None:
-  """Records the fine-tuned model's metrics on the full test set and saves it (config.abl.start_from reuses it)."""
+def _before_unlearning(run: Run) -> bool:
+  """Records the fine-tuned model's metrics on the full test set and saves it (config.abl.start_from reuses it);
+  true when the stopping rule already holds (nothing left to unlearn)."""
   record = {f"eval/{k}": v for k, v in run.evaluation.test_metrics(run.predict(), full=True).items()}
   record["eval/full_test_set"] = 1
-  record.update(_isolated_metrics(run)[0])
+  stop = _unlearning_check(run, record)
   run.writer.write(run.step, record, phase="unlearning", epoch=0, global_epoch=run.done)
   if distributed.is_primary():
     saved = Checkpointer(os.path.join(run.workdir, "before_unlearning"), 1)
     saved.save(run.done, train.to_host(run.state), {"phase": "before_unlearning", "epoch": 0, "global_epoch": run.done,
                                                     "global_step": run.step, "wall_time": run.wall})
     saved.close()
+  return stop
+
+
+def _retained_accuracy(run: Run, labels: np.ndarray, per_class: int = 500) -> float:
+  """Accuracy on retained (outside the pool) training examples with the isolated set's labels, in its mix."""
+  retained = _retained(run)
+  classes, counts = np.unique(labels, return_counts=True)
+  accuracies = []
+  for c in classes:
+    pick = retained[run.train.labels[retained] == c][:per_class]
+    if not len(pick):
+      accuracies.append(0.0)
+      continue
+    _, pred = run.predict()(run.train.images[pick], run.train.labels[pick])
+    accuracies.append(float(np.mean(pred == c)))
+  return float(np.dot(accuracies, counts) / counts.sum())
 
 
 def _unlearning_check(run: Run, record: dict[str, Any]) -> bool:
@@ -282,10 +325,27 @@ def _unlearning_check(run: Run, record: dict[str, Any]) -> bool:
   metrics, pred = _isolated_metrics(run)
   record.update(metrics)
   a = run.config.abl
-  # The rule receives the isolated examples' predictions and training labels: never the poison mask.
-  stop = abl.stop_unlearning(pred, run.train.labels[run.isolated], a.unlearning_stop, a.stop_accuracy)
+  labels = run.train.labels[run.isolated]
+  reference = None
+  if a.unlearning_stop == "retained_accuracy":
+    reference = record["unlearning/retained_accuracy"] = _retained_accuracy(run, labels)
+  # The rule receives the isolated examples' predictions and training labels and the model's accuracy on
+  # ordinary training examples of those labels: never the poison mask.
+  stop = abl.stop_unlearning(pred, labels, a.unlearning_stop, a.stop_accuracy, reference)
   record["unlearning/stopped"] = int(stop)
   return stop
+
+
+def _skip_phase(run: Run, name: str, epochs: int) -> None:
+  """Counts a phase of `epochs` as finished without training (checkpointed: a resume does not run it)."""
+  logging.info("%s skipped: the stopping rule holds before its first epoch (config.abl.unlearning_stop)", name)
+  run.phases += 1
+  run.cursor += epochs
+  run.done = run.cursor
+  if distributed.is_primary():
+    run.checkpoints.save(run.done, train.to_host(run.state),
+                         {"phase": name, "epoch": 0, "global_epoch": run.done, "global_step": run.step,
+                          "wall_time": run.wall, "stopped_at_epoch": 0})
 
 
 def unlearn(run: Run) -> None:
@@ -300,7 +360,9 @@ def unlearn(run: Run) -> None:
     num, batch = len(isolated), a.unlearning_batch_size  # Isolated examples per step; the pool's come on top.
     order = lambda r, k: joint_order(isolated, pool, a.unlearning_batch_size, a.joint_batch_size, k)
   if run.done == run.cursor and a.unlearning_epochs:
-    _before_unlearning(run)
+    if _before_unlearning(run):  # Unlearn only what is still learned.
+      _skip_phase(run, "unlearning", a.unlearning_epochs)
+      return
   run_phase(run, Phase(
       "unlearning", a.unlearning_epochs, num, order,
       abl.unlearning_step_loss(a.unlearning_mode, a.unlearning_batch_size, a.joint_weight, a.unlearning_loss),

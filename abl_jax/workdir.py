@@ -30,7 +30,7 @@ from abl_jax import distributed, models
 
 RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
                 "unlearning_curve.json", "examples.npz")
-PICTURES = ("curves.png", "isolation.png", "gallery.png")
+PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "gallery.png")
 # Everything a run writes, removed by --overwrite (report.* and table.json belong to a table's directory).
 OUTPUTS = (*RESULT_FILES, *PICTURES, "tensorboard", "checkpoints", "checkpoints.damaged", "before_unlearning")
 LOCK = ".lock"

@@ -58,9 +58,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.loss = "lga"  # Isolation loss: lga (sign(CE - gamma) * CE) or flooding (|CE - gamma| + gamma).
   c.abl.gamma = 0.5  # LGA / flooding threshold on the batch-mean cross-entropy.
   c.abl.isolation_ratio = 0.01  # Share of training examples isolated (lowest LGA-model loss).
-  c.abl.finetune_epochs = 60  # Epochs of ordinary training on the non-isolated examples.
-  c.abl.finetune_lr = 0.1  # Fine-tuning learning rate, times 0.1 at each boundary below.
-  c.abl.finetune_lr_boundaries = (40, 60)  # Epochs (within fine-tuning) where the lr drops 10x.
+  c.abl.pool_rule = "isolated"  # Which examples fine-tuning leaves out (the suspicious pool): isolated
+  #                               (the isolated set only, the paper), ratio (the lowest pool_ratio of the
+  #                               isolation scores) or class_ratio (the lowest pool_ratio of the log-scores
+  #                               minus their training label's median); isolated always in (docs/defense.md).
+  c.abl.pool_ratio = 0.2  # ratio, class_ratio: share of the training set in the suspicious pool, in [0, 1).
+  c.abl.finetune_init = "isolation"  # Fine-tuning starts from the isolation model (the paper) or from
+  #                                    fresh weights (scratch: the isolation model's backdoor is not kept).
+  c.abl.finetune_epochs = 60  # Epochs of ordinary training on the examples outside the suspicious pool.
+  c.abl.finetune_lr = 0.1  # Fine-tuning (peak) learning rate.
+  c.abl.finetune_schedule = "step"  # step (x0.1 at each boundary below, the paper) or cosine (to 0).
+  c.abl.finetune_lr_boundaries = (40, 60)  # step: epochs (within fine-tuning) where the lr drops 10x.
   c.abl.unlearning_epochs = 5  # Epochs of gradient ascent on the isolated examples.
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.
   c.abl.unlearning_batch_size = 64  # Batch size of unlearning (the isolated set is small).
@@ -74,8 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.joint_exclude_ratio = 0.2  # joint: leave the lowest-loss share (isolation scores) out of the
   #                                  descent, i.e. the backdoor examples isolation missed; <= ratio: none.
   c.abl.unlearning_bn = "train"  # BatchNorm in unlearning: train (batch stats, updated) or frozen (kept).
-  c.abl.unlearning_stop = "none"  # none, or isolated_accuracy: stop once accuracy on the isolated set...
-  c.abl.stop_accuracy = 0.0  # ...is at most this (the defender's rule: no test ASR, no ground truth).
+  c.abl.unlearning_stop = "none"  # none; isolated_accuracy: stop once accuracy on the isolated set is at
+  #                                 most stop_accuracy; retained_accuracy: once it is at most the accuracy
+  #                                 on retained examples of the same labels + stop_accuracy. Checked before
+  #                                 the first epoch too: a model that no longer fits them unlearns nothing.
+  c.abl.stop_accuracy = 0.0  # The rule's threshold (the defender's rule: no test ASR, no ground truth).
   c.abl.start_from = ""  # Workdir of a run differing only in abl.unlearning_*/joint_*/stop_*: reuse its
   #                        isolation and fine-tuned model, and run only this config's unlearning.
 

@@ -36,7 +36,7 @@ CLEAN = {"train_accuracy": 0.99, "clean_accuracy": 0.95, "attack_success_rate": 
          "versions": {"python": "3.11.7", "jax": "0.10.2", "devices": ["TFRT_CPU_0"],
                       "xla_flags": "--xla_cpu_experimental_ynn_fusion_type="}}
 SIG_ABL = {"train_accuracy": 0.96, "clean_accuracy": 0.89, "attack_success_rate": 0.05, "train_loss": 0.13,
-           "clean_test_loss": 0.41, "poisoned_test_loss": 10.8,
+           "clean_test_loss": 0.41, "poisoned_test_loss": 10.8, "target_class_accuracy": 0.52,
            "isolation": {"precision": 0.35, "recall": 0.7, "num_isolated": 100},
            "wall_time": {"isolation": 60.0, "finetune": 50.0, "unlearning": 10.0}}
 
@@ -52,8 +52,8 @@ def test_report_from_two_runs_gives_their_rows_and_numbers(tmp_path):
   assert sig["label"] == "Model trained using ABL against SIG attack"
   assert sig["clean_accuracy"] == 0.89 and sig["isolation_precision"] == 0.35 and sig["wall_time_s"] == 120.0
   lines = text.splitlines()
-  assert lines[2] == "| Model trained with clean data | 99.0 | 95.0 | n/a | 0.031 | 0.2 | n/a |  | 5.0 min | done |"
-  assert lines[3] == ("| Model trained using ABL against SIG attack | 96.0 | 89.0 | 5.0 | 0.13 | 0.41 | 10.8 "
+  assert lines[2] == "| Model trained with clean data | 99.0 | 95.0 | n/a | n/a | 0.031 | 0.2 | n/a |  | 5.0 min | done |"
+  assert lines[3] == ("| Model trained using ABL against SIG attack | 96.0 | 89.0 | 5.0 | 52.0 | 0.13 | 0.41 | 10.8 "
                       "| 0.35 / 0.70 | 2.0 min | done |")
   assert (tmp_path / "report.md").read_text() == text
   assert ("Measured with python 3.11.7, jax 0.10.2, devices TFRT_CPU_0, "

@@ -42,7 +42,16 @@ def test_stopping_rule_sees_only_isolated_predictions_and_labels():
   assert not abl.stop_unlearning(flipped, labels, "none", 0.5)
   # What it receives is all it can read: no mask, no test set, no state.
   assert list(inspect.signature(abl.stop_unlearning).parameters) == [
-      "isolated_predictions", "isolated_labels", "rule", "threshold"]
+      "isolated_predictions", "isolated_labels", "rule", "threshold", "reference_accuracy"]
+
+
+def test_retained_accuracy_rule_compares_with_ordinary_examples_of_the_same_labels():
+  labels = np.zeros(10, np.int32)
+  half = np.array([0] * 5 + [3] * 5)
+  assert abl.stop_unlearning(half, labels, "retained_accuracy", 0.1, reference_accuracy=0.45)  # 0.5 <= 0.55
+  assert not abl.stop_unlearning(labels, labels, "retained_accuracy", 0.1, reference_accuracy=0.7)  # 1.0: learned
+  with pytest.raises(ValueError, match="retained_accuracy"):
+    abl.stop_unlearning(half, labels, "retained_accuracy", 0.1)
 
 
 @pytest.mark.parametrize("bn_train", [True, False])
