@@ -10,10 +10,9 @@ from absl import app, flags, logging
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
-from PIL import Image, ImageDraw
 
 from abl_jax import data
-from abl_jax.attacks import input_aware_train, input_aware_trigger
+from abl_jax.attacks import input_aware_train, input_aware_trigger, sheet
 
 ROWS = ("clean", "pattern", "mask", "backdoor")
 
@@ -29,17 +28,7 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 def save_png(path: str, clean: np.ndarray, patterns: np.ndarray, masks: np.ndarray, backdoor: np.ndarray,
              scale: int = 4) -> None:
   """One row per kind (clean, pattern, mask, backdoor), one column per example, rows titled; PNG at `path`."""
-  rows = [to_uint8(a) for a in (clean, patterns, masks, backdoor)]
-  n, h, w = rows[0].shape[:3]
-  title_w, pad, cell_w, cell_h = 64, 4, w * scale, h * scale
-  sheet = Image.new("RGB", (title_w + n * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad), "white")
-  draw = ImageDraw.Draw(sheet)
-  for r, (title, images) in enumerate(zip(ROWS, rows)):
-    y = pad + r * (cell_h + pad)
-    draw.text((4, y + cell_h // 2 - 6), title, fill="black")
-    for i, img in enumerate(images):
-      sheet.paste(Image.fromarray(img).resize((cell_w, cell_h), Image.NEAREST), (title_w + pad + i * (cell_w + pad), y))
-  sheet.save(path, format="PNG")
+  sheet.save_sheet(path, ROWS, [to_uint8(a) for a in (clean, patterns, masks, backdoor)], scale)
 
 
 def write_examples(config: ml_collections.ConfigDict, variables: dict, images: np.ndarray, out: str) -> None:

@@ -13,9 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
-from PIL import Image, ImageDraw
 
-from abl_jax.attacks import wanet
+from abl_jax.attacks import sheet, wanet
 
 ROWS = ("clean", "warped", "noise mode", "|warped-clean|", "|noise-clean|", "field")
 
@@ -31,16 +30,7 @@ def displacement_image(field: np.ndarray) -> np.ndarray:
 
 def save_png(path: str, rows: list[np.ndarray], scale: int = 4) -> None:
   """One titled row per entry of ROWS (uint8 [N, H, W, 3] each), one column per example; PNG at `path`."""
-  n, h, w = rows[0].shape[:3]
-  title_w, pad, cell_w, cell_h = 96, 4, w * scale, h * scale
-  sheet = Image.new("RGB", (title_w + n * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad), "white")
-  draw = ImageDraw.Draw(sheet)
-  for r, (title, images) in enumerate(zip(ROWS, rows)):
-    y = pad + r * (cell_h + pad)
-    draw.text((4, y + cell_h // 2 - 6), title, fill="black")
-    for i, img in enumerate(images):
-      sheet.paste(Image.fromarray(img).resize((cell_w, cell_h), Image.NEAREST), (title_w + pad + i * (cell_w + pad), y))
-  sheet.save(path, format="PNG")
+  sheet.save_sheet(path, ROWS, rows, scale, title_width=96)
 
 
 def figure_rows(images: np.ndarray, field: jax.Array, key: jax.Array, gain: float) -> list[np.ndarray]:
