@@ -309,13 +309,13 @@ def _retained_accuracy(run: Run, labels: np.ndarray, per_class: int = 500) -> fl
   """Accuracy on retained (outside the pool) training examples with the isolated set's labels, in its mix."""
   retained = _retained(run)
   classes, counts = np.unique(labels, return_counts=True)
-  accuracies = []
+  accuracies, predict = [], run.predict()  # One predictor: the model's variables placed once.
   for c in classes:
     pick = retained[run.train.labels[retained] == c][:per_class]
     if not len(pick):
       accuracies.append(0.0)
       continue
-    _, pred = run.predict()(run.train.images[pick], run.train.labels[pick])
+    _, pred = predict(run.train.images[pick], run.train.labels[pick])
     accuracies.append(float(np.mean(pred == c)))
   return float(np.dot(accuracies, counts) / counts.sum())
 
