@@ -160,3 +160,15 @@ def suspicious_pool(scores: np.ndarray, isolated: np.ndarray, rule: str, ratio: 
     return np.union1d(low, isolated).astype(np.int64)
   registry.check_name("config.abl.pool_rule", rule)
   raise AssertionError(rule)
+
+
+def agreeing(pool: np.ndarray, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """The pool examples whose prediction equals their training label (config.abl.return_rule='agree').
+
+  `predictions` and `labels` are those of the pool's examples, in its order. A model fine-tuned without the
+  pool, which never learned a trigger, mostly disagrees with a dirty-label backdoor example's label (the
+  label is the trigger's, not the image's); on SIG's clean-label poison the signal itself moves most
+  predictions away from the target (docs/defense.md).
+  """
+  pool = np.asarray(pool, np.int64)
+  return pool[np.asarray(predictions) == np.asarray(labels)]

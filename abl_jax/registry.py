@@ -21,6 +21,7 @@ STOP_RULES = ("none", "isolated_accuracy", "retained_accuracy")  # config.abl.un
 POOL_RULES = ("isolated", "ratio", "class_ratio")  # config.abl.pool_rule
 FINETUNE_INITS = ("isolation", "scratch")  # config.abl.finetune_init
 FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
+RETURN_RULES = ("none", "agree")  # config.abl.return_rule
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {
@@ -38,6 +39,7 @@ FIELDS = {
     "config.abl.pool_rule": POOL_RULES,
     "config.abl.finetune_init": FINETUNE_INITS,
     "config.abl.finetune_schedule": FINETUNE_SCHEDULES,
+    "config.abl.return_rule": RETURN_RULES,
     "config.distributed.initialize": INIT_MODES,
 }
 

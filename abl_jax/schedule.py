@@ -75,6 +75,7 @@ class Run:
   phases: int = 0  # Training phases met so far; a phase's index seeds its data order and augmentation.
   isolated: np.ndarray | None = None  # Indices isolated as suspected backdoor examples (ABL).
   pool: np.ndarray | None = None  # The suspicious pool fine-tuning leaves out (isolated included; ABL).
+  returned: np.ndarray | None = None  # Pool examples given back to fine-tuning (config.abl.return_rule).
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
 
@@ -238,25 +239,79 @@ def _pool(run: Run) -> np.ndarray:
 
 
 def _retained(run: Run) -> np.ndarray:
-  """The examples fine-tuning trains on: all but the suspicious pool."""
-  return np.setdiff1d(np.arange(len(run.train)), run.pool)
+  """The examples fine-tuning trains on: all but the suspicious pool, plus what was given back from it."""
+  retained = np.setdiff1d(np.arange(len(run.train)), run.pool)
+  if run.returned is not None:
+    retained = np.union1d(retained, run.returned)
+  return retained
+
+
+def _finetune_lr(a: ml_collections.ConfigDict, first_epoch: int) -> Callable[[int], optax.Schedule]:
+  """Steps per epoch -> the fine-tuning learning rate, for a phase that starts `first_epoch` epochs into it."""
+
+  def lr(steps_per_epoch: int) -> optax.Schedule:
+    offset = first_epoch * steps_per_epoch  # The schedule runs over all finetune_epochs at this phase's pace.
+    if a.finetune_schedule == "cosine":
+      whole = optax.cosine_decay_schedule(a.finetune_lr, max(a.finetune_epochs * steps_per_epoch, 1))
+    else:
+      whole = optax.piecewise_constant_schedule(a.finetune_lr,
+                                                {int(e * steps_per_epoch): 0.1 for e in a.finetune_lr_boundaries})
+    return lambda step: whole(step + offset)
+
+  return lr
+
+
+def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase:
+  a, t = run.config.abl, run.config.train
+  retained = _retained(run)
+  if a.finetune_balance:
+    order = lambda r, k: retained[train.balanced_order(r.train.labels[retained], t.batch_size, k)]
+  else:
+    order = lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)]
+  return Phase(name, epochs, len(retained), order, abl.cross_entropy_loss, _finetune_lr(a, first_epoch),
+               t.batch_size, t.augment, eval_every=t.eval_every_epochs,
+               fresh_weights=first_epoch == 0 and a.finetune_init == "scratch")
 
 
 def finetune(run: Run) -> None:
-  """ABL's second phase: ordinary training on the examples outside the suspicious pool (config.abl.pool_*)."""
-  a, t = run.config.abl, run.config.train
-  retained = _retained(run)
+  """ABL's second phase: ordinary training on the examples outside the suspicious pool (config.abl.pool_*),
+  up to config.abl.return_epoch when part of the pool is given back after it."""
+  a = run.config.abl
+  epochs = a.return_epoch if a.return_rule != "none" else a.finetune_epochs
+  run_phase(run, _finetune_phase(run, "finetune", 0, epochs))
 
-  def lr(steps_per_epoch: int) -> optax.Schedule:
-    if a.finetune_schedule == "cosine":
-      return optax.cosine_decay_schedule(a.finetune_lr, max(a.finetune_epochs * steps_per_epoch, 1))
-    return optax.piecewise_constant_schedule(a.finetune_lr,
-                                             {int(e * steps_per_epoch): 0.1 for e in a.finetune_lr_boundaries})
 
-  run_phase(run, Phase("finetune", a.finetune_epochs, len(retained),
-                       lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
-                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs,
-                       fresh_weights=a.finetune_init == "scratch"))
+def give_back(run: Run) -> None:
+  """Returns to fine-tuning the pool examples the model fine-tuned so far predicts with their training label."""
+  path = os.path.join(run.workdir, "returned.npz")
+  if os.path.exists(path):  # Decided before an interruption.
+    run.returned = wd.load_npz(path)["returned"]
+    return
+  if run.done > run.cursor:
+    raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
+  pool = run.pool
+  _, pred = run.predict()(run.train.images[pool], run.train.labels[pool])
+  run.returned = abl.agreeing(pool, pred, run.train.labels[pool])
+  kept_out = np.setdiff1d(pool, run.returned)
+  stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
+           if k in ("precision", "recall")}  # Metrics only.
+  stats.update({"kept_out_size": len(kept_out), "returned": len(run.returned),
+                "returned_poisoned": run.evaluation.isolation_metrics(run.returned)["num_poisoned_isolated"]})
+  logging.info("gave back %d of the %d pool examples to fine-tuning; %d stay out", len(run.returned), len(pool),
+               len(kept_out))
+  if distributed.is_primary():
+    wd.write_npz(path, returned=run.returned, kept_out=kept_out)
+    summary = os.path.join(run.workdir, "isolation.json")
+    wd.write_json(summary, {**wd.read_json(summary), **stats})
+  distributed.barrier("give_back")
+  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase="give_back",
+                   global_epoch=run.done)
+
+
+def finetune_returned(run: Run) -> None:
+  """The rest of fine-tuning (config.abl.return_epoch to finetune_epochs), the given-back examples included."""
+  a = run.config.abl
+  run_phase(run, _finetune_phase(run, "finetune_returned", a.return_epoch, a.finetune_epochs - a.return_epoch))
 
 
 def joint_pool(scores: np.ndarray, isolated: np.ndarray, exclude_ratio: float) -> np.ndarray:
@@ -377,4 +432,6 @@ def schedule(config: ml_collections.ConfigDict) -> list[Step]:
   """The steps of the run `config` asks for, in order."""
   if config.defense.name == "none":
     return [train_baseline]
+  if config.abl.return_rule != "none":
+    return [isolation_training, isolate, finetune, give_back, finetune_returned, unlearn]
   return [isolation_training, isolate, finetune, unlearn]

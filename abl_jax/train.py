@@ -277,6 +277,16 @@ def epoch_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarra
   return np.resize(perm, steps * batch_size).reshape(steps, batch_size)
 
 
+def balanced_order(labels: np.ndarray, batch_size: int, key: jax.Array) -> np.ndarray:
+  """[steps, batch] positions into `labels`, drawn with replacement so that every label is equally likely."""
+  labels = np.asarray(labels)
+  _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+  p = 1.0 / (len(counts) * counts[inverse])
+  steps = math.ceil(len(labels) / batch_size)
+  picks = jax.random.choice(key, len(labels), (steps * batch_size,), replace=True, p=jnp.asarray(p / p.sum()))
+  return np.asarray(picks, np.int64).reshape(steps, batch_size)
+
+
 def device_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, mesh: Mesh | None = None,
                    ahead: int = 2) -> Iterator[tuple[jax.Array, jax.Array]]:
   """The batches `order` ([steps, batch] indices) picks, put on the mesh `ahead` steps before they are used."""

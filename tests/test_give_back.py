@@ -1,0 +1,127 @@
+"""Giving back the suspicious pool's agreeing examples mid fine-tuning, and class-balanced fine-tuning batches."""
+import types
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+import smoke
+from abl_jax import abl, experiment, schedule, train
+
+AGREE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
+             abl__finetune_schedule="cosine", abl__finetune_epochs=3, abl__return_rule="agree",
+             abl__return_epoch=1, abl__unlearning_epochs=0)
+
+
+def test_agreeing_keeps_the_pool_examples_predicted_with_their_label():
+  pool = np.array([3, 8, 11, 20])
+  returned = abl.agreeing(pool, predictions=np.array([1, 0, 4, 4]), labels=np.array([1, 2, 4, 0]))
+  np.testing.assert_array_equal(returned, [3, 11])
+
+
+def test_balanced_order_draws_every_label_equally_and_is_deterministic():
+  labels = np.array([0] * 900 + [1] * 100)
+  key = jax.random.PRNGKey(0)
+  order = train.balanced_order(labels, 100, key)
+  assert order.shape == (10, 100)
+  share = np.mean(labels[order] == 1)
+  assert 0.45 < share < 0.55  # Unbalanced draws would give 0.1.
+  np.testing.assert_array_equal(order, train.balanced_order(labels, 100, key))
+
+
+@pytest.mark.parametrize("kind, halfway, epoch_3", [("cosine", 0.05, 0.1 * (1 + np.cos(0.75 * np.pi)) / 2),
+                                                     ("step", 0.1, 0.01)])
+def test_finetune_lr_continues_the_schedule_after_the_give_back(kind, halfway, epoch_3):
+  a = ml_collections.ConfigDict(dict(finetune_schedule=kind, finetune_lr=0.1, finetune_epochs=4,
+                                     finetune_lr_boundaries=(3,)))
+  whole, rest = schedule._finetune_lr(a, 0)(10), schedule._finetune_lr(a, 2)(10)
+  for step in (0, 5, 9, 15):
+    assert float(rest(step)) == pytest.approx(float(whole(20 + step)))
+  assert float(rest(0)) == pytest.approx(halfway) and float(rest(10)) == pytest.approx(epoch_3)
+
+
+class _Labels:
+  """The part of a Dataset fine-tuning's order reads: its length and labels."""
+
+  def __init__(self, labels):
+    self.labels = np.asarray(labels)
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def _fake_run(labels, pool, balance=False):
+  c = ml_collections.ConfigDict({
+      "abl": dict(finetune_epochs=4, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
+                  finetune_init="scratch", finetune_balance=balance, return_rule="agree", return_epoch=1),
+      "train": dict(batch_size=8, augment=False, eval_every_epochs=1)})
+  return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, train=_Labels(labels))
+
+
+def test_fine_tuning_splits_at_the_return_epoch_and_takes_the_returned_examples_back(monkeypatch):
+  phases = []
+  monkeypatch.setattr(schedule, "run_phase", lambda run, phase: phases.append(phase))
+  run = _fake_run(np.zeros(50), np.arange(0, 50, 5))
+  schedule.finetune(run)
+  run.returned = np.array([0, 10])
+  schedule.finetune_returned(run)
+  first, rest = phases
+  assert (first.epochs, rest.epochs) == (1, 3) and first.fresh_weights and not rest.fresh_weights
+  key = jax.random.PRNGKey(0)
+  outside = set(range(50)) - set(range(0, 50, 5))
+  assert set(first.order(run, key).ravel()) == outside and first.num_examples == 40
+  assert set(rest.order(run, key).ravel()) == outside | {0, 10} and rest.num_examples == 42
+
+
+def test_balanced_fine_tuning_draws_retained_examples_of_every_label_equally(monkeypatch):
+  phases = []
+  monkeypatch.setattr(schedule, "run_phase", lambda run, phase: phases.append(phase))
+  labels = np.repeat([0, 1], 100)
+  run = _fake_run(labels, np.arange(0, 80), balance=True)  # The pool took 80 of label 0's 100.
+  schedule.finetune(run)
+  order = phases[0].order(run, jax.random.PRNGKey(1))
+  assert order.min() >= 80
+  assert 0.4 < np.mean(labels[order] == 0) < 0.6  # 20 of label 0 against 100 of label 1, drawn equally.
+
+
+@pytest.mark.parametrize("epoch", [0, 3, 5])
+def test_return_epoch_out_of_range_names_the_field(epoch, tmp_path):
+  with pytest.raises(ValueError, match=rf"config\.abl\.return_epoch={epoch} must be in \[1, 3\)"):
+    experiment.train_and_evaluate(smoke.config(**{**AGREE, "abl__return_epoch": epoch}), str(tmp_path))
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_return_rule_name_is_checked(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.return_rule='all' is unknown; allowed: none, agree"):
+    experiment.train_and_evaluate(smoke.config(**{**AGREE, "abl__return_rule": "all"}), str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def given_back(tmp_path_factory):
+  out = tmp_path_factory.mktemp("given_back")
+  return out, experiment.train_and_evaluate(smoke.config(**AGREE), str(out))
+
+
+def test_give_back_splits_the_pool_and_is_reported(given_back):
+  out, results = given_back
+  pool = np.load(out / "isolation.npz")["pool"]
+  saved = np.load(out / "returned.npz")
+  np.testing.assert_array_equal(np.union1d(saved["returned"], saved["kept_out"]), pool)
+  assert not np.intersect1d(saved["returned"], saved["kept_out"]).size
+  iso = results["isolation"]
+  assert iso["kept_out_size"] == len(saved["kept_out"]) and iso["returned"] == len(saved["returned"])
+  assert iso["kept_out_recall"] > 0.9  # The smoke backdoor is not predicted by the model trained without it.
+  assert results["attack_success_rate"] < 0.3
+
+
+def test_give_back_resumes_like_an_uninterrupted_run(given_back, tmp_path):
+  _, results = given_back
+  # 2 isolation epochs + 1 fine-tuning epoch: stops right before the give-back.
+  assert experiment.train_and_evaluate(smoke.config(**AGREE), str(tmp_path), max_epochs=3) is None
+  assert not (tmp_path / "returned.npz").exists()
+  resumed = experiment.train_and_evaluate(smoke.config(**AGREE), str(tmp_path))
+  assert resumed["clean_accuracy"] == results["clean_accuracy"]
+  assert resumed["attack_success_rate"] == results["attack_success_rate"]
+  np.testing.assert_array_equal(np.load(tmp_path / "returned.npz")["returned"],
+                                np.load(given_back[0] / "returned.npz")["returned"])
