@@ -45,7 +45,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects bad names and ranges before any work, with one line naming the field."""
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
-                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.return_rule"):
+                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.return_rule",
+                "abl.kept_out"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
@@ -53,11 +54,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_range("config.abl.joint_exclude_ratio", config.abl.joint_exclude_ratio, 0.0, 1.0, high_open=True)
   registry.check_range("config.abl.stop_accuracy", config.abl.stop_accuracy, 0.0, 1.0)
   registry.check_range("config.abl.pool_ratio", config.abl.pool_ratio, 0.0, 1.0, high_open=True)
-  if config.defense.name == "abl" and config.abl.return_rule != "none" and not (
+  if config.abl.gauge_epochs < 0:
+    raise ValueError(f"config.abl.gauge_epochs={config.abl.gauge_epochs} must be >= 0")
+  if config.defense.name == "abl" and config.abl.return_rule != "none" and not config.abl.gauge_epochs and not (
       1 <= config.abl.return_epoch < config.abl.finetune_epochs):
     raise ValueError(f"config.abl.return_epoch={config.abl.return_epoch} must be in [1, "
                      f"{config.abl.finetune_epochs}) (config.abl.finetune_epochs) when config.abl.return_rule="
-                     f"{config.abl.return_rule!r}")
+                     f"{config.abl.return_rule!r} and config.abl.gauge_epochs=0")
   if config.abl.start_from and not os.path.exists(os.path.join(config.abl.start_from, "config.json")):
     raise ValueError(f"config.abl.start_from={config.abl.start_from!r} holds no run (no config.json)")
   if config.attack.name != "none":

@@ -76,6 +76,7 @@ class Run:
   isolated: np.ndarray | None = None  # Indices isolated as suspected backdoor examples (ABL).
   pool: np.ndarray | None = None  # The suspicious pool fine-tuning leaves out (isolated included; ABL).
   returned: np.ndarray | None = None  # Pool examples given back to fine-tuning (config.abl.return_rule).
+  labels: np.ndarray | None = None  # Fine-tuning's training labels where they differ (config.abl.kept_out).
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
 
@@ -105,6 +106,7 @@ class Phase:
   eval_every: int = 1  # Evaluate on the per-epoch test subset every this many epochs (and after the last).
   after_epoch: Callable[[Run, dict[str, Any]], bool] | None = None  # Adds to the record; True stops the phase.
   fresh_weights: bool = False  # Start from freshly initialised weights (config.seed's init key), not the model.
+  labels: np.ndarray | None = None  # Training labels of every example for this phase; None: the data's own.
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -137,8 +139,9 @@ def run_phase(run: Run, phase: Phase) -> None:
     order = phase.order(run, data_key)
     context = {"phase": phase.name, "epoch": epoch + 1}
     first = run.step
+    labels = run.train.labels if phase.labels is None else phase.labels
     run.state, summary = train.run_epoch(
-        step_fn, run.state, run.train.images, run.train.labels, order, aug_key, mesh=run.mesh,
+        step_fn, run.state, run.train.images, labels, order, aug_key, mesh=run.mesh,
         log_every=c.train.log_every_steps, describe=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
         eta_steps_after=(phase.epochs - epoch - 1) * steps,
         on_log=lambda m: run.writer.write(first + m.pop("step"), {f"train/{k}": v for k, v in m.items()}, **context))
@@ -270,37 +273,80 @@ def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase
     order = lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)]
   return Phase(name, epochs, len(retained), order, abl.cross_entropy_loss, _finetune_lr(a, first_epoch),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs,
-               fresh_weights=first_epoch == 0 and a.finetune_init == "scratch")
+               fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels)
 
 
 def finetune(run: Run) -> None:
   """ABL's second phase: ordinary training on the examples outside the suspicious pool (config.abl.pool_*),
   up to config.abl.return_epoch when part of the pool is given back after it."""
   a = run.config.abl
-  epochs = a.return_epoch if a.return_rule != "none" else a.finetune_epochs
-  run_phase(run, _finetune_phase(run, "finetune", 0, epochs))
+  split = a.return_rule != "none" and not a.gauge_epochs
+  run_phase(run, _finetune_phase(run, "finetune", 0, a.return_epoch if split else a.finetune_epochs))
+
+
+def _isolation_model(run: Run) -> Checkpointer:
+  return Checkpointer(os.path.join(run.workdir, "isolation_model"), 1)
+
+
+def gauge_training(run: Run) -> None:
+  """Trains a separate model from fresh weights outside the suspicious pool (config.abl.gauge_epochs): the
+  judge of which pool examples fine-tuning gets back. The isolation model is kept for fine-tuning."""
+  a, t = run.config.abl, run.config.train
+  if run.done == run.cursor and distributed.is_primary():
+    saved = _isolation_model(run)
+    saved.save(run.done, train.to_host(run.state), {"phase": "isolation_model", "epoch": 0, "global_epoch": run.done,
+                                                    "global_step": run.step, "wall_time": run.wall})
+    saved.close()
+  distributed.barrier("isolation_model")
+  retained = _retained(run)
+  run_phase(run, Phase("gauge", a.gauge_epochs, len(retained),
+                       lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
+                       abl.cross_entropy_loss,
+                       lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
+                       t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True))
 
 
 def give_back(run: Run) -> None:
   """Returns to fine-tuning the pool examples the model fine-tuned so far predicts with their training label."""
+  a = run.config.abl
   path = os.path.join(run.workdir, "returned.npz")
   if os.path.exists(path):  # Decided before an interruption.
-    run.returned = wd.load_npz(path)["returned"]
-    return
-  if run.done > run.cursor:
+    saved = wd.load_npz(path)
+    run.returned, run.labels = saved["returned"], saved["labels"] if "labels" in saved else None
+  elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
+  else:
+    _judge(run, path)
+  if a.gauge_epochs and run.done == run.cursor:  # Fine-tuning starts from the isolation model, not the gauge.
+    saved = _isolation_model(run)
+    restored = saved.restore_latest(like=train.to_host(run.state))
+    saved.close()
+    if restored is None:
+      raise wd.WorkdirError(f"{run.workdir}/isolation_model is missing; use --overwrite to start over")
+    run.state = train.replicate(restored[1], run.mesh)
+
+
+def _judge(run: Run, path: str) -> None:
+  a = run.config.abl
   pool = run.pool
   _, pred = run.predict()(run.train.images[pool], run.train.labels[pool])
-  run.returned = abl.agreeing(pool, pred, run.train.labels[pool])
-  kept_out = np.setdiff1d(pool, run.returned)
+  agree = abl.agreeing(pool, pred, run.train.labels[pool])
+  kept_out = np.setdiff1d(pool, agree)
+  run.returned = agree
+  extra = {}
+  if a.kept_out == "relabel":  # Every pool example trains; the disagreeing ones with the judge's label.
+    run.labels = np.array(run.train.labels, copy=True)
+    run.labels[pool] = pred
+    run.returned = pool
+    extra["labels"] = run.labels
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
-  stats.update({"kept_out_size": len(kept_out), "returned": len(run.returned),
-                "returned_poisoned": run.evaluation.isolation_metrics(run.returned)["num_poisoned_isolated"]})
-  logging.info("gave back %d of the %d pool examples to fine-tuning; %d stay out", len(run.returned), len(pool),
-               len(kept_out))
+  stats.update({"kept_out_size": len(kept_out), "returned": len(agree),
+                "returned_poisoned": run.evaluation.isolation_metrics(agree)["num_poisoned_isolated"]})
+  logging.info("gave back %d of the %d pool examples to fine-tuning; %d %s", len(agree), len(pool), len(kept_out),
+               "train with the judge's labels" if a.kept_out == "relabel" else "stay out")
   if distributed.is_primary():
-    wd.write_npz(path, returned=run.returned, kept_out=kept_out)
+    wd.write_npz(path, returned=run.returned, kept_out=kept_out, **extra)
     summary = os.path.join(run.workdir, "isolation.json")
     wd.write_json(summary, {**wd.read_json(summary), **stats})
   distributed.barrier("give_back")
@@ -432,6 +478,8 @@ def schedule(config: ml_collections.ConfigDict) -> list[Step]:
   """The steps of the run `config` asks for, in order."""
   if config.defense.name == "none":
     return [train_baseline]
+  if config.abl.return_rule != "none" and config.abl.gauge_epochs:
+    return [isolation_training, isolate, gauge_training, give_back, finetune, unlearn]
   if config.abl.return_rule != "none":
     return [isolation_training, isolate, finetune, give_back, finetune_returned, unlearn]
   return [isolation_training, isolate, finetune, unlearn]

@@ -74,7 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.return_rule = "none"  # none (the suspicious pool stays out of fine-tuning) or agree (after
   #                             return_epoch epochs, the pool examples the fine-tuned model predicts with their
   #                             training label rejoin fine-tuning; the rest, the kept-out set, stay out).
-  c.abl.return_epoch = 0  # agree: fine-tuning epochs before the pool is checked, in [1, finetune_epochs).
+  c.abl.return_epoch = 0  # agree without a gauge: fine-tuning epochs before the pool is checked, in
+  #                         [1, finetune_epochs); the fine-tuned model so far judges.
+  c.abl.gauge_epochs = 0  # agree: > 0 trains a separate model this many epochs from fresh weights outside
+  #                         the pool to judge it; fine-tuning then runs whole from finetune_init.
+  c.abl.kept_out = "drop"  # agree: the pool examples the judge disagrees with stay out (drop) or train with
+  #                          the judge's prediction as their label (relabel).
   c.abl.unlearning_epochs = 5  # Epochs of gradient ascent on the isolated examples.
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.
   c.abl.unlearning_batch_size = 64  # Batch size of unlearning (the isolated set is small).

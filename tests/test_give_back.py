@@ -54,9 +54,10 @@ class _Labels:
 def _fake_run(labels, pool, balance=False):
   c = ml_collections.ConfigDict({
       "abl": dict(finetune_epochs=4, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
-                  finetune_init="scratch", finetune_balance=balance, return_rule="agree", return_epoch=1),
+                  finetune_init="scratch", finetune_balance=balance, return_rule="agree", return_epoch=1,
+                  gauge_epochs=0),
       "train": dict(batch_size=8, augment=False, eval_every_epochs=1)})
-  return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, train=_Labels(labels))
+  return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, labels=None, train=_Labels(labels))
 
 
 def test_fine_tuning_splits_at_the_return_epoch_and_takes_the_returned_examples_back(monkeypatch):
@@ -125,3 +126,48 @@ def test_give_back_resumes_like_an_uninterrupted_run(given_back, tmp_path):
   assert resumed["attack_success_rate"] == results["attack_success_rate"]
   np.testing.assert_array_equal(np.load(tmp_path / "returned.npz")["returned"],
                                 np.load(given_back[0] / "returned.npz")["returned"])
+
+
+GAUGE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_schedule="cosine", abl__finetune_epochs=2,
+             abl__return_rule="agree", abl__gauge_epochs=2, abl__kept_out="relabel", abl__unlearning_epochs=0)
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+  """BadNets smoke: a gauge judges the 20% pool; fine-tuning continues the isolation model, relabelled."""
+  out = tmp_path_factory.mktemp("judged")
+  return out, experiment.train_and_evaluate(smoke.config(**GAUGE), str(out))
+
+
+def test_relabel_trains_every_pool_example_with_the_gauges_label(judged):
+  out, results = judged
+  saved, iso = np.load(out / "returned.npz"), np.load(out / "isolation.npz")
+  labels, pool = saved["labels"], iso["pool"]
+  outside = np.setdiff1d(np.arange(len(labels)), pool)
+  np.testing.assert_array_equal(labels[outside], iso["labels"][outside])  # Only the pool is relabelled...
+  changed = np.flatnonzero(labels != iso["labels"])
+  np.testing.assert_array_equal(changed, saved["kept_out"])  # ...where the gauge disagreed.
+  assert np.isin(saved["returned"], pool).all() and len(saved["returned"]) == len(pool)
+  # The gauge never learned the trigger: it gives (nearly) every pooled backdoor example another label.
+  assert iso["is_poisoned"][changed].sum() >= 0.9 * iso["is_poisoned"][pool].sum()
+  assert results["attack_success_rate"] < 0.2
+
+
+def test_gauge_resumes_like_an_uninterrupted_run(judged, tmp_path):
+  _, results = judged
+  # 2 isolation epochs + 1 gauge epoch: stops inside the gauge, the isolation model saved aside.
+  assert experiment.train_and_evaluate(smoke.config(**GAUGE), str(tmp_path), max_epochs=3) is None
+  assert (tmp_path / "isolation_model").exists() and not (tmp_path / "returned.npz").exists()
+  resumed = experiment.train_and_evaluate(smoke.config(**GAUGE), str(tmp_path))
+  assert resumed["clean_accuracy"] == results["clean_accuracy"]
+  assert resumed["attack_success_rate"] == results["attack_success_rate"]
+
+
+def test_gauge_epochs_must_not_be_negative(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.gauge_epochs=-1 must be >= 0"):
+    experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__gauge_epochs": -1}), str(tmp_path))
+
+
+def test_kept_out_name_is_checked(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.kept_out='unlearn' is unknown; allowed: drop, relabel"):
+    experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__kept_out": "unlearn"}), str(tmp_path))
