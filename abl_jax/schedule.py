@@ -328,23 +328,31 @@ def give_back(run: Run) -> None:
 
 def _judge(run: Run, path: str) -> None:
   a = run.config.abl
-  pool = run.pool
-  _, pred = run.predict()(run.train.images[pool], run.train.labels[pool])
-  agree = abl.agreeing(pool, pred, run.train.labels[pool])
+  pool, labels = run.pool, run.train.labels[run.pool]
+  predict = run.predict()
+  loss, pred = predict(run.train.images[pool], labels)
+  confidence = np.exp(-predict(run.train.images[pool], pred)[0])  # The judge's probability of its prediction.
+  agree = abl.agreeing(pool, pred, labels)
   kept_out = np.setdiff1d(pool, agree)
   run.returned = agree
-  extra = {}
-  if a.kept_out == "relabel":  # Every pool example trains; the disagreeing ones with the judge's label.
+  extra = {"judge_loss": loss, "judge_prediction": pred, "judge_confidence": confidence}
+  if a.kept_out == "relabel":  # Disagreeing pool examples the judge is sure of train with its label.
+    sure = pool[(pred != labels) & (confidence >= a.relabel_confidence)]
     run.labels = np.array(run.train.labels, copy=True)
     run.labels[pool] = pred
-    run.returned = pool
+    run.returned = np.union1d(agree, sure)
+    kept_out = np.setdiff1d(pool, run.returned)
     extra["labels"] = run.labels
+    extra["relabelled"] = sure
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
   stats.update({"kept_out_size": len(kept_out), "returned": len(agree),
                 "returned_poisoned": run.evaluation.isolation_metrics(agree)["num_poisoned_isolated"]})
-  logging.info("gave back %d of the %d pool examples to fine-tuning; %d %s", len(agree), len(pool), len(kept_out),
-               "train with the judge's labels" if a.kept_out == "relabel" else "stay out")
+  if "relabelled" in extra:
+    stats.update({"relabelled": len(extra["relabelled"]),
+                  "relabelled_poisoned": run.evaluation.isolation_metrics(extra["relabelled"])["num_poisoned_isolated"]})
+  logging.info("gave back %d of the %d pool examples to fine-tuning (%d of them relabelled); %d stay out",
+               len(run.returned), len(pool), len(extra.get("relabelled", ())), len(kept_out))
   if distributed.is_primary():
     wd.write_npz(path, returned=run.returned, kept_out=kept_out, **extra)
     summary = os.path.join(run.workdir, "isolation.json")

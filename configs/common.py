@@ -78,8 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                         [1, finetune_epochs); the fine-tuned model so far judges.
   c.abl.gauge_epochs = 0  # agree: > 0 trains a separate model this many epochs from fresh weights outside
   #                         the pool to judge it; fine-tuning then runs whole from finetune_init.
-  c.abl.kept_out = "drop"  # agree: the pool examples the judge disagrees with stay out (drop) or train with
-  #                          the judge's prediction as their label (relabel).
+  c.abl.kept_out = "drop"  # agree: the pool examples the judge disagrees with stay out (drop) or, where its
+  #                          probability is at least relabel_confidence, train with its prediction (relabel).
+  c.abl.relabel_confidence = 0.0  # relabel: the judge's least probability for a new label, in [0, 1].
   c.abl.unlearning_epochs = 5  # Epochs of gradient ascent on the isolated examples.
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.
   c.abl.unlearning_batch_size = 64  # Batch size of unlearning (the isolated set is small).

@@ -146,8 +146,9 @@ def test_relabel_trains_every_pool_example_with_the_gauges_label(judged):
   outside = np.setdiff1d(np.arange(len(labels)), pool)
   np.testing.assert_array_equal(labels[outside], iso["labels"][outside])  # Only the pool is relabelled...
   changed = np.flatnonzero(labels != iso["labels"])
-  np.testing.assert_array_equal(changed, saved["kept_out"])  # ...where the gauge disagreed.
-  assert np.isin(saved["returned"], pool).all() and len(saved["returned"]) == len(pool)
+  np.testing.assert_array_equal(changed, saved["relabelled"])  # ...where the gauge disagreed.
+  np.testing.assert_array_equal(labels[pool], saved["judge_prediction"])
+  assert len(saved["kept_out"]) == 0 and len(saved["returned"]) == len(pool)  # relabel_confidence 0: all.
   # The gauge never learned the trigger: it gives (nearly) every pooled backdoor example another label.
   assert iso["is_poisoned"][changed].sum() >= 0.9 * iso["is_poisoned"][pool].sum()
   assert results["attack_success_rate"] < 0.2
@@ -171,3 +172,16 @@ def test_gauge_epochs_must_not_be_negative(tmp_path):
 def test_kept_out_name_is_checked(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.kept_out='unlearn' is unknown; allowed: drop, relabel"):
     experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__kept_out": "unlearn"}), str(tmp_path))
+
+
+def test_relabel_confidence_drops_the_disagreeing_examples_the_gauge_is_unsure_of(judged, tmp_path):
+  out, _ = judged
+  sure = smoke.config(**{**GAUGE, "abl__relabel_confidence": 0.3})
+  experiment.train_and_evaluate(sure, str(tmp_path))
+  saved = np.load(tmp_path / "returned.npz")
+  confidence = dict(zip(np.load(out / "isolation.npz")["pool"], saved["judge_confidence"]))
+  assert all(confidence[i] >= 0.3 for i in saved["relabelled"])
+  assert all(confidence[i] < 0.3 for i in saved["kept_out"])
+  assert len(saved["kept_out"]) > 0
+  assert np.isin(saved["relabelled"], saved["returned"]).all()
+  assert not np.isin(saved["kept_out"], saved["returned"]).any()
