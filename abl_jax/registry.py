@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 SOURCES = ("tfds", "folder", "synthetic")  # config.data.source
-MODELS = ("resnet18", "wrn16_1", "small_cnn")  # config.model.name
+MODELS = ("resnet18", "wrn16_1", "small_cnn", "airbench")  # config.model.name
 DTYPES = ("auto", "float32", "bfloat16")  # config.train.dtype
 SCHEDULES = ("cosine", "step", "constant")  # config.train.schedule
 ATTACKS = ("none", "badnets", "blend", "sig", "clean_label", "input_aware", "wanet")  # config.attack.name

@@ -104,6 +104,7 @@ class Phase:
   eval_every: int = 1  # Evaluate on the per-epoch test subset every this many epochs (and after the last).
   after_epoch: Callable[[Run, dict[str, Any]], bool] | None = None  # Adds to the record; True stops the phase.
   fresh_weights: bool = False  # Start from freshly initialised weights (config.seed's init key), not the model.
+  label_smoothing: float = 0.0  # Of the cross-entropy loss_fn receives (ordinary training phases only).
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -126,7 +127,7 @@ def run_phase(run: Run, phase: Phase) -> None:
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
   step_fn = train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
-                                  bn_train=phase.bn_train, mesh=run.mesh)
+                                  bn_train=phase.bn_train, label_smoothing=phase.label_smoothing, mesh=run.mesh)
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
   for epoch in range(run.done - start, phase.epochs):
@@ -183,7 +184,8 @@ def train_baseline(run: Run) -> None:
     return optax.constant_schedule(t.learning_rate)
 
   run_phase(run, Phase("train", t.epochs, len(run.train), lambda r, k: _all_examples(r, k, t.batch_size),
-                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs))
+                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs,
+                       label_smoothing=t.label_smoothing))
 
 
 def isolation_training(run: Run) -> None:
@@ -256,7 +258,7 @@ def finetune(run: Run) -> None:
   run_phase(run, Phase("finetune", a.finetune_epochs, len(retained),
                        lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
                        abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs,
-                       fresh_weights=a.finetune_init == "scratch"))
+                       fresh_weights=a.finetune_init == "scratch", label_smoothing=t.label_smoothing))
 
 
 def joint_pool(scores: np.ndarray, isolated: np.ndarray, exclude_ratio: float) -> np.ndarray:

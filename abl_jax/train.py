@@ -201,9 +201,21 @@ def example_keys(key: jax.Array, n: int, start: jax.Array | int = 0) -> jax.Arra
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n))
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy against labels smoothed to (1 - s) * one_hot + s / num_classes."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
 def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[float], std: Sequence[float],
-                    *, augment_data: bool, bn_train: bool = True, mesh: Mesh | None = None) -> Callable:
-  """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device."""
+                    *, augment_data: bool, bn_train: bool = True, label_smoothing: float = 0.0,
+                    mesh: Mesh | None = None) -> Callable:
+  """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device.
+
+  `loss_fn` receives the per-example cross-entropy with `label_smoothing`; the metric `ce` is the plain one.
+  """
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array):
     if augment_data:
@@ -218,7 +230,8 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
       else:
         logits, batch_stats = model.apply(variables, x, train=False), state.batch_stats
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return loss_fn(ce), (logits, ce, batch_stats)
+      smoothed = cross_entropy(logits, labels, label_smoothing) if label_smoothing else ce
+      return loss_fn(smoothed), (logits, ce, batch_stats)
 
     (loss, (logits, ce, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
