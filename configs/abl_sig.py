@@ -2,7 +2,7 @@
 
   python launch.py --config=configs/abl_sig.py --workdir=runs/sig          # ResNet-18, full CIFAR-10
   python launch.py --config=configs/abl_sig.py:cpu --workdir=runs/sig-cpu  # small CNN, 2 CPU cores
-  python launch.py --config=configs/abl_sig.py:fast --workdir=runs/sig-fast  # airbench; isolation fails (docs/benchmarks.md)
+  python launch.py --config=configs/abl_sig.py:fast --workdir=runs/sig-fast  # airbench: isolation fails (benchmarks.md)
   python launch.py --config=configs/abl_sig.py:smoke --workdir=/tmp/sig    # synthetic, seconds
 Baselines: add --config.defense.name=none (no defense) or --config.attack.name=none (clean model).
 

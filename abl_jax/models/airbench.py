@@ -28,7 +28,7 @@ BIAS_SCALE = 8.0
 
 
 def patches(images: np.ndarray, kernel: int = KERNEL) -> np.ndarray:
-  """Every k x k patch of [N, H, W, C] images, flattened in (row, column, channel) order: [N*(H-k+1)*(W-k+1), k*k*C]."""
+  """Every k x k patch of [N, H, W, C] images as rows [N*(H-k+1)*(W-k+1), k*k*C], in (row, column, channel) order."""
   n, h, w, c = images.shape
   views = [images[:, i:h - kernel + 1 + i, j:w - kernel + 1 + j] for i in range(kernel) for j in range(kernel)]
   return np.stack(views, axis=3).reshape(-1, kernel * kernel * c)
@@ -39,8 +39,8 @@ def whitening_filters(images: np.ndarray, kernel: int = KERNEL, eps: float = 5e-
   """HWIO filters [k, k, C, k*k*C] mapping the k x k patches of `images` to (nearly) unit second moment.
 
   Filter i is the i-th eigenvector (largest eigenvalue first) of the patches' uncentred second moment, divided
-  by sqrt(eigenvalue + eps); each eigenvector's sign makes its largest-magnitude entry positive, so the result
-  does not depend on the LAPACK build. `images` are float [N, H, W, C], normalised as the model sees them.
+  by sqrt(eigenvalue + eps); each eigenvector's sign makes its largest-magnitude entry positive, whatever sign
+  LAPACK returns. `images` are float [N, H, W, C], normalised as the model sees them.
   """
   images = np.asarray(images)
   d = kernel * kernel * images.shape[-1]
