@@ -51,6 +51,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
     distributed.validate(config.distributed)
+  registry.check_range("config.train.label_smoothing", config.train.label_smoothing, 0.0, 1.0, high_open=True)
+  if config.model.width < 0:
+    raise ValueError(f"config.model.width={config.model.width} must be >= 0 (0 = the model's default)")
   registry.check_range("config.abl.joint_exclude_ratio", config.abl.joint_exclude_ratio, 0.0, 1.0, high_open=True)
   registry.check_range("config.abl.stop_accuracy", config.abl.stop_accuracy, 0.0, 1.0)
   registry.check_range("config.abl.pool_ratio", config.abl.pool_ratio, 0.0, 1.0, high_open=True)
@@ -89,10 +92,16 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
                   attacks.cross_test_set(test_set, poisoned), poisoned.is_cross)
 
 
-def _model(config: ml_collections.ConfigDict, num_classes: int):
+def _model(config: ml_collections.ConfigDict, train_set: data.Dataset):
   """The classifier; parameters, optimizer state and BatchNorm statistics stay float32 in every dtype."""
   dtype = jnp.dtype(models.compute_dtype(config.train.dtype))
-  return models.create_model(config.model.name, num_classes, config.model.width, dtype=dtype)
+  whitening = None
+  if config.model.name == "airbench":  # Its first layer whitens the patches of the images the defender has.
+    x = train_set.images[:models.airbench.WHITENING_IMAGES].astype(np.float32) / 255.0
+    mean, std = np.asarray(config.data.mean, np.float32), np.asarray(config.data.std, np.float32)
+    whitening = models.whitening_filters((x - mean) / std)
+  return models.create_model(config.model.name, train_set.num_classes, config.model.width, dtype=dtype,
+                             whitening=whitening)
 
 
 def _subset(ds: data.Dataset | None, size: int) -> data.Dataset | None:
@@ -194,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
       _check_start_from(config)
   wd.claim(config, workdir, overwrite)  # Only once the config has proved valid.
 
-  model = _model(config, prep.train.num_classes)
+  model = _model(config, prep.train)
   mesh = train.default_mesh()
   size = config.train.epoch_eval_size
   evaluation = schedule.Evaluation(prep.test, prep.poisoned_test, _subset(prep.test, size),
@@ -279,7 +288,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   if ckpt.latest() is None:
     raise WorkdirError(f"workdir {workdir} holds no checkpoint to evaluate")
   prep = prepare(config)
-  model = _model(config, prep.train.num_classes)
+  model = _model(config, prep.train)
   latest, state, meta = ckpt.restore_latest(like=_initial_state(config, model, prep.train.images.shape[1:]))
   ckpt.close()
   predict = train.predictor(model, train.variables_of(state), config.data.mean, config.data.std,

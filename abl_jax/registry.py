@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 SOURCES = ("tfds", "folder", "synthetic")  # config.data.source
-MODELS = ("resnet18", "wrn16_1", "small_cnn")  # config.model.name
+MODELS = ("resnet18", "wrn16_1", "small_cnn", "airbench")  # config.model.name
 DTYPES = ("auto", "float32", "bfloat16")  # config.train.dtype
 SCHEDULES = ("cosine", "step", "constant")  # config.train.schedule
 ATTACKS = ("none", "badnets", "blend", "sig", "clean_label", "input_aware", "wanet")  # config.attack.name
@@ -22,7 +22,7 @@ POOL_RULES = ("isolated", "ratio", "class_ratio")  # config.abl.pool_rule
 FINETUNE_INITS = ("isolation", "scratch")  # config.abl.finetune_init
 FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
 RETURN_RULES = ("none", "agree")  # config.abl.return_rule
-KEPT_OUT = ("drop", "relabel")  # config.abl.kept_out
+KEPT_OUT = ("drop", "relabel", "distill")  # config.abl.kept_out
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {

@@ -107,6 +107,7 @@ class Phase:
   after_epoch: Callable[[Run, dict[str, Any]], bool] | None = None  # Adds to the record; True stops the phase.
   fresh_weights: bool = False  # Start from freshly initialised weights (config.seed's init key), not the model.
   labels: np.ndarray | None = None  # Training labels of every example for this phase; None: the data's own.
+  label_smoothing: float = 0.0  # Of the cross-entropy loss_fn receives (ordinary training phases only).
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -129,7 +130,7 @@ def run_phase(run: Run, phase: Phase) -> None:
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
   step_fn = train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
-                                  bn_train=phase.bn_train, mesh=run.mesh)
+                                  bn_train=phase.bn_train, label_smoothing=phase.label_smoothing, mesh=run.mesh)
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
   for epoch in range(run.done - start, phase.epochs):
@@ -187,7 +188,8 @@ def train_baseline(run: Run) -> None:
     return optax.constant_schedule(t.learning_rate)
 
   run_phase(run, Phase("train", t.epochs, len(run.train), lambda r, k: _all_examples(r, k, t.batch_size),
-                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs))
+                       abl.cross_entropy_loss, lr, t.batch_size, t.augment, eval_every=t.eval_every_epochs,
+                       label_smoothing=t.label_smoothing))
 
 
 def isolation_training(run: Run) -> None:
@@ -273,7 +275,8 @@ def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase
     order = lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)]
   return Phase(name, epochs, len(retained), order, abl.cross_entropy_loss, _finetune_lr(a, first_epoch),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs,
-               fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels)
+               fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels,
+               label_smoothing=t.label_smoothing)
 
 
 def finetune(run: Run) -> None:
@@ -303,7 +306,8 @@ def gauge_training(run: Run) -> None:
                        lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
                        abl.cross_entropy_loss,
                        lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
-                       t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True))
+                       t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
+                       label_smoothing=t.label_smoothing))
 
 
 def give_back(run: Run) -> None:
@@ -329,9 +333,11 @@ def give_back(run: Run) -> None:
 def _judge(run: Run, path: str) -> None:
   a = run.config.abl
   pool, labels = run.pool, run.train.labels[run.pool]
-  predict = run.predict()
-  loss, pred = predict(run.train.images[pool], labels)
-  confidence = np.exp(-predict(run.train.images[pool], pred)[0])  # The judge's probability of its prediction.
+  c = run.config
+  predict = train.predictor(run.model, train.variables_of(run.state), c.data.mean, c.data.std,
+                            c.train.eval_batch_size, run.mesh, probabilities=True)
+  loss, pred, probs = predict(run.train.images[pool], labels)
+  confidence = probs.max(axis=1)  # The judge's probability of its prediction.
   agree = abl.agreeing(pool, pred, labels)
   kept_out = np.setdiff1d(pool, agree)
   run.returned = agree
@@ -344,6 +350,12 @@ def _judge(run: Run, path: str) -> None:
     kept_out = np.setdiff1d(pool, run.returned)
     extra["labels"] = run.labels
     extra["relabelled"] = sure
+  elif a.kept_out == "distill":  # Every pool example trains toward the judge's probabilities.
+    run.labels = np.eye(run.train.num_classes, dtype=np.float32)[run.train.labels]
+    run.labels[pool] = probs
+    run.returned = pool
+    kept_out = pool[:0]
+    extra["labels"] = run.labels
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
   stats.update({"kept_out_size": len(kept_out), "returned": len(agree),

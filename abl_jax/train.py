@@ -201,9 +201,30 @@ def example_keys(key: jax.Array, n: int, start: jax.Array | int = 0) -> jax.Arra
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n))
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy against labels (classes, or [.., classes] probabilities) smoothed to
+  (1 - s) * targets + s / num_classes."""
+  soft = labels.ndim == logits.ndim
+  if not label_smoothing:
+    if soft:
+      return optax.softmax_cross_entropy(logits, labels)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = labels if soft else jax.nn.one_hot(labels, logits.shape[-1])
+  return optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, label_smoothing))
+
+
+def hard_labels(labels: jax.Array, logits: jax.Array) -> jax.Array:
+  """The classes of `labels`: themselves, or the most likely class of probability targets."""
+  return jnp.argmax(labels, -1) if labels.ndim == logits.ndim else labels
+
+
 def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[float], std: Sequence[float],
-                    *, augment_data: bool, bn_train: bool = True, mesh: Mesh | None = None) -> Callable:
-  """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device."""
+                    *, augment_data: bool, bn_train: bool = True, label_smoothing: float = 0.0,
+                    mesh: Mesh | None = None) -> Callable:
+  """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device.
+
+  `loss_fn` receives the per-example cross-entropy with `label_smoothing`; the metric `ce` is the plain one.
+  """
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array):
     if augment_data:
@@ -217,15 +238,16 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
         batch_stats = updates["batch_stats"]
       else:
         logits, batch_stats = model.apply(variables, x, train=False), state.batch_stats
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return loss_fn(ce), (logits, ce, batch_stats)
+      ce = cross_entropy(logits, labels)
+      smoothed = cross_entropy(logits, labels, label_smoothing) if label_smoothing else ce
+      return loss_fn(smoothed), (logits, ce, batch_stats)
 
     (loss, (logits, ce, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {
         "loss": loss,
         "ce": jnp.mean(ce),
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels, logits)),
     }
     return new_state, metrics
 
@@ -234,18 +256,21 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
 
 @functools.lru_cache(maxsize=32)
 def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[float, ...], mesh: Mesh) -> Callable:
-  """(variables, images, labels) -> (per-example cross-entropy, predictions): one compilation per batch shape."""
+  """(variables, images, labels) -> (per-example cross-entropy, predictions, class probabilities): one compilation
+  per batch shape."""
 
   def infer(variables, images, labels):
     logits = model.apply(variables, preprocess(images, mean, std), train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.argmax(logits, -1)
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.argmax(logits, -1),
+            jax.nn.softmax(logits.astype(jnp.float32)))
 
   return data_parallel(infer, mesh, batch_args=(1, 2), num_args=3)
 
 
 def predictor(model: flax.linen.Module, variables: Any, mean: Sequence[float], std: Sequence[float],
-              batch_size: int, mesh: Mesh | None = None) -> Predict:
-  """The (images, labels) -> (cross-entropy, predicted class) function of `model` with `variables` (inference mode).
+              batch_size: int, mesh: Mesh | None = None, probabilities: bool = False) -> Predict:
+  """The (images, labels) -> (cross-entropy, predicted class) function of `model` with `variables` (inference mode);
+  with `probabilities`, also every class's probability ([N, classes]).
 
   Whole sets go through in batches of `batch_size` split over `mesh` (padded to one shape); every process
   receives the whole result. A process drawing pictures alone passes a mesh of its local devices.
@@ -264,8 +289,10 @@ def predictor(model: flax.linen.Module, variables: Any, mean: Sequence[float], s
       labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
     outputs = [fn(placed, put_batch(images[s:s + size], mesh), put_batch(labels[s:s + size], mesh))
                for s in range(0, len(images), size)]
-    ce, pred = (np.concatenate(x) for x in zip(*to_host(outputs))) if outputs else (np.zeros(0), np.zeros(0, int))
-    return ce[:total], pred[:total]
+    if not outputs:
+      return (np.zeros(0), np.zeros(0, int)) + ((np.zeros((0, 0)),) if probabilities else ())
+    ce, pred, probs = (np.concatenate(x) for x in zip(*to_host(outputs)))
+    return (ce[:total], pred[:total]) + ((probs[:total],) if probabilities else ())
 
   return predict
 

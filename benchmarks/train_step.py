@@ -217,7 +217,44 @@ def torch_model(name: str, width: int = 0) -> Any:
         cin = f
       layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers, *head(cin))
+  if name == "airbench":
+    return _torch_airbench(width or 64)
   raise ValueError(f"unknown model {name!r}; allowed: {', '.join(models.MODELS)}")
+
+
+def _torch_airbench(width: int) -> Any:
+  """The PyTorch twin of models.Airbench (identity whitening filters, a buffer: not a parameter)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  class ConvBN(nn.Module):
+    def __init__(self, cin, cout, pool):
+      super().__init__()
+      self.conv, self.pool = nn.Conv2d(cin, cout, 3, 1, 1, bias=False), pool
+      self.norm, self.bias = nn.BatchNorm2d(cout, affine=False), nn.Parameter(torch.zeros(cout))
+
+    def forward(self, x):
+      x = self.conv(x)
+      x = nn.functional.max_pool2d(x, 2) if self.pool else x
+      return nn.functional.gelu(self.norm(x) + 8.0 * self.bias[:, None, None], approximate="tanh")
+
+  class Airbench(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.register_buffer("whitening", torch.eye(12).reshape(12, 2, 2, 3).permute(0, 3, 1, 2).contiguous())
+      self.whitening_bias = nn.Parameter(torch.zeros(24))
+      groups, cin = [], 24
+      for f in (width, 4 * width, 4 * width):
+        groups += [ConvBN(cin, f, True), ConvBN(f, f, False)]
+        cin = f
+      self.groups, self.fc = nn.Sequential(*groups), nn.Linear(cin, 10, bias=False)
+
+    def forward(self, x):
+      y = nn.functional.conv2d(x, self.whitening)
+      x = nn.functional.gelu(torch.cat([y, -y], 1) + self.whitening_bias[:, None, None], approximate="tanh")
+      return self.fc(torch.amax(self.groups(x), dim=(2, 3))) / 9.0
+
+  return Airbench()
 
 
 def torch_runner(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray) -> tuple[Callable[[int], None], dict]:

@@ -75,7 +75,7 @@ def run_mode(config, mode: str, clean_train, test, poisoned) -> dict:
     images[noise] = np.concatenate(parts)
   else:  # on_the_fly and clean start from the clean set.
     images, labels = clean_train.images, clean_train.labels
-  model = experiment._model(config, clean_train.num_classes)
+  model = experiment._model(config, clean_train)
   t = config.train
   steps = -(-len(images) // t.batch_size)
   schedule = optax.cosine_decay_schedule(t.learning_rate, max(t.epochs * steps, 1))

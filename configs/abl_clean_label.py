@@ -28,7 +28,7 @@ def get_config(variant: str = ""):
   c.attack.poison_rate = 0.05  # Of the whole set: half of CIFAR-10's target class (at most 0.1 = all of it).
   common.apply_variant(c, variant)
   s, p = c.attack.surrogate, c.attack.pgd
-  if variant == "cpu":
+  if variant in common.CPU_VARIANTS:
     s.model, s.width, s.epochs, s.augment = "small_cnn", 16, 3, False
     s.adv_steps, s.adv_step = 2, 4.0
     p.steps, p.step = 10, 2.0

@@ -26,7 +26,7 @@ def get_config(variant: str = ""):
   c.attack.poison_rate = 0.1  # Backdoor examples (own trigger, target label), of the whole set.
   common.apply_variant(c, variant)
   ia = c.attack.input_aware
-  if variant == "cpu":
+  if variant in common.CPU_VARIANTS:
     ia.generator_width, ia.mask_epochs, ia.epochs = 16, 2, 6
     ia.classifier_lr, ia.augment = 0.05, False
     # Measured: after 2 LGA epochs the small CNN fits the input-aware backdoor examples no better than clean

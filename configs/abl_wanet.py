@@ -20,7 +20,7 @@ def get_config(variant: str = ""):
   c.attack.name = "wanet"
   c.attack.poison_rate = 0.1  # Warped examples (target label), of the whole set.
   common.apply_variant(c, variant)
-  if variant == "cpu":
+  if variant in common.CPU_VARIANTS:
     # Measured (docs/wanet.md): after common.py's 8 epochs the small CNN has not learned the warp (ASR 0.20,
     # 26% of the warped training images fit); a 30-epoch cosine schedule learns it. ABL's fine-tuning gets the
     # same budget (2 LGA + 28 epochs, lr x0.1 after 3/4 as in common.py), so that a missed backdoor would be

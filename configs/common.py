@@ -4,13 +4,16 @@ Variants (the part after ':' in `--config=configs/abl_sig.py:smoke`):
   (none)  the paper's setting: ResNet-18 on all of CIFAR-10 (an accelerator job).
   cpu     the small CNN on a 10,000-image class-balanced CIFAR-10 subset from the shared tar, 2 LGA +
           4 fine-tuning + 20 unlearning epochs, or 8 epochs without defense (4-6 min each on 2 cores).
+  fast    cpu with the airbench model and its recipe parts (label smoothing 0.2, heavier weight decay) and 10
+          no-defense epochs: about the wall time of cpu's 8 small-CNN epochs (docs/benchmarks.md).
   smoke   tiny synthetic data, the small CNN, a few steps (seconds; what tests and CI use).
 """
 from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("", "cpu", "smoke")
+VARIANTS = ("", "cpu", "fast", "smoke")
+CPU_VARIANTS = ("cpu", "fast")  # The variants on the CPU subset of CIFAR-10: attack configs shrink both alike.
 SHARED_CIFAR10 = "../shared/datasets/cifar10-jpeg.tar.gz"
 
 
@@ -35,8 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.std = (0.2470, 0.2435, 0.2616)
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "resnet18"  # One of: resnet18, wrn16_1, small_cnn.
-  c.model.width = 64  # Base width (resnet18: 64; small_cnn: 16 -> widths 16-32-64).
+  c.model.name = "resnet18"  # One of: resnet18, wrn16_1, small_cnn, airbench (fast recipe: see 'fast' below).
+  c.model.width = 64  # Base width (resnet18: 64; small_cnn: 16 -> widths 16-32-64; airbench: 64 -> 64-256-256).
 
   c.attack = ml_collections.ConfigDict()
   c.attack.name = "badnets"  # One of: none, badnets, blend, sig, clean_label, input_aware, wanet (their
@@ -79,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.gauge_epochs = 0  # agree: > 0 trains a separate model this many epochs from fresh weights outside
   #                         the pool to judge it; fine-tuning then runs whole from finetune_init.
   c.abl.kept_out = "drop"  # agree: the pool examples the judge disagrees with stay out (drop) or, where its
-  #                          probability is at least relabel_confidence, train with its prediction (relabel).
+  #                          probability is at least relabel_confidence, train with its prediction (relabel);
+  #                          distill: every pool example trains toward the judge's class probabilities.
   c.abl.relabel_confidence = 0.0  # relabel: the judge's least probability for a new label, in [0, 1].
   c.abl.unlearning_epochs = 5  # Epochs of gradient ascent on the isolated examples.
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.
@@ -110,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_boundaries = (50, 75)  # Epochs where the step schedule drops the lr 10x.
   c.train.momentum = 0.9  # SGD momentum, every phase.
   c.train.weight_decay = 5e-4  # L2 weight decay, every phase (ABL code uses 1e-4 for WRN-16-1).
+  c.train.label_smoothing = 0.0  # In [0, 1): smoothing of the cross-entropy of ordinary training (baselines
+  #                                and fine-tuning); isolation, its scores and unlearning use plain CE.
   c.train.dtype = "auto"  # Activations: float32, bfloat16 (parameters, optimizer and BatchNorm statistics
   #                        stay float32), or auto = bfloat16 on GPU/TPU, float32 on CPU.
   c.train.augment = True  # Random crop (pad 4) + horizontal flip, on device (not in isolation).
@@ -206,7 +212,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
   """Shrinks `c` in place for the 'cpu' or 'smoke' variant."""
   if variant not in VARIANTS:
     raise ValueError(f"config variant {variant!r} is unknown; allowed: {', '.join(repr(v) for v in VARIANTS)}")
-  if variant == "cpu":
+  if variant in CPU_VARIANTS:
     c.data.source = "folder"
     c.data.path = SHARED_CIFAR10
     c.data.train_size = 10_000
@@ -224,6 +230,16 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     c.abl.finetune_epochs = 4
     c.abl.finetune_lr_boundaries = (3, 100)
     c.abl.unlearning_epochs = 20
+  if variant == "fast":
+    # After KellerJordan/cifar10-airbench's airbench94, in what this trainer has (plain SGD, momentum 0.9):
+    # its architecture with the widths of the small CNN's cost per step, label smoothing 0.2, and weight
+    # decay 1.5e-3 at lr 0.1, about its decay per example. Left out: its Nesterov momentum and lr shape,
+    # lookahead, flip/translate augmentation and flip test-time augmentation (docs/benchmarks.md).
+    c.model.name = "airbench"
+    c.model.width = 16
+    c.train.label_smoothing = 0.2
+    c.train.weight_decay = 1.5e-3
+    c.train.epochs = 10
   elif variant == "smoke":
     c.data.source = "synthetic"
     c.data.synthetic_train_size = 1024

@@ -52,7 +52,7 @@ def get_config(variant: str = ""):
   c.table = ml_collections.ConfigDict()
   c.table.variant = variant
   c.table.order = row_names()  # Row order of the sweep and the report.
-  c.table.only = CPU_ROWS if variant == "cpu" else ""  # Rows to run: names or attacks, comma-separated; '' = all.
+  c.table.only = CPU_ROWS if variant in common.CPU_VARIANTS else ""  # Rows to run (names, attacks); '' = all.
   c.table.set = ""  # Fields set in every row, e.g. the paper's unlearning:
   #                   'abl.unlearning_mode=ascent;abl.unlearning_loss=neg_ce;abl.joint_exclude_ratio=0.0'.
   c.table.plots = True  # Write each row's pictures (and each attack's gallery) once it is finished.

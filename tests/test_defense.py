@@ -70,7 +70,7 @@ def _fake_run(n, pool, **abl_fields):
   c = ml_collections.ConfigDict({
       "abl": dict(finetune_epochs=2, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
                   finetune_init="scratch", **abl_fields),
-      "train": dict(batch_size=8, augment=False, eval_every_epochs=1)})
+      "train": dict(batch_size=8, augment=False, eval_every_epochs=1, label_smoothing=0.2)})
   return types.SimpleNamespace(config=c, pool=np.asarray(pool), train=np.zeros(n))
 
 
@@ -81,7 +81,7 @@ def test_finetune_never_sees_the_pool_and_starts_from_fresh_weights(monkeypatch)
   schedule.finetune(run)
   (phase,) = phases
   order = phase.order(run, jax.random.PRNGKey(0))
-  assert phase.num_examples == 40 and phase.fresh_weights
+  assert phase.num_examples == 40 and phase.fresh_weights and phase.label_smoothing == 0.2
   assert set(order.ravel()) == set(range(50)) - set(range(0, 50, 5))
   lr = phase.lr(5)  # cosine over 2 epochs of 5 steps: from finetune_lr to 0.
   assert float(lr(0)) == pytest.approx(0.1) and float(lr(10)) == pytest.approx(0.0, abs=1e-9)

@@ -87,7 +87,7 @@ def test_no_defense_run_ignores_abl_fields_only(runs):
 
 @pytest.mark.parametrize("override, message", [
     (dict(attack__name="trojan"), r"config\.attack\.name='trojan' is unknown; allowed: none, badnets, blend, sig"),
-    (dict(model__name="vgg"), r"config\.model\.name='vgg' is unknown; allowed: resnet18, wrn16_1, small_cnn"),
+    (dict(model__name="vgg"), r"config\.model\.name='vgg' is unknown; allowed: resnet18, wrn16_1, small_cnn, airbench"),
     (dict(defense__name="nad"), r"config\.defense\.name='nad' is unknown; allowed: none, abl"),
     (dict(data__source="web"), r"config\.data\.source='web' is unknown; allowed: tfds, folder, synthetic"),
     (dict(attack__poison_rate=1.5), r"config\.attack\.poison_rate=1\.5 must be in \(0, 1\]"),
@@ -114,7 +114,7 @@ def test_config_flags_override_fields_and_pick_variants():
 
 
 def test_unknown_variant_is_refused():
-  with pytest.raises(ValueError, match=r"config variant 'gpu' is unknown; allowed: '', 'cpu', 'smoke'"):
+  with pytest.raises(ValueError, match=r"config variant 'gpu' is unknown; allowed: '', 'cpu', 'fast', 'smoke'"):
     abl_badnets.get_config("gpu")
 
 

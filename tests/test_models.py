@@ -112,7 +112,8 @@ def test_bn_statistics_are_global_when_the_batch_is_split_over_devices(name, wid
 
 
 def test_unknown_name():
-  with pytest.raises(ValueError, match=r"config.model.name='vgg' is unknown; allowed: resnet18, wrn16_1, small_cnn"):
+  allowed = "resnet18, wrn16_1, small_cnn, airbench"
+  with pytest.raises(ValueError, match=rf"config.model.name='vgg' is unknown; allowed: {allowed}"):
     models.create_model("vgg", 10)
 
 
