@@ -207,12 +207,23 @@ def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   unused = unused_fields(config)
   # A group missing on one side differs as a whole ("config.distributed"), hence the added dot.
   diffs = [d for d in diff(comparable(saved), comparable(config_json(config)), "config")
-           if not (d[0] + ".").startswith(unused)]
+           if not (d[0] + ".").startswith(unused)
+           and not (d[1] is None and d[0] in ADDED_FIELDS and d[2] == ADDED_FIELDS[d[0]])]
   if diffs:
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:3])
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
     raise WorkdirError(f"workdir {workdir} holds a run with a different config ({shown}{more}); "
                        "use another --workdir, or --overwrite to start over")
+
+
+# Fields added after runs were made, with the value that does what a run without them did: a config.json that
+# lacks one ran with that value.
+ADDED_FIELDS = {
+    "config.train.label_smoothing": 0.0, "config.abl.pool_rule": "isolated", "config.abl.pool_ratio": 0.2,
+    "config.abl.finetune_init": "isolation", "config.abl.finetune_schedule": "step",
+    "config.abl.finetune_balance": False, "config.abl.return_rule": "none", "config.abl.return_epoch": 0,
+    "config.abl.gauge_epochs": 0, "config.abl.kept_out": "drop", "config.abl.relabel_confidence": 0.0,
+}
 
 
 def comparable(saved: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from abl_jax import experiment, metrics
+from abl_jax import experiment, metrics, workdir
 from configs import abl_badnets
 from smoke import config as smoke
 
@@ -123,3 +123,13 @@ def test_clean_model_baseline_has_no_attack_metrics(tmp_path):
                                         str(tmp_path))
   assert clean["num_poisoned"] == 0 and clean["attack_success_rate"] is None
   assert clean["poisoned_test_loss"] is None and clean["train_accuracy_poisoned_part"] is None
+
+
+def test_run_from_before_a_field_existed_is_the_same_experiment_at_its_old_value(runs, tmp_path):
+  root, _, _ = runs
+  saved = json.load(open(root / "abl" / "config.json"))
+  del saved["abl"]["gauge_epochs"], saved["train"]["label_smoothing"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  workdir.check_same_config(smoke(), str(tmp_path))  # Absent = the value that does what the old run did.
+  with pytest.raises(experiment.WorkdirError, match=r"config\.abl\.gauge_epochs: None -> 2"):
+    workdir.check_same_config(smoke(abl__gauge_epochs=2), str(tmp_path))

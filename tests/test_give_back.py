@@ -185,3 +185,26 @@ def test_relabel_confidence_drops_the_disagreeing_examples_the_gauge_is_unsure_o
   assert len(saved["kept_out"]) > 0
   assert np.isin(saved["relabelled"], saved["returned"]).all()
   assert not np.isin(saved["kept_out"], saved["returned"]).any()
+
+
+def test_cross_entropy_against_probability_targets():
+  logits = np.array([[2.0, 0.0, -1.0]], np.float32)
+  targets = np.array([[0.25, 0.75, 0.0]], np.float32)
+  log_p = logits - np.log(np.exp(logits).sum())
+  expected = -(targets * log_p).sum()
+  assert float(train.cross_entropy(jax.numpy.asarray(logits), jax.numpy.asarray(targets))[0]) == pytest.approx(expected)
+  one_hot = np.eye(3, dtype=np.float32)[[1]]
+  assert float(train.cross_entropy(logits, one_hot)[0]) == pytest.approx(float(train.cross_entropy(logits, np.array([1]))[0]))
+
+
+def test_distill_trains_the_pool_toward_the_gauges_probabilities(tmp_path):
+  r = experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__kept_out": "distill"}), str(tmp_path))
+  saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
+  labels, pool = saved["labels"], iso["pool"]
+  assert labels.shape == (len(iso["labels"]), 10)
+  outside = np.setdiff1d(np.arange(len(labels)), pool)
+  np.testing.assert_array_equal(labels[outside], np.eye(10)[iso["labels"][outside]])
+  np.testing.assert_allclose(labels[pool].sum(axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_array_equal(labels[pool].argmax(axis=1), saved["judge_prediction"])
+  assert len(saved["returned"]) == len(pool) and len(saved["kept_out"]) == 0
+  assert r["attack_success_rate"] < 0.5
