@@ -266,13 +266,20 @@ def _finetune_lr(a: ml_collections.ConfigDict, first_epoch: int) -> Callable[[in
   return lr
 
 
+def _order(run: Run, examples: np.ndarray, labels: np.ndarray | None) -> Callable[[Run, jax.Array], np.ndarray]:
+  """One epoch's batches of `examples`: each once, or class-balanced by label (config.abl.finetune_balance)."""
+  batch = run.config.train.batch_size
+  if run.config.abl.finetune_balance:
+    labels = run.train.labels if labels is None else labels
+    classes = labels[examples] if labels.ndim == 1 else labels[examples].argmax(axis=1)
+    return lambda r, k: examples[train.balanced_order(classes, batch, k)]
+  return lambda r, k: examples[train.epoch_order(len(examples), batch, k)]
+
+
 def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase:
   a, t = run.config.abl, run.config.train
   retained = _retained(run)
-  if a.finetune_balance:
-    order = lambda r, k: retained[train.balanced_order(r.train.labels[retained], t.batch_size, k)]
-  else:
-    order = lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)]
+  order = _order(run, retained, run.labels)
   return Phase(name, epochs, len(retained), order, abl.cross_entropy_loss, _finetune_lr(a, first_epoch),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs,
                fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels,
@@ -302,8 +309,7 @@ def gauge_training(run: Run) -> None:
     saved.close()
   distributed.barrier("isolation_model")
   retained = _retained(run)
-  run_phase(run, Phase("gauge", a.gauge_epochs, len(retained),
-                       lambda r, k: retained[train.epoch_order(len(retained), t.batch_size, k)],
+  run_phase(run, Phase("gauge", a.gauge_epochs, len(retained), _order(run, retained, None),
                        abl.cross_entropy_loss,
                        lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
                        t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,

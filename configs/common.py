@@ -72,8 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.finetune_lr = 0.1  # Fine-tuning (peak) learning rate.
   c.abl.finetune_schedule = "step"  # step (x0.1 at each boundary below, the paper) or cosine (to 0).
   c.abl.finetune_lr_boundaries = (40, 60)  # step: epochs (within fine-tuning) where the lr drops 10x.
-  c.abl.finetune_balance = False  # Draw fine-tuning batches class-balanced by training label (the pool can
-  #                                 take most of one class), with replacement; False: each example once an epoch.
+  c.abl.finetune_balance = False  # Draw fine-tuning (and gauge) batches class-balanced by training label (the
+  #                                 pool can take most of one class), with replacement; False: each example once.
   c.abl.return_rule = "none"  # none (the suspicious pool stays out of fine-tuning) or agree (after
   #                             return_epoch epochs, the pool examples the fine-tuned model predicts with their
   #                             training label rejoin fine-tuning; the rest, the kept-out set, stay out).
