@@ -144,6 +144,29 @@ def plot_scores_per_class(workdir: str, path: str) -> str | None:
   return _save(fig, path)
 
 
+def plot_judge(workdir: str, path: str) -> str | None:
+  """Histogram of the gauge's probability of each pool example's training label, poisoned vs clean (a run
+  with config.abl.gauge_epochs); None otherwise."""
+  judged, npz = os.path.join(workdir, "returned.npz"), os.path.join(workdir, "isolation.npz")
+  if not (os.path.exists(judged) and os.path.exists(npz)):
+    return None
+  saved, iso = wd.load_npz(judged), wd.load_npz(npz)
+  if "judge_loss" not in saved:
+    return None
+  p_label = np.exp(-saved["judge_loss"].astype(np.float64))
+  bins = np.linspace(0.0, 1.0, 41)
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  mask = iso["is_poisoned"][iso["pool"]].astype(bool) if "is_poisoned" in iso else np.zeros(len(p_label), bool)
+  ax.hist(p_label[~mask], bins=bins, alpha=0.6, color="tab:blue", label=f"clean pool examples ({int((~mask).sum())})")
+  if mask.any():
+    ax.hist(p_label[mask], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned pool examples ({int(mask.sum())})")
+  ax.set(yscale="log", xlabel="the gauge's probability of the training label",
+         ylabel="pool examples", title="what a model trained without the pool believes about it")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def _config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(wd.read_json(os.path.join(workdir, "config.json")))
 
@@ -209,10 +232,12 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
 
 
 def write_run_plots(workdir: str) -> list[str]:
-  """Writes the run's curves.png and (ABL) isolation.png and scores_per_class.png; returns the paths written."""
+  """Writes the run's curves.png and (ABL) isolation.png, scores_per_class.png and (with a gauge) judge.png;
+  returns the paths written."""
   written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
              plot_isolation(workdir, os.path.join(workdir, "isolation.png")),
-             plot_scores_per_class(workdir, os.path.join(workdir, "scores_per_class.png"))]
+             plot_scores_per_class(workdir, os.path.join(workdir, "scores_per_class.png")),
+             plot_judge(workdir, os.path.join(workdir, "judge.png"))]
   return [p for p in written if p]
 
 
