@@ -168,6 +168,51 @@ def write(workdir: str) -> str:
   return text
 
 
+def _baseline(name: str) -> str:
+  """The no-defense row a row is measured against: <pair>_none, or clean for the clean data's rows."""
+  pair = name.rsplit("_", 1)[0]
+  return "clean" if pair == "clean" else f"{pair}_none"
+
+
+def _training_seconds(row: dict[str, Any]) -> float:
+  return sum(v for k, v in row["wall_time"].items() if k not in ("poison", "evaluate"))
+
+
+def _spread(values: list[float | None], scale: float = 100.0, signed: bool = False) -> str:
+  if any(v is None for v in values):
+    return "n/a"
+  v = [scale * x for x in values]
+  fmt = "{:+.1f}" if signed else "{:.1f}"
+  mean = fmt.format(sum(v) / len(v))
+  return mean if len(v) == 1 else f"{mean} ({fmt.format(min(v))} to {fmt.format(max(v))})"
+
+
+def seeds_markdown(workdirs: list[str]) -> str:
+  """One line per row finished in every workdir (one workdir per seed, rows named alike): the mean and the range
+  over seeds of CA, ASR, the target class's CA, and, against the same seed's no-defense row, the CA and
+  target-class CA lost and the training time's ratio."""
+  tables = [{r["name"]: r for r in collect(w)} for w in workdirs]
+  names = [n for n in tables[0] if all(t.get(n, {}).get("status") == "done" for t in tables)]
+  lines = [f"Mean over {len(workdirs)} seeds (min to max): {', '.join(workdirs)}", "",
+           "| Model | CA (%) | ASR (%) | target-class CA (%) | CA change (points) | target-class CA change | "
+           "training time (x no defense) |", "|---|---|---|---|---|---|---|"]
+  for name in names:
+    rows = [t[name] for t in tables]
+    base = [t.get(_baseline(name)) for t in tables]
+    paired = rows[0]["defense"] != "none" and all(b and b["status"] == "done" for b in base)
+    change = target_change = cost = "–"
+    if paired:
+      change = _spread([r["clean_accuracy"] - b["clean_accuracy"] for r, b in zip(rows, base)], signed=True)
+      if rows[0].get("target_class_accuracy") is not None and base[0].get("target_class_accuracy") is not None:
+        target_change = _spread([r["target_class_accuracy"] - b["target_class_accuracy"] for r, b in zip(rows, base)],
+                                signed=True)
+      cost = _spread([_training_seconds(r) / _training_seconds(b) for r, b in zip(rows, base)], scale=1.0)
+    lines.append(f"| {rows[0]['label']} | {_spread([r['clean_accuracy'] for r in rows])} | "
+                 f"{_spread([r['attack_success_rate'] for r in rows])} | "
+                 f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} |")
+  return "\n".join(lines) + "\n"
+
+
 def unlearning_table(runs: dict[str, str]) -> str:
   """Markdown: CA/ASR before and after unlearning (full test set) and epochs run, one row per named run."""
   lines = ["| run | CA before | ASR before | CA after | ASR after | CA change | epochs |",
@@ -183,7 +228,13 @@ def unlearning_table(runs: dict[str, str]) -> str:
 
 
 def main(argv: list[str]) -> None:
-  """Compares unlearning variants: prints their table and draws their curves (LABEL=WORKDIR arguments)."""
+  """Compares unlearning variants: prints their table and draws their curves (LABEL=WORKDIR arguments); with
+  --seeds WORKDIR ..., prints the mean and range of the rows over seeds."""
+  if argv and argv[0] == "--seeds":
+    if len(argv) < 2:
+      raise SystemExit("usage: python -m abl_jax.report --seeds WORKDIR ... (one table workdir per seed)")
+    print(seeds_markdown(argv[1:]))
+    return
   from abl_jax import plots  # matplotlib only where a picture is drawn.
   out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "unlearning.png")
   title = next((a.split("=", 1)[1] for a in argv if a.startswith("--title=")), "")

@@ -134,3 +134,23 @@ def test_sweep_runs_new_rows_skips_finished_ones_and_draws(runs, tmp_path, monke
   assert rows["badnets_abl"]["clean_accuracy"] == results["badnets_abl"]["clean_accuracy"]
   table.run(config, str(workdir))
   assert prepared == ["none"]  # A second sweep retrains nothing.
+
+
+def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, tmp_path, capsys):
+  root, none, abl = runs
+  for seed in ("s0", "s1"):
+    os.makedirs(tmp_path / seed)
+    os.symlink(root / "none", tmp_path / seed / "badnets_none")
+    os.symlink(root / "abl", tmp_path / seed / "badnets_abl")
+  report.main(["--seeds", str(tmp_path / "s0"), str(tmp_path / "s1")])
+  lines = capsys.readouterr().out.splitlines()
+  defended = next(l for l in lines if l.startswith("| Model trained using ABL against BadNets attack"))
+  cells = [c.strip() for c in defended.split("|")[1:-1]]
+  same = lambda text: f"{text} ({text} to {text})"  # Both seeds are the same runs: min = mean = max.
+  assert cells[1] == same(f"{100 * abl['clean_accuracy']:.1f}")
+  assert cells[4] == same(f"{100 * (abl['clean_accuracy'] - none['clean_accuracy']):+.1f}")
+  trained = lambda r: sum(v for k, v in r["wall_time"].items() if k not in ("poison", "evaluate"))
+  assert cells[6] == same(f"{trained(abl) / trained(none):.1f}")
+  undefended = next(l for l in lines if l.startswith("| Model trained with BadNets attack"))
+  assert undefended.split("|")[5].strip() == "–"
+  assert report.seeds_markdown([str(tmp_path / "s0")]).count("\n| Model trained") == 2
