@@ -172,3 +172,13 @@ def agreeing(pool: np.ndarray, predictions: np.ndarray, labels: np.ndarray) -> n
   """
   pool = np.asarray(pool, np.int64)
   return pool[np.asarray(predictions) == np.asarray(labels)]
+
+
+def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:
+  """Each example's lowest rank (0 = lowest score) among several scorings, as a share of the set; ties by index.
+
+  The isolation model at a constant learning rate ranks the backdoor examples lowest at different epochs on
+  different seeds (docs/defense.md); an example low in any of the last epochs is suspect.
+  """
+  ranks = [np.argsort(np.argsort(np.asarray(s), kind="stable"), kind="stable") for s in scores]
+  return np.min(ranks, axis=0) / len(scores[0])

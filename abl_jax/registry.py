@@ -22,7 +22,7 @@ POOL_RULES = ("isolated", "ratio", "class_ratio")  # config.abl.pool_rule
 FINETUNE_INITS = ("isolation", "scratch")  # config.abl.finetune_init
 FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
 RETURN_RULES = ("none", "agree")  # config.abl.return_rule
-KEPT_OUT = ("drop", "relabel", "distill")  # config.abl.kept_out
+KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.kept_out
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {

@@ -192,13 +192,26 @@ def train_baseline(run: Run) -> None:
                        label_smoothing=t.label_smoothing))
 
 
+def _score_epoch(run: Run, record: dict[str, Any]) -> bool:
+  """After each of the isolation phase's last config.abl.score_epochs epochs: saves every example's loss."""
+  a = run.config.abl
+  epoch = run.done - run.cursor + a.isolation_epochs  # This phase's epochs finished (cursor is its end).
+  if a.score_epochs > 1 and epoch > a.isolation_epochs - a.score_epochs and distributed.is_primary():
+    scores, _ = run.predict()(run.train.images, run.train.labels)
+    path = os.path.join(run.workdir, "epoch_scores.npz")
+    saved = dict(wd.load_npz(path)) if os.path.exists(path) else {}
+    saved[f"epoch_{epoch}"] = scores
+    wd.write_npz(path, **saved)
+  return False
+
+
 def isolation_training(run: Run) -> None:
   """ABL's first phase: the local gradient ascent (or flooding) loss on every example, no augmentation."""
   a, t = run.config.abl, run.config.train
   run_phase(run, Phase("isolation", a.isolation_epochs, len(run.train),
                        lambda r, k: _all_examples(r, k, t.batch_size), abl.isolation_loss(a.loss, a.gamma),
                        lambda _: optax.constant_schedule(a.isolation_lr), t.batch_size, False,
-                       eval_every=t.eval_every_epochs))
+                       eval_every=t.eval_every_epochs, after_epoch=_score_epoch))
 
 
 def isolate(run: Run) -> None:
@@ -236,7 +249,12 @@ def isolate(run: Run) -> None:
 def _pool(run: Run) -> np.ndarray:
   """The suspicious pool of config.abl.pool_rule, from the isolation scores (never the ground truth)."""
   a = run.config.abl
-  pool = abl.suspicious_pool(run.scores, run.isolated, a.pool_rule, a.pool_ratio, run.train.labels)
+  ranking = run.scores
+  path = os.path.join(run.workdir, "epoch_scores.npz")
+  if a.score_epochs > 1 and os.path.exists(path):  # Each example's lowest rank over the scored epochs.
+    saved = wd.load_npz(path)
+    ranking = abl.lowest_rank([saved[k] for k in sorted(saved)])
+  pool = abl.suspicious_pool(ranking, run.isolated, a.pool_rule, a.pool_ratio, run.train.labels)
   if len(pool) >= len(run.scores):
     raise ValueError(f"config.abl.pool_ratio={a.pool_ratio} leaves no example to fine-tune on "
                      f"(pool_rule={a.pool_rule!r}); use a smaller config.abl.pool_ratio")
@@ -356,9 +374,11 @@ def _judge(run: Run, path: str) -> None:
     kept_out = np.setdiff1d(pool, run.returned)
     extra["labels"] = run.labels
     extra["relabelled"] = sure
-  elif a.kept_out == "distill":  # Every pool example trains toward the judge's probabilities.
+  elif a.kept_out in ("distill", "distill_disagreeing"):  # Pool examples train toward the judge's probabilities:
+    # every one, or only those whose label it disagrees with (the agreeing ones keep their labels).
     run.labels = np.eye(run.train.num_classes, dtype=np.float32)[run.train.labels]
-    run.labels[pool] = probs
+    soft = pool if a.kept_out == "distill" else kept_out
+    run.labels[soft] = probs[np.isin(pool, soft)]
     run.returned = pool
     kept_out = pool[:0]
     extra["labels"] = run.labels

@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.loss = "lga"  # Isolation loss: lga (sign(CE - gamma) * CE) or flooding (|CE - gamma| + gamma).
   c.abl.gamma = 0.5  # LGA / flooding threshold on the batch-mean cross-entropy.
   c.abl.isolation_ratio = 0.01  # Share of training examples isolated (lowest LGA-model loss).
+  c.abl.score_epochs = 1  # The pool ranks examples by their lowest rank over the losses after each of the
+  #                         isolation phase's last score_epochs epochs (1: the last epoch's loss), in
+  #                         [1, isolation_epochs].
   c.abl.pool_rule = "isolated"  # Which examples fine-tuning leaves out (the suspicious pool): isolated
   #                               (the isolated set only, the paper), ratio (the lowest pool_ratio of the
   #                               isolation scores) or class_ratio (the lowest pool_ratio of the log-scores

@@ -208,3 +208,23 @@ def test_distill_trains_the_pool_toward_the_gauges_probabilities(tmp_path):
   np.testing.assert_array_equal(labels[pool].argmax(axis=1), saved["judge_prediction"])
   assert len(saved["returned"]) == len(pool) and len(saved["kept_out"]) == 0
   assert r["attack_success_rate"] < 0.5
+
+
+def test_lowest_rank_takes_each_examples_best_rank_over_the_scorings():
+  first, second = np.array([0.1, 0.5, 0.9, 0.3]), np.array([0.8, 0.05, 0.7, 0.6])
+  np.testing.assert_allclose(abl.lowest_rank([first, second]), np.array([0, 0, 2, 1]) / 4)
+
+
+def test_score_epochs_ranks_the_pool_by_the_last_epochs_scores(tmp_path):
+  experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__score_epochs": 2}), str(tmp_path))
+  saved, iso = np.load(tmp_path / "epoch_scores.npz"), np.load(tmp_path / "isolation.npz")
+  assert sorted(saved.files) == ["epoch_1", "epoch_2"]
+  np.testing.assert_allclose(saved["epoch_2"], iso["scores"], rtol=1e-6)
+  ranking = abl.lowest_rank([saved["epoch_1"], saved["epoch_2"]])
+  expected = abl.suspicious_pool(ranking, iso["isolated"], "ratio", 0.2)
+  np.testing.assert_array_equal(iso["pool"], expected)
+
+
+def test_score_epochs_out_of_range_names_the_field(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.score_epochs=3 must be in \[1, 2\]"):
+    experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__score_epochs": 3}), str(tmp_path))
