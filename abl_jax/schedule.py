@@ -197,6 +197,7 @@ def _score_epoch(run: Run, record: dict[str, Any]) -> bool:
   a = run.config.abl
   epoch = run.done - run.cursor + a.isolation_epochs  # This phase's epochs finished (cursor is its end).
   if a.score_epochs > 1 and epoch > a.isolation_epochs - a.score_epochs and distributed.is_primary():
+    # With fewer isolation epochs than score_epochs, every one is scored.
     scores, _ = run.predict()(run.train.images, run.train.labels)
     path = os.path.join(run.workdir, "epoch_scores.npz")
     saved = dict(wd.load_npz(path)) if os.path.exists(path) else {}

@@ -10,7 +10,7 @@ Full size: an adversarially trained ResNet-18 surrogate (30 epochs, PGD-7, eps 8
 100 steps on half of the target class (poison_rate 0.05 of the whole set), BadNets' grid bottom-right.
 cpu: the attack made affordable on 2 cores: the surrogate is the small CNN (widths 16-32-64) adversarially
 trained for 3 epochs with PGD-2 (eps 8, step 4) on the 10,000-image subset, without augmentation; the
-poisoning PGD takes 10 steps of 2 (eps 8); 5 LGA epochs before isolation. The surrogate is cached, so the
+poisoning PGD takes 10 steps of 2 (eps 8). The surrogate is cached, so the
 second run reuses it (training it took 16 min on this project's busy 2-core machine, PGD 40-100 s).
 smoke: a width-8 CNN surrogate, 1 epoch with PGD-1; PGD 5 steps.
 Other settings: --config.attack.pgd.norm=l2 --config.attack.pgd.eps=600 --config.attack.pgd.step=60;
@@ -32,9 +32,6 @@ def get_config(variant: str = ""):
     s.model, s.width, s.epochs, s.augment = "small_cnn", 16, 3, False
     s.adv_steps, s.adv_step = 2, 4.0
     p.steps, p.step = 10, 2.0
-    # Measured: without defense the backdoor appears in epoch 4 (ASR 0.07 after 3 epochs, 0.96 after 4), and
-    # after 2 LGA epochs isolation precision was 0.00; so isolate after 5, as configs/abl_sig.py does.
-    c.abl.isolation_epochs = 5
   elif variant == "smoke":
     s.model, s.width, s.epochs, s.augment, s.batch_size = "small_cnn", 8, 1, False, 64
     s.adv_steps, s.adv_step = 1, 8.0

@@ -14,7 +14,7 @@ Full size: G and M of the published shape (widths 32-64-128), 25 mask epochs, 10
 model (ResNet-18) as the attacker's classifier, with crop + flip.
 cpu: G and M at half width (16-32-64), 2 mask epochs and 6 joint epochs with the small CNN (widths 16-32-64) as
 the attacker's classifier (SGD lr 0.05), no augmentation, on the 10,000-image subset; the victim is common.py's
-cpu variant (8 epochs without defense; ABL 5 + 4 + 20 epochs: 5 LGA epochs, as for SIG).
+cpu variant (8 epochs without defense; the defense as common.py sets it).
 smoke: G and M of width 4, 1 mask epoch and 2 joint epochs on the synthetic data.
 """
 from configs import common
@@ -29,9 +29,6 @@ def get_config(variant: str = ""):
   if variant in common.CPU_VARIANTS:
     ia.generator_width, ia.mask_epochs, ia.epochs = 16, 2, 6
     ia.classifier_lr, ia.augment = 0.05, False
-    # Measured: after 2 LGA epochs the small CNN fits the input-aware backdoor examples no better than clean
-    # ones (isolation precision 0.00, ABL leaves ASR at 0.86-0.92); after 5 it does (precision 0.59).
-    c.abl.isolation_epochs = 5
   elif variant == "smoke":
     ia.generator_width, ia.mask_epochs, ia.epochs = 4, 1, 2
     ia.classifier_lr, ia.augment, ia.batch_size = 0.05, False, 64

@@ -22,9 +22,9 @@ def get_config(variant: str = ""):
   common.apply_variant(c, variant)
   if variant in common.CPU_VARIANTS:
     # Measured (docs/wanet.md): after common.py's 8 epochs the small CNN has not learned the warp (ASR 0.20,
-    # 26% of the warped training images fit); a 30-epoch cosine schedule learns it. ABL's fine-tuning gets the
-    # same budget (2 LGA + 28 epochs, lr x0.1 after 3/4 as in common.py), so that a missed backdoor would be
-    # learned as in the no-defense run; the defense's own settings are common.py's.
+    # 26% of the warped training images fit); a 30-epoch cosine schedule learns it. ABL's fine-tuning gets 28
+    # epochs, so that a missed backdoor would be learned as in the no-defense run; the defense's own settings
+    # are common.py's.
     c.train.epochs = 30
     c.abl.finetune_epochs = 28
     c.abl.finetune_lr_boundaries = (21, 100)
