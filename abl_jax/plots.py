@@ -100,9 +100,9 @@ def plot_isolation(workdir: str, path: str) -> str | None:
     title = f"isolated {len(saved['isolated'])}"
   ax.axvline(threshold, color="black", ls="--", lw=1, label=f"isolation threshold ({threshold:.2g})")
   if "pool" in saved and len(saved["pool"]) > len(saved["isolated"]):
-    pool = saved["pool"]
-    ax.axvline(float(scores[pool].max()), color="tab:purple", ls=":", lw=1.5,
-               label=f"suspicious pool: {len(pool)} left out of fine-tuning")
+    pool = saved["pool"]  # Drawn as its own outline: ranked over several epochs, it is no threshold here.
+    ax.hist(scores[pool], bins=bins, histtype="step", color="tab:purple", lw=1.5,
+            label=f"suspicious pool ({len(pool)} examples)")
     if "is_poisoned" in saved:
       title += f"; pool recall {mask[pool].sum() / max(mask.sum(), 1):.2f}"
   ax.set(xscale="log", yscale="log", xlabel="cross-entropy of the isolation model (end of the isolation phase)",
@@ -113,7 +113,7 @@ def plot_isolation(workdir: str, path: str) -> str | None:
 
 
 def plot_scores_per_class(workdir: str, path: str) -> str | None:
-  """Per training label: the isolation loss of each example (clean blue, poisoned red), pool threshold dotted."""
+  """Per training label: the isolation loss of each example (clean blue, clean in the pool purple, poisoned red)."""
   npz = os.path.join(workdir, "isolation.npz")
   if not os.path.exists(npz):
     return None
@@ -123,21 +123,20 @@ def plot_scores_per_class(workdir: str, path: str) -> str | None:
   scores = np.log10(np.maximum(saved["scores"].astype(np.float64), 1e-7))
   labels = saved["labels"]
   mask = saved["is_poisoned"].astype(bool) if "is_poisoned" in saved else np.zeros(len(scores), bool)
+  in_pool = np.zeros(len(scores), bool)
+  if "pool" in saved:
+    in_pool[saved["pool"]] = True
   classes = np.unique(labels)
   fig, ax = plt.subplots(figsize=(8, 3.8))
   rng = np.random.default_rng(0)
-  for c in classes:
-    for part, color, size in ((~mask, "tab:blue", 1), (mask, "tab:red", 2)):
+  parts = ((~mask & ~in_pool, "tab:blue", 1, "clean"), (~mask & in_pool, "tab:purple", 1, "clean, in the pool"),
+           (mask, "tab:red", 2, "poisoned"))
+  for i, c in enumerate(classes):
+    for part, color, size, name in parts:
       y = scores[(labels == c) & part]
-      ax.scatter(c + rng.uniform(-0.35, 0.35, len(y)), y, s=size, color=color, alpha=0.4, linewidths=0)
-  if "pool" in saved:  # Per label: the highest score in the pool (the rule may rank by class-relative scores).
-    in_pool = np.zeros(len(scores), bool)
-    in_pool[saved["pool"]] = True
-    for i, c in enumerate(classes):
-      if (in_pool & (labels == c)).any():
-        ax.hlines(float(scores[in_pool & (labels == c)].max()), c - 0.45, c + 0.45, color="tab:purple", ls=":",
-                  lw=1.5, label=f"pool threshold ({len(saved['pool'])} examples)" if i == 0 else None)
-    ax.legend(fontsize=8, loc="lower right")
+      ax.scatter(c + rng.uniform(-0.35, 0.35, len(y)), y, s=size, color=color, alpha=0.4, linewidths=0,
+                 label=name if i == 0 else None)
+  ax.legend(fontsize=8, loc="lower right", markerscale=4)
   ax.set(xticks=classes, xlabel="training label (poisoned examples in red)",
          ylabel="log10 isolation-model cross-entropy", title="isolation scores per training label")
   fig.tight_layout()

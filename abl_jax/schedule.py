@@ -196,13 +196,16 @@ def _score_epoch(run: Run, record: dict[str, Any]) -> bool:
   """After each of the isolation phase's last config.abl.score_epochs epochs: saves every example's loss."""
   a = run.config.abl
   epoch = run.done - run.cursor + a.isolation_epochs  # This phase's epochs finished (cursor is its end).
-  if a.score_epochs > 1 and epoch > a.isolation_epochs - a.score_epochs and distributed.is_primary():
-    # With fewer isolation epochs than score_epochs, every one is scored.
+  if a.score_epochs > 1 and epoch > a.isolation_epochs - a.score_epochs:
+    # With fewer isolation epochs than score_epochs, every one is scored. Every process scores (one
+    # computation over the mesh); the primary writes.
     scores, _ = run.predict()(run.train.images, run.train.labels)
-    path = os.path.join(run.workdir, "epoch_scores.npz")
-    saved = dict(wd.load_npz(path)) if os.path.exists(path) else {}
-    saved[f"epoch_{epoch}"] = scores
-    wd.write_npz(path, **saved)
+    if distributed.is_primary():
+      path = os.path.join(run.workdir, "epoch_scores.npz")
+      saved = dict(wd.load_npz(path)) if os.path.exists(path) else {}
+      saved[f"epoch_{epoch}"] = scores
+      wd.write_npz(path, **saved)
+    distributed.barrier("epoch_scores")
   return False
 
 

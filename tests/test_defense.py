@@ -69,9 +69,9 @@ def test_new_fields_are_checked_before_any_work(field, value, message, tmp_path)
 def _fake_run(n, pool, **abl_fields):
   c = ml_collections.ConfigDict({
       "abl": dict(finetune_epochs=2, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
-                  finetune_init="scratch", **abl_fields),
+                  finetune_init="scratch", finetune_balance=False, return_rule="none", gauge_epochs=0, **abl_fields),
       "train": dict(batch_size=8, augment=False, eval_every_epochs=1, label_smoothing=0.2)})
-  return types.SimpleNamespace(config=c, pool=np.asarray(pool), train=np.zeros(n))
+  return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, labels=None, train=np.zeros(n))
 
 
 def test_finetune_never_sees_the_pool_and_starts_from_fresh_weights(monkeypatch):
@@ -89,7 +89,8 @@ def test_finetune_never_sees_the_pool_and_starts_from_fresh_weights(monkeypatch)
 
 def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
   monkeypatch.setattr(abl, "suspicious_pool", lambda scores, isolated, rule, ratio, labels: np.arange(len(scores)))
-  run = types.SimpleNamespace(config=ml_collections.ConfigDict({"abl": {"pool_rule": "ratio", "pool_ratio": 0.9}}),
+  run = types.SimpleNamespace(config=ml_collections.ConfigDict({"abl": {"pool_rule": "ratio", "pool_ratio": 0.9,
+                                                                       "score_epochs": 1}}), workdir="",
                               scores=np.zeros(10), isolated=np.array([0]), train=types.SimpleNamespace(labels=np.zeros(10)))
   with pytest.raises(ValueError, match=r"config\.abl\.pool_ratio=0\.9 leaves no example to fine-tune on"):
     schedule._pool(run)

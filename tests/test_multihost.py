@@ -1,7 +1,7 @@
 """Two real processes on localhost CPU (JAX's distributed runtime, gloo collectives) against the 1-process run.
 
-The session fixture `runs` trains the BadNets smoke config with ABL on 1 process x 2 devices; here the same
-config runs on 2 processes x 1 device, which must compute the same steps: same isolation, same metrics.
+
+
 """
 import json
 import os
@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from abl_jax import distributed
+from abl_jax import distributed, experiment
 from smoke import config as smoke
+from smoke import default as smoke_default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("clean_accuracy", "attack_success_rate", "clean_test_loss", "poisoned_test_loss", "train_accuracy",
@@ -66,8 +67,15 @@ def _lines(path) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one_process(runs, tmp_path):
-  root, _, one = runs
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+  """The BadNets smoke config with the default defense (the gauge) on 1 process x 2 devices."""
+  root = tmp_path_factory.mktemp("default")
+  return root, experiment.train_and_evaluate(smoke_default(), str(root / "abl"))
+
+
+def test_two_processes_match_one_process(default_run, tmp_path):
+  root, one = default_run
   _launch_two(str(tmp_path / "two"))
   with open(tmp_path / "two" / "results.json") as f:
     two = json.load(f)
@@ -83,8 +91,8 @@ def test_two_processes_match_one_process(runs, tmp_path):
   assert two["config"]["distributed"]["num_processes"] == 2
 
 
-def test_one_process_run_resumes_on_two(runs, tmp_path):
-  root, _, one = runs
+def test_one_process_run_resumes_on_two(default_run, tmp_path):
+  root, one = default_run
   work = tmp_path / "resumed"
   shutil.copytree(root / "abl", work)
   os.remove(work / "results.json")  # Interrupted after its last epoch: only the final evaluation is left.
