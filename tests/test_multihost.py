@@ -1,7 +1,7 @@
 """Two real processes on localhost CPU (JAX's distributed runtime, gloo collectives) against the 1-process run.
 
-
-
+The BadNets smoke config with the default defense runs on 1 process x 2 devices and on 2 processes x 1 device,
+which must compute the same steps: same isolation, same metrics.
 """
 import json
 import os
