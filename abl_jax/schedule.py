@@ -1,6 +1,7 @@
 """The training schedules, as a sequence of named steps over one run context.
 
-    for step in schedule(config):   # no defense: [train]; ABL: [isolation_training, isolate, finetune, unlearn]
+    for step in schedule(config):   # no defense: [train]; the default defense: [isolation_training, isolate,
+                                    #   gauge_training, give_back, finetune, unlearn]
       step(run)
 
 A training step describes a `Phase` (examples, loss, optimizer, epochs) and hands it to `run_phase`, the one
