@@ -7,9 +7,9 @@ ABL row against BadNets on the full 50,000-image training set; one JSON file and
 
 Needs only the project, its wheels and the CIFAR-10 image folder or tar (no internet): copy the shared
 `cifar10-jpeg.tar.gz` into the repository (an ignored folder such as data/) before running it on a lent
-machine. The ABL row runs `configs/abl_badnets.py` with ResNet-18 and a short schedule (--isolation_epochs,
---finetune_epochs, --unlearning_epochs) in a temporary workdir (or --workdir), and reports its CA, ASR,
-isolation precision/recall and wall time per phase. Timing figures exclude compilation (reported apart).
+machine. The ABL row runs `configs/abl_badnets.py` (the default defense) with ResNet-18 and a short schedule
+(--isolation_epochs, --gauge_epochs, --finetune_epochs, --unlearning_epochs) in a temporary workdir (or
+--workdir), and reports its CA, ASR, isolation precision/recall and wall time per phase. Timing figures exclude compilation (reported apart).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def abl_row(args: argparse.Namespace) -> dict[str, Any]:
   c.model.name, c.model.width = args.model, args.width
   c.abl.isolation_epochs, c.abl.finetune_epochs = args.isolation_epochs, args.finetune_epochs
   c.abl.finetune_lr_boundaries = (max(args.finetune_epochs - 1, 1), 1000)
-  c.abl.unlearning_epochs = args.unlearning_epochs
+  c.abl.unlearning_epochs, c.abl.gauge_epochs = args.unlearning_epochs, args.gauge_epochs
   c.train.log_every_steps = 100
   workdir = args.workdir or tempfile.mkdtemp(prefix="gpu_check_")
   t0 = time.perf_counter()
@@ -98,8 +98,8 @@ def abl_row(args: argparse.Namespace) -> dict[str, Any]:
       shutil.rmtree(workdir, ignore_errors=True)
   iso = r["isolation"] or {}
   return {"config": "configs/abl_badnets.py" + (":smoke" if args.tiny else ""), "num_train": r["num_train"],
-          "epochs": {"isolation": args.isolation_epochs, "finetune": args.finetune_epochs,
-                     "unlearning": args.unlearning_epochs},
+          "epochs": {"isolation": args.isolation_epochs, "gauge": args.gauge_epochs,
+                     "finetune": args.finetune_epochs, "unlearning": args.unlearning_epochs},
           "clean_accuracy": r["clean_accuracy"], "attack_success_rate": r["attack_success_rate"],
           "isolation_precision": iso.get("precision"), "isolation_recall": iso.get("recall"),
           "wall_time_s": {k: round(v, 1) for k, v in r["wall_time"].items()},
@@ -121,7 +121,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--score_batch", type=int, default=1000)
   p.add_argument("--isolation_epochs", type=int, default=3)
   p.add_argument("--finetune_epochs", type=int, default=5)
-  p.add_argument("--unlearning_epochs", type=int, default=3)
+  p.add_argument("--gauge_epochs", type=int, default=2)
+  p.add_argument("--unlearning_epochs", type=int, default=0)
   p.add_argument("--skip", default="", help="Comma-separated parts to skip: speed, scoring, abl.")
   return p
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.tiny:
     args.model, args.width, args.batch, args.steps, args.repeats = "small_cnn", 4, 16, 2, 1
     args.score_examples, args.score_batch = 64, 32
-    args.isolation_epochs, args.finetune_epochs, args.unlearning_epochs = 1, 1, 1
+    args.isolation_epochs, args.gauge_epochs, args.finetune_epochs, args.unlearning_epochs = 1, 1, 1, 0
   elif not os.path.exists(args.data):
     raise SystemExit(f"gpu_check: --data={args.data!r} does not exist; copy the CIFAR-10 image tar there "
                      "(this project's: ../shared/datasets/cifar10-jpeg.tar.gz)")
