@@ -81,11 +81,19 @@ class Run:
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
 
-  def predict(self) -> train.Predict:
-    """The current model's (images, labels) -> (cross-entropy, prediction)."""
+  def predict(self, probabilities: bool = False) -> train.Predict:
+    """The current model's (images, labels) -> (cross-entropy, prediction[, class probabilities])."""
     c = self.config
     return train.predictor(self.model, train.variables_of(self.state), c.data.mean, c.data.std,
-                           c.train.eval_batch_size, self.mesh)
+                           c.train.eval_batch_size, self.mesh, probabilities=probabilities)
+
+  def set_aside(self, name: str) -> None:
+    """Saves the current model to WORKDIR/<name> (one Orbax checkpoint), apart from the run's checkpoints."""
+    if distributed.is_primary():
+      saved = Checkpointer(os.path.join(self.workdir, name), 1)
+      saved.save(self.done, train.to_host(self.state), {"phase": name, "epoch": 0, "global_epoch": self.done,
+                                                        "global_step": self.step, "wall_time": self.wall})
+      saved.close()
 
 
 class Interrupted(Exception):
@@ -317,19 +325,12 @@ def finetune(run: Run) -> None:
   run_phase(run, _finetune_phase(run, "finetune", 0, a.return_epoch if split else a.finetune_epochs))
 
 
-def _isolation_model(run: Run) -> Checkpointer:
-  return Checkpointer(os.path.join(run.workdir, "isolation_model"), 1)
-
-
 def gauge_training(run: Run) -> None:
   """Trains a separate model from fresh weights outside the suspicious pool (config.abl.gauge_epochs): the
   judge of which pool examples fine-tuning gets back. The isolation model is kept for fine-tuning."""
   a, t = run.config.abl, run.config.train
-  if run.done == run.cursor and distributed.is_primary():
-    saved = _isolation_model(run)
-    saved.save(run.done, train.to_host(run.state), {"phase": "isolation_model", "epoch": 0, "global_epoch": run.done,
-                                                    "global_step": run.step, "wall_time": run.wall})
-    saved.close()
+  if run.done == run.cursor:
+    run.set_aside("isolation_model")
   distributed.barrier("isolation_model")
   retained = _retained(run)
   run_phase(run, Phase("gauge", a.gauge_epochs, len(retained), _order(run, retained, None),
@@ -340,7 +341,8 @@ def gauge_training(run: Run) -> None:
 
 
 def give_back(run: Run) -> None:
-  """Returns to fine-tuning the pool examples the model fine-tuned so far predicts with their training label."""
+  """Decides, from the judging model's predictions, what fine-tuning does with each pool example
+  (config.abl.kept_out; saved in returned.npz), then restores the isolation model where a gauge judged."""
   a = run.config.abl
   path = os.path.join(run.workdir, "returned.npz")
   if os.path.exists(path):  # Decided before an interruption.
@@ -351,7 +353,7 @@ def give_back(run: Run) -> None:
   else:
     _judge(run, path)
   if a.gauge_epochs and run.done == run.cursor:  # Fine-tuning starts from the isolation model, not the gauge.
-    saved = _isolation_model(run)
+    saved = Checkpointer(os.path.join(run.workdir, "isolation_model"), 1)
     restored = saved.restore_latest(like=train.to_host(run.state))
     saved.close()
     if restored is None:
@@ -362,10 +364,7 @@ def give_back(run: Run) -> None:
 def _judge(run: Run, path: str) -> None:
   a = run.config.abl
   pool, labels = run.pool, run.train.labels[run.pool]
-  c = run.config
-  predict = train.predictor(run.model, train.variables_of(run.state), c.data.mean, c.data.std,
-                            c.train.eval_batch_size, run.mesh, probabilities=True)
-  loss, pred, probs = predict(run.train.images[pool], labels)
+  loss, pred, probs = run.predict(probabilities=True)(run.train.images[pool], labels)
   confidence = probs.max(axis=1)  # The judge's probability of its prediction.
   agree = abl.agreeing(pool, pred, labels)
   kept_out = np.setdiff1d(pool, agree)
@@ -449,11 +448,7 @@ def _before_unlearning(run: Run) -> bool:
   record["eval/full_test_set"] = 1
   stop = _unlearning_check(run, record)
   run.writer.write(run.step, record, phase="unlearning", epoch=0, global_epoch=run.done)
-  if distributed.is_primary():
-    saved = Checkpointer(os.path.join(run.workdir, "before_unlearning"), 1)
-    saved.save(run.done, train.to_host(run.state), {"phase": "before_unlearning", "epoch": 0, "global_epoch": run.done,
-                                                    "global_step": run.step, "wall_time": run.wall})
-    saved.close()
+  run.set_aside("before_unlearning")
   return stop
 
 
