@@ -127,36 +127,49 @@ def isolate(scores: np.ndarray, ratio: float) -> np.ndarray:
   return np.argsort(np.asarray(scores), kind="stable")[:k].astype(np.int64)
 
 
-def class_normalised(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """log(score) minus the median log(score) of the example's training label.
+def class_normalised(scores: np.ndarray, labels: np.ndarray, quantile: float = 0.5) -> np.ndarray:
+  """log(score) minus the `quantile` of log(score) over the examples of the same training label.
 
   An isolation model stopped at a constant learning rate fits some classes far better than others (on the
   `cpu` SIG run, 63% of the trucks sit below the global 20% quantile, 0% of the dogs); measured against
-  its own label's median, a backdoor example (all of them carry the target label) still stands out.
+  its own label's scores, a backdoor example (all of them carry the target label) still stands out as long
+  as the reference quantile lies among the label's clean examples (BadNets at 10% makes half the target
+  label poison, so its median is a poisoned example's score).
   """
+  registry.check_range("config.abl.class_quantile", quantile, 0.0, 1.0, low_open=True)
   logs = np.log(np.maximum(np.asarray(scores, np.float64), 1e-12))
+  labels = np.asarray(labels)
   out = np.empty_like(logs)
   for c in np.unique(labels):
     m = labels == c
-    out[m] = logs[m] - np.median(logs[m])
+    out[m] = logs[m] - np.quantile(logs[m], quantile)
   return out
 
 
-def suspicious_pool(scores: np.ndarray, isolated: np.ndarray, rule: str, ratio: float,
-                    labels: np.ndarray | None = None) -> np.ndarray:
+def pool_ranking(scorings: list[np.ndarray], labels: np.ndarray, rule: str, quantile: float) -> np.ndarray:
+  """What the suspicious pool is cut from (lowest = most suspect), from one or several scorings of every example.
+
+  class_ratio measures each scoring within its training label (class_normalised) first; with several
+  scorings an example ranks by its lowest rank in any of them (lowest_rank).
+  """
+  if rule == "class_ratio":
+    scorings = [class_normalised(s, labels, quantile) for s in scorings]
+  return np.asarray(scorings[0]) if len(scorings) == 1 else lowest_rank(scorings)
+
+
+def suspicious_pool(ranking: np.ndarray, isolated: np.ndarray, rule: str, ratio: float) -> np.ndarray:
   """The examples fine-tuning leaves out (config.abl.pool_rule): always the isolated ones, sorted by index.
 
   isolated: the isolated set only (the paper's fine-tuning on the other 99%).
-  ratio:    the lowest-scoring `ratio` of the set (low isolation loss = suspect), plus the isolated ones.
-  class_ratio: the lowest `ratio` by class_normalised(scores, labels) (training labels), plus the isolated.
+  ratio, class_ratio: the lowest `ratio` of `ranking` (pool_ranking: low isolation loss = suspect), plus the
+  isolated ones.
   """
   if rule == "isolated":
     return np.sort(np.asarray(isolated, np.int64))
   if rule in ("ratio", "class_ratio"):
     registry.check_range("config.abl.pool_ratio", ratio, 0.0, 1.0, high_open=True)
-    k = int(len(scores) * ratio)
-    ranked = np.asarray(scores) if rule == "ratio" else class_normalised(scores, np.asarray(labels))
-    low = np.argsort(ranked, kind="stable")[:k]
+    k = int(len(ranking) * ratio)
+    low = np.argsort(np.asarray(ranking), kind="stable")[:k]
     return np.union1d(low, isolated).astype(np.int64)
   registry.check_name("config.abl.pool_rule", rule)
   raise AssertionError(rule)

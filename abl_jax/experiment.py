@@ -57,6 +57,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_range("config.abl.joint_exclude_ratio", config.abl.joint_exclude_ratio, 0.0, 1.0, high_open=True)
   registry.check_range("config.abl.stop_accuracy", config.abl.stop_accuracy, 0.0, 1.0)
   registry.check_range("config.abl.pool_ratio", config.abl.pool_ratio, 0.0, 1.0, high_open=True)
+  registry.check_range("config.abl.class_quantile", config.abl.class_quantile, 0.0, 1.0, low_open=True)
   registry.check_range("config.abl.relabel_confidence", config.abl.relabel_confidence, 0.0, 1.0)
   if config.abl.score_epochs < 1:
     raise ValueError(f"config.abl.score_epochs={config.abl.score_epochs} must be >= 1")

@@ -248,6 +248,9 @@ def isolate(run: Run) -> None:
   pool_stats = run.evaluation.isolation_metrics(run.pool)
   stats.update({"pool_rule": a.pool_rule, "pool_size": len(run.pool), "pool_precision": pool_stats["precision"],
                 "pool_recall": pool_stats["recall"], "pool_threshold": float(np.max(scores[run.pool]))})
+  pooled = np.bincount(run.train.labels[run.pool], minlength=run.train.num_classes)
+  share = pooled / np.maximum(np.bincount(run.train.labels, minlength=run.train.num_classes), 1)
+  stats.update({"pool_largest_label_share": float(np.max(share)), "pool_largest_label": int(np.argmax(share))})
   stats["seconds"] = time.perf_counter() - t0
   if distributed.is_primary():
     # is_poisoned is saved for the report's histogram only; the steps read scores, isolated and pool.
@@ -262,12 +265,13 @@ def isolate(run: Run) -> None:
 def _pool(run: Run) -> np.ndarray:
   """The suspicious pool of config.abl.pool_rule, from the isolation scores (never the ground truth)."""
   a = run.config.abl
-  ranking = run.scores
+  scorings = [run.scores]
   path = os.path.join(run.workdir, "epoch_scores.npz")
-  if a.score_epochs > 1 and os.path.exists(path):  # Each example's lowest rank over the scored epochs.
+  if a.score_epochs > 1 and os.path.exists(path):  # The losses after each of the last score_epochs epochs.
     saved = wd.load_npz(path)
-    ranking = abl.lowest_rank([saved[k] for k in sorted(saved)])
-  pool = abl.suspicious_pool(ranking, run.isolated, a.pool_rule, a.pool_ratio, run.train.labels)
+    scorings = [saved[k] for k in sorted(saved)]
+  ranking = abl.pool_ranking(scorings, run.train.labels, a.pool_rule, a.class_quantile)
+  pool = abl.suspicious_pool(ranking, run.isolated, a.pool_rule, a.pool_ratio)
   if len(pool) >= len(run.scores):
     raise ValueError(f"config.abl.pool_ratio={a.pool_ratio} leaves no example to fine-tune on "
                      f"(pool_rule={a.pool_rule!r}); use a smaller config.abl.pool_ratio")

@@ -223,7 +223,7 @@ ADDED_FIELDS = {
     "config.abl.finetune_init": "isolation", "config.abl.finetune_schedule": "step",
     "config.abl.finetune_balance": False, "config.abl.return_rule": "none", "config.abl.return_epoch": 0,
     "config.abl.gauge_epochs": 0, "config.abl.kept_out": "drop", "config.abl.relabel_confidence": 0.0,
-    "config.abl.score_epochs": 1,
+    "config.abl.score_epochs": 1, "config.abl.class_quantile": 0.5,
 }
 
 

@@ -61,18 +61,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.loss = "lga"  # Isolation loss: lga (sign(CE - gamma) * CE) or flooding (|CE - gamma| + gamma).
   c.abl.gamma = 0.5  # LGA / flooding threshold on the batch-mean cross-entropy.
   c.abl.isolation_ratio = 0.01  # Share of training examples isolated (lowest LGA-model loss).
-  # The defaults below are abl-jax's defense (docs/defense.md): a suspicious pool of the lowest-loss 20%, judged by
-  # a gauge model trained without it, trains toward the gauge's beliefs while fine-tuning continues the isolation
-  # model; no unlearning. The paper's ABL: score_epochs=1, pool_rule=isolated, return_rule=none, finetune_schedule=step,
-  # finetune_balance=False, unlearning_epochs=5, unlearning_mode=ascent, unlearning_loss=neg_ce,
-  # joint_exclude_ratio=0 (docs/defense.md lists the flags of each defense the docs compare).
+  # The defaults below are abl-jax's defense (docs/defense.md): a suspicious pool of the 20% with the lowest loss
+  # for their label, judged by a gauge model trained without it, trains toward the gauge's beliefs while
+  # fine-tuning continues the isolation model; no unlearning. The paper's ABL: score_epochs=1, pool_rule=isolated,
+  # return_rule=none, finetune_schedule=step, finetune_balance=False, unlearning_epochs=5, unlearning_mode=ascent,
+  # unlearning_loss=neg_ce, joint_exclude_ratio=0 (docs/defense.md lists the flags of each defense the docs compare).
   c.abl.score_epochs = 3  # The pool ranks examples by their lowest rank over the losses after each of the
   #                         isolation phase's last score_epochs epochs (1: the last epoch's loss; >= 1).
-  c.abl.pool_rule = "ratio"  # Which examples are suspicious (the pool): isolated (the isolated set only, the
-  #                            paper), ratio (the lowest pool_ratio of the isolation scores) or class_ratio (the
-  #                            lowest pool_ratio of the log-scores minus their training label's median);
-  #                            the isolated set is always in it.
+  c.abl.pool_rule = "class_ratio"  # Which examples are suspicious (the pool): isolated (the isolated set
+  #                                  only, the paper), ratio (the lowest pool_ratio of the isolation scores) or
+  #                                  class_ratio (the lowest pool_ratio of the log-scores minus their training
+  #                                  label's class_quantile, each scoring measured within its label before
+  #                                  ranking); the isolated set is always in it.
   c.abl.pool_ratio = 0.2  # ratio, class_ratio: share of the training set in the suspicious pool, in [0, 1).
+  c.abl.class_quantile = 0.8  # class_ratio: the quantile of its label's log-scores an example is measured
+  #                             against, in (0, 1]; it must lie above the target label's share of poison
+  #                             (a dirty-label attack on p of the set with 10 classes: p / (p + 0.1), i.e.
+  #                             0.8 holds up to p = 0.4); 0.5 is the median.
   c.abl.finetune_init = "isolation"  # Fine-tuning starts from the isolation model (the paper) or from
   #                                    fresh weights (scratch: the isolation model's backdoor is not kept).
   c.abl.finetune_epochs = 60  # Epochs of fine-tuning: the examples outside the pool, and what return_rule gives back.

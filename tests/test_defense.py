@@ -38,10 +38,36 @@ def test_class_ratio_rule_sees_the_backdoor_through_a_class_biased_isolation_mod
   scores = np.exp(rng.normal(0.0, np.where(labels == 3, 1.5, 0.5))) * np.where(labels == 3, 1e-3, 1.0)
   planted = np.arange(25)
   scores[planted] = np.exp(rng.normal(np.log(1e-3), 0.5, 25))
-  plain = abl.suspicious_pool(scores, planted[:5], "ratio", 0.05, labels)
-  normalised = abl.suspicious_pool(scores, planted[:5], "class_ratio", 0.05, labels)
+  plain = abl.suspicious_pool(abl.pool_ranking([scores], labels, "ratio", 0.5), planted[:5], "ratio", 0.05)
+  normalised = abl.suspicious_pool(abl.pool_ranking([scores], labels, "class_ratio", 0.5), planted[:5],
+                                   "class_ratio", 0.05)
   assert np.isin(planted, plain).sum() < 25 and (labels[plain] == 3).sum() > 20  # Mostly class 3's easy examples.
   assert np.isin(planted, normalised).all() and len(normalised) == 50
+
+
+def test_class_quantile_above_the_poison_share_keeps_a_mostly_poisoned_label_suspect():
+  rng = np.random.default_rng(1)
+  labels = np.repeat(np.arange(4), 200)
+  scores = np.exp(rng.normal(0.0, 0.5, 800))
+  planted = np.arange(120)  # 60% of label 0, learned a thousand times better than its clean rest.
+  scores[planted] = np.exp(rng.normal(np.log(1e-3), 1.0, 120))
+  recall = {q: np.isin(planted, abl.suspicious_pool(abl.pool_ranking([scores], labels, "class_ratio", q),
+                                                    planted[:1], "class_ratio", 0.2)).mean() for q in (0.5, 0.8)}
+  assert recall[0.5] < 0.75 and recall[0.8] == 1.0  # The median of label 0 is a poisoned example's score.
+
+
+def test_class_ratio_measures_each_scoring_within_its_label():
+  labels = np.repeat(np.arange(2), 4)
+  # Epoch 1 fits label 1 a hundred times better than label 0; epoch 2 does the opposite; example 0 is lowest
+  # within its label in both.
+  first = np.array([0.01, 0.5, 0.6, 0.7, 0.001, 0.002, 0.003, 0.004])
+  second = np.array([0.0001, 0.001, 0.002, 0.003, 0.5, 0.6, 0.7, 0.8])
+  ranking = abl.pool_ranking([first, second], labels, "class_ratio", 1.0)
+  assert np.argsort(ranking, kind="stable")[0] == 0 and ranking[0] == 0.0
+  np.testing.assert_allclose(abl.pool_ranking([first], labels, "class_ratio", 1.0)[:4],
+                             np.log(first[:4] / 0.7))
+  np.testing.assert_allclose(abl.pool_ranking([first, second], labels, "ratio", 0.5),
+                             abl.lowest_rank([first, second]))
 
 
 @pytest.mark.parametrize("rule, ratio, message", [
@@ -57,6 +83,7 @@ def test_pool_bad_rule_or_ratio(rule, ratio, message):
 @pytest.mark.parametrize("field, value, message", [
     ("abl__pool_rule", "knee", r"config\.abl\.pool_rule='knee' is unknown"),
     ("abl__pool_ratio", 1.5, r"config\.abl\.pool_ratio=1\.5 must be in \[0, 1\)"),
+    ("abl__class_quantile", 0.0, r"config\.abl\.class_quantile=0\.0 must be in \(0, 1\]"),
     ("abl__finetune_init", "random", r"config\.abl\.finetune_init='random' is unknown; allowed: isolation, scratch"),
     ("abl__finetune_schedule", "linear", r"config\.abl\.finetune_schedule='linear' is unknown; allowed: step, cosine"),
 ])
@@ -88,9 +115,10 @@ def test_finetune_never_sees_the_pool_and_starts_from_fresh_weights(monkeypatch)
 
 
 def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
-  monkeypatch.setattr(abl, "suspicious_pool", lambda scores, isolated, rule, ratio, labels: np.arange(len(scores)))
+  monkeypatch.setattr(abl, "suspicious_pool", lambda ranking, isolated, rule, ratio: np.arange(len(ranking)))
   run = types.SimpleNamespace(config=ml_collections.ConfigDict({"abl": {"pool_rule": "ratio", "pool_ratio": 0.9,
-                                                                       "score_epochs": 1}}), workdir="",
+                                                                       "score_epochs": 1, "class_quantile": 0.5}}),
+                              workdir="",
                               scores=np.zeros(10), isolated=np.array([0]), train=types.SimpleNamespace(labels=np.zeros(10)))
   with pytest.raises(ValueError, match=r"config\.abl\.pool_ratio=0\.9 leaves no example to fine-tune on"):
     schedule._pool(run)
@@ -120,6 +148,9 @@ def test_pool_is_saved_and_reported(pooled):
   assert np.max(saved["scores"][saved["pool"]]) <= np.min(np.delete(saved["scores"], saved["pool"]))
   iso = results["isolation"]
   assert iso["pool_size"] == len(saved["pool"]) and iso["pool_recall"] > 0.9  # Smoke poison: learned first.
+  share = np.bincount(saved["labels"][saved["pool"]], minlength=10) / np.bincount(saved["labels"], minlength=10)
+  assert iso["pool_largest_label_share"] == pytest.approx(share.max())
+  assert iso["pool_largest_label"] == int(np.argmax(share))
 
 
 def test_fine_tuning_without_the_pool_does_not_learn_the_backdoor(runs, pooled):
