@@ -215,14 +215,18 @@ def test_lowest_rank_takes_each_examples_best_rank_over_the_scorings():
   np.testing.assert_allclose(abl.lowest_rank([first, second]), np.array([0, 0, 2, 1]) / 4)
 
 
-def test_score_epochs_ranks_the_pool_by_the_last_epochs_scores(tmp_path):
-  experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__score_epochs": 5}), str(tmp_path))  # 2 epochs.
+def test_score_epochs_ranks_the_pool_by_the_last_epochs_scores_within_each_label(tmp_path):
+  config = smoke.config(**{**GAUGE, "abl__score_epochs": 5, "abl__pool_rule": "class_ratio",
+                           "abl__class_quantile": 0.8})  # 2 isolation epochs.
+  experiment.train_and_evaluate(config, str(tmp_path))
   saved, iso = np.load(tmp_path / "epoch_scores.npz"), np.load(tmp_path / "isolation.npz")
   assert sorted(saved.files) == ["epoch_1", "epoch_2"]
   np.testing.assert_allclose(saved["epoch_2"], iso["scores"], rtol=1e-6)
-  ranking = abl.lowest_rank([saved["epoch_1"], saved["epoch_2"]])
-  expected = abl.suspicious_pool(ranking, iso["isolated"], "ratio", 0.2)
+  normalised = [abl.class_normalised(saved[k], iso["labels"], 0.8) for k in ("epoch_1", "epoch_2")]
+  expected = abl.suspicious_pool(abl.lowest_rank(normalised), iso["isolated"], "class_ratio", 0.2)
   np.testing.assert_array_equal(iso["pool"], expected)
+  assert not np.array_equal(expected, abl.suspicious_pool(abl.lowest_rank([saved["epoch_1"], saved["epoch_2"]]),
+                                                           iso["isolated"], "ratio", 0.2))
 
 
 def test_score_epochs_out_of_range_names_the_field(tmp_path):
