@@ -390,10 +390,15 @@ def _judge(run: Run, path: str) -> None:
     run.returned = pool
     kept_out = pool[:0]
     extra["labels"] = run.labels
+    if a.contradict_factor:
+      extra["contradicted"] = _contradicted(run)
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
   stats.update({"kept_out_size": len(kept_out), "returned": len(agree),
                 "returned_poisoned": run.evaluation.isolation_metrics(agree)["num_poisoned_isolated"]})
+  if "contradicted" in extra:
+    stats.update({"contradicted": len(extra["contradicted"]),
+                  "contradicted_poisoned": run.evaluation.isolation_metrics(extra["contradicted"])["num_poisoned_isolated"]})
   if "relabelled" in extra:
     stats.update({"relabelled": len(extra["relabelled"]),
                   "relabelled_poisoned": run.evaluation.isolation_metrics(extra["relabelled"])["num_poisoned_isolated"]})
@@ -406,6 +411,24 @@ def _judge(run: Run, path: str) -> None:
   distributed.barrier("give_back")
   run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase="give_back",
                    global_epoch=run.done)
+
+
+def _contradicted(run: Run) -> np.ndarray:
+  """Examples outside the pool that the gauge, trained on them, contradicts where the isolation model fit them
+  (config.abl.contradict_factor); they train toward the gauge's probabilities like the pool (run.labels).
+
+  Flagged: the gauge predicts another class and gives the label at most 1/contradict_factor of the isolation
+  model's probability for it (the isolation model's is exp(-score) of its last scoring). A backdoor the
+  isolation model learned without fitting its examples first (input-aware) shows here: the gauge, trained for
+  fewer epochs and without the pool, has not learned it.
+  """
+  outside = np.setdiff1d(np.arange(len(run.train.labels)), run.pool)
+  labels = run.train.labels[outside]
+  loss, pred, probs = run.predict(probabilities=True)(run.train.images[outside], labels)
+  hit = (pred != labels) & (np.asarray(loss) - run.scores[outside] >= np.log(run.config.abl.contradict_factor))
+  run.labels[outside[hit]] = probs[hit]
+  logging.info("the gauge contradicts %d examples outside the pool; they train toward its probabilities", hit.sum())
+  return outside[hit]
 
 
 def finetune_returned(run: Run) -> None:

@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.kept_out = "distill"  # agree: the pool examples the judge disagrees with stay out (drop) or, where its
   #                          probability is at least relabel_confidence, train with its prediction (relabel);
   #                          distill: every pool example trains toward the judge's class probabilities.
+  c.abl.contradict_factor = 0.0  # distill: > 0 also trains toward the gauge's probabilities every example outside
+  #                                the pool whose label the gauge (another prediction) gives at most 1/factor of the
+  #                                isolation model's probability; 0 = off, else >= 1.
   c.abl.relabel_confidence = 0.0  # relabel: the judge's least probability for a new label, in [0, 1].
   c.abl.unlearning_epochs = 0  # Epochs of unlearning the isolated examples (the paper: 5).
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.

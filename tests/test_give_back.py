@@ -232,3 +232,23 @@ def test_score_epochs_ranks_the_pool_by_the_last_epochs_scores_within_each_label
 def test_score_epochs_out_of_range_names_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.score_epochs=0 must be >= 1"):
     experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__score_epochs": 0}), str(tmp_path))
+
+
+def test_contradicted_examples_outside_the_pool_train_toward_the_gauge():
+  labels = np.array([0, 1, 2, 0, 1, 2])
+  scores = np.array([0.1, 0.1, 0.1, 2.0, 0.1, 0.1])  # The isolation model's loss on each example.
+  # The gauge on the examples outside the pool (1 to 5): loss, prediction, probabilities.
+  gauge_loss = np.array([3.0, 0.5, 3.0, 3.0, 1.0])
+  gauge_pred = np.array([0, 2, 1, 0, 0])
+  probs = np.full((5, 3), 0.1, np.float32)
+  probs[np.arange(5), gauge_pred] = 0.8
+  run = types.SimpleNamespace(
+      train=types.SimpleNamespace(labels=labels, images=np.arange(6)), pool=np.array([0]), scores=scores,
+      config=ml_collections.ConfigDict({"abl": {"contradict_factor": 10.0}}),
+      labels=np.eye(3, dtype=np.float32)[labels],
+      predict=lambda probabilities: lambda images, labels: (gauge_loss, gauge_pred, probs))
+  # 1 and 4: another prediction and 3.0 - 0.1 >= log(10); 2: the label predicted; 3: the isolation model did
+  # not fit it (3.0 - 2.0 < log(10)); 5: 1.0 - 0.1 < log(10).
+  np.testing.assert_array_equal(schedule._contradicted(run), [1, 4])
+  np.testing.assert_array_equal(run.labels[[1, 4]], probs[[0, 3]])
+  np.testing.assert_array_equal(run.labels[[0, 2, 3, 5]], np.eye(3)[labels[[0, 2, 3, 5]]])
