@@ -391,7 +391,7 @@ def _judge(run: Run, path: str) -> None:
     kept_out = pool[:0]
     extra["labels"] = run.labels
     if a.contradict_factor:
-      extra["contradicted"] = _contradicted(run)
+      extra["contradicted"], extra["outside_gauge_loss"], extra["outside_gauge_prediction"] = _contradicted(run)
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
   stats.update({"kept_out_size": len(kept_out), "returned": len(agree),
@@ -413,14 +413,15 @@ def _judge(run: Run, path: str) -> None:
                    global_epoch=run.done)
 
 
-def _contradicted(run: Run) -> np.ndarray:
+def _contradicted(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Examples outside the pool that the gauge, trained on them, contradicts where the isolation model fit them
   (config.abl.contradict_factor); they train toward the gauge's probabilities like the pool (run.labels).
 
   Flagged: the gauge predicts another class and gives the label at most 1/contradict_factor of the isolation
-  model's probability for it (the isolation model's is exp(-score) of its last scoring). A backdoor the
-  isolation model learned without fitting its examples first (input-aware) shows here: the gauge, trained for
-  fewer epochs and without the pool, has not learned it.
+  model's probability for it (the isolation model's is exp(-score) of its last scoring). Returns them, and the
+  gauge's loss and prediction on every example (NaN and -1 in the pool). A backdoor the isolation model learned
+  without fitting its examples first (input-aware) shows here: the gauge, trained for fewer epochs and without
+  the pool, has not learned it.
   """
   outside = np.setdiff1d(np.arange(len(run.train.labels)), run.pool)
   labels = run.train.labels[outside]
@@ -428,7 +429,10 @@ def _contradicted(run: Run) -> np.ndarray:
   hit = (pred != labels) & (np.asarray(loss) - run.scores[outside] >= np.log(run.config.abl.contradict_factor))
   run.labels[outside[hit]] = probs[hit]
   logging.info("the gauge contradicts %d examples outside the pool; they train toward its probabilities", hit.sum())
-  return outside[hit]
+  gauge_loss = np.full(len(run.train.labels), np.nan, np.float32)
+  gauge_pred = np.full(len(run.train.labels), -1, np.int64)
+  gauge_loss[outside], gauge_pred[outside] = loss, pred
+  return outside[hit], gauge_loss, gauge_pred
 
 
 def finetune_returned(run: Run) -> None:

@@ -249,6 +249,10 @@ def test_contradicted_examples_outside_the_pool_train_toward_the_gauge():
       predict=lambda probabilities: lambda images, labels: (gauge_loss, gauge_pred, probs))
   # 1 and 4: another prediction and 3.0 - 0.1 >= log(10); 2: the label predicted; 3: the isolation model did
   # not fit it (3.0 - 2.0 < log(10)); 5: 1.0 - 0.1 < log(10).
-  np.testing.assert_array_equal(schedule._contradicted(run), [1, 4])
+  contradicted, losses, predictions = schedule._contradicted(run)
+  np.testing.assert_array_equal(contradicted, [1, 4])
+  np.testing.assert_array_equal(losses[1:], gauge_loss)
+  np.testing.assert_array_equal(predictions, [-1, *gauge_pred])
+  assert np.isnan(losses[0])
   np.testing.assert_array_equal(run.labels[[1, 4]], probs[[0, 3]])
   np.testing.assert_array_equal(run.labels[[0, 2, 3, 5]], np.eye(3)[labels[[0, 2, 3, 5]]])
