@@ -12,7 +12,6 @@ Run from the repository root (config paths and the shared data path are relative
 command, config, workdir or data ends the run with exit code 2 and one line saying what to change
 (--verbosity=1 shows the traceback); Ctrl-C ends it with exit code 130, and rerunning the command resumes.
 """
-import logging as pylogging
 import os
 import re
 import sys
@@ -97,19 +96,12 @@ def main(argv):
     _fail(cli.one_line(e))
 
 
-def _quiet_record(record: pylogging.LogRecord) -> bool:
-  """Whether a log record is shown: orbax's warnings and errors only, and no traceback of a Ctrl-C."""
-  if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
-    return False  # Orbax logs the interrupted checkpoint wait with its traceback; main() prints one line.
-  return "orbax" not in record.pathname or record.levelno >= pylogging.WARNING
-
-
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_quiet_record)
+  logging.get_absl_handler().addFilter(cli.shown_record)
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is not None:  # Before anything touches devices; a table's config takes the defaults.
     distributed.initialize(config.distributed if "distributed" in config else common.base_config().distributed)

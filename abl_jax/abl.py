@@ -187,6 +187,23 @@ def agreeing(pool: np.ndarray, predictions: np.ndarray, labels: np.ndarray) -> n
   return pool[np.asarray(predictions) == np.asarray(labels)]
 
 
+def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: float) -> np.ndarray:
+  """Of `rows` (examples training toward a gauge's probabilities `targets`), those whose label the gauge gives
+  less than `below`; their label's probability is set to 0 in `targets` (in place), the rest renormalised.
+
+  A gauge that never saw a trigger still gives a backdoor example's target label about the probability the
+  trigger alone earns on a clean model (the ASR floor); distilled, that share is learned back. Removing it
+  teaches "not this label" on the examples the gauge rejects, which is what unlearning does, on fewer of them.
+  """
+  rows = np.asarray(rows, np.int64)
+  own = targets[rows, labels[rows]]
+  hit = rows[own < below]
+  rest = 1.0 - targets[hit, labels[hit]]
+  targets[hit, labels[hit]] = 0.0
+  targets[hit] /= np.maximum(rest, 1e-12)[:, None]
+  return hit
+
+
 def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:
   """Each example's lowest rank (0 = lowest score) among several scorings, as a share of the set; ties by index.
 

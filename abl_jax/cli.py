@@ -9,6 +9,7 @@ a warning for a field set that the run does not use.
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from typing import Any, Iterable
 
@@ -129,3 +130,10 @@ def one_line(e: BaseException) -> str:
   """The error's message on one line."""
   text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
   return " ".join(text.split()) or type(e).__name__
+
+
+def shown_record(record: logging.LogRecord) -> bool:
+  """Whether launch.py shows a log record: orbax's warnings and errors only, and no traceback of a Ctrl-C."""
+  if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
+    return False  # Orbax logs a checkpoint wait cut short by Ctrl-C with its traceback; launch.py prints one line.
+  return "orbax" not in record.pathname or record.levelno >= logging.WARNING

@@ -65,6 +65,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                           and config.abl.gauge_epochs > 0):
     raise ValueError(f"config.abl.contradict_factor={config.abl.contradict_factor} must be 0 (off) or >= 1, "
                      "with config.abl.kept_out='distill' and config.abl.gauge_epochs > 0")
+  registry.check_range("config.abl.disown_below", config.abl.disown_below, 0.0, 1.0, high_open=True)
+  if config.abl.disown_below and not (config.abl.kept_out == "distill" and config.abl.gauge_epochs > 0):
+    raise ValueError(f"config.abl.disown_below={config.abl.disown_below} needs config.abl.kept_out='distill' and "
+                     "config.abl.gauge_epochs > 0 (or set it to 0)")
   if config.abl.gauge_epochs < 0:
     raise ValueError(f"config.abl.gauge_epochs={config.abl.gauge_epochs} must be >= 0")
   if config.defense.name == "abl" and config.abl.return_rule != "none" and not config.abl.gauge_epochs and not (

@@ -392,6 +392,9 @@ def _judge(run: Run, path: str) -> None:
     extra["labels"] = run.labels
     if a.contradict_factor:
       extra["contradicted"], extra["outside_gauge_loss"], extra["outside_gauge_prediction"] = _contradicted(run)
+    if a.disown_below:
+      taught = np.union1d(soft, extra.get("contradicted", soft[:0]))
+      extra["disowned"] = abl.disowned(run.labels, run.train.labels, taught, a.disown_below)
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
   stats.update({"kept_out_size": len(kept_out), "returned": len(agree),
@@ -399,6 +402,9 @@ def _judge(run: Run, path: str) -> None:
   if "contradicted" in extra:
     stats.update({"contradicted": len(extra["contradicted"]),
                   "contradicted_poisoned": run.evaluation.isolation_metrics(extra["contradicted"])["num_poisoned_isolated"]})
+  if "disowned" in extra:
+    stats.update({"disowned": len(extra["disowned"]),
+                  "disowned_poisoned": run.evaluation.isolation_metrics(extra["disowned"])["num_poisoned_isolated"]})
   if "relabelled" in extra:
     stats.update({"relabelled": len(extra["relabelled"]),
                   "relabelled_poisoned": run.evaluation.isolation_metrics(extra["relabelled"])["num_poisoned_isolated"]})

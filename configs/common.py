@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.contradict_factor = 0.0  # distill: > 0 also trains toward the gauge's probabilities every example outside
   #                                the pool whose label the gauge (another prediction) gives at most 1/factor of the
   #                                isolation model's probability; 0 = off, else >= 1.
+  c.abl.disown_below = 0.0  # distill: examples whose label gets less than this gauge probability train toward
+  #                          its probabilities with their label's share set to 0 (in [0, 1); 0 = off).
   c.abl.relabel_confidence = 0.0  # relabel: the judge's least probability for a new label, in [0, 1].
   c.abl.unlearning_epochs = 0  # Epochs of unlearning the isolated examples (the paper: 5).
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.

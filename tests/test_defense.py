@@ -80,11 +80,26 @@ def test_pool_bad_rule_or_ratio(rule, ratio, message):
     abl.suspicious_pool(np.zeros(10), np.array([0]), rule, ratio)
 
 
+def test_disowned_examples_lose_their_label_and_keep_the_gauges_other_beliefs():
+  targets = np.array([[0.02, 0.78, 0.20],   # A trigger's label (0) kept at the floor: disowned.
+                      [0.60, 0.30, 0.10],   # The gauge agrees: kept.
+                      [0.04, 0.48, 0.48],   # Below 0.05 but not among the gauge-taught rows: kept.
+                      [0.30, 0.10, 0.60]], np.float32)  # Label 1 at 0.10: above the threshold.
+  labels = np.array([0, 0, 0, 1])
+  out = targets.copy()
+  hit = abl.disowned(out, labels, np.array([0, 1, 3]), 0.05)
+  np.testing.assert_array_equal(hit, [0])
+  np.testing.assert_allclose(out[0], [0.0, 0.78 / 0.98, 0.20 / 0.98], rtol=1e-6)
+  np.testing.assert_array_equal(out[1:], targets[1:])
+  assert len(abl.disowned(targets.copy(), labels, np.array([0, 1, 2, 3]), 0.0)) == 0  # Off.
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("abl__pool_rule", "knee", r"config\.abl\.pool_rule='knee' is unknown"),
     ("abl__pool_ratio", 1.5, r"config\.abl\.pool_ratio=1\.5 must be in \[0, 1\)"),
     ("abl__class_quantile", 0.0, r"config\.abl\.class_quantile=0\.0 must be in \(0, 1\]"),
     ("abl__contradict_factor", 0.5, r"config\.abl\.contradict_factor=0\.5 must be 0 \(off\) or >= 1"),
+    ("abl__disown_below", 1.0, r"config\.abl\.disown_below=1\.0 must be in \[0, 1\)"),
     ("abl__finetune_init", "random", r"config\.abl\.finetune_init='random' is unknown; allowed: isolation, scratch"),
     ("abl__finetune_schedule", "linear", r"config\.abl\.finetune_schedule='linear' is unknown; allowed: step, cosine"),
 ])

@@ -95,15 +95,13 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
 
 
 def test_log_filter_hides_orbax_info_and_ctrl_c_tracebacks_only():
-  import launch  # pylint: disable=import-outside-toplevel  # Defines launch.py's flags; only this test needs it.
-
   def record(path: str, level: int, exc: type[BaseException] | None) -> logging.LogRecord:
     info = (exc, exc(), None) if exc else None
     return logging.LogRecord("absl", level, path, 1, "msg", (), info)
 
   orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
-  assert not launch._quiet_record(record(orbax, logging.ERROR, KeyboardInterrupt))  # Ctrl-C mid-save.
-  assert not launch._quiet_record(record(orbax, logging.INFO, None))
-  assert launch._quiet_record(record(orbax, logging.ERROR, OSError))  # A real checkpoint failure stays.
-  assert launch._quiet_record(record(orbax, logging.WARNING, None))
-  assert launch._quiet_record(record("/abl_jax/schedule.py", logging.INFO, None))
+  assert not cli.shown_record(record(orbax, logging.ERROR, KeyboardInterrupt))  # Ctrl-C mid-save.
+  assert not cli.shown_record(record(orbax, logging.INFO, None))
+  assert cli.shown_record(record(orbax, logging.ERROR, OSError))  # A real checkpoint failure stays.
+  assert cli.shown_record(record(orbax, logging.WARNING, None))
+  assert cli.shown_record(record("/abl_jax/schedule.py", logging.INFO, None))
