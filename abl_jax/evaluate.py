@@ -3,6 +3,7 @@
 Conventions (also in the README):
   CA   share of the whole clean test set classified correctly.
   ASR  share of the non-target-class test images, trigger applied, classified as the target class.
+  untriggered target rate  the same share without the trigger: what ASR would be if the trigger did nothing.
   The ground-truth poison mask is read here, for metrics only; the defense never receives it.
 """
 from __future__ import annotations
@@ -30,10 +31,13 @@ def test_metrics(predict: Predict, test: Dataset, poisoned_test: Dataset | None,
       "clean_test_loss": float(np.mean(ce)),
       "attack_success_rate": None,
       "poisoned_test_loss": None,
+      "untriggered_target_rate": None,
   }
   if per_class:
     out["class_accuracy"] = class_accuracy(pred, test.labels, test.num_classes)
-  if poisoned_test is not None:
+  if poisoned_test is not None and len(poisoned_test):
+    target = int(poisoned_test.labels[0])  # Every attack here is all-to-one.
+    out["untriggered_target_rate"] = float(np.mean(pred[test.labels != target] == target))
     ce, pred = predict(poisoned_test.images, poisoned_test.labels)
     out["attack_success_rate"] = float(np.mean(pred == poisoned_test.labels))
     out["poisoned_test_loss"] = float(np.mean(ce))

@@ -21,7 +21,7 @@ ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_lab
 METRICS = ("train_accuracy", "clean_accuracy", "attack_success_rate", "train_loss", "clean_test_loss",
            "poisoned_test_loss", "train_accuracy_clean_part", "train_accuracy_poisoned_part",
            "train_loss_poisoned_part", "cross_trigger_accuracy", "noise_mode_accuracy", "target_class_accuracy",
-           "class_accuracy")
+           "class_accuracy", "untriggered_target_rate")
 # (row key, header, kind): 'pct' shows a share as a percentage, 'loss' three significant digits.
 COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test CA (%)", "pct"),
            ("attack_success_rate", "Test ASR (%)", "pct"), ("target_class_accuracy", "Target-class CA (%)", "pct"),
@@ -189,13 +189,13 @@ def _spread(values: list[float | None], scale: float = 100.0, signed: bool = Fal
 
 def seeds_markdown(workdirs: list[str]) -> str:
   """One line per row finished in every workdir (one workdir per seed, rows named alike): the mean and the range
-  over seeds of CA, ASR, the target class's CA, and, against the same seed's no-defense row, the CA and
-  target-class CA lost and the training time's ratio."""
+  over seeds of CA, ASR, the untriggered target rate, the target class's CA, and, against the same seed's
+  no-defense row, the CA and target-class CA lost and the training time's ratio."""
   tables = [{r["name"]: r for r in collect(w)} for w in workdirs]
   names = [n for n in tables[0] if all(t.get(n, {}).get("status") == "done" for t in tables)]
   lines = [f"Mean over {len(workdirs)} seeds (min to max): {', '.join(workdirs)}", "",
-           "| Model | CA (%) | ASR (%) | target-class CA (%) | CA change (points) | target-class CA change | "
-           "training time (x no defense) |", "|---|---|---|---|---|---|---|"]
+           "| Model | CA (%) | ASR (%) | ASR without the trigger (%) | target-class CA (%) | CA change (points) | "
+           "target-class CA change | training time (x no defense) |", "|---|---|---|---|---|---|---|---|"]
   for name in names:
     rows = [t[name] for t in tables]
     base = [t.get(_baseline(name)) for t in tables]
@@ -209,6 +209,7 @@ def seeds_markdown(workdirs: list[str]) -> str:
       cost = _spread([_training_seconds(r) / _training_seconds(b) for r, b in zip(rows, base)], scale=1.0)
     lines.append(f"| {rows[0]['label']} | {_spread([r['clean_accuracy'] for r in rows])} | "
                  f"{_spread([r['attack_success_rate'] for r in rows])} | "
+                 f"{_spread([r.get('untriggered_target_rate') for r in rows])} | "
                  f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} |")
   return "\n".join(lines) + "\n"
 

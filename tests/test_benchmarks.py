@@ -87,3 +87,34 @@ def test_gpu_check_runs_every_part_on_tiny_sizes(tmp_path):
   assert row["num_train"] == 1024 and 0.0 <= row["clean_accuracy"] <= 1.0 and 0.0 <= row["attack_success_rate"] <= 1.0
   assert row["isolation_precision"] is not None
   assert set(row["wall_time_s"]) >= {"isolation", "gauge", "finetune", "evaluate"}
+
+
+def test_pool_analysis_recomputes_the_pool_and_counts_the_gauges_verdicts(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import pool_analysis  # pylint: disable=import-outside-toplevel
+  labels = np.repeat(np.arange(2), 10)
+  poisoned = np.zeros(20, bool)
+  poisoned[[0, 1]] = True
+  scores = np.linspace(1.0, 2.0, 20)
+  scores[[0, 1]], scores[10] = 0.001, 0.01  # The two poisoned examples, then one clean of label 1, fit first.
+  (tmp_path / "config.json").write_text(json.dumps({"abl": {"score_epochs": 1}}))
+  np.savez(tmp_path / "epoch_scores.npz", epoch_1=scores)
+  pool = np.array([0, 1, 10])
+  np.savez(tmp_path / "isolation.npz", scores=scores, isolated=np.array([0]), pool=pool, labels=labels,
+           is_poisoned=poisoned)
+  outside = np.full(20, np.nan)
+  outside[2:] = 5.0  # The gauge's loss outside the pool: every example is far above its isolation loss.
+  prediction = np.full(20, -1)
+  prediction[2:] = labels[2:]
+  prediction[5] = 1  # Only example 5 is predicted as another class.
+  np.savez(tmp_path / "returned.npz", judge_loss=-np.log([0.01, 0.04, 0.5]), outside_gauge_loss=outside,
+           outside_gauge_prediction=prediction)
+  rows = {(r["class_quantile"], r["pool_ratio"]): r for r in pool_analysis.pool_sweep(str(tmp_path))}
+  assert rows[(0.8, 0.1)]["recall"] == 1.0 and rows[(0.8, 0.1)]["pool"] == 2  # Both poisons lowest in label 0.
+  assert rows[(0.8, 0.15)]["pool"] == 3 and rows[(0.8, 0.15)]["largest_label_share"] == 0.2
+  disown = {r["disown_below"]: r for r in pool_analysis.disown_sweep(str(tmp_path))}
+  assert (disown[0.02]["disowned"], disown[0.02]["poisoned"]) == (1, 1)
+  assert (disown[0.05]["disowned"], disown[0.05]["poisoned"]) == (2, 2)
+  assert disown[0.2]["disowned"] == 2 and disown[0.2]["poisoned_in_pool"] == 2
+  flagged = {r["contradict_factor"]: r for r in pool_analysis.contradiction_sweep(str(tmp_path))}
+  assert flagged[20]["flagged"] == 1 and flagged[20]["poisoned"] == 0 and flagged[20]["clean"] == "1 of label 0"

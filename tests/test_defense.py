@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import smoke
-from abl_jax import abl, evaluate, experiment, schedule
+from abl_jax import abl, data, evaluate, experiment, schedule
 
 
 def test_pool_isolated_rule_is_the_isolated_set():
@@ -143,6 +143,22 @@ def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
 def test_class_accuracy():
   acc = evaluate.class_accuracy(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 4)
   assert acc == [0.5, 0.5, 1.0, None]
+
+
+def test_untriggered_target_rate_is_the_asr_without_the_trigger():
+  # Image i's first pixel encodes what the fake model predicts for it.
+  def images(preds):
+    out = np.zeros((len(preds), 2, 2, 1), np.uint8)
+    out[:, 0, 0, 0] = preds
+    return out
+  predict = lambda x, y: (np.zeros(len(y)), x[:, 0, 0, 0].astype(np.int64))
+  names = ("a", "b", "c")
+  test = data.Dataset(images([0, 0, 1, 2, 0]), np.array([0, 1, 1, 2, 2]), names)  # 2 of 4 non-target -> 0.
+  triggered = data.Dataset(images([0, 0, 0, 2]), np.zeros(4, np.int64), names)
+  out = evaluate.test_metrics(predict, test, triggered)
+  assert out["untriggered_target_rate"] == 0.5 and out["attack_success_rate"] == 0.75
+  assert out["clean_accuracy"] == 0.6
+  assert evaluate.test_metrics(predict, test, None)["untriggered_target_rate"] is None
 
 
 @pytest.fixture(scope="module")

@@ -152,9 +152,10 @@ def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, t
   cells = [c.strip() for c in defended.split("|")[1:-1]]
   same = lambda text: f"{text} ({text} to {text})"  # Both seeds are the same runs: min = mean = max.
   assert cells[1] == same(f"{100 * abl['clean_accuracy']:.1f}")
-  assert cells[4] == same(f"{100 * (abl['clean_accuracy'] - none['clean_accuracy']):+.1f}")
+  assert cells[3] == same(f"{100 * abl['untriggered_target_rate']:.1f}")
+  assert cells[5] == same(f"{100 * (abl['clean_accuracy'] - none['clean_accuracy']):+.1f}")
   trained = lambda r: sum(v for k, v in r["wall_time"].items() if k not in ("poison", "evaluate"))
-  assert cells[6] == same(f"{trained(abl) / trained(none):.1f}")
+  assert cells[7] == same(f"{trained(abl) / trained(none):.1f}")
   undefended = next(l for l in lines if l.startswith("| Model trained with BadNets attack"))
-  assert undefended.split("|")[5].strip() == "–"
+  assert undefended.split("|")[6].strip() == "–"
   assert report.seeds_markdown([str(tmp_path / "s0")]).count("\n| Model trained") == 2
