@@ -397,17 +397,11 @@ def _judge(run: Run, path: str) -> None:
       extra["disowned"] = abl.disowned(run.labels, run.train.labels, taught, a.disown_below)
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
-  stats.update({"kept_out_size": len(kept_out), "returned": len(agree),
-                "returned_poisoned": run.evaluation.isolation_metrics(agree)["num_poisoned_isolated"]})
-  if "contradicted" in extra:
-    stats.update({"contradicted": len(extra["contradicted"]),
-                  "contradicted_poisoned": run.evaluation.isolation_metrics(extra["contradicted"])["num_poisoned_isolated"]})
-  if "disowned" in extra:
-    stats.update({"disowned": len(extra["disowned"]),
-                  "disowned_poisoned": run.evaluation.isolation_metrics(extra["disowned"])["num_poisoned_isolated"]})
-  if "relabelled" in extra:
-    stats.update({"relabelled": len(extra["relabelled"]),
-                  "relabelled_poisoned": run.evaluation.isolation_metrics(extra["relabelled"])["num_poisoned_isolated"]})
+  stats["kept_out_size"] = len(kept_out)
+  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "disowned", "relabelled")
+                                                 if k in extra]:
+    stats.update({name: len(examples),
+                  f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
   logging.info("gave back %d of the %d pool examples to fine-tuning (%d of them relabelled); %d stay out",
                len(run.returned), len(pool), len(extra.get("relabelled", ())), len(kept_out))
   if distributed.is_primary():
