@@ -72,6 +72,12 @@ def _joint(config):
   return config.abl.unlearning_mode == "joint"
 
 
+def _distills(config):
+  """Whether the run's gauge trains pool examples toward its probabilities (where contradiction and disowning act)."""
+  a = config.abl
+  return a.return_rule != "none" and a.gauge_epochs > 0 and a.kept_out in ("distill", "distill_disagreeing")
+
+
 # (field prefix, whether this run ignores it, what does apply instead).
 _RULES = (
     ("config.abl.", lambda c: c.defense.name == "none",
@@ -89,6 +95,10 @@ _RULES = (
     ("config.train.lr_boundaries", lambda c: c.train.schedule != "step",
      "it applies to train.schedule=step only"),
     ("config.abl.joint_", lambda c: not _joint(c), "it applies to abl.unlearning_mode=joint only"),
+    ("config.abl.contradict_factor", lambda c: not _distills(c),
+     "it applies where a gauge distills (abl.gauge_epochs > 0, abl.return_rule=agree, abl.kept_out=distill)"),
+    ("config.abl.disown_below", lambda c: not _distills(c),
+     "it applies where a gauge distills (abl.gauge_epochs > 0, abl.return_rule=agree, abl.kept_out=distill)"),
     ("config.abl.stop_accuracy", lambda c: c.abl.unlearning_stop == "none",
      "it applies with abl.unlearning_stop=isolated_accuracy only"),
     ("config.data.name", lambda c: c.data.source != "tfds", "it applies to data.source=tfds only"),

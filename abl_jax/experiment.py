@@ -61,14 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_range("config.abl.relabel_confidence", config.abl.relabel_confidence, 0.0, 1.0)
   if config.abl.score_epochs < 1:
     raise ValueError(f"config.abl.score_epochs={config.abl.score_epochs} must be >= 1")
-  if config.abl.contradict_factor and not (config.abl.contradict_factor >= 1 and config.abl.kept_out == "distill"
-                                          and config.abl.gauge_epochs > 0):
-    raise ValueError(f"config.abl.contradict_factor={config.abl.contradict_factor} must be 0 (off) or >= 1, "
-                     "with config.abl.kept_out='distill' and config.abl.gauge_epochs > 0")
+  if config.abl.contradict_factor and not config.abl.contradict_factor >= 1:
+    raise ValueError(f"config.abl.contradict_factor={config.abl.contradict_factor} must be 0 (off) or >= 1")
   registry.check_range("config.abl.disown_below", config.abl.disown_below, 0.0, 1.0, high_open=True)
-  if config.abl.disown_below and not (config.abl.kept_out == "distill" and config.abl.gauge_epochs > 0):
-    raise ValueError(f"config.abl.disown_below={config.abl.disown_below} needs config.abl.kept_out='distill' and "
-                     "config.abl.gauge_epochs > 0 (or set it to 0)")
   if config.abl.gauge_epochs < 0:
     raise ValueError(f"config.abl.gauge_epochs={config.abl.gauge_epochs} must be >= 0")
   if config.defense.name == "abl" and config.abl.return_rule != "none" and not config.abl.gauge_epochs and not (

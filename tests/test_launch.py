@@ -67,6 +67,12 @@ def test_unused_overrides():
   assert cli.unused_overrides(none, ["config.abl.finetune_lr", "config.train.learning_rate"]) == [
       ("config.abl.finetune_lr", "the abl group applies to ABL runs only (--config.defense.name=abl); this run "
        "trains train.epochs at train.learning_rate")]
+  paper = abl_badnets.get_config("smoke")
+  paper.abl.return_rule = "none"  # No gauge: nothing is distilled, so contradiction and disowning do nothing.
+  assert [f for f, _ in cli.unused_overrides(paper, ["config.abl.disown_below", "config.abl.contradict_factor",
+                                                     "config.abl.gamma"])] == [
+      "config.abl.disown_below", "config.abl.contradict_factor"]
+  assert cli.unused_overrides(abl_badnets.get_config("smoke"), ["config.abl.disown_below"]) == []
   assert cli.override_paths(["x", "--config.train.epochs=3", "--config=c.py", "--config.abl.gamma", "1"]) == [
       "config.train.epochs", "config.abl.gamma"]
 
