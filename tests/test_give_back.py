@@ -198,24 +198,31 @@ def test_cross_entropy_against_probability_targets():
   assert float(train.cross_entropy(logits, one_hot)[0]) == pytest.approx(float(train.cross_entropy(logits, np.array([1]))[0]))
 
 
-def test_distill_trains_the_pool_toward_the_gauges_probabilities_and_disowns_the_rejected_labels(tmp_path):
-  config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.05})
+def test_distill_trains_the_pool_and_the_contradicted_toward_the_gauge_and_disowns_rejected_labels(tmp_path):
+  config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.05,
+                           "abl__contradict_factor": 2.0})
   r = experiment.train_and_evaluate(config, str(tmp_path))
   saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
   labels, pool, train_labels = saved["labels"], iso["pool"], iso["labels"]
   assert labels.shape == (len(train_labels), 10)
-  outside = np.setdiff1d(np.arange(len(labels)), pool)
-  np.testing.assert_array_equal(labels[outside], np.eye(10)[train_labels[outside]])
-  np.testing.assert_allclose(labels[pool].sum(axis=1), 1.0, rtol=1e-5)
+  contradicted = saved["contradicted"]
+  assert len(contradicted) and not np.isin(contradicted, pool).any()
+  plain = np.setdiff1d(np.setdiff1d(np.arange(len(labels)), pool), contradicted)
+  np.testing.assert_array_equal(labels[plain], np.eye(10)[train_labels[plain]])
+  taught = np.union1d(pool, contradicted)
+  np.testing.assert_allclose(labels[taught].sum(axis=1), 1.0, rtol=1e-5)
+  # The gauge's probability for each taught example's label: its loss on the pool, and outside it.
+  own = np.exp(-np.concatenate([saved["judge_loss"], saved["outside_gauge_loss"][contradicted]]))
+  order = np.concatenate([pool, contradicted])
   disowned = saved["disowned"]
-  own = np.exp(-saved["judge_loss"])  # The gauge's probability for each pool example's label, in pool order.
-  np.testing.assert_array_equal(disowned, pool[own < 0.05])
-  assert 0 < len(disowned) < len(pool)
+  np.testing.assert_array_equal(disowned, np.sort(order[own < 0.05]))
+  assert 0 < len(disowned) < len(taught)
   np.testing.assert_array_equal(labels[disowned, train_labels[disowned]], 0.0)
   kept = np.setdiff1d(pool, disowned)
   np.testing.assert_array_equal(labels[kept].argmax(axis=1), saved["judge_prediction"][np.isin(pool, kept)])
   assert len(saved["returned"]) == len(pool) and len(saved["kept_out"]) == 0
-  assert json.loads((tmp_path / "isolation.json").read_text())["disowned"] == len(disowned)
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  assert (summary["disowned"], summary["contradicted"]) == (len(disowned), len(contradicted))
   assert r["attack_success_rate"] < 0.5
 
 
