@@ -187,6 +187,20 @@ def agreeing(pool: np.ndarray, predictions: np.ndarray, labels: np.ndarray) -> n
   return pool[np.asarray(predictions) == np.asarray(labels)]
 
 
+def largest_label_share(picked: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, int]:
+  """The largest share of one training label's examples that `picked` holds, and that label."""
+  share = np.bincount(labels[picked], minlength=num_classes) / np.maximum(np.bincount(labels, minlength=num_classes), 1)
+  return float(np.max(share)), int(np.argmax(share))
+
+
+def contradicts(gauge_loss: np.ndarray, gauge_prediction: np.ndarray, labels: np.ndarray,
+                isolation_loss: np.ndarray, factor: float) -> np.ndarray:
+  """Where a gauge predicts another class and gives the label at most 1/factor of the isolation model's
+  probability for it (config.abl.contradict_factor); all arrays cover the same examples."""
+  return (np.asarray(gauge_prediction) != np.asarray(labels)) & (
+      np.asarray(gauge_loss) - np.asarray(isolation_loss) >= np.log(factor))
+
+
 def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: float) -> np.ndarray:
   """Of `rows` (examples training toward a gauge's probabilities `targets`), those whose label the gauge gives
   less than `below`; their label's probability is set to 0 in `targets` (in place), the rest renormalised.

@@ -248,9 +248,8 @@ def isolate(run: Run) -> None:
   pool_stats = run.evaluation.isolation_metrics(run.pool)
   stats.update({"pool_rule": a.pool_rule, "pool_size": len(run.pool), "pool_precision": pool_stats["precision"],
                 "pool_recall": pool_stats["recall"], "pool_threshold": float(np.max(scores[run.pool]))})
-  pooled = np.bincount(run.train.labels[run.pool], minlength=run.train.num_classes)
-  share = pooled / np.maximum(np.bincount(run.train.labels, minlength=run.train.num_classes), 1)
-  stats.update({"pool_largest_label_share": float(np.max(share)), "pool_largest_label": int(np.argmax(share))})
+  share, label = abl.largest_label_share(run.pool, run.train.labels, run.train.num_classes)
+  stats.update({"pool_largest_label_share": share, "pool_largest_label": label})
   stats["seconds"] = time.perf_counter() - t0
   if distributed.is_primary():
     # is_poisoned is saved for the report's histogram only; the steps read scores, isolated and pool.
@@ -426,7 +425,7 @@ def _contradicted(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   outside = np.setdiff1d(np.arange(len(run.train.labels)), run.pool)
   labels = run.train.labels[outside]
   loss, pred, probs = run.predict(probabilities=True)(run.train.images[outside], labels)
-  hit = (pred != labels) & (np.asarray(loss) - run.scores[outside] >= np.log(run.config.abl.contradict_factor))
+  hit = abl.contradicts(loss, pred, labels, run.scores[outside], run.config.abl.contradict_factor)
   run.labels[outside[hit]] = probs[hit]
   logging.info("the gauge contradicts %d examples outside the pool; they train toward its probabilities", hit.sum())
   gauge_loss = np.full(len(run.train.labels), np.nan, np.float32)

@@ -28,12 +28,6 @@ DISOWN = (0.02, 0.05, 0.1, 0.2)
 FACTORS = (2, 3, 5, 10, 20)
 
 
-def _largest_label(picked: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[float, int]:
-  """The largest share of one training label that `picked` takes, and that label."""
-  share = np.bincount(labels[picked], minlength=num_classes) / np.maximum(np.bincount(labels, minlength=num_classes), 1)
-  return float(share.max()), int(share.argmax())
-
-
 def _clean_mix(picked: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) -> str:
   """The two labels most common among the clean examples of `picked`, with counts."""
   clean = picked[~poisoned[picked]]
@@ -43,7 +37,8 @@ def _clean_mix(picked: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) -> 
 
 
 def pool_sweep(workdir: str) -> list[dict[str, Any]]:
-  """Pool recall and largest label share for each (class_quantile, pool_ratio), as the run's pool rule ranks."""
+  """Pool recall and largest label share for each (class_quantile, pool_ratio), ranked within each label
+  (pool_rule=class_ratio) over the run's scored epochs."""
   config = json.load(open(os.path.join(workdir, "config.json")))["abl"]
   iso = np.load(os.path.join(workdir, "isolation.npz"))
   saved = np.load(os.path.join(workdir, "epoch_scores.npz"))
@@ -55,7 +50,7 @@ def pool_sweep(workdir: str) -> list[dict[str, Any]]:
     ranking = abl.pool_ranking([saved[k] for k in epochs], labels, "class_ratio", quantile)
     for ratio in POOL_RATIOS:
       pool = abl.suspicious_pool(ranking, isolated, "class_ratio", ratio)
-      share, label = _largest_label(pool, labels, num_classes)
+      share, label = abl.largest_label_share(pool, labels, num_classes)
       rows.append({"class_quantile": quantile, "pool_ratio": ratio, "pool": len(pool),
                    "recall": float(poisoned[pool].sum() / max(poisoned.sum(), 1)),
                    "largest_label_share": share, "largest_label": label})
@@ -84,11 +79,10 @@ def contradiction_sweep(workdir: str) -> list[dict[str, Any]]:
     return []
   labels, poisoned, scores = iso["labels"], iso["is_poisoned"].astype(bool), iso["scores"]
   outside = np.setdiff1d(np.arange(len(labels)), iso["pool"])
-  gap = got["outside_gauge_loss"][outside] - scores[outside]
-  other = got["outside_gauge_prediction"][outside] != labels[outside]
   rows = []
   for factor in FACTORS:
-    hit = outside[other & (gap >= np.log(factor))]
+    hit = outside[abl.contradicts(got["outside_gauge_loss"][outside], got["outside_gauge_prediction"][outside],
+                                  labels[outside], scores[outside], factor)]
     rows.append({"contradict_factor": factor, "flagged": len(hit), "poisoned": int(poisoned[hit].sum()),
                  "poisoned_outside": int(poisoned[outside].sum()), "clean": _clean_mix(hit, labels, poisoned)})
   return rows
