@@ -19,6 +19,7 @@ import sys
 from abl_jax import xla_flags
 
 xla_flags.prefer_xla_cpu_convolutions()  # Before jax starts its backend (docs/benchmarks.md).
+xla_flags.use_compilation_cache()  # Compiled steps kept for the next run (docs/benchmarks.md).
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

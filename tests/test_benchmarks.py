@@ -31,6 +31,14 @@ def test_torch_twins_match_parameter_counts():
     assert sum(p.numel() for p in net.parameters()) == train_step.param_count(shapes["params"]), model
 
 
+def test_batch_norm_benchmark_runs():
+  from benchmarks import batch_norm  # pylint: disable=import-outside-toplevel
+  out = batch_norm.main(["--shape=2,4,4,8", "--calls=1", "--repeats=1"])
+  assert out["shape"] == [2, 4, 4, 8]
+  assert all(out[f"{k}_ms"] > 0 for k in ("sum_leading_axes", "channel_sum", "flax_batch_norm_fwd_bwd",
+                                           "abl_jax_batch_norm_fwd_bwd"))
+
+
 def test_isolation_runs():
   out = isolation.main(["--model=small_cnn", "--width=4", "--examples=8", "--batch=4", "--single=2", "--rounds=1"])
   assert out["examples"] == 8 and out["jax_batched_examples_per_s"] > 0 and out["speedup_over"] == "jax_batch1"

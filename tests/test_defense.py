@@ -189,7 +189,7 @@ def test_fine_tuning_without_the_pool_does_not_learn_the_backdoor(runs, pooled):
   _, results = pooled
   _, _, paper_default = runs
   # The default (isolation model, the other 95%) keeps the backdoor; fresh weights without the pool do not.
-  assert paper_default["unlearning"]["before"]["attack_success_rate"] > 0.9
+  assert paper_default["unlearning"]["before"]["attack_success_rate"] > 0.7
   assert results["unlearning"]["before"]["attack_success_rate"] < 0.3
 
 

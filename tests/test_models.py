@@ -127,3 +127,49 @@ def test_max_pool_2x2_matches_flax_values_and_gradients(shape):
   w = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
   grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * w))(x)  # noqa: E731
   np.testing.assert_array_equal(grad(max_pool_2x2), grad(reference))
+
+
+@pytest.mark.parametrize("shape,kwargs", [
+    ((8, 6, 6, 12), {}),  # 288 rows: the wide view sums 64 rows of 12 channels at a time.
+    ((3, 5, 7, 6), {}),  # An odd row count: no wide view.
+    ((4, 4, 4, 16), {"use_scale": False, "use_bias": False}),  # airbench's form.
+])
+def test_batch_norm_matches_flax_values_gradients_and_statistics(shape, kwargs):
+  from flax import linen as nn
+  from abl_jax.models.batch_norm import BatchNorm
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) * 3 + 1
+  w = jax.random.normal(jax.random.PRNGKey(1), shape)
+  ours, theirs = (m(momentum=0.9, epsilon=1e-5, **kwargs) for m in (BatchNorm, nn.BatchNorm))
+  variables = theirs.init(jax.random.PRNGKey(2), x, use_running_average=False)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x, use_running_average=False)) == jax.tree.map(jnp.shape, variables)
+  if "params" in variables:  # Away from the initial values, so that the scale and bias gradients are tested.
+    variables = {**variables, "params": {"scale": variables["params"]["scale"] + 0.3,
+                                         "bias": variables["params"]["bias"] - 0.2}}
+
+  def loss(module, params, x):
+    y, updates = module.apply({**variables, "params": params}, x, use_running_average=False, mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(y) * w), updates  # Smooth: no kink where the two might round apart.
+
+  params = variables.get("params", {})
+  results = [jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(m, params, x) for m in (ours, theirs)]
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+  stats = results[0][0][1]["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * np.mean(np.asarray(x), axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * np.var(np.asarray(x), axis=(0, 1, 2)), rtol=1e-5)
+  trained = {**variables, "batch_stats": stats}
+  np.testing.assert_allclose(ours.apply(trained, x, use_running_average=True),
+                             theirs.apply(trained, x, use_running_average=True), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_keeps_bfloat16_activations_and_float32_statistics():
+  from abl_jax.models.batch_norm import BatchNorm
+  x = (jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 16)) * 2 + 1).astype(jnp.bfloat16)
+  module = BatchNorm(use_running_average=False, momentum=0.9, dtype=jnp.bfloat16)
+  variables = module.init(jax.random.PRNGKey(1), x)
+  y, updates = module.apply(variables, x, mutable=["batch_stats"])
+  assert y.dtype == jnp.bfloat16 and updates["batch_stats"]["mean"].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y, np.float32).mean(axis=(0, 1, 2)), 0.0, atol=0.05)
+  np.testing.assert_allclose(np.asarray(y, np.float32).std(axis=(0, 1, 2)), 1.0, atol=0.05)
+  grad = jax.grad(lambda x: jnp.sum(module.apply(variables, x, mutable=["batch_stats"])[0].astype(jnp.float32) ** 2))(x)
+  assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))

@@ -133,6 +133,19 @@ def test_xla_flags_keep_a_users_ynn_setting():
   assert xla_flags._jaxlib_version() >= (0, 4, 30)
 
 
+def test_compilation_cache_goes_under_the_cache_root_unless_the_user_says(tmp_path, monkeypatch):
+  from abl_jax import xla_flags
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  env = {}
+  assert xla_flags.use_compilation_cache(env) == str(tmp_path / "abl_jax" / "xla")
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "abl_jax" / "xla")
+  mine = {"JAX_COMPILATION_CACHE_DIR": "/elsewhere"}
+  assert xla_flags.use_compilation_cache(mine) == "/elsewhere"
+  off = {"ABL_JAX_NO_COMPILATION_CACHE": "1"}
+  assert xla_flags.use_compilation_cache(off) == "" and "JAX_COMPILATION_CACHE_DIR" not in off
+
+
+
 def test_every_phase_optimizer_has_one_state_structure():
   # A checkpoint is restored into a state built with a placeholder optimizer, whatever phase wrote it.
   params = _state().params

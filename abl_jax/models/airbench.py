@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from abl_jax.models.batch_norm import BatchNorm
 from abl_jax.models.small_cnn import max_pool_2x2
 
 KERNEL = 2  # Side of the whitening layer's patches.
@@ -82,8 +83,8 @@ class ConvBN(nn.Module):
                 dtype=self.dtype)(x)
     if self.pool:
       x = max_pool_2x2(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.6, epsilon=1e-5, use_scale=False, use_bias=False,
-                     dtype=self.dtype)(x)
+    x = BatchNorm(use_running_average=not train, momentum=0.6, epsilon=1e-5, use_scale=False, use_bias=False,
+                  dtype=self.dtype)(x)
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     return nn.gelu(x + BIAS_SCALE * bias.astype(x.dtype))
 

@@ -7,6 +7,8 @@ from typing import Any, Callable
 import jax.numpy as jnp
 from flax import linen as nn
 
+from abl_jax.models.batch_norm import BatchNorm
+
 ModuleDef = Callable[..., nn.Module]
 
 # He-normal on fan-out, the usual initialisation of both architectures.
@@ -17,7 +19,7 @@ def _layers(dtype: Any, train: bool) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free 3x3 convolution and PyTorch-style BatchNorm factories."""
   conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1, use_bias=False,
                            kernel_init=conv_init, dtype=dtype)
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+  norm = functools.partial(BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                            dtype=dtype)
   return conv, norm
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from abl_jax.models.batch_norm import BatchNorm
 from abl_jax.models.resnet import conv_init
 
 
@@ -33,8 +34,7 @@ class SmallCNN(nn.Module):
       for _ in range(2):
         x = nn.Conv(features, (3, 3), padding=1, use_bias=False, kernel_init=conv_init,
                     dtype=self.dtype)(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype)(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype)(x)
         x = nn.relu(x)
       x = max_pool_2x2(x)
     x = jnp.mean(x, axis=(1, 2))
