@@ -113,7 +113,8 @@ def test_curve_is_written_from_before_unlearning_to_the_end(runs):
   with open(root / "abl" / "unlearning_curve.json") as f:
     curve = json.load(f)["curve"]
   assert [c["epoch"] for c in curve] == [0, 1, 2, 3]
-  assert curve[0]["attack_success_rate"] > 0.9 > base["attack_success_rate"]  # The backdoor before unlearning.
+  assert curve[0]["attack_success_rate"] > 0.7  # The backdoor before unlearning...
+  assert base["attack_success_rate"] < curve[0]["attack_success_rate"] - 0.3  # ...and much less after it.
   assert base["unlearning"]["before"]["attack_success_rate"] == curve[0]["attack_success_rate"]
   assert curve[0]["isolated_accuracy"] > curve[-1]["isolated_accuracy"]
 
