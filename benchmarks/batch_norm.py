@@ -10,6 +10,7 @@ backward (a smooth loss on its output) with each module. Prints one JSON line (m
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     return lambda: grad(variables["params"], x)
 
   fns = {
-      "sum_leading_axes": (lambda f: lambda: f(x))(jax.jit(lambda v: jnp.sum(v, axis=(0, 1, 2)))),
-      "channel_sum": (lambda f: lambda: f(x))(jax.jit(batch_norm.channel_sum)),
+      "sum_leading_axes": functools.partial(jax.jit(lambda v: jnp.sum(v, axis=(0, 1, 2))), x),
+      "channel_sum": functools.partial(jax.jit(batch_norm.channel_sum), x),
       "flax_batch_norm_fwd_bwd": bn_step(nn.BatchNorm(momentum=0.9, epsilon=1e-5)),
       "abl_jax_batch_norm_fwd_bwd": bn_step(batch_norm.BatchNorm(momentum=0.9, epsilon=1e-5)),
   }

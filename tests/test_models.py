@@ -141,7 +141,8 @@ def test_batch_norm_matches_flax_values_gradients_and_statistics(shape, kwargs):
   w = jax.random.normal(jax.random.PRNGKey(1), shape)
   ours, theirs = (m(momentum=0.9, epsilon=1e-5, **kwargs) for m in (BatchNorm, nn.BatchNorm))
   variables = theirs.init(jax.random.PRNGKey(2), x, use_running_average=False)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x, use_running_average=False)) == jax.tree.map(jnp.shape, variables)
+  shapes = jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x, use_running_average=False))
+  assert shapes == jax.tree.map(jnp.shape, variables)
   if "params" in variables:  # Away from the initial values, so that the scale and bias gradients are tested.
     variables = {**variables, "params": {"scale": variables["params"]["scale"] + 0.3,
                                          "bias": variables["params"]["bias"] - 0.2}}

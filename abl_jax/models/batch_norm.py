@@ -5,7 +5,7 @@ parameter and statistics names (`scale`, `bias`; `mean`, `var`), the same runnin
 outputs up to float32 summation order. Two things differ in how it is computed:
 - per-channel sums over [N, H, W, C] are taken over a [N*H*W / k, k*C] view (rows of about 1,024 values), then
   over k: XLA's CPU reduction of the leading axes of a tensor whose last axis is narrow (16-64 channels) ran
-  6-7x slower than the same sum over wide rows (docs/benchmarks.md);
+  4-5x slower than the same sum over wide rows (docs/benchmarks.md);
 - the training-mode gradient is written out (`normalize_train`'s custom VJP): two such sums, sum(dy) and
   sum(dy * x), and one elementwise pass, where autodiff of the forward adds narrow reductions of its own.
 """
@@ -21,19 +21,18 @@ from flax import linen as nn
 ROW = 1024  # Values per row of the wide view the channel sums reduce over.
 
 
+def _count(x: jax.Array) -> int:
+  return x.size // x.shape[-1]
+
+
 def channel_sum(x: jax.Array) -> jax.Array:
   """The float32 sum of `x` over every axis but the last."""
-  c = x.shape[-1]
-  n = x.size // c
+  c, n = x.shape[-1], _count(x)
   k = 1
   while k * c < ROW and n % (2 * k) == 0:
     k *= 2
   x = x.astype(jnp.float32).reshape(n // k, k * c)
   return jnp.sum(x, axis=0).reshape(k, c).sum(axis=0)
-
-
-def _count(x: jax.Array) -> int:
-  return x.size // x.shape[-1]
 
 
 def batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
