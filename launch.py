@@ -79,7 +79,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   try:
-    _main(argv)
+    with cli.interrupts_repeated():
+      _main(argv)
   except KeyboardInterrupt:
     if _verbose(sys.argv):
       raise

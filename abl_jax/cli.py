@@ -5,13 +5,17 @@ a warning for a field set that the run does not use.
     unknown_field_message(config, "config.train.nope")  # 'unknown field ...; did you mean ...'
     unused_overrides(config, ["config.train.learning_rate"])  # [(field, what this run uses instead)]
     is_user_error(e), one_line(e)             # exit code 2 and this line, not a traceback
+    with interrupts_repeated(): ...           # Ctrl-C raises KeyboardInterrupt until something catches it
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import re
-from typing import Any, Iterable
+import signal
+import sys
+from typing import Any, Iterable, Iterator
 
 import ml_collections
 
@@ -147,3 +151,34 @@ def shown_record(record: logging.LogRecord) -> bool:
   if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
     return False  # Orbax logs a checkpoint wait cut short by Ctrl-C with its traceback; launch.py prints one line.
   return "orbax" not in record.pathname or record.levelno >= logging.WARNING
+
+
+INTERRUPT_REPEAT_S = 1.0  # After Ctrl-C, KeyboardInterrupt is raised again this often until it is caught.
+
+
+@contextlib.contextmanager
+def interrupts_repeated(repeat_s: float = INTERRUPT_REPEAT_S) -> Iterator[None]:
+  """Ctrl-C inside raises KeyboardInterrupt, and again every `repeat_s` seconds (SIGALRM) until the block exits.
+
+  Python drops an exception raised inside a garbage-collection callback ("Exception ignored in"), and jax runs
+  one (_xla_gc_callback): a Ctrl-C landing there would otherwise be lost and the run would go on.
+  """
+  def handler(signum, frame):
+    del signum, frame
+    signal.setitimer(signal.ITIMER_REAL, repeat_s)
+    raise KeyboardInterrupt
+
+  def unraisable(info):  # The dropped one is raised again: no "Exception ignored" traceback for it.
+    if info.exc_type is not KeyboardInterrupt:
+      hook(info)
+
+  hook = sys.unraisablehook
+  previous = signal.signal(signal.SIGINT, handler), signal.signal(signal.SIGALRM, handler)
+  sys.unraisablehook = unraisable
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGINT, previous[0])
+    signal.signal(signal.SIGALRM, previous[1])
+    sys.unraisablehook = hook

@@ -1,4 +1,5 @@
 """launch.py as a user meets it: one line and exit code 2 for a mistake, warnings for unused fields, Ctrl-C."""
+import gc
 import logging
 import os
 import signal
@@ -98,6 +99,30 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
   assert proc.returncode == 130, err[-2000:]
   assert "launch.py: interrupted; rerun the same command to resume" in err and "Traceback" not in err
   assert not os.path.exists(work / ".lock") and os.listdir(work / "checkpoints")
+
+
+def test_a_ctrl_c_lost_in_a_gc_callback_is_raised_again():
+  def callback(phase, info):  # Like jax's _xla_gc_callback: Python reports and drops what it raises.
+    del info
+    if phase == "start":
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(10_000):  # Bytecodes for the signal handler to run in.
+        pass
+
+  caught, hook = [], sys.unraisablehook
+  with cli.interrupts_repeated(repeat_s=0.05):
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(callback)
+    try:
+      for _ in range(600):
+        time.sleep(0.1)
+    except KeyboardInterrupt:
+      caught.append(True)
+  assert caught
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and sys.unraisablehook is hook
 
 
 def test_log_filter_hides_orbax_info_and_ctrl_c_tracebacks_only():
