@@ -218,6 +218,20 @@ def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: f
   return hit
 
 
+def owned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, above: float) -> np.ndarray:
+  """Of `rows` (examples training toward a gauge's probabilities `targets`), those whose label the gauge gives at
+  least `above`; their targets become their label, one-hot (in place).
+
+  A confident gauge that never saw the example's trigger rarely backs a backdoor's label (docs/defense.md);
+  fitting its softer beliefs instead costs clean accuracy when fine-tuning is long.
+  """
+  rows = np.asarray(rows, np.int64)
+  hit = rows[targets[rows, labels[rows]] >= above]
+  targets[hit] = 0.0
+  targets[hit, labels[hit]] = 1.0
+  return hit
+
+
 def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:
   """Each example's lowest rank (0 = lowest score) among several scorings, as a share of the set; ties by index.
 

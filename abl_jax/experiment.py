@@ -46,7 +46,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
                 "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.return_rule",
-                "abl.kept_out"):
+                "abl.kept_out", "abl.unsure"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
@@ -64,6 +64,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.abl.contradict_factor and not config.abl.contradict_factor >= 1:
     raise ValueError(f"config.abl.contradict_factor={config.abl.contradict_factor} must be 0 (off) or >= 1")
   registry.check_range("config.abl.disown_below", config.abl.disown_below, 0.0, 1.0, high_open=True)
+  if not config.abl.disown_below < config.abl.own_above <= 1.0:
+    raise ValueError(f"config.abl.own_above={config.abl.own_above} must be in (config.abl.disown_below="
+                     f"{config.abl.disown_below}, 1]")
   if config.abl.gauge_epochs < 0:
     raise ValueError(f"config.abl.gauge_epochs={config.abl.gauge_epochs} must be >= 0")
   if config.defense.name == "abl" and config.abl.return_rule != "none" and not config.abl.gauge_epochs and not (

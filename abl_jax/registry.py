@@ -23,6 +23,7 @@ FINETUNE_INITS = ("isolation", "scratch")  # config.abl.finetune_init
 FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
 RETURN_RULES = ("none", "agree")  # config.abl.return_rule
 KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.kept_out
+UNSURE = ("distill", "drop")  # config.abl.unsure
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {
@@ -42,6 +43,7 @@ FIELDS = {
     "config.abl.finetune_schedule": FINETUNE_SCHEDULES,
     "config.abl.return_rule": RETURN_RULES,
     "config.abl.kept_out": KEPT_OUT,
+    "config.abl.unsure": UNSURE,
     "config.distributed.initialize": INIT_MODES,
 }
 

@@ -391,14 +391,20 @@ def _judge(run: Run, path: str) -> None:
     extra["labels"] = run.labels
     if a.contradict_factor:
       extra["contradicted"], extra["outside_gauge_loss"], extra["outside_gauge_prediction"] = _contradicted(run)
+    if a.own_above < 1.0:
+      extra["owned"] = abl.owned(run.labels, run.train.labels, soft, a.own_above)
     if a.disown_below:
       taught = np.union1d(soft, extra.get("contradicted", soft[:0]))
       extra["disowned"] = abl.disowned(run.labels, run.train.labels, taught, a.disown_below)
+    if a.unsure == "drop":  # The pool examples the gauge neither backs nor rejects stay out.
+      sure = np.union1d(extra.get("owned", soft[:0]), extra.get("disowned", soft[:0]))
+      kept_out = np.setdiff1d(soft, sure)
+      run.returned = np.setdiff1d(pool, kept_out)
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
   stats["kept_out_size"] = len(kept_out)
-  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "disowned", "relabelled")
-                                                 if k in extra]:
+  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "owned", "disowned",
+                                                                        "relabelled") if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
   logging.info("gave back %d of the %d pool examples to fine-tuning (%d of them relabelled); %d stay out",

@@ -103,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.disown_below = 0.1  # distill: examples whose label the gauge gives less than this train toward its
   #                           probabilities with their label's share set to 0 ("not this label"); in [0, 1),
   #                           0 = off (session 8's default); 0.1 is chance with 10 classes (docs/defense.md).
+  c.abl.own_above = 1.0  # distill: pool examples whose label the gauge gives at least this train with their label
+  #                       (one-hot); in (disown_below, 1], 1 = off: every pool example trains toward the gauge.
+  c.abl.unsure = "distill"  # distill: pool examples neither owned (own_above) nor disowned (disown_below) train
+  #                           toward the gauge's probabilities (distill) or stay out of fine-tuning (drop).
   c.abl.relabel_confidence = 0.0  # relabel: the judge's least probability for a new label, in [0, 1].
   c.abl.unlearning_epochs = 0  # Epochs of unlearning the isolated examples (the paper: 5).
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.

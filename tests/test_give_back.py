@@ -226,6 +226,37 @@ def test_distill_trains_the_pool_and_the_contradicted_toward_the_gauge_and_disow
   assert r["attack_success_rate"] < 0.5
 
 
+def test_owned_examples_train_with_their_label_one_hot():
+  targets = np.array([[0.60, 0.30, 0.10],   # The label (0) at 0.6: owned.
+                      [0.30, 0.50, 0.20],   # Label 0 at 0.3: stays soft.
+                      [0.10, 0.10, 0.80],   # Label 2 at 0.8, but not among the rows.
+                      [0.05, 0.45, 0.50]])  # Label 1 at 0.45: soft.
+  labels = np.array([0, 0, 2, 1])
+  out = targets.copy()
+  hit = abl.owned(out, labels, np.array([0, 1, 3]), 0.5)
+  np.testing.assert_array_equal(hit, [0])
+  np.testing.assert_array_equal(out[0], [1.0, 0.0, 0.0])
+  np.testing.assert_array_equal(out[1:], targets[1:])
+
+
+def test_unsure_drop_keeps_out_the_pool_examples_neither_owned_nor_disowned(tmp_path):
+  config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.02, "abl__own_above": 0.08,
+                           "abl__unsure": "drop"})
+  experiment.train_and_evaluate(config, str(tmp_path))
+  saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
+  labels, pool, train_labels = saved["labels"], iso["pool"], iso["labels"]
+  own = np.exp(-saved["judge_loss"])  # The gauge's probability for each pool example's label.
+  owned, disowned, kept_out = saved["owned"], saved["disowned"], saved["kept_out"]
+  np.testing.assert_array_equal(owned, np.sort(pool[own >= 0.08]))
+  np.testing.assert_array_equal(disowned, np.sort(pool[own < 0.02]))
+  np.testing.assert_array_equal(kept_out, np.sort(pool[(own >= 0.02) & (own < 0.08)]))
+  assert len(owned) and len(disowned) and len(kept_out)
+  np.testing.assert_array_equal(labels[owned], np.eye(10)[train_labels[owned]])
+  np.testing.assert_array_equal(saved["returned"], np.union1d(owned, disowned))
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  assert (summary["owned"], summary["kept_out_size"]) == (len(owned), len(kept_out))
+
+
 def test_lowest_rank_takes_each_examples_best_rank_over_the_scorings():
   first, second = np.array([0.1, 0.5, 0.9, 0.3]), np.array([0.8, 0.05, 0.7, 0.6])
   np.testing.assert_allclose(abl.lowest_rank([first, second]), np.array([0, 0, 2, 1]) / 4)
