@@ -144,8 +144,8 @@ def plot_scores_per_class(workdir: str, path: str) -> str | None:
 
 
 def plot_judge(workdir: str, path: str) -> str | None:
-  """Histogram of the gauge's probability of each pool example's training label, poisoned vs clean (a run
-  with config.abl.gauge_epochs); None otherwise."""
+  """Histogram of the gauge's probability of each pool example's training label, poisoned vs clean, with the
+  run's disown_below and own_above splits (a run with config.abl.gauge_epochs); None otherwise."""
   judged, npz = os.path.join(workdir, "returned.npz"), os.path.join(workdir, "isolation.npz")
   if not (os.path.exists(judged) and os.path.exists(npz)):
     return None
@@ -159,6 +159,11 @@ def plot_judge(workdir: str, path: str) -> str | None:
   ax.hist(p_label[~mask], bins=bins, alpha=0.6, color="tab:blue", label=f"clean pool examples ({int((~mask).sum())})")
   if mask.any():
     ax.hist(p_label[mask], bins=bins, alpha=0.7, color="tab:red", label=f"poisoned pool examples ({int(mask.sum())})")
+  a = wd.read_json(os.path.join(workdir, "config.json")).get("abl", {})
+  for field, color, meaning in (("disown_below", "tab:red", "below: not this label"),
+                                ("own_above", "tab:green", "at or above: keeps its label")):
+    if 0.0 < a.get(field, 0.0) < 1.0:  # 0 and 1 are off.
+      ax.axvline(a[field], color=color, ls="--", lw=1, label=f"{field}={a[field]:g} ({meaning})")
   ax.set(yscale="log", xlabel="the gauge's probability of the training label",
          ylabel="pool examples", title="what a model trained without the pool believes about it")
   ax.legend(fontsize=8)

@@ -62,8 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.gamma = 0.5  # LGA / flooding threshold on the batch-mean cross-entropy.
   c.abl.isolation_ratio = 0.01  # Share of training examples isolated (lowest LGA-model loss).
   # The defaults below are abl-jax's defense (docs/defense.md): a suspicious pool of the 20% with the lowest loss
-  # for their label, judged by a gauge model trained without it, trains toward the gauge's beliefs while
-  # fine-tuning continues the isolation model; no unlearning. The paper's ABL: score_epochs=1, pool_rule=isolated,
+  # for their label is judged by a gauge model trained without it: the pool examples it backs keep their label,
+  # those it rejects train toward "not this label", the rest stay out, while fine-tuning continues the isolation
+  # model; no unlearning. The paper's ABL: score_epochs=1, pool_rule=isolated,
   # return_rule=none, finetune_schedule=step, finetune_balance=False, unlearning_epochs=5, unlearning_mode=ascent,
   # unlearning_loss=neg_ce, joint_exclude_ratio=0 (docs/defense.md lists the flags of each defense the docs compare).
   c.abl.score_epochs = 3  # The pool ranks examples by their lowest rank over the losses after each of the
@@ -103,10 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.disown_below = 0.1  # distill: examples whose label the gauge gives less than this train toward its
   #                           probabilities with their label's share set to 0 ("not this label"); in [0, 1),
   #                           0 = off (session 8's default); 0.1 is chance with 10 classes (docs/defense.md).
-  c.abl.own_above = 1.0  # distill: pool examples whose label the gauge gives at least this train with their label
-  #                       (one-hot); in (disown_below, 1], 1 = off: every pool example trains toward the gauge.
-  c.abl.unsure = "distill"  # distill: pool examples neither owned (own_above) nor disowned (disown_below) train
-  #                           toward the gauge's probabilities (distill) or stay out of fine-tuning (drop).
+  c.abl.own_above = 0.5  # distill: pool examples whose label the gauge gives at least this train with their label
+  #                       (one-hot); in (disown_below, 1], 1 = off (session 9's default: every pool example
+  #                       trains toward the gauge's probabilities); 0.5: the gauge backs the label over all others.
+  c.abl.unsure = "drop"  # distill: pool examples neither owned (own_above) nor disowned (disown_below) stay out of
+  #                        fine-tuning (drop) or train toward the gauge's probabilities (distill, session 9's default).
   c.abl.relabel_confidence = 0.0  # relabel: the judge's least probability for a new label, in [0, 1].
   c.abl.unlearning_epochs = 0  # Epochs of unlearning the isolated examples (the paper: 5).
   c.abl.unlearning_lr = 5e-4  # Constant SGD learning rate of unlearning.

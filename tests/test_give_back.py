@@ -200,7 +200,7 @@ def test_cross_entropy_against_probability_targets():
 
 def test_distill_trains_the_pool_and_the_contradicted_toward_the_gauge_and_disowns_rejected_labels(tmp_path):
   config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.05,
-                           "abl__contradict_factor": 2.0})
+                           "abl__contradict_factor": 2.0, "abl__own_above": 1.0, "abl__unsure": "distill"})
   r = experiment.train_and_evaluate(config, str(tmp_path))
   saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
   labels, pool, train_labels = saved["labels"], iso["pool"], iso["labels"]

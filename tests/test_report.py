@@ -99,6 +99,20 @@ def test_run_plots_are_written(tmp_path):
   assert [r["global_epoch"] for r in plots.epoch_records(run)] == [1, 2, 3, 4, 5]
 
 
+def test_judge_plot_marks_the_runs_splits(tmp_path, monkeypatch):
+  run = _fake_run(tmp_path, "badnets_abl", "badnets", "abl")
+  config = json.loads(open(os.path.join(run, "config.json")).read())
+  config["abl"].update(disown_below=0.1, own_above=0.5)
+  _write(os.path.join(run, "config.json"), config)
+  pool = np.arange(10)
+  np.savez(os.path.join(run, "isolation.npz"), pool=pool, is_poisoned=np.arange(50) < 3)
+  np.savez(os.path.join(run, "returned.npz"), judge_loss=-np.log(np.linspace(0.01, 0.9, 10)))
+  monkeypatch.setattr(plots, "_save", lambda fig, path: fig)
+  labels = plots.plot_judge(run, "judge.png").axes[0].get_legend_handles_labels()[1]
+  assert labels == ["clean pool examples (7)", "poisoned pool examples (3)",
+                    "disown_below=0.1 (below: not this label)", "own_above=0.5 (at or above: keeps its label)"]
+
+
 def test_rows_are_selected_by_name_or_attack_and_fields_set_in_every_row():
   config = table_config.get_config("smoke")
   config.table.only = "clean,sig,badnets_abl"
