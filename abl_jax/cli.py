@@ -77,9 +77,10 @@ def _joint(config):
 
 
 def _distills(config):
-  """Whether the run's gauge trains pool examples toward its probabilities (where contradiction and disowning act)."""
+  """Whether the run's judge (the gauge, or fine-tuning itself without one) trains pool examples toward its
+  probabilities (where contradiction, owning and disowning act)."""
   a = config.abl
-  return a.return_rule != "none" and a.gauge_epochs > 0 and a.kept_out in ("distill", "distill_disagreeing")
+  return a.return_rule != "none" and a.kept_out in ("distill", "distill_disagreeing")
 
 
 # (field prefix, whether this run ignores it, what does apply instead).
@@ -100,13 +101,13 @@ _RULES = (
      "it applies to train.schedule=step only"),
     ("config.abl.joint_", lambda c: not _joint(c), "it applies to abl.unlearning_mode=joint only"),
     ("config.abl.contradict_factor", lambda c: not _distills(c),
-     "it applies where a gauge distills (abl.gauge_epochs > 0, abl.return_rule=agree, abl.kept_out=distill)"),
+     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
     ("config.abl.disown_below", lambda c: not _distills(c),
-     "it applies where a gauge distills (abl.gauge_epochs > 0, abl.return_rule=agree, abl.kept_out=distill)"),
+     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
     ("config.abl.own_above", lambda c: not _distills(c),
-     "it applies where a gauge distills (abl.gauge_epochs > 0, abl.return_rule=agree, abl.kept_out=distill)"),
+     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
     ("config.abl.unsure", lambda c: not _distills(c),
-     "it applies where a gauge distills (abl.gauge_epochs > 0, abl.return_rule=agree, abl.kept_out=distill)"),
+     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
     ("config.abl.stop_accuracy", lambda c: c.abl.unlearning_stop == "none",
      "it applies with abl.unlearning_stop=isolated_accuracy only"),
     ("config.data.name", lambda c: c.data.source != "tfds", "it applies to data.source=tfds only"),
