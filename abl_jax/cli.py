@@ -83,6 +83,8 @@ def _distills(config):
   return a.return_rule != "none" and a.kept_out in ("distill", "distill_disagreeing")
 
 
+_DISTILLED = "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"
+
 # (field prefix, whether this run ignores it, what does apply instead).
 _RULES = (
     ("config.abl.", lambda c: c.defense.name == "none",
@@ -101,13 +103,13 @@ _RULES = (
      "it applies to train.schedule=step only"),
     ("config.abl.joint_", lambda c: not _joint(c), "it applies to abl.unlearning_mode=joint only"),
     ("config.abl.contradict_factor", lambda c: not _distills(c),
-     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
+     _DISTILLED),
     ("config.abl.disown_below", lambda c: not _distills(c),
-     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
+     _DISTILLED),
     ("config.abl.own_above", lambda c: not _distills(c),
-     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
+     _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),
-     "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"),
+     _DISTILLED),
     ("config.abl.stop_accuracy", lambda c: c.abl.unlearning_stop == "none",
      "it applies with abl.unlearning_stop=isolated_accuracy only"),
     ("config.data.name", lambda c: c.data.source != "tfds", "it applies to data.source=tfds only"),
