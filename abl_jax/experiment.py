@@ -63,6 +63,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.abl.score_epochs={config.abl.score_epochs} must be >= 1")
   if config.abl.contradict_factor and not config.abl.contradict_factor >= 1:
     raise ValueError(f"config.abl.contradict_factor={config.abl.contradict_factor} must be 0 (off) or >= 1")
+  if config.abl.class_outlier_z < 0:
+    raise ValueError(f"config.abl.class_outlier_z={config.abl.class_outlier_z} must be 0 (off) or > 0")
   registry.check_range("config.abl.disown_below", config.abl.disown_below, 0.0, 1.0, high_open=True)
   if not config.abl.disown_below < config.abl.own_above <= 1.0:
     raise ValueError(f"config.abl.own_above={config.abl.own_above} must be in (config.abl.disown_below="

@@ -389,12 +389,19 @@ def _judge(run: Run, path: str) -> None:
     run.returned = pool
     kept_out = pool[:0]
     extra["labels"] = run.labels
-    if a.contradict_factor:
-      extra["contradicted"], extra["outside_gauge_loss"], extra["outside_gauge_prediction"] = _contradicted(run)
+    if a.contradict_factor or (a.class_outlier_z and a.disown_below):
+      outside = _outside_gauge(run)
+      extra["outside_gauge_loss"], extra["outside_gauge_prediction"] = outside.full_loss, outside.full_prediction
+      if a.contradict_factor:
+        extra["contradicted"] = _contradicted(run, outside)
+      if a.class_outlier_z and a.disown_below:
+        extra["outlier_labels"], extra["class_rejected"] = _class_rejected(run, outside)
     if a.own_above < 1.0:
       extra["owned"] = abl.owned(run.labels, run.train.labels, soft, a.own_above)
     if a.disown_below:
-      taught = np.union1d(soft, extra.get("contradicted", soft[:0]))
+      taught = soft
+      for outside_taught in ("contradicted", "class_rejected"):
+        taught = np.union1d(taught, extra.get(outside_taught, soft[:0]))
       extra["disowned"] = abl.disowned(run.labels, run.train.labels, taught, a.disown_below)
     if a.unsure == "drop":  # The pool examples the gauge neither backs nor rejects stay out.
       sure = np.union1d(extra.get("owned", soft[:0]), extra.get("disowned", soft[:0]))
@@ -403,8 +410,10 @@ def _judge(run: Run, path: str) -> None:
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
   stats["kept_out_size"] = len(kept_out)
-  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "owned", "disowned",
-                                                                        "relabelled") if k in extra]:
+  if "outlier_labels" in extra:
+    stats["outlier_labels"] = [int(k) for k in extra["outlier_labels"]]
+  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "class_rejected", "owned",
+                                                                        "disowned", "relabelled") if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
   logging.info("gave back %d of the %d pool examples to fine-tuning (%d of them relabelled); %d stay out",
@@ -418,26 +427,60 @@ def _judge(run: Run, path: str) -> None:
                    global_epoch=run.done)
 
 
-def _contradicted(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class OutsideGauge:
+  """The gauge's loss, prediction and probabilities on the examples outside the pool (`examples`), and its loss
+  and prediction on every training example (NaN and -1 in the pool)."""
+  examples: np.ndarray
+  loss: np.ndarray
+  prediction: np.ndarray
+  probabilities: np.ndarray
+  full_loss: np.ndarray
+  full_prediction: np.ndarray
+
+
+def _outside_gauge(run: Run) -> OutsideGauge:
+  """The gauge's verdicts on the examples outside the pool, the ones it was trained on."""
+  outside = np.setdiff1d(np.arange(len(run.train.labels)), run.pool)
+  loss, pred, probs = run.predict(probabilities=True)(run.train.images[outside], run.train.labels[outside])
+  full_loss = np.full(len(run.train.labels), np.nan, np.float32)
+  full_pred = np.full(len(run.train.labels), -1, np.int64)
+  full_loss[outside], full_pred[outside] = loss, pred
+  return OutsideGauge(outside, np.asarray(loss), np.asarray(pred), np.asarray(probs), full_loss, full_pred)
+
+
+def _contradicted(run: Run, outside: OutsideGauge) -> np.ndarray:
   """Examples outside the pool that the gauge, trained on them, contradicts where the isolation model fit them
   (config.abl.contradict_factor); they train toward the gauge's probabilities like the pool (run.labels).
 
   Flagged: the gauge predicts another class and gives the label at most 1/contradict_factor of the isolation
-  model's probability for it (the isolation model's is exp(-score) of its last scoring). Returns them, and the
-  gauge's loss and prediction on every example (NaN and -1 in the pool). A backdoor the isolation model learned
-  without fitting its examples first (input-aware) shows here: the gauge, trained for fewer epochs and without
-  the pool, has not learned it.
+  model's probability for it (the isolation model's is exp(-score) of its last scoring). A backdoor the
+  isolation model learned without fitting its examples first (input-aware) shows here: the gauge, trained for
+  fewer epochs and without the pool, has not learned it.
   """
-  outside = np.setdiff1d(np.arange(len(run.train.labels)), run.pool)
-  labels = run.train.labels[outside]
-  loss, pred, probs = run.predict(probabilities=True)(run.train.images[outside], labels)
-  hit = abl.contradicts(loss, pred, labels, run.scores[outside], run.config.abl.contradict_factor)
-  run.labels[outside[hit]] = probs[hit]
+  labels = run.train.labels[outside.examples]
+  hit = abl.contradicts(outside.loss, outside.prediction, labels, run.scores[outside.examples],
+                        run.config.abl.contradict_factor)
+  run.labels[outside.examples[hit]] = outside.probabilities[hit]
   logging.info("the gauge contradicts %d examples outside the pool; they train toward its probabilities", hit.sum())
-  gauge_loss = np.full(len(run.train.labels), np.nan, np.float32)
-  gauge_pred = np.full(len(run.train.labels), -1, np.int64)
-  gauge_loss[outside], gauge_pred[outside] = loss, pred
-  return outside[hit], gauge_loss, gauge_pred
+  return outside.examples[hit]
+
+
+def _class_rejected(run: Run, outside: OutsideGauge) -> tuple[np.ndarray, np.ndarray]:
+  """The labels whose examples outside the pool the gauge rejects (gives the label less than
+  config.abl.disown_below) unusually often (config.abl.class_outlier_z), and those rejected examples of them;
+  the examples train toward the gauge's probabilities (run.labels), to be disowned like the pool's."""
+  a = run.config.abl
+  labels = run.train.labels[outside.examples]
+  rejected = outside.probabilities[np.arange(len(labels)), labels] < a.disown_below
+  flagged, shares = abl.outlier_labels(rejected, labels, run.train.num_classes, a.class_outlier_z)
+  hit = rejected & np.isin(labels, flagged)
+  run.labels[outside.examples[hit]] = outside.probabilities[hit]
+  median = float(np.median(shares[np.bincount(labels, minlength=run.train.num_classes) > 0]))
+  logging.info("the gauge rejects %s of the examples outside the pool, by label (median %.3f); outliers: %s, "
+               "%d examples trained toward 'not this label'", np.round(shares, 3).tolist(), median,
+               flagged.tolist() or "none", hit.sum())
+  return flagged, outside.examples[hit]
 
 
 def finetune_returned(run: Run) -> None:

@@ -104,6 +104,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.disown_below = 0.1  # distill: examples whose label the gauge gives less than this train toward its
   #                           probabilities with their label's share set to 0 ("not this label"); in [0, 1),
   #                           0 = off (session 8's default); 0.1 is chance with 10 classes (docs/defense.md).
+  c.abl.class_outlier_z = 3.5  # distill, with disown_below: > 0 also disowns the examples outside the pool whose
+  #                               label the gauge gives less than disown_below, in every label where that happens
+  #                               unusually often: a modified z-score of the label's share of them among all
+  #                               labels' shares above this (3.5: Iglewicz and Hoaglin's outlier cutoff); 0 = off.
+  #                               A dirty-label backdoor that isolation missed (WaNet) shows so (docs/defense.md).
   c.abl.own_above = 0.5  # distill: pool examples whose label the gauge gives at least this train with their label
   #                       (one-hot); in (disown_below, 1], 1 = off (session 9's default: every pool example
   #                       trains toward the gauge's probabilities); 0.5: the gauge backs the label over all others.

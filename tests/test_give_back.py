@@ -200,7 +200,8 @@ def test_cross_entropy_against_probability_targets():
 
 def test_distill_trains_the_pool_and_the_contradicted_toward_the_gauge_and_disowns_rejected_labels(tmp_path):
   config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.05,
-                           "abl__contradict_factor": 2.0, "abl__own_above": 1.0, "abl__unsure": "distill"})
+                           "abl__contradict_factor": 2.0, "abl__own_above": 1.0, "abl__unsure": "distill",
+                           "abl__class_outlier_z": 0.0})
   r = experiment.train_and_evaluate(config, str(tmp_path))
   saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
   labels, pool, train_labels = saved["labels"], iso["pool"], iso["labels"]
@@ -296,10 +297,73 @@ def test_contradicted_examples_outside_the_pool_train_toward_the_gauge():
       predict=lambda probabilities: lambda images, labels: (gauge_loss, gauge_pred, probs))
   # 1 and 4: another prediction and 3.0 - 0.1 >= log(10); 2: the label predicted; 3: the isolation model did
   # not fit it (3.0 - 2.0 < log(10)); 5: 1.0 - 0.1 < log(10).
-  contradicted, losses, predictions = schedule._contradicted(run)
+  outside = schedule._outside_gauge(run)
+  contradicted = schedule._contradicted(run, outside)
   np.testing.assert_array_equal(contradicted, [1, 4])
-  np.testing.assert_array_equal(losses[1:], gauge_loss)
-  np.testing.assert_array_equal(predictions, [-1, *gauge_pred])
-  assert np.isnan(losses[0])
+  np.testing.assert_array_equal(outside.full_loss[1:], gauge_loss)
+  np.testing.assert_array_equal(outside.full_prediction, [-1, *gauge_pred])
+  assert np.isnan(outside.full_loss[0])
   np.testing.assert_array_equal(run.labels[[1, 4]], probs[[0, 3]])
   np.testing.assert_array_equal(run.labels[[0, 2, 3, 5]], np.eye(3)[labels[[0, 2, 3, 5]]])
+
+
+def test_outlier_labels_flag_the_label_the_gauge_rejects_far_more_often_than_the_others():
+  # Shares of rejected examples per label: 0.1, 0.12, 0.14, 0.16, 0.5 (label 4), and label 5 has no examples.
+  labels = np.repeat(np.arange(5), 50)
+  rejected = np.zeros(250, bool)
+  for label, n in enumerate([5, 6, 7, 8, 25]):
+    rejected[label * 50:label * 50 + n] = True
+  flagged, shares = abl.outlier_labels(rejected, labels, 6, 3.5)
+  np.testing.assert_array_equal(flagged, [4])
+  np.testing.assert_allclose(shares, [0.1, 0.12, 0.14, 0.16, 0.5, 0.0])
+  # Median 0.14, MAD 0.02: label 4's modified z-score is 0.6745 * 0.36 / 0.02 = 12.1, label 3's 0.67.
+  assert len(abl.outlier_labels(rejected, labels, 6, 12.2)[0]) == 0
+  np.testing.assert_array_equal(abl.outlier_labels(rejected, labels, 6, 0.6)[0], [3, 4])
+  # Equal shares (MAD 0) but one: the mean absolute deviation measures the spread instead.
+  rejected[:] = False
+  for label, n in enumerate([5, 5, 5, 5, 20]):
+    rejected[label * 50:label * 50 + n] = True
+  np.testing.assert_array_equal(abl.outlier_labels(rejected, labels, 6, 3.5)[0], [4])
+  assert len(abl.outlier_labels(np.zeros(250, bool), labels, 6, 3.5)[0]) == 0
+
+
+def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outside_the_pool():
+  # 4 labels x 10 examples; example 0 is the pool. The gauge gives the label 0.05 (rejected) to 2 examples of
+  # each label but label 2, where it rejects 8.
+  labels = np.repeat(np.arange(4), 10)
+  own = np.full(40, 0.6, np.float32)
+  for label, n in enumerate([2, 2, 8, 2]):
+    own[label * 10 + 1:label * 10 + 1 + n] = 0.05
+  probs = np.tile(((1 - own) / 3)[:, None], (1, 4)).astype(np.float32)
+  probs[np.arange(40), labels] = own
+  run = types.SimpleNamespace(
+      train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1}}),
+      labels=np.eye(4, dtype=np.float32)[labels],
+      predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
+                                                          probs[images]))
+  outside = schedule._outside_gauge(run)
+  flagged, rejected = schedule._class_rejected(run, outside)
+  np.testing.assert_array_equal(flagged, [2])
+  np.testing.assert_array_equal(rejected, np.arange(21, 29))
+  np.testing.assert_array_equal(run.labels[rejected], probs[rejected])
+  untouched = np.setdiff1d(np.arange(40), rejected)
+  np.testing.assert_array_equal(run.labels[untouched], np.eye(4)[labels[untouched]])
+
+
+def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(tmp_path):
+  config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0})
+  experiment.train_and_evaluate(config, str(tmp_path))
+  saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
+  pool, train_labels = iso["pool"], iso["labels"]
+  outside = np.setdiff1d(np.arange(len(train_labels)), pool)
+  rejected = np.exp(-saved["outside_gauge_loss"][outside]) < 0.1
+  expected_labels, _ = abl.outlier_labels(rejected, train_labels[outside], 10, 1.0)
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  assert len(expected_labels) and summary["outlier_labels"] == expected_labels.tolist()
+  class_rejected = saved["class_rejected"]
+  np.testing.assert_array_equal(class_rejected, outside[rejected & np.isin(train_labels[outside], expected_labels)])
+  assert np.isin(class_rejected, saved["disowned"]).all() and summary["class_rejected"] == len(class_rejected)
+  np.testing.assert_array_equal(saved["labels"][class_rejected, train_labels[class_rejected]], 0.0)
+  plain = np.setdiff1d(outside, class_rejected)
+  np.testing.assert_array_equal(saved["labels"][plain], np.eye(10)[train_labels[plain]])

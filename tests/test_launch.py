@@ -72,12 +72,17 @@ def test_unused_overrides():
   paper.abl.return_rule = "none"  # No gauge: nothing is distilled, so contradiction and disowning do nothing.
   assert [f for f, _ in cli.unused_overrides(paper, ["config.abl.disown_below", "config.abl.contradict_factor",
                                                      "config.abl.own_above", "config.abl.unsure",
-                                                     "config.abl.gamma"])] == [
-      "config.abl.disown_below", "config.abl.contradict_factor", "config.abl.own_above", "config.abl.unsure"]
+                                                     "config.abl.class_outlier_z", "config.abl.gamma"])] == [
+      "config.abl.disown_below", "config.abl.contradict_factor", "config.abl.own_above", "config.abl.unsure",
+      "config.abl.class_outlier_z"]
   no_gauge = abl_badnets.get_config("smoke")
   no_gauge.abl.gauge_epochs, no_gauge.abl.return_epoch = 0, 1  # Fine-tuning judges and distills the pool itself.
   assert cli.unused_overrides(no_gauge, ["config.abl.own_above", "config.abl.disown_below"]) == []
   assert cli.unused_overrides(abl_badnets.get_config("smoke"), ["config.abl.disown_below"]) == []
+  no_disowning = abl_badnets.get_config("smoke")
+  no_disowning.abl.disown_below = 0.0
+  assert [f for f, _ in cli.unused_overrides(no_disowning, ["config.abl.class_outlier_z"])] == [
+      "config.abl.class_outlier_z"]
   assert cli.override_paths(["x", "--config.train.epochs=3", "--config=c.py", "--config.abl.gamma", "1"]) == [
       "config.train.epochs", "config.abl.gamma"]
 
