@@ -201,28 +201,36 @@ def contradicts(gauge_loss: np.ndarray, gauge_prediction: np.ndarray, labels: np
       np.asarray(gauge_loss) - np.asarray(isolation_loss) >= np.log(factor))
 
 
+def outlier_scores(shares: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """Each label's modified z-score (Iglewicz and Hoaglin) of its share among the shares of labels with examples:
+  0.6745 (share - median) / MAD, or 0.7979 (share - median) / mean absolute deviation where the MAD is 0; 0 for
+  labels without examples, and for all where every share is the same."""
+  present = shares[counts > 0]
+  median = np.median(present)
+  mad = np.median(np.abs(present - median))
+  mean_ad = np.mean(np.abs(present - median))
+  if mad > 0:
+    scores = 0.6745 * (shares - median) / mad
+  elif mean_ad > 0:
+    scores = 0.7979 * (shares - median) / mean_ad
+  else:
+    scores = np.zeros(len(shares))
+  return np.where(counts > 0, scores, 0.0)
+
+
 def outlier_labels(rejected: np.ndarray, labels: np.ndarray, num_classes: int, z: float) -> tuple[np.ndarray,
                                                                                                 np.ndarray]:
-  """The labels whose share of `rejected` examples is a high outlier among the labels' shares, and the shares.
+  """The labels whose share of `rejected` examples has an outlier_scores above `z` (3.5 is Iglewicz and
+  Hoaglin's cutoff), and every label's share; `rejected` (bool) and `labels` cover the same examples.
 
-  `rejected` (bool) and `labels` cover the same examples. Outlier: the modified z-score 0.6745 (share - median) /
-  MAD above `z` (Iglewicz and Hoaglin; 3.5 is their cutoff), or 0.7979 (share - median) / mean absolute deviation
-  where the MAD is 0; labels without examples are left out. A gauge trained for a few epochs rejects some examples
-  of every class (the hard ones); a dirty-label backdoor it has not learned puts other classes' images under one
-  label, which it then rejects far more often than any other (docs/defense.md).
+  A gauge trained for a few epochs rejects some examples of every class (the hard ones); a dirty-label backdoor
+  it has not learned puts other classes' images under one label, which it then rejects far more often than any
+  other (docs/defense.md).
   """
   labels = np.asarray(labels)
   counts = np.bincount(labels, minlength=num_classes)
   shares = np.bincount(labels[np.asarray(rejected, bool)], minlength=num_classes) / np.maximum(counts, 1)
-  present = shares[counts > 0]
-  median = np.median(present)
-  mad = np.median(np.abs(present - median))
-  if mad > 0:
-    scores = 0.6745 * (shares - median) / mad
-  else:
-    mean_ad = np.mean(np.abs(present - median))
-    scores = 0.7979 * (shares - median) / mean_ad if mean_ad > 0 else np.zeros(num_classes)
-  return np.flatnonzero((scores > z) & (counts > 0)), shares
+  return np.flatnonzero(outlier_scores(shares, counts) > z), shares
 
 
 def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: float) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from abl_jax import metrics, models, train, workdir as wd  # noqa: E402
+from abl_jax import abl, metrics, models, train, workdir as wd  # noqa: E402
 from abl_jax.checkpoint import Checkpointer  # noqa: E402
 
 DPI = 90
@@ -171,6 +171,44 @@ def plot_judge(workdir: str, path: str) -> str | None:
   return _save(fig, path)
 
 
+def plot_rejected(workdir: str, path: str) -> str | None:
+  """Per training label, the share of the examples outside the pool whose label the gauge gives less than
+  disown_below, poisoned and clean, with each label's outlier score (config.abl.class_outlier_z); None for a
+  run that did not judge them."""
+  judged, npz = os.path.join(workdir, "returned.npz"), os.path.join(workdir, "isolation.npz")
+  if not (os.path.exists(judged) and os.path.exists(npz)):
+    return None
+  saved, iso = wd.load_npz(judged), wd.load_npz(npz)
+  a = wd.read_json(os.path.join(workdir, "config.json")).get("abl", {})
+  if "outside_gauge_loss" not in saved or not a.get("disown_below"):
+    return None
+  labels = iso["labels"]
+  outside = np.setdiff1d(np.arange(len(labels)), iso["pool"])
+  rejected = np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64)) < a["disown_below"]
+  mask = iso["is_poisoned"][outside].astype(bool) if "is_poisoned" in iso else np.zeros(len(outside), bool)
+  classes = np.arange(int(labels.max()) + 1)
+  counts = np.bincount(labels[outside], minlength=len(classes))
+  share = lambda m: np.bincount(labels[outside][m], minlength=len(classes)) / np.maximum(counts, 1)
+  clean, poisoned = share(rejected & ~mask), share(rejected & mask)
+  scores = abl.outlier_scores(clean + poisoned, counts)
+  fig, ax = plt.subplots(figsize=(7, 3.6))
+  ax.bar(classes, clean, color="tab:blue", label="clean")
+  if mask.any():
+    ax.bar(classes, poisoned, bottom=clean, color="tab:red", label="poisoned")
+  ax.axhline(np.median((clean + poisoned)[counts > 0]), color="gray", ls=":", lw=1, label="median over labels")
+  z = a.get("class_outlier_z", 0.0)
+  for c in classes:
+    flagged = bool(z) and scores[c] > z
+    ax.annotate(f"{scores[c]:.1f}", (c, clean[c] + poisoned[c]), ha="center", va="bottom", fontsize=8,
+                color="tab:red" if flagged else "black", fontweight="bold" if flagged else "normal")
+  ax.set(xticks=classes, xlabel=f"training label (above each bar: its outlier score; class_outlier_z={z:g})",
+         ylabel="share rejected", ylim=(0, max(1e-3, float((clean + poisoned).max())) * 1.2),
+         title=f"examples outside the pool the gauge gives their label < {a['disown_below']:g}")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def _config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(wd.read_json(os.path.join(workdir, "config.json")))
 
@@ -236,12 +274,13 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
 
 
 def write_run_plots(workdir: str) -> list[str]:
-  """Writes the run's curves.png and (ABL) isolation.png, scores_per_class.png and (with a gauge) judge.png;
-  returns the paths written."""
+  """Writes the run's curves.png and (ABL) isolation.png, scores_per_class.png and (with a gauge) judge.png and
+  rejected.png; returns the paths written."""
   written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
              plot_isolation(workdir, os.path.join(workdir, "isolation.png")),
              plot_scores_per_class(workdir, os.path.join(workdir, "scores_per_class.png")),
-             plot_judge(workdir, os.path.join(workdir, "judge.png"))]
+             plot_judge(workdir, os.path.join(workdir, "judge.png")),
+             plot_rejected(workdir, os.path.join(workdir, "rejected.png"))]
   return [p for p in written if p]
 
 

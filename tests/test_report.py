@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from abl_jax import experiment, plots, report, table
+from abl_jax import abl, experiment, plots, report, table
 from configs import table as table_config
 import smoke
 
@@ -111,6 +111,28 @@ def test_judge_plot_marks_the_runs_splits(tmp_path, monkeypatch):
   labels = plots.plot_judge(run, "judge.png").axes[0].get_legend_handles_labels()[1]
   assert labels == ["clean pool examples (7)", "poisoned pool examples (3)",
                     "disown_below=0.1 (below: not this label)", "own_above=0.5 (at or above: keeps its label)"]
+
+
+def test_rejected_plot_shows_each_labels_share_and_outlier_score(tmp_path, monkeypatch):
+  run = _fake_run(tmp_path, "wanet_abl", "wanet", "abl")
+  config = json.loads(open(os.path.join(run, "config.json")).read())
+  config["abl"].update(disown_below=0.1, class_outlier_z=3.5)
+  _write(os.path.join(run, "config.json"), config)
+  # 3 labels x 10 examples, example 0 in the pool; outside it the gauge rejects 1, 2 and 8 examples of labels
+  # 0, 1, 2 (label 2's: 5 poisoned).
+  labels = np.repeat(np.arange(3), 10)
+  own = np.full(30, 0.9)
+  own[[1, 11, 12, *range(20, 28)]] = 0.05
+  poisoned = np.isin(np.arange(30), range(20, 25))
+  np.savez(os.path.join(run, "isolation.npz"), pool=np.array([0]), labels=labels, is_poisoned=poisoned)
+  np.savez(os.path.join(run, "returned.npz"), outside_gauge_loss=-np.log(own))
+  monkeypatch.setattr(plots, "_save", lambda fig, path: fig)
+  ax = plots.plot_rejected(run, "rejected.png").axes[0]
+  heights = [round(p.get_height(), 3) for p in ax.patches]
+  assert heights == [round(1 / 9, 3), 0.2, 0.3, 0.0, 0.0, 0.5]  # Clean shares, then poisoned on top.
+  scores = abl.outlier_scores(np.array([1 / 9, 0.2, 0.8]), np.array([9, 10, 10]))
+  assert [t.get_text() for t in ax.texts] == [f"{v:.1f}" for v in scores]
+  assert ax.texts[2].get_color() == "tab:red" and ax.texts[1].get_color() == "black"
 
 
 def test_rows_are_selected_by_name_or_attack_and_fields_set_in_every_row():
