@@ -110,6 +110,10 @@ _RULES = (
      _DISTILLED),
     ("config.abl.class_outlier_z", lambda c: not c.abl.disown_below,
      "it applies with abl.disown_below > 0 only (it disowns)"),
+    ("config.abl.regauge", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
+                                          and c.abl.disown_below),
+     "it applies with a gauge (abl.gauge_epochs > 0) that distills the pool and looks for outlier labels "
+     "(abl.class_outlier_z > 0, abl.disown_below > 0)"),
     ("config.abl.own_above", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),

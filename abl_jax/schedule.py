@@ -1,7 +1,7 @@
 """The training schedules, as a sequence of named steps over one run context.
 
     for step in schedule(config):   # no defense: [train]; the default defense: [isolation_training, isolate,
-                                    #   gauge_training, give_back, finetune, unlearn]
+                                    #   gauge_training, give_back, regauge, finetune, unlearn]
       step(run)
 
 A training step describes a `Phase` (examples, loss, optimizer, epochs) and hands it to `run_phase`, the one
@@ -356,15 +356,51 @@ def give_back(run: Run) -> None:
   else:
     _judge(run, path)
   if a.gauge_epochs and run.done == run.cursor:  # Fine-tuning starts from the isolation model, not the gauge.
-    saved = Checkpointer(os.path.join(run.workdir, "isolation_model"), 1)
-    restored = saved.restore_latest(like=train.to_host(run.state))
-    saved.close()
-    if restored is None:
-      raise wd.WorkdirError(f"{run.workdir}/isolation_model is missing; use --overwrite to start over")
-    run.state = train.replicate(restored[1], run.mesh)
+    _restore_isolation_model(run)
 
 
-def _judge(run: Run, path: str) -> None:
+def _restore_isolation_model(run: Run) -> None:
+  saved = Checkpointer(os.path.join(run.workdir, "isolation_model"), 1)
+  restored = saved.restore_latest(like=train.to_host(run.state))
+  saved.close()
+  if restored is None:
+    raise wd.WorkdirError(f"{run.workdir}/isolation_model is missing; use --overwrite to start over")
+  run.state = train.replicate(restored[1], run.mesh)
+
+
+def regauge(run: Run) -> None:
+  """Where the gauge found outlier labels (config.abl.class_outlier_z) and config.abl.regauge is on: trains a
+  second gauge from fresh weights without the pool and the examples the first rejected in those labels, and
+  judges again with it (regauged.npz); fine-tuning follows the second judgement. Does nothing otherwise.
+
+  The first gauge learned those labels from examples of which many were other classes' images; trained without
+  them, the second sees those labels' own images and rejects more of the backdoor examples left in them.
+  """
+  a = run.config.abl
+  first = wd.load_npz(os.path.join(run.workdir, "returned.npz"))
+  if not a.regauge or "outlier_labels" not in first or not len(first["outlier_labels"]):
+    return
+  excluded = np.union1d(run.pool, first["class_rejected"])
+  retained = np.setdiff1d(np.arange(len(run.train)), excluded)
+  t = run.config.train
+  run_phase(run, Phase("regauge", a.gauge_epochs, len(retained), _order(run, retained, None),
+                       abl.cross_entropy_loss,
+                       lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
+                       t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
+                       label_smoothing=t.label_smoothing))
+  path = os.path.join(run.workdir, "regauged.npz")
+  if os.path.exists(path):  # Judged before an interruption.
+    saved = wd.load_npz(path)
+    run.returned, run.labels = saved["returned"], saved["labels"]
+  elif run.done > run.cursor:
+    raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
+  else:
+    _judge(run, path, prefix="regauge_")
+  if run.done == run.cursor:
+    _restore_isolation_model(run)
+
+
+def _judge(run: Run, path: str, prefix: str = "") -> None:
   a = run.config.abl
   pool, labels = run.pool, run.train.labels[run.pool]
   loss, pred, probs = run.predict(probabilities=True)(run.train.images[pool], labels)
@@ -418,12 +454,13 @@ def _judge(run: Run, path: str) -> None:
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
   logging.info("gave back %d of the %d pool examples to fine-tuning (%d of them relabelled); %d stay out",
                len(run.returned), len(pool), len(extra.get("relabelled", ())), len(kept_out))
+  stats = {prefix + k: v for k, v in stats.items()}
   if distributed.is_primary():
     wd.write_npz(path, returned=run.returned, kept_out=kept_out, **extra)
     summary = os.path.join(run.workdir, "isolation.json")
     wd.write_json(summary, {**wd.read_json(summary), **stats})
   distributed.barrier("give_back")
-  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase="give_back",
+  run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase=prefix + "give_back",
                    global_epoch=run.done)
 
 
@@ -604,7 +641,7 @@ def schedule(config: ml_collections.ConfigDict) -> list[Step]:
   if config.defense.name == "none":
     return [train_baseline]
   if config.abl.return_rule != "none" and config.abl.gauge_epochs:
-    return [isolation_training, isolate, gauge_training, give_back, finetune, unlearn]
+    return [isolation_training, isolate, gauge_training, give_back, regauge, finetune, unlearn]
   if config.abl.return_rule != "none":
     return [isolation_training, isolate, finetune, give_back, finetune_returned, unlearn]
   return [isolation_training, isolate, finetune, unlearn]

@@ -367,3 +367,51 @@ def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(
   np.testing.assert_array_equal(saved["labels"][class_rejected, train_labels[class_rejected]], 0.0)
   plain = np.setdiff1d(outside, class_rejected)
   np.testing.assert_array_equal(saved["labels"][plain], np.eye(10)[train_labels[plain]])
+
+
+REGAUGE = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0,
+           "abl__regauge": True}
+
+
+@pytest.fixture(scope="module")
+def regauged(tmp_path_factory):
+  """A smoke run whose gauge flags an outlier label, so that a second gauge judges again."""
+  out = tmp_path_factory.mktemp("regauged")
+  return out, experiment.train_and_evaluate(smoke.config(**REGAUGE), str(out))
+
+
+def test_regauge_trains_a_second_gauge_without_the_rejected_and_fine_tuning_follows_it(regauged):
+  out, _ = regauged
+  first, second = np.load(out / "returned.npz"), np.load(out / "regauged.npz")
+  assert len(first["outlier_labels"]) and len(first["class_rejected"])
+  phases = [json.loads(line).get("phase") for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert phases.count("regauge") >= 2 and phases.index("regauge") < phases.index("finetune")
+  # The second judgement is a judgement of its own (another model's losses), recorded under regauge_ keys.
+  assert not np.array_equal(first["judge_loss"], second["judge_loss"])
+  summary = json.loads((out / "isolation.json").read_text())
+  assert summary["regauge_disowned"] == len(second["disowned"]) and summary["disowned"] == len(first["disowned"])
+  # Fine-tuning trains on what the second gauge gave back, toward its targets: the examples it left out are
+  # never drawn, and a disowned example's label has no share.
+  iso = np.load(out / "isolation.npz")
+  kept_out = second["kept_out"]
+  assert np.isin(kept_out, iso["pool"]).all()
+  disowned = second["disowned"]
+  np.testing.assert_array_equal(second["labels"][disowned, iso["labels"][disowned]], 0.0)
+
+
+def test_regauge_resumes_like_an_uninterrupted_run(regauged, tmp_path):
+  _, results = regauged
+  # 2 isolation + 2 gauge epochs + 1 of the second gauge's: stops inside the second gauge.
+  assert experiment.train_and_evaluate(smoke.config(**REGAUGE), str(tmp_path), max_epochs=5) is None
+  assert (tmp_path / "returned.npz").exists() and not (tmp_path / "regauged.npz").exists()
+  resumed = experiment.train_and_evaluate(smoke.config(**REGAUGE), str(tmp_path))
+  assert resumed["clean_accuracy"] == results["clean_accuracy"]
+  assert resumed["attack_success_rate"] == results["attack_success_rate"]
+
+
+def test_regauge_does_nothing_without_an_outlier_label(tmp_path):
+  config = smoke.config(**{**REGAUGE, "abl__class_outlier_z": 1000.0})
+  experiment.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "regauged.npz").exists()
+  phases = {json.loads(line).get("phase") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+  assert "regauge" not in phases and "finetune" in phases
