@@ -109,9 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                               unusually often: a modified z-score of the label's share of them among all
   #                               labels' shares above this (3.5: Iglewicz and Hoaglin's outlier cutoff); 0 = off.
   #                               A dirty-label backdoor that isolation missed (WaNet) shows so (docs/defense.md).
-  c.abl.regauge = False  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
-  #                        weights) without the pool and the examples the first rejected there, and judge again
-  #                        with it (regauged.npz); fine-tuning follows the second judgement.
+  c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
+  #                       weights) without the pool and the examples the first rejected there, and judge again
+  #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.
   c.abl.own_above = 0.5  # distill: pool examples whose label the gauge gives at least this train with their label
   #                       (one-hot); in (disown_below, 1], 1 = off (session 9's default: every pool example
   #                       trains toward the gauge's probabilities); 0.5: the gauge backs the label over all others.
