@@ -28,7 +28,7 @@ COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test
            ("train_loss", "Train loss", "loss"),
            ("clean_test_loss", "Clean test loss", "loss"), ("poisoned_test_loss", "Poisoned test loss", "loss"),
            ("isolation", "Isolation P / R", "iso"), ("wall_time_s", "Wall time", "time"))
-PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "gallery.png")
+PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "judge.png", "rejected.png", "gallery.png")
 
 
 def _json(path: str) -> Any:
