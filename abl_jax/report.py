@@ -11,6 +11,7 @@ its sub-directories. A row without results.json is shown as unfinished, with how
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -93,7 +94,9 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
 
 
 def _row_order(row: dict[str, Any]) -> tuple:
-  return (row["attack"] != "none", row["attack"] or "", row["defense"] != "none", row["name"])
+  """Clean rows first, then by attack; a pair's rows (badnets_1pct_none, badnets_1pct_abl) together."""
+  pair = re.sub(r"_(none|abl)$", "", row["name"])
+  return (row["attack"] != "none", row["attack"] or "", pair, row["defense"] != "none", row["name"])
 
 
 def collect(workdir: str) -> list[dict[str, Any]]:

@@ -195,3 +195,12 @@ def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, t
   undefended = next(l for l in lines if l.startswith("| Model trained with BadNets attack"))
   assert undefended.split("|")[6].strip() == "–"
   assert report.seeds_markdown([str(tmp_path / "s0")]).count("\n| Model trained") == 2
+
+
+def test_runs_without_a_plan_are_ordered_clean_first_and_each_pair_together(tmp_path):
+  for name, attack, defense in [("sig_abl", "sig", "abl"), ("badnets_1pct_abl", "badnets", "abl"),
+                                ("badnets_none", "badnets", "none"), ("clean", "none", "none"),
+                                ("badnets_1pct_none", "badnets", "none"), ("badnets_abl", "badnets", "abl")]:
+    _fake_run(tmp_path, name, attack, defense)
+  assert [r["name"] for r in report.collect(str(tmp_path))] == [
+      "clean", "badnets_none", "badnets_abl", "badnets_1pct_none", "badnets_1pct_abl", "sig_abl"]
