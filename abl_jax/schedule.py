@@ -331,16 +331,19 @@ def finetune(run: Run) -> None:
 def gauge_training(run: Run) -> None:
   """Trains a separate model from fresh weights outside the suspicious pool (config.abl.gauge_epochs): the
   judge of which pool examples fine-tuning gets back. The isolation model is kept for fine-tuning."""
-  a, t = run.config.abl, run.config.train
   if run.done == run.cursor:
     run.set_aside("isolation_model")
   distributed.barrier("isolation_model")
-  retained = _retained(run)
-  run_phase(run, Phase("gauge", a.gauge_epochs, len(retained), _order(run, retained, None),
-                       abl.cross_entropy_loss,
-                       lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
-                       t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
-                       label_smoothing=t.label_smoothing))
+  run_phase(run, _gauge_phase(run, "gauge", _retained(run)))
+
+
+def _gauge_phase(run: Run, name: str, examples: np.ndarray) -> Phase:
+  """A gauge: gauge_epochs from fresh weights on `examples` (their labels), cosine from finetune_lr."""
+  a, t = run.config.abl, run.config.train
+  return Phase(name, a.gauge_epochs, len(examples), _order(run, examples, None), abl.cross_entropy_loss,
+               lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
+               t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
+               label_smoothing=t.label_smoothing)
 
 
 def give_back(run: Run) -> None:
@@ -382,12 +385,7 @@ def regauge(run: Run) -> None:
     return
   excluded = np.union1d(run.pool, first["class_rejected"])
   retained = np.setdiff1d(np.arange(len(run.train)), excluded)
-  t = run.config.train
-  run_phase(run, Phase("regauge", a.gauge_epochs, len(retained), _order(run, retained, None),
-                       abl.cross_entropy_loss,
-                       lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
-                       t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
-                       label_smoothing=t.label_smoothing))
+  run_phase(run, _gauge_phase(run, "regauge", retained))
   path = os.path.join(run.workdir, "regauged.npz")
   if os.path.exists(path):  # Judged before an interruption.
     saved = wd.load_npz(path)

@@ -155,14 +155,19 @@ def test_relabel_trains_every_pool_example_with_the_gauges_label(judged):
   assert results["attack_success_rate"] < 0.2
 
 
+def _assert_resumes_like(results, config, workdir, max_epochs, saved, unsaved):
+  """Stops `config` after `max_epochs` (`saved` written, `unsaved` not yet), resumes, and compares to `results`."""
+  assert experiment.train_and_evaluate(config, str(workdir), max_epochs=max_epochs) is None
+  assert (workdir / saved).exists() and not (workdir / unsaved).exists()
+  resumed = experiment.train_and_evaluate(config, str(workdir))
+  assert resumed["clean_accuracy"] == results["clean_accuracy"]
+  assert resumed["attack_success_rate"] == results["attack_success_rate"]
+
+
 def test_gauge_resumes_like_an_uninterrupted_run(judged, tmp_path):
   _, results = judged
   # 2 isolation epochs + 1 gauge epoch: stops inside the gauge, the isolation model saved aside.
-  assert experiment.train_and_evaluate(smoke.config(**GAUGE), str(tmp_path), max_epochs=3) is None
-  assert (tmp_path / "isolation_model").exists() and not (tmp_path / "returned.npz").exists()
-  resumed = experiment.train_and_evaluate(smoke.config(**GAUGE), str(tmp_path))
-  assert resumed["clean_accuracy"] == results["clean_accuracy"]
-  assert resumed["attack_success_rate"] == results["attack_success_rate"]
+  _assert_resumes_like(results, smoke.config(**GAUGE), tmp_path, 3, saved="isolation_model", unsaved="returned.npz")
 
 
 def test_gauge_epochs_must_not_be_negative(tmp_path):
@@ -402,11 +407,7 @@ def test_regauge_trains_a_second_gauge_without_the_rejected_and_fine_tuning_foll
 def test_regauge_resumes_like_an_uninterrupted_run(regauged, tmp_path):
   _, results = regauged
   # 2 isolation + 2 gauge epochs + 1 of the second gauge's: stops inside the second gauge.
-  assert experiment.train_and_evaluate(smoke.config(**REGAUGE), str(tmp_path), max_epochs=5) is None
-  assert (tmp_path / "returned.npz").exists() and not (tmp_path / "regauged.npz").exists()
-  resumed = experiment.train_and_evaluate(smoke.config(**REGAUGE), str(tmp_path))
-  assert resumed["clean_accuracy"] == results["clean_accuracy"]
-  assert resumed["attack_success_rate"] == results["attack_success_rate"]
+  _assert_resumes_like(results, smoke.config(**REGAUGE), tmp_path, 5, saved="returned.npz", unsaved="regauged.npz")
 
 
 def test_regauge_does_nothing_without_an_outlier_label(tmp_path):
