@@ -201,15 +201,24 @@ def contradicts(gauge_loss: np.ndarray, gauge_prediction: np.ndarray, labels: np
       np.asarray(gauge_loss) - np.asarray(isolation_loss) >= np.log(factor))
 
 
-def outlier_scores(shares: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def outlier_scores(shares: np.ndarray, counts: np.ndarray, sampling: bool = False) -> np.ndarray:
   """Each label's modified z-score (Iglewicz and Hoaglin) of its share among the shares of labels with examples:
   0.6745 (share - median) / MAD, or 0.7979 (share - median) / mean absolute deviation where the MAD is 0; 0 for
-  labels without examples, and for all where every share is the same."""
+  labels without examples, and for all where every share is the same.
+
+  `sampling` adds each label's binomial variance at the median share, median (1 - median) / count, to the
+  spread's: where a few examples per label make the shares (small counts at a strict level), chance alone then
+  does not score as an outlier.
+  """
   present = shares[counts > 0]
   median = np.median(present)
   mad = np.median(np.abs(present - median))
   mean_ad = np.mean(np.abs(present - median))
-  if mad > 0:
+  if sampling:
+    spread = mad / 0.6745 if mad > 0 else mean_ad / 0.7979
+    scale = np.sqrt(spread ** 2 + median * (1 - median) / np.maximum(counts, 1))
+    scores = np.where(scale > 0, (shares - median) / np.where(scale > 0, scale, 1.0), 0.0)
+  elif mad > 0:
     scores = 0.6745 * (shares - median) / mad
   elif mean_ad > 0:
     scores = 0.7979 * (shares - median) / mean_ad
@@ -218,19 +227,24 @@ def outlier_scores(shares: np.ndarray, counts: np.ndarray) -> np.ndarray:
   return np.where(counts > 0, scores, 0.0)
 
 
-def outlier_labels(rejected: np.ndarray, labels: np.ndarray, num_classes: int, z: float) -> tuple[np.ndarray,
-                                                                                                np.ndarray]:
-  """The labels whose share of `rejected` examples has an outlier_scores above `z` (3.5 is Iglewicz and
-  Hoaglin's cutoff), and every label's share; `rejected` (bool) and `labels` cover the same examples.
+def outlier_labels(label_probability: np.ndarray, labels: np.ndarray, num_classes: int, z: float,
+                   levels: tuple[float, ...], sampling: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The labels whose share of examples given their label less than a level of `levels` has an outlier_scores
+  above `z` (3.5 is Iglewicz and Hoaglin's cutoff) at that level, and every level's shares and scores (arrays of
+  [len(levels), num_classes]); `label_probability` (a gauge's probability of each example's label) and `labels`
+  cover the same examples.
 
   A gauge trained for a few epochs rejects some examples of every class (the hard ones); a dirty-label backdoor
   it has not learned puts other classes' images under one label, which it then rejects far more often than any
-  other (docs/defense.md).
+  other (docs/defense.md). A backdoor it has partly learned shows at a level near chance, one it has not learned
+  at all at a strict level, where clean labels' hard examples are few.
   """
   labels = np.asarray(labels)
   counts = np.bincount(labels, minlength=num_classes)
-  shares = np.bincount(labels[np.asarray(rejected, bool)], minlength=num_classes) / np.maximum(counts, 1)
-  return np.flatnonzero(outlier_scores(shares, counts) > z), shares
+  shares = np.stack([np.bincount(labels[np.asarray(label_probability) < level], minlength=num_classes)
+                     / np.maximum(counts, 1) for level in levels])
+  scores = np.stack([outlier_scores(s, counts, sampling) for s in shares])
+  return np.flatnonzero((scores > z).any(axis=0)), shares, scores
 
 
 def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: float) -> np.ndarray:

@@ -65,6 +65,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.abl.contradict_factor={config.abl.contradict_factor} must be 0 (off) or >= 1")
   if config.abl.class_outlier_z < 0:
     raise ValueError(f"config.abl.class_outlier_z={config.abl.class_outlier_z} must be 0 (off) or > 0")
+  for level in tuple(config.abl.class_outlier_below):
+    if not 0 < level < 1:
+      raise ValueError(f"config.abl.class_outlier_below={tuple(config.abl.class_outlier_below)} must hold levels "
+                       "in (0, 1) (or be () for disown_below alone)")
   registry.check_range("config.abl.disown_below", config.abl.disown_below, 0.0, 1.0, high_open=True)
   if not config.abl.disown_below < config.abl.own_above <= 1.0:
     raise ValueError(f"config.abl.own_above={config.abl.own_above} must be in (config.abl.disown_below="

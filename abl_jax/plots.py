@@ -173,8 +173,8 @@ def plot_judge(workdir: str, path: str) -> str | None:
 
 def plot_rejected(workdir: str, path: str) -> str | None:
   """Per training label, the share of the examples outside the pool whose label the gauge gives less than
-  disown_below, poisoned and clean, with each label's outlier score (config.abl.class_outlier_z); None for a
-  run that did not judge them."""
+  disown_below, poisoned and clean, with each label's outlier score (config.abl.class_outlier_z; the highest over
+  config.abl.class_outlier_below's levels); None for a run that did not judge them."""
   judged, npz = os.path.join(workdir, "returned.npz"), os.path.join(workdir, "isolation.npz")
   if not (os.path.exists(judged) and os.path.exists(npz)):
     return None
@@ -190,7 +190,9 @@ def plot_rejected(workdir: str, path: str) -> str | None:
   counts = np.bincount(labels[outside], minlength=len(classes))
   share = lambda m: np.bincount(labels[outside][m], minlength=len(classes)) / np.maximum(counts, 1)
   clean, poisoned = share(rejected & ~mask), share(rejected & mask)
-  scores = abl.outlier_scores(clean + poisoned, counts)
+  # Runs since the levels (config.abl.class_outlier_below) saved each level's scores: the highest is drawn.
+  scores = (saved["outlier_scores"].max(axis=0) if "outlier_scores" in saved
+            else abl.outlier_scores(clean + poisoned, counts))
   fig, ax = plt.subplots(figsize=(7, 3.6))
   ax.bar(classes, clean, color="tab:blue", label="clean")
   if mask.any():
@@ -201,7 +203,9 @@ def plot_rejected(workdir: str, path: str) -> str | None:
     flagged = bool(z) and scores[c] > z
     ax.annotate(f"{scores[c]:.1f}", (c, clean[c] + poisoned[c]), ha="center", va="bottom", fontsize=8,
                 color="tab:red" if flagged else "black", fontweight="bold" if flagged else "normal")
-  ax.set(xticks=classes, xlabel=f"training label (above each bar: its outlier score; class_outlier_z={z:g})",
+  levels = ", ".join(f"{v:g}" for v in a.get("class_outlier_below") or ())
+  scored = f"its highest outlier score at < {levels}" if levels else "its outlier score"
+  ax.set(xticks=classes, xlabel=f"training label (above each bar: {scored}; class_outlier_z={z:g})",
          ylabel="share rejected", ylim=(0, max(1e-3, float((clean + poisoned).max())) * 1.2),
          title=f"examples outside the pool the gauge gives their label < {a['disown_below']:g}")
   ax.legend(fontsize=8)

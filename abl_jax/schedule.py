@@ -393,12 +393,12 @@ def regauge(run: Run) -> None:
   elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
-    _judge(run, path, prefix="regauge_")
+    _judge(run, path, prefix="regauge_", flag_among=first["outlier_labels"])
   if run.done == run.cursor:
     _restore_isolation_model(run)
 
 
-def _judge(run: Run, path: str, prefix: str = "") -> None:
+def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None = None) -> None:
   a = run.config.abl
   pool, labels = run.pool, run.train.labels[run.pool]
   loss, pred, probs = run.predict(probabilities=True)(run.train.images[pool], labels)
@@ -429,7 +429,7 @@ def _judge(run: Run, path: str, prefix: str = "") -> None:
       if a.contradict_factor:
         extra["contradicted"] = _contradicted(run, outside)
       if a.class_outlier_z and a.disown_below:
-        extra["outlier_labels"], extra["class_rejected"] = _class_rejected(run, outside)
+        extra.update(_class_rejected(run, outside, flag_among))
     if a.own_above < 1.0:
       extra["owned"] = abl.owned(run.labels, run.train.labels, soft, a.own_above)
     if a.disown_below:
@@ -446,6 +446,7 @@ def _judge(run: Run, path: str, prefix: str = "") -> None:
   stats["kept_out_size"] = len(kept_out)
   if "outlier_labels" in extra:
     stats["outlier_labels"] = [int(k) for k in extra["outlier_labels"]]
+    stats["outlier_scores"] = [round(float(v), 2) for v in extra["outlier_scores"].max(axis=0)]  # Highest level's.
   for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "class_rejected", "owned",
                                                                         "disowned", "relabelled") if k in extra]:
     stats.update({name: len(examples),
@@ -501,21 +502,34 @@ def _contradicted(run: Run, outside: OutsideGauge) -> np.ndarray:
   return outside.examples[hit]
 
 
-def _class_rejected(run: Run, outside: OutsideGauge) -> tuple[np.ndarray, np.ndarray]:
-  """The labels whose examples outside the pool the gauge rejects (gives the label less than
-  config.abl.disown_below) unusually often (config.abl.class_outlier_z), and those rejected examples of them;
-  the examples train toward the gauge's probabilities (run.labels), to be disowned like the pool's."""
+def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """The labels whose examples outside the pool the gauge rejects unusually often (config.abl.class_outlier_z at
+  any level of class_outlier_below; only labels in `among` where given), and the examples of them it gives their
+  label less than disown_below; those train toward the gauge's probabilities (run.labels), to be disowned like the
+  pool's. Returned by name, with each level's shares and outlier scores, as returned.npz keeps them.
+
+  The second gauge (regauge) judges among the first's flagged labels only: it never saw the examples it was
+  trained without, so the shares of every label shift, and a label the first found ordinary can then score near
+  the cutoff by chance (docs/defense.md).
+  """
   a = run.config.abl
   labels = run.train.labels[outside.examples]
-  rejected = outside.probabilities[np.arange(len(labels)), labels] < a.disown_below
-  flagged, shares = abl.outlier_labels(rejected, labels, run.train.num_classes, a.class_outlier_z)
-  hit = rejected & np.isin(labels, flagged)
+  own = outside.probabilities[np.arange(len(labels)), labels]
+  # () is the rule of the runs made before the levels: disown_below alone, scored without the sampling term.
+  levels = tuple(a.class_outlier_below) or (a.disown_below,)
+  flagged, shares, scores = abl.outlier_labels(own, labels, run.train.num_classes, a.class_outlier_z, levels,
+                                               sampling=bool(tuple(a.class_outlier_below)))
+  if among is not None:
+    flagged = np.intersect1d(flagged, among)
+  hit = (own < a.disown_below) & np.isin(labels, flagged)
   run.labels[outside.examples[hit]] = outside.probabilities[hit]
-  median = float(np.median(shares[np.bincount(labels, minlength=run.train.num_classes) > 0]))
-  logging.info("the gauge rejects %s of the examples outside the pool, by label (median %.3f); outliers: %s, "
-               "%d examples trained toward 'not this label'", np.round(shares, 3).tolist(), median,
-               flagged.tolist() or "none", hit.sum())
-  return flagged, outside.examples[hit]
+  for level, share, score in zip(levels, shares, scores):
+    logging.info("the gauge gives %s of the examples outside the pool, by label, less than %g; outlier scores %s",
+                 np.round(share, 3).tolist(), level, np.round(score, 1).tolist())
+  logging.info("outlier labels: %s; %d examples trained toward 'not this label'", flagged.tolist() or "none",
+               hit.sum())
+  return {"outlier_labels": flagged, "class_rejected": outside.examples[hit], "outlier_levels": np.array(levels),
+          "outlier_shares": shares, "outlier_scores": scores}
 
 
 def finetune_returned(run: Run) -> None:

@@ -226,7 +226,7 @@ ADDED_FIELDS = {
     "config.abl.score_epochs": 1, "config.abl.class_quantile": 0.5,
     "config.abl.contradict_factor": 0.0, "config.abl.disown_below": 0.0, "config.abl.own_above": 1.0,
     "config.abl.unsure": "distill", "config.abl.class_outlier_z": 0.0,
-    "config.abl.regauge": False,
+    "config.abl.regauge": False, "config.abl.class_outlier_below": [],
 }
 
 

@@ -109,6 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
   #                               unusually often: a modified z-score of the label's share of them among all
   #                               labels' shares above this (3.5: Iglewicz and Hoaglin's outlier cutoff); 0 = off.
   #                               A dirty-label backdoor that isolation missed (WaNet) shows so (docs/defense.md).
+  c.abl.class_outlier_below = (0.1, 0.05, 0.02)  # class_outlier_z: the labels' shares are compared at each of
+  #                               these levels (the gauge gives the label less than the level), a label flagged at
+  #                               any; each in (0, 1), scored with the binomial spread of a share added (a backdoor
+  #                               the gauge has not learned at all shows at a strict level). (): disown_below
+  #                               alone without that spread (before 2026-12-03). Flagged labels disown below
+  #                               disown_below.
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.

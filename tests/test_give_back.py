@@ -313,23 +313,53 @@ def test_contradicted_examples_outside_the_pool_train_toward_the_gauge():
 
 
 def test_outlier_labels_flag_the_label_the_gauge_rejects_far_more_often_than_the_others():
-  # Shares of rejected examples per label: 0.1, 0.12, 0.14, 0.16, 0.5 (label 4), and label 5 has no examples.
+  # Shares of rejected examples per label (the gauge gives their label 0.05): 0.1, 0.12, 0.14, 0.16, 0.5 (label
+  # 4), and label 5 has no examples.
   labels = np.repeat(np.arange(5), 50)
-  rejected = np.zeros(250, bool)
+  own = np.full(250, 0.9)
   for label, n in enumerate([5, 6, 7, 8, 25]):
-    rejected[label * 50:label * 50 + n] = True
-  flagged, shares = abl.outlier_labels(rejected, labels, 6, 3.5)
+    own[label * 50:label * 50 + n] = 0.05
+  flagged, shares, scores = abl.outlier_labels(own, labels, 6, 3.5, (0.1,), sampling=False)
   np.testing.assert_array_equal(flagged, [4])
-  np.testing.assert_allclose(shares, [0.1, 0.12, 0.14, 0.16, 0.5, 0.0])
+  np.testing.assert_allclose(shares, [[0.1, 0.12, 0.14, 0.16, 0.5, 0.0]])
   # Median 0.14, MAD 0.02: label 4's modified z-score is 0.6745 * 0.36 / 0.02 = 12.1, label 3's 0.67.
-  assert len(abl.outlier_labels(rejected, labels, 6, 12.2)[0]) == 0
-  np.testing.assert_array_equal(abl.outlier_labels(rejected, labels, 6, 0.6)[0], [3, 4])
+  np.testing.assert_allclose(scores[0, [3, 4, 5]], [0.6745, 12.141, 0.0])
+  assert len(abl.outlier_labels(own, labels, 6, 12.2, (0.1,), sampling=False)[0]) == 0
+  np.testing.assert_array_equal(abl.outlier_labels(own, labels, 6, 0.6, (0.1,), sampling=False)[0], [3, 4])
   # Equal shares (MAD 0) but one: the mean absolute deviation measures the spread instead.
-  rejected[:] = False
+  own[:] = 0.9
   for label, n in enumerate([5, 5, 5, 5, 20]):
-    rejected[label * 50:label * 50 + n] = True
-  np.testing.assert_array_equal(abl.outlier_labels(rejected, labels, 6, 3.5)[0], [4])
-  assert len(abl.outlier_labels(np.zeros(250, bool), labels, 6, 3.5)[0]) == 0
+    own[label * 50:label * 50 + n] = 0.05
+  np.testing.assert_array_equal(abl.outlier_labels(own, labels, 6, 3.5, (0.1,), sampling=False)[0], [4])
+  assert len(abl.outlier_labels(np.ones(250), labels, 6, 3.5, (0.1,), sampling=False)[0]) == 0
+
+
+def test_outlier_scores_with_sampling_add_a_shares_binomial_spread():
+  # Shares 0.01, 0.02, 0.03, 0.04, 0.1 of 100 examples each: median 0.03, MAD 0.01 (spread 0.01 / 0.6745).
+  shares, counts = np.array([0.01, 0.02, 0.03, 0.04, 0.1]), np.full(5, 100)
+  plain = abl.outlier_scores(shares, counts)
+  sampled = abl.outlier_scores(shares, counts, sampling=True)
+  scale = np.sqrt((0.01 / 0.6745) ** 2 + 0.03 * 0.97 / 100)
+  np.testing.assert_allclose(plain[4], 0.6745 * 0.07 / 0.01)  # 4.7: an outlier by the plain score,
+  np.testing.assert_allclose(sampled, (shares - 0.03) / scale)  # 3.3 once 7 more examples in 100 may be chance.
+  assert plain[4] > 3.5 > sampled[4]
+  np.testing.assert_allclose(abl.outlier_scores(shares, np.full(5, 100_000), sampling=True)[4], plain[4], rtol=1e-3)
+
+
+def test_outlier_labels_flag_a_label_at_the_strict_level_where_its_rejections_stand_out():
+  # 10 labels x 1,000 examples. Every label has 90-230 hard examples the gauge gives 0.05, and 10-17 it gives
+  # 0.01; label 0 also holds 60 other-class images it gives 0.005 (a backdoor it has not learned).
+  labels = np.repeat(np.arange(10), 1000)
+  own = np.full(10_000, 0.9)
+  for label, hard in enumerate([120, 200, 90, 230, 150, 180, 110, 210, 140, 160]):
+    own[label * 1000:label * 1000 + hard] = 0.05
+    own[label * 1000 + hard:label * 1000 + hard + 10 + label % 8] = 0.01
+  own[200:260] = 0.005
+  flagged, shares, scores = abl.outlier_labels(own, labels, 10, 3.5, (0.1, 0.02))
+  np.testing.assert_array_equal(flagged, [0])
+  assert scores[0, 0] < 3.5 < scores[1, 0]  # Not an outlier among the hard examples; far one among the sure ones.
+  np.testing.assert_allclose(shares[:, 0], [0.19, 0.07])
+  assert len(abl.outlier_labels(own, labels, 10, 3.5, (0.1,))[0]) == 0
 
 
 def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outside_the_pool():
@@ -343,17 +373,26 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   probs[np.arange(40), labels] = own
   run = types.SimpleNamespace(
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
-      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1}}),
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1,
+                                                "class_outlier_below": (0.1, 0.02)}}),
       labels=np.eye(4, dtype=np.float32)[labels],
       predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
                                                           probs[images]))
   outside = schedule._outside_gauge(run)
-  flagged, rejected = schedule._class_rejected(run, outside)
+  found = schedule._class_rejected(run, outside)
+  flagged, rejected = found["outlier_labels"], found["class_rejected"]
   np.testing.assert_array_equal(flagged, [2])
+  np.testing.assert_array_equal(found["outlier_levels"], [0.1, 0.02])
+  np.testing.assert_allclose(found["outlier_shares"][:, 2], [0.8, 0.0])  # Label 2: 8 of its 10 below 0.1.
   np.testing.assert_array_equal(rejected, np.arange(21, 29))
   np.testing.assert_array_equal(run.labels[rejected], probs[rejected])
   untouched = np.setdiff1d(np.arange(40), rejected)
   np.testing.assert_array_equal(run.labels[untouched], np.eye(4)[labels[untouched]])
+  # The second gauge judges among the first's flagged labels only: label 2 is not among [1], so nothing changes.
+  run.labels = np.eye(4, dtype=np.float32)[labels]
+  again = schedule._class_rejected(run, outside, among=np.array([1]))
+  assert len(again["outlier_labels"]) == 0 and len(again["class_rejected"]) == 0
+  np.testing.assert_array_equal(run.labels, np.eye(4)[labels])
 
 
 def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(tmp_path):
@@ -362,8 +401,10 @@ def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(
   saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
   pool, train_labels = iso["pool"], iso["labels"]
   outside = np.setdiff1d(np.arange(len(train_labels)), pool)
-  rejected = np.exp(-saved["outside_gauge_loss"][outside]) < 0.1
-  expected_labels, _ = abl.outlier_labels(rejected, train_labels[outside], 10, 1.0)
+  own = np.exp(-saved["outside_gauge_loss"][outside])
+  rejected = own < 0.1
+  expected_labels, _, scores = abl.outlier_labels(own, train_labels[outside], 10, 1.0, (0.1, 0.05, 0.02))
+  np.testing.assert_allclose(saved["outlier_scores"], scores, rtol=1e-5, atol=1e-6)
   summary = json.loads((tmp_path / "isolation.json").read_text())
   assert len(expected_labels) and summary["outlier_labels"] == expected_labels.tolist()
   class_rejected = saved["class_rejected"]
@@ -389,6 +430,7 @@ def test_regauge_trains_a_second_gauge_without_the_rejected_and_fine_tuning_foll
   out, _ = regauged
   first, second = np.load(out / "returned.npz"), np.load(out / "regauged.npz")
   assert len(first["outlier_labels"]) and len(first["class_rejected"])
+  assert np.isin(second["outlier_labels"], first["outlier_labels"]).all()  # It judges the first's labels only.
   phases = [json.loads(line).get("phase") for line in (out / "metrics.jsonl").read_text().splitlines()]
   assert phases.count("regauge") >= 2 and phases.index("regauge") < phases.index("finetune")
   # The second judgement is a judgement of its own (another model's losses), recorded under regauge_ keys.

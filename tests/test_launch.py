@@ -81,8 +81,10 @@ def test_unused_overrides():
   assert cli.unused_overrides(abl_badnets.get_config("smoke"), ["config.abl.disown_below"]) == []
   no_disowning = abl_badnets.get_config("smoke")
   no_disowning.abl.disown_below = 0.0
-  assert [f for f, _ in cli.unused_overrides(no_disowning, ["config.abl.class_outlier_z"])] == [
-      "config.abl.class_outlier_z"]
+  assert [f for f, _ in cli.unused_overrides(no_disowning, ["config.abl.class_outlier_z",
+                                                           "config.abl.class_outlier_below"])] == [
+      "config.abl.class_outlier_z", "config.abl.class_outlier_below"]
+  assert cli.unused_overrides(abl_badnets.get_config("smoke"), ["config.abl.class_outlier_below"]) == []
   assert cli.override_paths(["x", "--config.train.epochs=3", "--config=c.py", "--config.abl.gamma", "1"]) == [
       "config.train.epochs", "config.abl.gamma"]
 
