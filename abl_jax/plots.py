@@ -172,9 +172,10 @@ def plot_judge(workdir: str, path: str) -> str | None:
 
 
 def plot_rejected(workdir: str, path: str) -> str | None:
-  """Per training label, the share of the examples outside the pool whose label the gauge gives less than
-  disown_below, poisoned and clean, with each label's outlier score (config.abl.class_outlier_z; the highest over
-  config.abl.class_outlier_below's levels); None for a run that did not judge them."""
+  """Per training label, the share of the examples outside the pool whose label the gauge gives less than each
+  level of config.abl.class_outlier_below (one panel per level; disown_below alone for runs without levels),
+  poisoned and clean, with each label's outlier score there (config.abl.class_outlier_z); None for a run that
+  did not judge them."""
   judged, npz = os.path.join(workdir, "returned.npz"), os.path.join(workdir, "isolation.npz")
   if not (os.path.exists(judged) and os.path.exists(npz)):
     return None
@@ -184,31 +185,32 @@ def plot_rejected(workdir: str, path: str) -> str | None:
     return None
   labels = iso["labels"]
   outside = np.setdiff1d(np.arange(len(labels)), iso["pool"])
-  rejected = np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64)) < a["disown_below"]
+  own = np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64))
   mask = iso["is_poisoned"][outside].astype(bool) if "is_poisoned" in iso else np.zeros(len(outside), bool)
   classes = np.arange(int(labels.max()) + 1)
   counts = np.bincount(labels[outside], minlength=len(classes))
   share = lambda m: np.bincount(labels[outside][m], minlength=len(classes)) / np.maximum(counts, 1)
-  clean, poisoned = share(rejected & ~mask), share(rejected & mask)
-  # Runs since the levels (config.abl.class_outlier_below) saved each level's scores: the highest is drawn.
-  scores = (saved["outlier_scores"].max(axis=0) if "outlier_scores" in saved
-            else abl.outlier_scores(clean + poisoned, counts))
-  fig, ax = plt.subplots(figsize=(7, 3.6))
-  ax.bar(classes, clean, color="tab:blue", label="clean")
-  if mask.any():
-    ax.bar(classes, poisoned, bottom=clean, color="tab:red", label="poisoned")
-  ax.axhline(np.median((clean + poisoned)[counts > 0]), color="gray", ls=":", lw=1, label="median over labels")
+  levels = list(a.get("class_outlier_below") or [a["disown_below"]])
   z = a.get("class_outlier_z", 0.0)
-  for c in classes:
-    flagged = bool(z) and scores[c] > z
-    ax.annotate(f"{scores[c]:.1f}", (c, clean[c] + poisoned[c]), ha="center", va="bottom", fontsize=8,
-                color="tab:red" if flagged else "black", fontweight="bold" if flagged else "normal")
-  levels = ", ".join(f"{v:g}" for v in a.get("class_outlier_below") or ())
-  scored = f"its highest outlier score at < {levels}" if levels else "its outlier score"
-  ax.set(xticks=classes, xlabel=f"training label (above each bar: {scored}; class_outlier_z={z:g})",
-         ylabel="share rejected", ylim=(0, max(1e-3, float((clean + poisoned).max())) * 1.2),
-         title=f"examples outside the pool the gauge gives their label < {a['disown_below']:g}")
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(len(levels), 1, figsize=(7, 1.2 + 2.4 * len(levels)), squeeze=False)
+  for i, (level, ax) in enumerate(zip(levels, axes[:, 0])):
+    clean, poisoned = share((own < level) & ~mask), share((own < level) & mask)
+    # Runs since the levels saved each level's scores (with the binomial spread); earlier runs' are recomputed.
+    scores = saved["outlier_scores"][i] if "outlier_scores" in saved else abl.outlier_scores(clean + poisoned, counts)
+    ax.bar(classes, clean, color="tab:blue", label="clean")
+    if mask.any():
+      ax.bar(classes, poisoned, bottom=clean, color="tab:red", label="poisoned")
+    ax.axhline(np.median((clean + poisoned)[counts > 0]), color="gray", ls=":", lw=1, label="median over labels")
+    for c in classes:
+      flagged = bool(z) and scores[c] > z
+      ax.annotate(f"{scores[c]:.1f}", (c, clean[c] + poisoned[c]), ha="center", va="bottom", fontsize=8,
+                  color="tab:red" if flagged else "black", fontweight="bold" if flagged else "normal")
+    ax.set(xticks=classes, ylabel="share", ylim=(0, max(1e-3, float((clean + poisoned).max())) * 1.25),
+           title=f"outside the pool, the gauge gives the label < {level:g}", )
+    ax.title.set_fontsize(10)
+    if i == 0:
+      ax.legend(fontsize=8)
+  axes[-1, 0].set_xlabel(f"training label (above each bar: its outlier score; flagged above {z:g}, in red)")
   fig.tight_layout()
   return _save(fig, path)
 

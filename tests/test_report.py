@@ -133,15 +133,18 @@ def test_rejected_plot_shows_each_labels_share_and_outlier_score(tmp_path, monke
   scores = abl.outlier_scores(np.array([1 / 9, 0.2, 0.8]), np.array([9, 10, 10]))
   assert [t.get_text() for t in ax.texts] == [f"{v:.1f}" for v in scores]
   assert ax.texts[2].get_color() == "tab:red" and ax.texts[1].get_color() == "black"
-  # A run with levels saved each level's scores: the highest per label is drawn, red where above the cutoff.
+  # A run with levels saved each level's scores: one panel per level, red where above the cutoff.
   config["abl"]["class_outlier_below"] = [0.1, 0.02]
   _write(os.path.join(run, "config.json"), config)
   np.savez(os.path.join(run, "returned.npz"), outside_gauge_loss=-np.log(own),
            outlier_scores=np.array([[0.5, 3.0, 1.0], [-0.2, 2.0, 4.0]]))
-  ax = plots.plot_rejected(run, "rejected.png").axes[0]
-  assert [t.get_text() for t in ax.texts] == ["0.5", "3.0", "4.0"]
-  assert ax.texts[2].get_color() == "tab:red" and ax.texts[1].get_color() == "black"
-  assert "highest outlier score at < 0.1, 0.02" in ax.get_xlabel()
+  fig = plots.plot_rejected(run, "rejected.png")
+  assert [ax.get_title() for ax in fig.axes] == ["outside the pool, the gauge gives the label < 0.1",
+                                                 "outside the pool, the gauge gives the label < 0.02"]
+  strict = fig.axes[1]
+  assert [round(p.get_height(), 3) for p in strict.patches] == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # None below 0.02.
+  assert [t.get_text() for t in strict.texts] == ["-0.2", "2.0", "4.0"]
+  assert strict.texts[2].get_color() == "tab:red" and fig.axes[0].texts[2].get_color() == "black"
 
 
 def test_rows_are_selected_by_name_or_attack_and_fields_set_in_every_row():
