@@ -206,8 +206,9 @@ def outlier_scores(shares: np.ndarray, counts: np.ndarray, sampling: bool = Fals
   0.6745 (share - median) / MAD, or 0.7979 (share - median) / mean absolute deviation where the MAD is 0; 0 for
   labels without examples, and for all where every share is the same.
 
-  `sampling` adds each label's binomial variance at the median share, median (1 - median) / count, to the
-  spread's: where a few examples per label make the shares (small counts at a strict level), chance alone then
+  `sampling` divides by sqrt(spread^2 + p (1 - p) / count) instead, the spread (MAD / 0.6745, or the mean
+  absolute deviation / 0.7979) widened by the label's binomial variance at the pooled share p of all labels'
+  examples: where a few examples per label make the shares (small counts at a strict level), chance alone then
   does not score as an outlier.
   """
   present = shares[counts > 0]
@@ -216,7 +217,8 @@ def outlier_scores(shares: np.ndarray, counts: np.ndarray, sampling: bool = Fals
   mean_ad = np.mean(np.abs(present - median))
   if sampling:
     spread = mad / 0.6745 if mad > 0 else mean_ad / 0.7979
-    scale = np.sqrt(spread ** 2 + median * (1 - median) / np.maximum(counts, 1))
+    pooled = np.sum(shares * counts) / np.sum(counts)
+    scale = np.sqrt(spread ** 2 + pooled * (1 - pooled) / np.maximum(counts, 1))
     scores = np.where(scale > 0, (shares - median) / np.where(scale > 0, scale, 1.0), 0.0)
   elif mad > 0:
     scores = 0.6745 * (shares - median) / mad

@@ -126,3 +126,26 @@ def test_pool_analysis_recomputes_the_pool_and_counts_the_gauges_verdicts(tmp_pa
   assert disown[0.2]["disowned"] == 2 and disown[0.2]["poisoned_in_pool"] == 2
   flagged = {r["contradict_factor"]: r for r in pool_analysis.contradiction_sweep(str(tmp_path))}
   assert flagged[20]["flagged"] == 1 and flagged[20]["poisoned"] == 0 and flagged[20]["clean"] == "1 of label 0"
+
+
+def test_outlier_levels_scores_a_runs_saved_verdicts_at_each_level(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import outlier_levels  # pylint: disable=import-outside-toplevel
+  # 5 labels x 400 examples outside the pool (example 2000, label 0, is the pool). The gauge gives 30-60 hard
+  # examples of each label 0.05 and 0-3 others 0.01; label 0 also has 24 poisoned it gives 0.01: no outlier
+  # below 0.1 (share 0.16 against 0.08-0.155), a far one below 0.02 (0.06 against 0.0025-0.0075).
+  labels = np.append(np.repeat(np.arange(5), 400), 0)
+  own = np.full(2001, 0.9)
+  for label, (hard, sure) in enumerate(zip([40, 30, 55, 45, 60], [0, 2, 3, 1, 2])):
+    own[label * 400:label * 400 + hard] = 0.05
+    own[label * 400 + hard:label * 400 + hard + sure] = 0.01
+  own[100:124] = 0.01
+  poisoned = np.zeros(2001, bool)
+  poisoned[100:124] = True
+  (tmp_path / "config.json").write_text(json.dumps({"abl": {"disown_below": 0.1}, "attack": {"target_label": 0}}))
+  np.savez(tmp_path / "isolation.npz", pool=np.array([2000]), labels=labels, is_poisoned=poisoned)
+  np.savez(tmp_path / "returned.npz", outside_gauge_loss=-np.log(own))
+  r = outlier_levels.scores(str(tmp_path), (0.1, 0.02), sampling=True)
+  assert r["target"] == 0 and r["rejected"] == [(24, 64), (24, 24)]
+  assert r["scores"][0, 0] < 3.5 < r["scores"][1, 0]
+  assert r["flagged"].tolist() == [0] and r["before"].tolist() == []  # Session 11's rule (0.1 alone) misses it.

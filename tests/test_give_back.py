@@ -335,15 +335,19 @@ def test_outlier_labels_flag_the_label_the_gauge_rejects_far_more_often_than_the
 
 
 def test_outlier_scores_with_sampling_add_a_shares_binomial_spread():
-  # Shares 0.01, 0.02, 0.03, 0.04, 0.1 of 100 examples each: median 0.03, MAD 0.01 (spread 0.01 / 0.6745).
+  # Shares 0.01, 0.02, 0.03, 0.04, 0.1 of 100 examples each: median 0.03, MAD 0.01 (spread 0.01 / 0.6745),
+  # pooled share 20 / 500 = 0.04.
   shares, counts = np.array([0.01, 0.02, 0.03, 0.04, 0.1]), np.full(5, 100)
   plain = abl.outlier_scores(shares, counts)
   sampled = abl.outlier_scores(shares, counts, sampling=True)
-  scale = np.sqrt((0.01 / 0.6745) ** 2 + 0.03 * 0.97 / 100)
+  scale = np.sqrt((0.01 / 0.6745) ** 2 + 0.04 * 0.96 / 100)
   np.testing.assert_allclose(plain[4], 0.6745 * 0.07 / 0.01)  # 4.7: an outlier by the plain score,
-  np.testing.assert_allclose(sampled, (shares - 0.03) / scale)  # 3.3 once 7 more examples in 100 may be chance.
+  np.testing.assert_allclose(sampled, (shares - 0.03) / scale)  # 2.8 once 7 more examples in 100 may be chance.
   assert plain[4] > 3.5 > sampled[4]
   np.testing.assert_allclose(abl.outlier_scores(shares, np.full(5, 100_000), sampling=True)[4], plain[4], rtol=1e-3)
+  # Where most labels have none below a strict level (median and MAD 0), 3 examples in 100 are no outlier.
+  sparse = np.array([0.03, 0.0, 0.0, 0.0, 0.0])
+  assert abl.outlier_scores(sparse, counts)[0] > 3.5 > abl.outlier_scores(sparse, counts, sampling=True)[0]
 
 
 def test_outlier_labels_flag_a_label_at_the_strict_level_where_its_rejections_stand_out():
