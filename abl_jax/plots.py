@@ -206,7 +206,7 @@ def plot_rejected(workdir: str, path: str) -> str | None:
       ax.annotate(f"{scores[c]:.1f}", (c, clean[c] + poisoned[c]), ha="center", va="bottom", fontsize=8,
                   color="tab:red" if flagged else "black", fontweight="bold" if flagged else "normal")
     ax.set(xticks=classes, ylabel="share", ylim=(0, max(1e-3, float((clean + poisoned).max())) * 1.25),
-           title=f"outside the pool, the gauge gives the label < {level:g}", )
+           title=f"outside the pool, the gauge gives the label < {level:g}")
     ax.title.set_fontsize(10)
     if i == 0:
       ax.legend(fontsize=8)

@@ -516,9 +516,10 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
   labels = run.train.labels[outside.examples]
   own = outside.probabilities[np.arange(len(labels)), labels]
   # () is the rule of the runs made before the levels: disown_below alone, scored without the sampling term.
-  levels = tuple(a.class_outlier_below) or (a.disown_below,)
+  sampled = tuple(a.class_outlier_below)
+  levels = sampled or (a.disown_below,)
   flagged, shares, scores = abl.outlier_labels(own, labels, run.train.num_classes, a.class_outlier_z, levels,
-                                               sampling=bool(tuple(a.class_outlier_below)))
+                                               sampling=bool(sampled))
   if among is not None:
     flagged = np.intersect1d(flagged, among)
   hit = (own < a.disown_below) & np.isin(labels, flagged)
