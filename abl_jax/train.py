@@ -264,7 +264,9 @@ def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[fl
     return (optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.argmax(logits, -1),
             jax.nn.softmax(logits.astype(jnp.float32)))
 
-  return data_parallel(infer, mesh, batch_args=(1, 2), num_args=3)
+  # Outputs stay split over the devices: a replicated output would end each call in an all-gather, and on CPU
+  # devices the back-to-back independent calls of `predictor` can then deadlock the intra-op thread pool.
+  return data_parallel(infer, mesh, batch_args=(1, 2), num_args=3, batch_outputs=True)
 
 
 def predictor(model: flax.linen.Module, variables: Any, mean: Sequence[float], std: Sequence[float],

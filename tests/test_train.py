@@ -90,6 +90,18 @@ def test_predict_pads_the_last_batch_and_matches_direct_apply():
   np.testing.assert_allclose(ce, -jax.nn.log_softmax(logits)[np.arange(11), labels], rtol=1e-5)
 
 
+def test_inference_program_holds_no_collective():
+  # An all-gather in back-to-back independent calls deadlocked 2 simulated CPU devices (XLA's rendezvous abort).
+  images, labels = _data(n=8)
+  model, state = Tiny(), _state()
+  mesh = train.default_mesh()
+  assert mesh.size == 2
+  fn = train._infer_step(model, tuple(MEAN), tuple(STD), mesh)
+  hlo = fn.lower(train.replicate(train.variables_of(state), mesh), train.put_batch(images, mesh),
+                 train.put_batch(labels, mesh)).compile().as_text()
+  assert not any(op in hlo for op in ("all-gather", "all-reduce", "collective-permute", "all-to-all"))
+
+
 def test_nan_loss_stops_with_a_clear_message():
   images, labels = _data()
   nan_loss = lambda ce: jnp.mean(ce) * jnp.nan
