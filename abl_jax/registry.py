@@ -24,6 +24,7 @@ FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
 RETURN_RULES = ("none", "agree")  # config.abl.return_rule
 KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.kept_out
 UNSURE = ("distill", "drop")  # config.abl.unsure
+FLAGGED_REJECTED = ("disown", "drop")  # config.abl.flagged_rejected
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {
@@ -44,6 +45,7 @@ FIELDS = {
     "config.abl.return_rule": RETURN_RULES,
     "config.abl.kept_out": KEPT_OUT,
     "config.abl.unsure": UNSURE,
+    "config.abl.flagged_rejected": FLAGGED_REJECTED,
     "config.distributed.initialize": INIT_MODES,
 }
 

@@ -77,6 +77,7 @@ class Run:
   isolated: np.ndarray | None = None  # Indices isolated as suspected backdoor examples (ABL).
   pool: np.ndarray | None = None  # The suspicious pool fine-tuning leaves out (isolated included; ABL).
   returned: np.ndarray | None = None  # Pool examples given back to fine-tuning (config.abl.return_rule).
+  left_out: np.ndarray | None = None  # Examples outside the pool fine-tuning leaves out (abl.flagged_rejected).
   labels: np.ndarray | None = None  # Fine-tuning's training labels where they differ (config.abl.kept_out).
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
@@ -282,6 +283,8 @@ def _retained(run: Run) -> np.ndarray:
   retained = np.setdiff1d(np.arange(len(run.train)), run.pool)
   if run.returned is not None:
     retained = np.union1d(retained, run.returned)
+  if run.left_out is not None:
+    retained = np.setdiff1d(retained, run.left_out)
   return retained
 
 
@@ -354,6 +357,7 @@ def give_back(run: Run) -> None:
   if os.path.exists(path):  # Decided before an interruption.
     saved = wd.load_npz(path)
     run.returned, run.labels = saved["returned"], saved["labels"] if "labels" in saved else None
+    run.left_out = saved.get("left_out")
   elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
@@ -389,7 +393,7 @@ def regauge(run: Run) -> None:
   path = os.path.join(run.workdir, "regauged.npz")
   if os.path.exists(path):  # Judged before an interruption.
     saved = wd.load_npz(path)
-    run.returned, run.labels = saved["returned"], saved["labels"]
+    run.returned, run.labels, run.left_out = saved["returned"], saved["labels"], saved.get("left_out")
   elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
@@ -405,7 +409,7 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   confidence = probs.max(axis=1)  # The judge's probability of its prediction.
   agree = abl.agreeing(pool, pred, labels)
   kept_out = np.setdiff1d(pool, agree)
-  run.returned = agree
+  run.returned, run.left_out = agree, None
   extra = {"judge_loss": loss, "judge_prediction": pred, "judge_confidence": confidence}
   if a.kept_out == "relabel":  # Disagreeing pool examples the judge is sure of train with its label.
     sure = pool[(pred != labels) & (confidence >= a.relabel_confidence)]
@@ -432,9 +436,11 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
         extra.update(_class_rejected(run, outside, flag_among))
     if a.own_above < 1.0:
       extra["owned"] = abl.owned(run.labels, run.train.labels, soft, a.own_above)
+    if "class_rejected" in extra and a.flagged_rejected == "drop":
+      run.left_out = extra["left_out"] = extra["class_rejected"]
     if a.disown_below:
       taught = soft
-      for outside_taught in ("contradicted", "class_rejected"):
+      for outside_taught in ("contradicted",) + (("class_rejected",) if a.flagged_rejected == "disown" else ()):
         taught = np.union1d(taught, extra.get(outside_taught, soft[:0]))
       extra["disowned"] = abl.disowned(run.labels, run.train.labels, taught, a.disown_below)
     if a.unsure == "drop":  # The pool examples the gauge neither backs nor rejects stay out.
@@ -447,8 +453,9 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   if "outlier_labels" in extra:
     stats["outlier_labels"] = [int(k) for k in extra["outlier_labels"]]
     stats["outlier_scores"] = [round(float(v), 2) for v in extra["outlier_scores"].max(axis=0)]  # Highest level's.
-  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "class_rejected", "owned",
-                                                                        "disowned", "relabelled") if k in extra]:
+  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "class_rejected", "left_out",
+                                                                        "owned", "disowned", "relabelled")
+                                                  if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
   logging.info("gave back %d of the %d pool examples to fine-tuning (%d of them relabelled); %d stay out",
@@ -506,7 +513,8 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
   """The labels whose examples outside the pool the gauge rejects unusually often (config.abl.class_outlier_z at
   any level of class_outlier_below; only labels in `among` where given), and the examples of them it gives their
   label less than disown_below; those train toward the gauge's probabilities (run.labels), to be disowned like the
-  pool's. Returned by name, with each level's shares and outlier scores, as returned.npz keeps them.
+  pool's, or stay out of fine-tuning (config.abl.flagged_rejected). Returned by name, with each level's shares
+  and outlier scores, as returned.npz keeps them.
 
   The second gauge (regauge) judges among the first's flagged labels only: it never saw the examples it was
   trained without, so the shares of every label shift, and a label the first found ordinary can then score near
@@ -523,12 +531,13 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
   if among is not None:
     flagged = np.intersect1d(flagged, among)
   hit = (own < a.disown_below) & np.isin(labels, flagged)
-  run.labels[outside.examples[hit]] = outside.probabilities[hit]
+  if a.flagged_rejected == "disown":
+    run.labels[outside.examples[hit]] = outside.probabilities[hit]
   for level, share, score in zip(levels, shares, scores):
     logging.info("the gauge gives %s of the examples outside the pool, by label, less than %g; outlier scores %s",
                  np.round(share, 3).tolist(), level, np.round(score, 1).tolist())
-  logging.info("outlier labels: %s; %d examples trained toward 'not this label'", flagged.tolist() or "none",
-               hit.sum())
+  logging.info("outlier labels: %s; %d examples %s", flagged.tolist() or "none", hit.sum(),
+               "trained toward 'not this label'" if a.flagged_rejected == "disown" else "left out of fine-tuning")
   return {"outlier_labels": flagged, "class_rejected": outside.examples[hit], "outlier_levels": np.array(levels),
           "outlier_shares": shares, "outlier_scores": scores}
 

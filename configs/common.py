@@ -113,8 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
   #                               these levels (the gauge gives the label less than the level), a label flagged at
   #                               any; each in (0, 1), scored with the binomial spread of a share added (a backdoor
   #                               the gauge has not learned at all shows at a strict level). (): disown_below
-  #                               alone without that spread (before 2026-12-03). Flagged labels disown below
-  #                               disown_below.
+  #                               alone without that spread (before 2026-12-03). Flagged labels' examples below
+  #                               disown_below: flagged_rejected.
+  c.abl.flagged_rejected = "disown"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
+  #                               gives less than disown_below train toward its probabilities with their label's
+  #                               share set to 0 (disown), or stay out of fine-tuning (drop).
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.

@@ -378,7 +378,7 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   run = types.SimpleNamespace(
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1,
-                                                "class_outlier_below": (0.1, 0.02)}}),
+                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown"}}),
       labels=np.eye(4, dtype=np.float32)[labels],
       predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
                                                           probs[images]))
@@ -396,6 +396,10 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   run.labels = np.eye(4, dtype=np.float32)[labels]
   again = schedule._class_rejected(run, outside, among=np.array([1]))
   assert len(again["outlier_labels"]) == 0 and len(again["class_rejected"]) == 0
+  np.testing.assert_array_equal(run.labels, np.eye(4)[labels])
+  # Left out instead (flagged_rejected=drop): the same examples found, their labels untouched.
+  run.config.abl.flagged_rejected = "drop"
+  np.testing.assert_array_equal(schedule._class_rejected(run, outside)["class_rejected"], rejected)
   np.testing.assert_array_equal(run.labels, np.eye(4)[labels])
 
 
@@ -417,6 +421,52 @@ def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(
   np.testing.assert_array_equal(saved["labels"][class_rejected, train_labels[class_rejected]], 0.0)
   plain = np.setdiff1d(outside, class_rejected)
   np.testing.assert_array_equal(saved["labels"][plain], np.eye(10)[train_labels[plain]])
+
+
+DROP = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0,
+        "abl__flagged_rejected": "drop"}
+
+
+@pytest.fixture(scope="module")
+def dropped(tmp_path_factory):
+  """A smoke run whose gauge flags an outlier label and leaves its rejected examples out of fine-tuning."""
+  out = tmp_path_factory.mktemp("dropped")
+  return out, experiment.train_and_evaluate(smoke.config(**DROP), str(out))
+
+
+def test_flagged_rejected_drop_leaves_the_rejected_examples_out_with_their_labels(dropped):
+  out, _ = dropped
+  saved, iso = np.load(out / "returned.npz"), np.load(out / "isolation.npz")
+  train_labels, rejected = iso["labels"], saved["class_rejected"]
+  assert len(saved["outlier_labels"]) and len(rejected)
+  np.testing.assert_array_equal(saved["left_out"], rejected)
+  assert not np.isin(rejected, saved["disowned"]).any()  # Not taught "not this label": not taught at all.
+  np.testing.assert_array_equal(saved["labels"][rejected], np.eye(10)[train_labels[rejected]])
+  summary = json.loads((out / "isolation.json").read_text())
+  assert summary["left_out"] == summary["class_rejected"] == len(rejected)
+  # What fine-tuning draws from: every example outside the pool but those, and the pool's given-back ones.
+  run = types.SimpleNamespace(train=iso["labels"], pool=iso["pool"], returned=saved["returned"],
+                              left_out=saved["left_out"])
+  retained = schedule._retained(run)
+  outside = np.setdiff1d(np.arange(len(train_labels)), iso["pool"])
+  np.testing.assert_array_equal(retained, np.union1d(np.setdiff1d(outside, rejected), saved["returned"]))
+
+
+@pytest.mark.parametrize("regauge, stop, saved", [(True, 7, "regauged.npz"), (False, 5, "returned.npz")])
+def test_flagged_rejected_drop_resumes_like_an_uninterrupted_run(dropped, tmp_path, regauge, stop, saved):
+  # 2 isolation + 2 gauge [+ 2 second gauge] epochs + 1 of fine-tuning's 2: stops inside fine-tuning, after the
+  # judgement that fine-tuning follows.
+  config = smoke.config(**{**DROP, "abl__regauge": regauge})
+  results = dropped[1] if regauge else experiment.train_and_evaluate(config, str(tmp_path / "whole"))
+  _assert_resumes_like(results, config, tmp_path / "resumed", stop, saved=saved, unsaved="results.json")
+  # The examples left out stay out after the restart: the same training, to the last digit of the test loss.
+  resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
+  assert resumed["clean_test_loss"] == results["clean_test_loss"]
+
+
+def test_flagged_rejected_name_is_checked(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.flagged_rejected='keep' is unknown; allowed: disown, drop"):
+    experiment.train_and_evaluate(smoke.config(**{**DROP, "abl__flagged_rejected": "keep"}), str(tmp_path))
 
 
 REGAUGE = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0,
