@@ -176,20 +176,17 @@ def plot_rejected(workdir: str, path: str) -> str | None:
   level of config.abl.class_outlier_below (one panel per level; disown_below alone for runs without levels),
   poisoned and clean, with each label's outlier score there (config.abl.class_outlier_z); None for a run that
   did not judge them."""
-  judged, npz = os.path.join(workdir, "returned.npz"), os.path.join(workdir, "isolation.npz")
-  if not (os.path.exists(judged) and os.path.exists(npz)):
+  verdicts = wd.outside_verdicts(workdir)
+  if verdicts is None:
     return None
-  saved, iso = wd.load_npz(judged), wd.load_npz(npz)
   a = wd.read_json(os.path.join(workdir, "config.json")).get("abl", {})
-  if "outside_gauge_loss" not in saved or not a.get("disown_below"):
+  if not a.get("disown_below"):
     return None
-  labels = iso["labels"]
-  outside = np.setdiff1d(np.arange(len(labels)), iso["pool"])
-  own = np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64))
-  mask = iso["is_poisoned"][outside].astype(bool) if "is_poisoned" in iso else np.zeros(len(outside), bool)
-  classes = np.arange(int(labels.max()) + 1)
-  counts = np.bincount(labels[outside], minlength=len(classes))
-  share = lambda m: np.bincount(labels[outside][m], minlength=len(classes)) / np.maximum(counts, 1)
+  saved = wd.load_npz(os.path.join(workdir, "returned.npz"))
+  own, mask, labels = verdicts.own, verdicts.poisoned, verdicts.labels
+  classes = np.arange(verdicts.num_classes)
+  counts = np.bincount(labels, minlength=len(classes))
+  share = lambda m: np.bincount(labels[m], minlength=len(classes)) / np.maximum(counts, 1)
   levels = list(a.get("class_outlier_below") or [a["disown_below"]])
   z = a.get("class_outlier_z", 0.0)
   fig, axes = plt.subplots(len(levels), 1, figsize=(7, 1.2 + 2.4 * len(levels)), squeeze=False)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -329,3 +330,28 @@ def append_jsonl(path: str, record: dict[str, Any]) -> None:
       f.seek(-1, os.SEEK_END)
       start = b"" if f.read(1) == b"\n" else b"\n"
     f.write(start + json.dumps(record).encode() + b"\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutsideVerdicts:
+  """The first gauge's verdicts on the training examples outside the pool, as a finished run saved them."""
+  examples: np.ndarray  # Their indices into the training set.
+  labels: np.ndarray  # Their training labels.
+  own: np.ndarray  # The gauge's probability of that label (float64).
+  poisoned: np.ndarray  # The ground-truth mask (pictures and counts only); all False where none was saved.
+  num_classes: int
+
+
+def outside_verdicts(workdir: str) -> OutsideVerdicts | None:
+  """The first gauge's verdicts outside the pool from returned.npz and isolation.npz; None for a run without them."""
+  judged, npz = os.path.join(workdir, "returned.npz"), os.path.join(workdir, "isolation.npz")
+  if not (os.path.exists(judged) and os.path.exists(npz)):
+    return None
+  saved, iso = load_npz(judged), load_npz(npz)
+  if "outside_gauge_loss" not in saved:
+    return None
+  labels = iso["labels"]
+  outside = np.setdiff1d(np.arange(len(labels)), iso["pool"])
+  mask = iso["is_poisoned"][outside].astype(bool) if "is_poisoned" in iso else np.zeros(len(outside), bool)
+  return OutsideVerdicts(outside, labels[outside], np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64)),
+                         mask, int(labels.max()) + 1)

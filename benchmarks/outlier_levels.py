@@ -13,32 +13,29 @@ table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
-from abl_jax import abl  # noqa: E402  pylint: disable=g-import-not-at-top
+from abl_jax import abl, workdir as wd  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def scores(workdir: str, levels: tuple[float, ...], sampling: bool, z: float = 3.5) -> dict:
   """The run's target label, every level's outlier scores ([len(levels), classes]) and the flagged labels under
   session 11's rule and under `levels`."""
-  saved = np.load(os.path.join(workdir, "returned.npz"))
-  iso = np.load(os.path.join(workdir, "isolation.npz"))
-  config = json.load(open(os.path.join(workdir, "config.json")))
-  labels = iso["labels"]
-  outside = np.setdiff1d(np.arange(len(labels)), iso["pool"])
-  own = np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64))
-  num_classes = int(labels.max()) + 1
-  flagged, _, level_scores = abl.outlier_labels(own, labels[outside], num_classes, z, levels, sampling)
-  before, _, _ = abl.outlier_labels(own, labels[outside], num_classes, z,
+  verdicts = wd.outside_verdicts(workdir)
+  if verdicts is None:
+    raise SystemExit(f"{workdir}: no saved gauge verdicts outside the pool (returned.npz's outside_gauge_loss)")
+  config = wd.read_json(os.path.join(workdir, "config.json"))
+  own, labels, num_classes = verdicts.own, verdicts.labels, verdicts.num_classes
+  flagged, _, level_scores = abl.outlier_labels(own, labels, num_classes, z, levels, sampling)
+  before, _, _ = abl.outlier_labels(own, labels, num_classes, z,
                                     (config["abl"].get("disown_below") or 0.1,), sampling=False)
   target = config["attack"].get("target_label", 0)
-  in_target = labels[outside] == target
-  poisoned = iso["is_poisoned"][outside].astype(bool)  # For the counts only.
+  in_target = labels == target
+  poisoned = verdicts.poisoned  # For the counts only.
   rejected = [(int((in_target & (own < v) & poisoned).sum()), int((in_target & (own < v)).sum())) for v in levels]
   return {"target": target, "scores": level_scores, "flagged": flagged, "before": before, "rejected": rejected}
 
