@@ -452,16 +452,18 @@ def test_flagged_rejected_drop_leaves_the_rejected_examples_out_with_their_label
   np.testing.assert_array_equal(retained, np.union1d(np.setdiff1d(outside, rejected), saved["returned"]))
 
 
-@pytest.mark.parametrize("regauge, stop, saved", [(True, 7, "regauged.npz"), (False, 5, "returned.npz")])
-def test_flagged_rejected_drop_resumes_like_an_uninterrupted_run(dropped, tmp_path, regauge, stop, saved):
-  # 2 isolation + 2 gauge [+ 2 second gauge] epochs + 1 of fine-tuning's 2: stops inside fine-tuning, after the
-  # judgement that fine-tuning follows.
-  config = smoke.config(**{**DROP, "abl__regauge": regauge})
-  results = dropped[1] if regauge else experiment.train_and_evaluate(config, str(tmp_path / "whole"))
-  _assert_resumes_like(results, config, tmp_path / "resumed", stop, saved=saved, unsaved="results.json")
+def test_flagged_rejected_drop_resumes_like_an_uninterrupted_run(dropped, tmp_path):
+  out, results = dropped
+  # 2 isolation + 2 gauge + 2 second gauge epochs + 1 of fine-tuning's 2: stops inside fine-tuning, after the
+  # second judgement (the one fine-tuning follows).
+  _assert_resumes_like(results, smoke.config(**DROP), tmp_path, 7, saved="regauged.npz", unsaved="results.json")
   # The examples left out stay out after the restart: the same training, to the last digit of the test loss.
-  resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
-  assert resumed["clean_test_loss"] == results["clean_test_loss"]
+  assert json.loads((tmp_path / "results.json").read_text())["clean_test_loss"] == results["clean_test_loss"]
+  # A run without a second judgement resumes from the first's: give_back restores what it left out.
+  run = types.SimpleNamespace(workdir=str(out), done=7, cursor=4,
+                              config=ml_collections.ConfigDict({"abl": {"gauge_epochs": 2}}))
+  schedule.give_back(run)
+  np.testing.assert_array_equal(run.left_out, np.load(out / "returned.npz")["left_out"])
 
 
 def test_flagged_rejected_name_is_checked(tmp_path):
