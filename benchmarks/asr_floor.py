@@ -2,10 +2,11 @@
 classified as the target, for a model trained on clean data (the floor any defense's ASR is compared to).
 
     python benchmarks/asr_floor.py --model=runs/clean-none --config=configs/abl_badnets.py:cpu \
-        [--config.attack.target_label=3]
+        [--config.attack.target_label=3 | --targets=all | --targets=3,5]
 
 --model: a finished run's workdir (its latest checkpoint); --config: the attack whose test-time trigger is
-applied (its data and seed must be the run's). Prints the ASR under that trigger for every target class.
+applied (its data and seed must be the run's). Prints one JSON line per target class (the config's, or
+--targets): the ASR under that trigger, and the share of the untriggered non-target images sent to the target.
 """
 from __future__ import annotations
 
@@ -21,24 +22,44 @@ from ml_collections import config_flags  # noqa: E402
 
 from abl_jax import experiment, plots  # noqa: E402
 
-flags.DEFINE_string("model", None, "Workdir of a finished run.", required=True)
-config_flags.DEFINE_config_file("config", None, "The attack config (its trigger is applied to the test set).")
+
+def define_flags() -> None:
+  """The command line's flags (defined at start-up only, so that tests can import this beside other scripts)."""
+  flags.DEFINE_string("model", None, "Workdir of a finished run.", required=True)
+  config_flags.DEFINE_config_file("config", None, "The attack config (its trigger is applied to the test set).")
+  flags.DEFINE_string("targets", "", "Target classes, comma-separated, or 'all'; empty: config.attack.target_label.")
+
+
+def targets(spec: str, default: int, num_classes: int) -> list[int]:
+  """The target classes `spec` names ('' = `default`, 'all' = every class), each checked."""
+  if not spec:
+    return [default]
+  chosen = list(range(num_classes)) if spec == "all" else [int(t) for t in spec.split(",")]
+  for t in chosen:
+    if not 0 <= t < num_classes:
+      raise ValueError(f"--targets: {t} is not a class (0..{num_classes - 1})")
+  return chosen
+
+
+def floor(model: str, prep: experiment.Prepared, attack: str, target: int) -> dict:
+  """The model's ASR under the prepared test-time trigger for `target`, and its untriggered rate."""
+  test = prep.test
+  pred = plots.predict_latest(model, prep.poisoned_test.images, test.num_classes)
+  clean_pred = plots.predict_latest(model, test.images[test.labels != target], test.num_classes)
+  return {"model": model, "attack": attack, "target_label": target, "asr": float(np.mean(pred == target)),
+          "clean_images_classified_as_target": float(np.mean(clean_pred == target))}
 
 
 def main(_):
   config = flags.FLAGS.config
   prep = experiment.prepare(config)
-  test = prep.test
-  target = config.attack.target_label
-  keep = test.labels != target
-  triggered = prep.poisoned_test.images
-  pred = plots.predict_latest(flags.FLAGS.model, triggered, test.num_classes)
-  clean_pred = plots.predict_latest(flags.FLAGS.model, test.images[keep], test.num_classes)
-  out = {"model": flags.FLAGS.model, "attack": config.attack.name, "target_label": target,
-         "asr": float(np.mean(pred == target)),
-         "clean_images_classified_as_target": float(np.mean(clean_pred == target))}
-  print(json.dumps(out))
+  for target in targets(flags.FLAGS.targets, config.attack.target_label, prep.test.num_classes):
+    if target != config.attack.target_label:  # The test-time trigger goes on the other classes' images.
+      config.attack.target_label = target
+      prep = experiment.prepare(config)
+    print(json.dumps(floor(flags.FLAGS.model, prep, config.attack.name, target)), flush=True)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

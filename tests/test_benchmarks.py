@@ -149,3 +149,18 @@ def test_outlier_levels_scores_a_runs_saved_verdicts_at_each_level(tmp_path):
   assert r["target"] == 0 and r["rejected"] == [(24, 64), (24, 24)]
   assert r["scores"][0, 0] < 3.5 < r["scores"][1, 0]
   assert r["flagged"].tolist() == [0] and r["before"].tolist() == []  # Session 11's rule (0.1 alone) misses it.
+
+
+def test_asr_floor_gives_the_runs_own_asr_for_its_target_and_checks_targets(runs):
+  import smoke  # pylint: disable=import-outside-toplevel
+  from abl_jax import experiment  # pylint: disable=import-outside-toplevel
+  from benchmarks import asr_floor  # pylint: disable=import-outside-toplevel
+  root, none, _ = runs
+  config = smoke.config(defense__name="none")
+  out = asr_floor.floor(str(root / "none"), experiment.prepare(config), "badnets", config.attack.target_label)
+  assert out["asr"] == pytest.approx(none["attack_success_rate"])
+  assert out["clean_images_classified_as_target"] == pytest.approx(none["untriggered_target_rate"])
+  assert asr_floor.targets("", 3, 10) == [3] and asr_floor.targets("all", 3, 4) == [0, 1, 2, 3]
+  assert asr_floor.targets("5,1", 0, 10) == [5, 1]
+  with pytest.raises(ValueError, match=r"--targets: 10 is not a class \(0\.\.9\)"):
+    asr_floor.targets("2,10", 0, 10)
