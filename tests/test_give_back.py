@@ -130,6 +130,12 @@ def test_give_back_resumes_like_an_uninterrupted_run(given_back, tmp_path):
                                 np.load(given_back[0] / "returned.npz")["returned"])
 
 
+def _trained(tmp_path_factory, name: str, overrides: dict):
+  """(workdir, results) of one smoke run with `overrides`, trained once per module."""
+  out = tmp_path_factory.mktemp(name)
+  return out, experiment.train_and_evaluate(smoke.config(**overrides), str(out))
+
+
 GAUGE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_schedule="cosine", abl__finetune_epochs=2,
              abl__return_rule="agree", abl__gauge_epochs=2, abl__kept_out="relabel", abl__unlearning_epochs=0)
 
@@ -137,8 +143,7 @@ GAUGE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_schedule
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory):
   """BadNets smoke: a gauge judges the 20% pool; fine-tuning continues the isolation model, relabelled."""
-  out = tmp_path_factory.mktemp("judged")
-  return out, experiment.train_and_evaluate(smoke.config(**GAUGE), str(out))
+  return _trained(tmp_path_factory, "judged", GAUGE)
 
 
 def test_relabel_trains_every_pool_example_with_the_gauges_label(judged):
@@ -431,8 +436,7 @@ DROP = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__cla
 @pytest.fixture(scope="module")
 def dropped(tmp_path_factory):
   """A smoke run whose gauge flags an outlier label and leaves its rejected examples out of fine-tuning."""
-  out = tmp_path_factory.mktemp("dropped")
-  return out, experiment.train_and_evaluate(smoke.config(**DROP), str(out))
+  return _trained(tmp_path_factory, "dropped", DROP)
 
 
 def test_flagged_rejected_drop_leaves_the_rejected_examples_out_with_their_labels(dropped):
@@ -479,8 +483,7 @@ REGAUGE = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__
 @pytest.fixture(scope="module")
 def regauged(tmp_path_factory):
   """A smoke run whose gauge flags an outlier label, so that a second gauge judges again."""
-  out = tmp_path_factory.mktemp("regauged")
-  return out, experiment.train_and_evaluate(smoke.config(**REGAUGE), str(out))
+  return _trained(tmp_path_factory, "regauged", REGAUGE)
 
 
 def test_regauge_trains_a_second_gauge_without_the_rejected_and_fine_tuning_follows_it(regauged):
