@@ -34,11 +34,11 @@ def targets(spec: str, default: int, num_classes: int) -> list[int]:
   """The target classes `spec` names ('' = `default`, 'all' = every class), each checked."""
   if not spec:
     return [default]
-  chosen = list(range(num_classes)) if spec == "all" else [int(t) for t in spec.split(",")]
-  for t in chosen:
-    if not 0 <= t < num_classes:
-      raise ValueError(f"--targets: {t} is not a class (0..{num_classes - 1})")
-  return chosen
+  names = [str(t) for t in range(num_classes)] if spec == "all" else spec.split(",")
+  for t in names:
+    if not (t.strip().isdigit() and int(t) < num_classes):
+      raise ValueError(f"--targets: {t!r} is not a class (0..{num_classes - 1}) or 'all'")
+  return [int(t) for t in names]
 
 
 def floor(model: str, prep: experiment.Prepared, attack: str, target: int) -> dict:

@@ -162,5 +162,7 @@ def test_asr_floor_gives_the_runs_own_asr_for_its_target_and_checks_targets(runs
   assert out["clean_images_classified_as_target"] == pytest.approx(none["untriggered_target_rate"])
   assert asr_floor.targets("", 3, 10) == [3] and asr_floor.targets("all", 3, 4) == [0, 1, 2, 3]
   assert asr_floor.targets("5,1", 0, 10) == [5, 1]
-  with pytest.raises(ValueError, match=r"--targets: 10 is not a class \(0\.\.9\)"):
+  with pytest.raises(ValueError, match=r"--targets: '10' is not a class \(0\.\.9\) or 'all'"):
     asr_floor.targets("2,10", 0, 10)
+  with pytest.raises(ValueError, match=r"--targets: 'cat' is not a class"):
+    asr_floor.targets("cat", 0, 10)
