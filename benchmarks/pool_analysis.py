@@ -4,7 +4,9 @@
   python benchmarks/pool_analysis.py runs/s8/s0/input_aware_abl --json  # one JSON line instead
 
 From `epoch_scores.npz` (the isolation losses of the scored epochs) and `config.json`: the suspicious pool's
-recall of the poison and its largest label share under other `abl.class_quantile` and `abl.pool_ratio` values.
+recall of the poison and its largest label share under other `abl.class_quantile` and `abl.pool_ratio` values,
+and, at the run's own values, when ranked over each run of consecutive saved epochs (a run with
+`abl.score_epochs` = `abl.isolation_epochs` saved every epoch, so every `score_epochs` can be read off it).
 From `returned.npz` (the gauge's verdicts): how many pool examples each `abl.disown_below` would disown, and,
 where the run saved the gauge's losses outside the pool (`abl.contradict_factor` on), how many examples
 other contradiction factors would flag. The poison mask (`isolation.npz`) is read for these metrics only.
@@ -42,7 +44,7 @@ def pool_sweep(workdir: str) -> list[dict[str, Any]]:
   config = json.load(open(os.path.join(workdir, "config.json")))["abl"]
   iso = np.load(os.path.join(workdir, "isolation.npz"))
   saved = np.load(os.path.join(workdir, "epoch_scores.npz"))
-  epochs = sorted(saved.files, key=lambda k: int(k.split("_")[1]))[-config.get("score_epochs", 1):]
+  epochs = _epochs(saved)[-config.get("score_epochs", 1):]
   labels, poisoned, isolated = iso["labels"], iso["is_poisoned"].astype(bool), iso["isolated"]
   num_classes = int(labels.max()) + 1
   rows = []
@@ -52,6 +54,34 @@ def pool_sweep(workdir: str) -> list[dict[str, Any]]:
       pool = abl.suspicious_pool(ranking, isolated, "class_ratio", ratio)
       share, label = abl.largest_label_share(pool, labels, num_classes)
       rows.append({"class_quantile": quantile, "pool_ratio": ratio, "pool": len(pool),
+                   "recall": float(poisoned[pool].sum() / max(poisoned.sum(), 1)),
+                   "largest_label_share": share, "largest_label": label})
+  return rows
+
+
+def _epochs(saved: Any) -> list[str]:
+  """The keys of epoch_scores.npz in epoch order."""
+  return sorted(saved.files, key=lambda k: int(k.split("_")[1]))
+
+
+def epochs_sweep(workdir: str) -> list[dict[str, Any]]:
+  """Pool recall and largest label share at the run's class_quantile and pool_ratio, ranked over each run of
+  consecutive saved epochs (pool_rule=class_ratio)."""
+  config = json.load(open(os.path.join(workdir, "config.json")))["abl"]
+  iso = np.load(os.path.join(workdir, "isolation.npz"))
+  saved = np.load(os.path.join(workdir, "epoch_scores.npz"))
+  epochs = _epochs(saved)
+  labels, poisoned, isolated = iso["labels"], iso["is_poisoned"].astype(bool), iso["isolated"]
+  num_classes = int(labels.max()) + 1
+  quantile, ratio = config.get("class_quantile", 0.8), config.get("pool_ratio", 0.2)
+  rows = []
+  for first in range(len(epochs)):
+    for last in range(first, len(epochs)):
+      window = epochs[first:last + 1]
+      pool = abl.suspicious_pool(abl.pool_ranking([saved[k] for k in window], labels, "class_ratio", quantile),
+                                 isolated, "class_ratio", ratio)
+      share, label = abl.largest_label_share(pool, labels, num_classes)
+      rows.append({"epochs": "-".join(e.split("_")[1] for e in (window[0], window[-1])), "pool": len(pool),
                    "recall": float(poisoned[pool].sum() / max(poisoned.sum(), 1)),
                    "largest_label_share": share, "largest_label": label})
   return rows
@@ -107,13 +137,14 @@ def main() -> None:
     if not os.path.exists(os.path.join(args.workdir, name)):
       sys.exit(f"pool_analysis.py: {args.workdir}/{name} is missing; give it an ABL run's workdir")
   has_gauge = os.path.exists(os.path.join(args.workdir, "returned.npz"))
-  out = {"workdir": args.workdir, "pool": pool_sweep(args.workdir),
+  out = {"workdir": args.workdir, "pool": pool_sweep(args.workdir), "epochs": epochs_sweep(args.workdir),
          "disown": disown_sweep(args.workdir) if has_gauge else [],
          "contradiction": contradiction_sweep(args.workdir) if has_gauge else []}
   if args.json:
     print(json.dumps(out))
     return
   print(f"# {args.workdir}\n\n## Pool recall by class_quantile and pool_ratio\n\n{_table(out['pool'])}\n"
+        f"## Pool recall ranked over each run of consecutive saved epochs\n\n{_table(out['epochs'])}\n"
         f"## Pool examples disowned at each disown_below\n\n{_table(out['disown'])}\n"
         f"## Examples outside the pool flagged at each contradict_factor\n\n{_table(out['contradiction'])}")
 

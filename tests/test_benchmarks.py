@@ -126,6 +126,16 @@ def test_pool_analysis_recomputes_the_pool_and_counts_the_gauges_verdicts(tmp_pa
   assert disown[0.2]["disowned"] == 2 and disown[0.2]["poisoned_in_pool"] == 2
   flagged = {r["contradict_factor"]: r for r in pool_analysis.contradiction_sweep(str(tmp_path))}
   assert flagged[20]["flagged"] == 1 and flagged[20]["poisoned"] == 0 and flagged[20]["clean"] == "1 of label 0"
+  # A second saved epoch in which the poison is fit last in its label: ranked over it alone, the pool (the lowest
+  # 20% of the set by rank within label, plus the isolated example 0) misses example 1; over both it holds both.
+  later = np.linspace(1.0, 2.0, 20)
+  later[[0, 1]] = 3.0
+  (tmp_path / "config.json").write_text(json.dumps({"abl": {"score_epochs": 2, "pool_ratio": 0.2}}))
+  np.savez(tmp_path / "epoch_scores.npz", epoch_1=scores, epoch_2=later)
+  windows = {r["epochs"]: r for r in pool_analysis.epochs_sweep(str(tmp_path))}
+  assert list(windows) == ["1-1", "1-2", "2-2"]
+  assert windows["1-1"]["recall"] == 1.0 and windows["1-2"]["recall"] == 1.0
+  assert windows["2-2"]["recall"] == 0.5 and windows["2-2"]["pool"] == 5
 
 
 def test_outlier_levels_scores_a_runs_saved_verdicts_at_each_level(tmp_path):
