@@ -75,6 +75,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"{config.abl.disown_below}, 1]")
   if config.abl.gauge_epochs < 0:
     raise ValueError(f"config.abl.gauge_epochs={config.abl.gauge_epochs} must be >= 0")
+  if config.abl.finetune_init == "gauge" and not (config.abl.gauge_epochs and config.abl.return_rule == "agree"):
+    raise ValueError("config.abl.finetune_init='gauge' needs a gauge: config.abl.gauge_epochs > 0 and "
+                     "config.abl.return_rule='agree'")
   if config.defense.name == "abl" and config.abl.return_rule != "none" and not config.abl.gauge_epochs and not (
       1 <= config.abl.return_epoch < config.abl.finetune_epochs):
     raise ValueError(f"config.abl.return_epoch={config.abl.return_epoch} must be in [1, "

@@ -362,8 +362,8 @@ def give_back(run: Run) -> None:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
     _judge(run, path)
-  if a.gauge_epochs and run.done == run.cursor:  # Fine-tuning starts from the isolation model, not the gauge.
-    _restore_isolation_model(run)
+  if a.gauge_epochs and run.done == run.cursor and a.finetune_init != "gauge":  # Not from the gauge: from the
+    _restore_isolation_model(run)  # isolation model (or fresh weights, which the phase draws).
 
 
 def _restore_isolation_model(run: Run) -> None:
@@ -398,7 +398,7 @@ def regauge(run: Run) -> None:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
     _judge(run, path, prefix="regauge_", flag_among=first["outlier_labels"])
-  if run.done == run.cursor:
+  if run.done == run.cursor and a.finetune_init != "gauge":
     _restore_isolation_model(run)
 
 

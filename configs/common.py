@@ -79,8 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                             against, in (0, 1]; it must lie above the target label's share of poison
   #                             (a dirty-label attack on p of the set with 10 classes: p / (p + 0.1), i.e.
   #                             0.8 holds up to p = 0.4); 0.5 is the median.
-  c.abl.finetune_init = "isolation"  # Fine-tuning starts from the isolation model (the paper) or from
-  #                                    fresh weights (scratch: the isolation model's backdoor is not kept).
+  c.abl.finetune_init = "isolation"  # Fine-tuning starts from the isolation model (the paper), from fresh
+  #                                    weights (scratch) or from the gauge (the last one trained; needs
+  #                                    gauge_epochs > 0): the last two do not keep the isolation model's backdoor.
   c.abl.finetune_epochs = 60  # Epochs of fine-tuning: the examples outside the pool, and what return_rule gives back.
   c.abl.finetune_lr = 0.1  # Fine-tuning (peak) learning rate.
   c.abl.finetune_schedule = "cosine"  # step (x0.1 at each boundary below, the paper) or cosine (to 0).

@@ -176,3 +176,37 @@ def test_asr_floor_gives_the_runs_own_asr_for_its_target_and_checks_targets(runs
     asr_floor.targets("2,10", 0, 10)
   with pytest.raises(ValueError, match=r"--targets: 'cat' is not a class"):
     asr_floor.targets("cat", 0, 10)
+
+
+def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer(runs):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import smoke  # pylint: disable=import-outside-toplevel
+  from abl_jax import experiment, train  # pylint: disable=import-outside-toplevel
+  from benchmarks import spectral  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(200, 4))
+  labels = np.repeat([0, 1], 100)
+  poisoned = np.zeros(200, bool)
+  poisoned[:10] = True
+  features[:10, 0] += 8.0  # Label 0's poisoned examples sit apart along one direction.
+  rows = {r["label"]: r for r in spectral.label_stats(features, labels, poisoned)}
+  assert rows[0]["poisoned"] == 10 and rows[0]["auroc"] == 1.0 and rows[0]["recall_at_1.5x"] == 1.0
+  assert rows[0]["skewness"] > 2 and rows[0]["sv1_over_sv2"] > rows[1]["sv1_over_sv2"]
+  assert rows[1]["auroc"] is None and rows[1]["recall_at_1.5x"] is None
+  # On a real run, the captured features through the last Dense layer give the model's own probabilities.
+  root, _, _ = runs
+  config = smoke.config()
+  prep = experiment.prepare(config)
+  model = experiment._model(config, prep.train)  # pylint: disable=protected-access
+  last = max(int(step.name) for step in (root / "abl" / "checkpoints").iterdir() if step.name.isdigit())
+  restore = spectral._restore  # pylint: disable=protected-access
+  variables = restore(str(root / "abl"), last, model, config, prep.train.images.shape[1:])
+  images = prep.train.images[:64]
+  got = spectral.penultimate(model, variables, images, config.data.mean, config.data.std, batch=32)
+  dense = variables["params"]["Dense_0"]
+  logits = got @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+  mesh = train.make_mesh()
+  probs = train.predictor(model, variables, config.data.mean, config.data.std, 32, mesh, probabilities=True)(
+      images, prep.train.labels[:64])[2]
+  expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+  np.testing.assert_allclose(expected / expected.sum(axis=1, keepdims=True), probs, atol=1e-5)

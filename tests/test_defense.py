@@ -103,7 +103,8 @@ def test_disowned_examples_lose_their_label_and_keep_the_gauges_other_beliefs():
     ("abl__class_outlier_below", (0.1, 1.0),
      r"config\.abl\.class_outlier_below=\(0\.1, 1\.0\) must hold levels in \(0, 1\) \(or be \(\) for disown_below"),
     ("abl__disown_below", 1.0, r"config\.abl\.disown_below=1\.0 must be in \[0, 1\)"),
-    ("abl__finetune_init", "random", r"config\.abl\.finetune_init='random' is unknown; allowed: isolation, scratch"),
+    ("abl__finetune_init", "random",
+     r"config\.abl\.finetune_init='random' is unknown; allowed: isolation, scratch, gauge"),
     ("abl__finetune_schedule", "linear", r"config\.abl\.finetune_schedule='linear' is unknown; allowed: step, cosine"),
 ])
 def test_new_fields_are_checked_before_any_work(field, value, message, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 import smoke
 from abl_jax import abl, experiment, schedule, train
+from abl_jax.checkpoint import Checkpointer
 
 AGREE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
              abl__finetune_schedule="cosine", abl__finetune_epochs=3, abl__return_rule="agree",
@@ -179,6 +180,33 @@ def test_gauge_resumes_like_an_uninterrupted_run(judged, tmp_path):
 def test_gauge_epochs_must_not_be_negative(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.gauge_epochs=-1 must be >= 0"):
     experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__gauge_epochs": -1}), str(tmp_path))
+
+
+def test_finetune_init_gauge_fine_tunes_the_gauge_not_the_isolation_model(tmp_path, monkeypatch):
+  starts = {}
+  run_phase = schedule.run_phase
+
+  def spy(run, phase):
+    if phase.name == "finetune":
+      starts["finetune"] = train.to_host(run.state)
+    run_phase(run, phase)
+
+  monkeypatch.setattr(schedule, "run_phase", spy)
+  config = smoke.config(**{**GAUGE, "abl__finetune_init": "gauge", "train__keep_checkpoints": 10})
+  experiment.train_and_evaluate(config, str(tmp_path))
+  like = starts["finetune"]
+  gauge = Checkpointer(str(tmp_path / "checkpoints"), 10).restore(4, like)[0]  # 2 isolation + 2 gauge epochs.
+  isolation = Checkpointer(str(tmp_path / "isolation_model"), 1).restore_latest(like)[1]
+  same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  assert same(like.params, gauge.params) and same(like.batch_stats, gauge.batch_stats)
+  assert not same(like.params, isolation.params)
+
+
+def test_finetune_init_gauge_needs_a_gauge(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.finetune_init='gauge' needs a gauge: config\.abl\.gauge_epochs "
+                                       r"> 0 and config\.abl\.return_rule='agree'"):
+    experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__finetune_init": "gauge", "abl__gauge_epochs": 0}),
+                                  str(tmp_path))
 
 
 def test_kept_out_name_is_checked(tmp_path):

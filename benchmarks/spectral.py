@@ -1,0 +1,129 @@
+"""Spectral signatures (Tran et al., NeurIPS 2018) of a finished run's training set: per label, how far the top
+direction of a model's penultimate features separates that label's poisoned examples from its clean ones.
+
+    python benchmarks/spectral.py runs/sig                     # the isolation model (WORKDIR/isolation_model)
+    python benchmarks/spectral.py runs/sig --checkpoint=8      # WORKDIR/checkpoints/8, e.g. the gauge's last epoch
+    python benchmarks/spectral.py runs/sig --json              # one JSON line instead of a markdown table
+
+A measurement, not part of the defense: it reads the poison mask. Per training label: its examples and poisoned
+examples; the ratio of the first two singular values of its centred features and the size of the skewness of
+its projections on the first direction (what a defender could read without the mask); the AUROC of poisoned
+against clean along that direction (the better of its two signs), and the recall of the poisoned among the
+1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
+import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from abl_jax import experiment, plots, train  # noqa: E402
+from abl_jax.checkpoint import Checkpointer  # noqa: E402
+
+
+def penultimate(model: nn.Module, variables: Any, images: np.ndarray, mean: Any, std: Any,
+                batch: int = 500) -> np.ndarray:
+  """The input of the model's last Dense layer (inference mode) for uint8 `images`, as float32 [N, D]."""
+
+  def features(x: jax.Array) -> jax.Array:
+    seen = []
+
+    def keep_dense_input(next_fun, args, kwargs, context):
+      if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+        seen.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(keep_dense_input):
+      model.apply(variables, train.preprocess(x, mean, std), train=False)
+    return seen[-1].astype(jnp.float32)
+
+  step = jax.jit(features)
+  return np.concatenate([np.asarray(step(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+  """P(a positive scores above a negative), ties counted half."""
+  above = (positive[:, None] > negative[None, :]).mean()
+  tied = (positive[:, None] == negative[None, :]).mean()
+  return float(above + tied / 2)
+
+
+def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) -> list[dict[str, Any]]:
+  """Per training label: the spectral statistics of its centred features (see the module docstring)."""
+  rows = []
+  for label in np.unique(labels):
+    mine = labels == label
+    x = features[mine] - features[mine].mean(axis=0)
+    _, singular, directions = np.linalg.svd(x, full_matrices=False)
+    projection = x @ directions[0]  # Centred already; a singular vector's sign is arbitrary, so is skewness's.
+    skewness = float(np.mean(projection ** 3) / max(np.mean(projection ** 2), 1e-30) ** 1.5)
+    row = {"label": int(label), "examples": int(mine.sum()), "poisoned": int(poisoned[mine].sum()),
+           "sv1_over_sv2": float(singular[0] / singular[1]), "skewness": abs(skewness),
+           "auroc": None, "recall_at_1.5x": None}
+    bad = poisoned[mine]
+    if 0 < bad.sum() < len(bad):
+      auroc = _auroc(projection[bad], projection[~bad])
+      row["auroc"] = max(auroc, 1.0 - auroc)
+      removed = np.argsort(-projection ** 2, kind="stable")[:int(round(1.5 * bad.sum()))]
+      row["recall_at_1.5x"] = float(bad[removed].sum() / bad.sum())
+    rows.append(row)
+  return rows
+
+
+def _restore(workdir: str, checkpoint: int | None, model: nn.Module, config: Any, image_shape: tuple[int, ...]):
+  """The variables of WORKDIR/isolation_model (None) or of WORKDIR/checkpoints/<checkpoint>."""
+  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
+  shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape))
+  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  if checkpoint is None:
+    saved = Checkpointer(os.path.join(workdir, "isolation_model"), 1)
+    restored = saved.restore_latest(like)
+    if restored is None:
+      raise FileNotFoundError(f"{workdir}/isolation_model holds no checkpoint (an ABL run with a gauge keeps one)")
+    state = restored[1]
+  else:
+    saved = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
+    state = saved.restore(checkpoint, like)[0]
+  saved.close()
+  return train.variables_of(state)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("workdir", help="A finished run's workdir.")
+  parser.add_argument("--checkpoint", type=int, default=None,
+                      help="A step in WORKDIR/checkpoints (global epochs); default: WORKDIR/isolation_model.")
+  parser.add_argument("--json", action="store_true", help="Print one JSON line instead of a markdown table.")
+  args = parser.parse_args()
+  if not os.path.exists(os.path.join(args.workdir, "config.json")):
+    sys.exit(f"spectral.py: {args.workdir}/config.json is missing; give it a run's workdir")
+  config = plots._config(args.workdir)  # pylint: disable=protected-access
+  prep = experiment.prepare(config)
+  model = experiment._model(config, prep.train)  # pylint: disable=protected-access
+  variables = _restore(args.workdir, args.checkpoint, model, config, prep.train.images.shape[1:])
+  features = penultimate(model, variables, prep.train.images, config.data.mean, config.data.std,
+                         config.train.eval_batch_size)
+  rows = label_stats(features, prep.train.labels, np.asarray(prep.is_poisoned, bool))
+  which = "isolation_model" if args.checkpoint is None else f"checkpoints/{args.checkpoint}"
+  if args.json:
+    print(json.dumps({"workdir": args.workdir, "model": which, "labels": rows}))
+    return
+  keys = list(rows[0])
+  fmt = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+  print(f"# {args.workdir} ({which})\n")
+  print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+  for r in rows:
+    print("| " + " | ".join(fmt(r[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+  main()
