@@ -280,6 +280,36 @@ def owned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, above: floa
   return hit
 
 
+def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int, skew: float,
+                      tail: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Spectral signatures per label (Tran et al., 2018): the labels whose examples' projections on the top singular
+  direction of their centred `features` have a skewness of size at least `skew`, the examples of those labels
+  whose projection lies more than `tail` robust standard deviations (1.4826 MAD) beyond the median on the long
+  side, and every label's skewness size.
+
+  A minority of a label's examples sharing a feature its other examples lack (a trigger on 3-20% of them, at least
+  3.5 standard deviations apart along that direction) gives a skewness of about 0.9-1.2; a clean label's spread
+  is closer to symmetric (docs/defense.md).
+  """
+  sizes = np.zeros(num_classes)
+  hits = []
+  for label in range(num_classes):
+    mine = np.flatnonzero(labels == label)
+    if len(mine) < 3:
+      continue
+    x = features[mine] - features[mine].mean(axis=0)
+    projection = x @ np.linalg.svd(x, full_matrices=False)[2][0]
+    skewness = np.mean(projection ** 3) / max(np.mean(projection ** 2), 1e-30) ** 1.5
+    sizes[label] = abs(skewness)
+    if abs(skewness) >= skew:
+      projection = projection if skewness >= 0 else -projection
+      median = np.median(projection)
+      spread = 1.4826 * np.median(np.abs(projection - median))
+      hits.append(mine[projection - median > tail * max(spread, 1e-12)])
+  flagged = np.flatnonzero((sizes >= skew) & (np.bincount(labels, minlength=num_classes) >= 3))
+  return flagged, np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64), sizes
+
+
 def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:
   """Each example's lowest rank (0 = lowest score) among several scorings, as a share of the set; ties by index.
 

@@ -80,13 +80,14 @@ class Run:
   left_out: np.ndarray | None = None  # Examples outside the pool fine-tuning leaves out (abl.flagged_rejected).
   labels: np.ndarray | None = None  # Fine-tuning's training labels where they differ (config.abl.kept_out).
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
+  suspected: np.ndarray | None = None  # Examples the spectral rule adds to the pool, to be disowned (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
 
-  def predict(self, probabilities: bool = False) -> train.Predict:
-    """The current model's (images, labels) -> (cross-entropy, prediction[, class probabilities])."""
+  def predict(self, probabilities: bool = False, features: bool = False) -> train.Predict:
+    """The current model's (images, labels) -> (cross-entropy, prediction[, class probabilities][, features])."""
     c = self.config
     return train.predictor(self.model, train.variables_of(self.state), c.data.mean, c.data.std,
-                           c.train.eval_batch_size, self.mesh, probabilities=probabilities)
+                           c.train.eval_batch_size, self.mesh, probabilities=probabilities, features=features)
 
   def set_aside(self, name: str) -> None:
     """Saves the current model to WORKDIR/<name> (one Orbax checkpoint), apart from the run's checkpoints."""
@@ -234,14 +235,21 @@ def isolate(run: Run) -> None:
   a = run.config.abl
   if os.path.exists(path):  # Isolated before an interruption, or copied by config.abl.start_from.
     saved = wd.load_npz(path)
-    run.scores, run.isolated = saved["scores"], saved["isolated"]
+    run.scores, run.isolated, run.suspected = saved["scores"], saved["isolated"], saved.get("suspected")
     run.pool = _pool(run)
     return
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
   t0 = time.perf_counter()
-  scores, _ = run.predict()(run.train.images, run.train.labels)
+  scores, _, *features = run.predict(features=bool(a.spectral_skew))(run.train.images, run.train.labels)
   run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
+  spectral = {}
+  if a.spectral_skew:
+    flagged, run.suspected, sizes = abl.spectral_outliers(features[0], run.train.labels, run.train.num_classes,
+                                                          a.spectral_skew, a.spectral_tail)
+    spectral = {"suspected": run.suspected, "spectral_skewness": sizes}
+    logging.info("spectral signatures: skewness by label %s; flagged %s, %d examples to disown",
+                 np.round(sizes, 2).tolist(), flagged.tolist() or "none", len(run.suspected))
   run.pool = _pool(run)
   isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
@@ -251,11 +259,17 @@ def isolate(run: Run) -> None:
                 "pool_recall": pool_stats["recall"], "pool_threshold": float(np.max(scores[run.pool]))})
   share, label = abl.largest_label_share(run.pool, run.train.labels, run.train.num_classes)
   stats.update({"pool_largest_label_share": share, "pool_largest_label": label})
+  if spectral:
+    sizes = spectral["spectral_skewness"]
+    stats.update({"spectral_labels": [int(k) for k in np.flatnonzero(sizes >= a.spectral_skew)],
+                  "spectral_skewness": [round(float(v), 3) for v in sizes], "spectral_suspected": len(run.suspected),
+                  "spectral_suspected_poisoned":  # Metrics only.
+                  run.evaluation.isolation_metrics(run.suspected)["num_poisoned_isolated"]})
   stats["seconds"] = time.perf_counter() - t0
   if distributed.is_primary():
-    # is_poisoned is saved for the report's histogram only; the steps read scores, isolated and pool.
+    # is_poisoned is saved for the report's histogram only; the steps read scores, isolated, pool and suspected.
     wd.write_npz(path, scores=scores, isolated=isolated, pool=run.pool, labels=run.train.labels,
-                 is_poisoned=run.evaluation.is_poisoned)
+                 is_poisoned=run.evaluation.is_poisoned, **spectral)
     wd.write_json(os.path.join(run.workdir, "isolation.json"), stats)
   distributed.barrier("isolation")
   run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items() if k != "pool_rule"}, phase="isolate",
@@ -272,6 +286,8 @@ def _pool(run: Run) -> np.ndarray:
     scorings = [saved[k] for k in sorted(saved)]
   ranking = abl.pool_ranking(scorings, run.train.labels, a.pool_rule, a.class_quantile)
   pool = abl.suspicious_pool(ranking, run.isolated, a.pool_rule, a.pool_ratio)
+  if run.suspected is not None and len(run.suspected):
+    pool = np.union1d(pool, run.suspected)
   if len(pool) >= len(run.scores):
     raise ValueError(f"config.abl.pool_ratio={a.pool_ratio} leaves no example to fine-tune on "
                      f"(pool_rule={a.pool_rule!r}); use a smaller config.abl.pool_ratio")
@@ -434,8 +450,10 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
         extra["contradicted"] = _contradicted(run, outside)
       if a.class_outlier_z and a.disown_below:
         extra.update(_class_rejected(run, outside, flag_among))
-    if a.own_above < 1.0:
-      extra["owned"] = abl.owned(run.labels, run.train.labels, soft, a.own_above)
+    suspected = run.suspected if run.suspected is not None else soft[:0]
+    if a.own_above < 1.0:  # The spectral rule's suspects are disowned below, never owned.
+      extra["owned"] = abl.owned(run.labels, run.train.labels, np.setdiff1d(soft, suspected) if len(suspected)
+                                 else soft, a.own_above)
     if "class_rejected" in extra and a.flagged_rejected == "drop":
       run.left_out = extra["left_out"] = extra["class_rejected"]
     if a.disown_below:
@@ -443,6 +461,9 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
       for outside_taught in ("contradicted",) + (("class_rejected",) if a.flagged_rejected == "disown" else ()):
         taught = np.union1d(taught, extra.get(outside_taught, soft[:0]))
       extra["disowned"] = abl.disowned(run.labels, run.train.labels, taught, a.disown_below)
+    if len(suspected):  # Whatever the gauge gives their label.
+      extra["spectral_disowned"] = abl.disowned(run.labels, run.train.labels, suspected, np.inf)
+      extra["disowned"] = np.union1d(extra.get("disowned", suspected[:0]), extra["spectral_disowned"])
     if a.unsure == "drop":  # The pool examples the gauge neither backs nor rejects stay out.
       sure = np.union1d(extra.get("owned", soft[:0]), extra.get("disowned", soft[:0]))
       kept_out = np.setdiff1d(soft, sure)
@@ -454,7 +475,8 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     stats["outlier_labels"] = [int(k) for k in extra["outlier_labels"]]
     stats["outlier_scores"] = [round(float(v), 2) for v in extra["outlier_scores"].max(axis=0)]  # Highest level's.
   for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "class_rejected", "left_out",
-                                                                        "owned", "disowned", "relabelled")
+                                                                        "owned", "disowned", "spectral_disowned",
+                                                                        "relabelled")
                                                   if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})

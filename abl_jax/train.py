@@ -255,14 +255,27 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
 
 
 @functools.lru_cache(maxsize=32)
-def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[float, ...], mesh: Mesh) -> Callable:
-  """(variables, images, labels) -> (per-example cross-entropy, predictions, class probabilities): one compilation
-  per batch shape."""
+def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[float, ...], mesh: Mesh,
+                features: bool = False) -> Callable:
+  """(variables, images, labels) -> (per-example cross-entropy, predictions, class probabilities[, the input of
+  the model's last Dense layer]): one compilation per batch shape."""
 
   def infer(variables, images, labels):
-    logits = model.apply(variables, preprocess(images, mean, std), train=False)
-    return (optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.argmax(logits, -1),
-            jax.nn.softmax(logits.astype(jnp.float32)))
+    seen = []
+
+    def keep_dense_input(next_fun, args, kwargs, context):
+      if isinstance(context.module, flax.linen.Dense) and context.method_name == "__call__":
+        seen.append(args[0])
+      return next_fun(*args, **kwargs)
+
+    if features:
+      with flax.linen.intercept_methods(keep_dense_input):
+        logits = model.apply(variables, preprocess(images, mean, std), train=False)
+    else:
+      logits = model.apply(variables, preprocess(images, mean, std), train=False)
+    out = (optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.argmax(logits, -1),
+           jax.nn.softmax(logits.astype(jnp.float32)))
+    return out + ((seen[-1].astype(jnp.float32),) if features else ())
 
   # Outputs stay split over the devices: a replicated output would end each call in an all-gather, and on CPU
   # devices the back-to-back independent calls of `predictor` can then deadlock the intra-op thread pool.
@@ -270,16 +283,18 @@ def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[fl
 
 
 def predictor(model: flax.linen.Module, variables: Any, mean: Sequence[float], std: Sequence[float],
-              batch_size: int, mesh: Mesh | None = None, probabilities: bool = False) -> Predict:
+              batch_size: int, mesh: Mesh | None = None, probabilities: bool = False,
+              features: bool = False) -> Predict:
   """The (images, labels) -> (cross-entropy, predicted class) function of `model` with `variables` (inference mode);
-  with `probabilities`, also every class's probability ([N, classes]).
+  with `probabilities`, also every class's probability ([N, classes]); with `features`, last, the input of the
+  model's last Dense layer ([N, width], the penultimate features).
 
   Whole sets go through in batches of `batch_size` split over `mesh` (padded to one shape); every process
   receives the whole result. A process drawing pictures alone passes a mesh of its local devices.
   """
   mesh = mesh or default_mesh()
   check_batch_size(batch_size, "eval batch size", mesh)
-  fn = _infer_step(model, tuple(float(m) for m in mean), tuple(float(s) for s in std), mesh)
+  fn = _infer_step(model, tuple(float(m) for m in mean), tuple(float(s) for s in std), mesh, features)
   placed = replicate(variables, mesh)
 
   def predict(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -292,9 +307,10 @@ def predictor(model: flax.linen.Module, variables: Any, mean: Sequence[float], s
     outputs = [fn(placed, put_batch(images[s:s + size], mesh), put_batch(labels[s:s + size], mesh))
                for s in range(0, len(images), size)]
     if not outputs:
-      return (np.zeros(0), np.zeros(0, int)) + ((np.zeros((0, 0)),) if probabilities else ())
-    ce, pred, probs = (np.concatenate(x) for x in zip(*to_host(outputs)))
-    return (ce[:total], pred[:total]) + ((probs[:total],) if probabilities else ())
+      return (np.zeros(0), np.zeros(0, int)) + ((np.zeros((0, 0)),) * (probabilities + features))
+    ce, pred, probs, *feats = (np.concatenate(x) for x in zip(*to_host(outputs)))
+    return ((ce[:total], pred[:total]) + ((probs[:total],) if probabilities else ())
+            + ((feats[0][:total],) if features else ()))
 
   return predict
 

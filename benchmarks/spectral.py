@@ -24,7 +24,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
 import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from abl_jax import experiment, plots, train  # noqa: E402
 from abl_jax.checkpoint import Checkpointer  # noqa: E402
@@ -33,21 +32,8 @@ from abl_jax.checkpoint import Checkpointer  # noqa: E402
 def penultimate(model: nn.Module, variables: Any, images: np.ndarray, mean: Any, std: Any,
                 batch: int = 500) -> np.ndarray:
   """The input of the model's last Dense layer (inference mode) for uint8 `images`, as float32 [N, D]."""
-
-  def features(x: jax.Array) -> jax.Array:
-    seen = []
-
-    def keep_dense_input(next_fun, args, kwargs, context):
-      if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-        seen.append(args[0])
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(keep_dense_input):
-      model.apply(variables, train.preprocess(x, mean, std), train=False)
-    return seen[-1].astype(jnp.float32)
-
-  step = jax.jit(features)
-  return np.concatenate([np.asarray(step(images[i:i + batch])) for i in range(0, len(images), batch)])
+  predict = train.predictor(model, variables, mean, std, batch, train.make_mesh(jax.local_devices()), features=True)
+  return predict(images, np.zeros(len(images), np.int32))[2]
 
 
 def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:

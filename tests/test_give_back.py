@@ -297,6 +297,22 @@ def test_unsure_drop_keeps_out_the_pool_examples_neither_owned_nor_disowned(tmp_
   assert (summary["owned"], summary["kept_out_size"]) == (len(owned), len(kept_out))
 
 
+def test_spectral_outliers_flag_the_label_with_a_separate_minority_and_pick_it():
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0, 1, 2], 200)
+  features = rng.normal(size=(600, 8))
+  features[:20, 3] += 10.0  # 10% of label 0 share a feature the rest of it lacks.
+  flagged, suspected, sizes = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0)
+  np.testing.assert_array_equal(flagged, [0])
+  assert np.isin(np.arange(20), suspected).all() and len(suspected) <= 22 and (labels[suspected] == 0).all()
+  assert sizes[0] > 2.0 and sizes[1] < 0.5 and sizes[2] < 0.5
+  features[:20, 3] -= 20.0  # The same cluster on the other side of the direction: found all the same.
+  suspected = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0)[1]
+  assert np.isin(np.arange(20), suspected).all() and len(suspected) <= 22
+  flagged, suspected, _ = abl.spectral_outliers(features, labels, 3, skew=5.0, tail=3.0)
+  assert not len(flagged) and not len(suspected)
+
+
 def test_lowest_rank_takes_each_examples_best_rank_over_the_scorings():
   first, second = np.array([0.1, 0.5, 0.9, 0.3]), np.array([0.8, 0.05, 0.7, 0.6])
   np.testing.assert_allclose(abl.lowest_rank([first, second]), np.array([0, 0, 2, 1]) / 4)
@@ -455,6 +471,40 @@ def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(
   np.testing.assert_array_equal(saved["labels"][class_rejected, train_labels[class_rejected]], 0.0)
   plain = np.setdiff1d(outside, class_rejected)
   np.testing.assert_array_equal(saved["labels"][plain], np.eye(10)[train_labels[plain]])
+
+
+SPECTRAL = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__own_above": 0.5,
+            "abl__spectral_skew": 0.01, "abl__spectral_tail": 1.0}
+
+
+def test_spectral_suspects_join_the_pool_and_are_disowned_whatever_the_gauge_says(tmp_path):
+  # A skewness of 0.01 flags every label: each label's examples beyond 1 robust deviation are suspects.
+  config = smoke.config(**SPECTRAL)
+  experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)  # Stops inside the gauge, after isolation.
+  iso = np.load(tmp_path / "isolation.npz")
+  suspected, pool, train_labels = iso["suspected"], iso["pool"], iso["labels"]
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  assert len(suspected) and summary["spectral_suspected"] == len(suspected)
+  assert summary["spectral_labels"] == list(range(10)) and len(summary["spectral_skewness"]) == 10
+  assert np.isin(suspected, pool).all()
+  experiment.train_and_evaluate(config, str(tmp_path))  # Resumed: the pool is rebuilt with the suspects in it.
+  saved = np.load(tmp_path / "returned.npz")
+  np.testing.assert_array_equal(np.load(tmp_path / "isolation.npz")["pool"], pool)
+  np.testing.assert_array_equal(saved["spectral_disowned"], suspected)
+  assert np.isin(suspected, saved["disowned"]).all() and not np.isin(suspected, saved["owned"]).any()
+  np.testing.assert_array_equal(saved["labels"][suspected, train_labels[suspected]], 0.0)
+  assert np.isin(suspected, saved["returned"]).all()  # Disowned examples train (toward "not this label").
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("abl__spectral_skew", -0.5, r"config\.abl\.spectral_skew=-0\.5 must be 0 \(off\) or > 0"),
+    ("abl__spectral_tail", 0.0, r"config\.abl\.spectral_tail=0\.0 must be > 0"),
+    ("abl__kept_out", "relabel", r"config\.abl\.spectral_skew > 0 disowns through the gauge: it needs "
+                                 r"config\.abl\.kept_out='distill'"),
+])
+def test_spectral_fields_are_checked(field, value, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, field: value}), str(tmp_path))
 
 
 DROP = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0,
