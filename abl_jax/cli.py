@@ -120,10 +120,11 @@ _RULES = (
                                           and c.abl.disown_below),
      "it applies with a gauge (abl.gauge_epochs > 0) that distills the pool and looks for outlier labels "
      "(abl.class_outlier_z > 0, abl.disown_below > 0)"),
-    ("config.abl.spectral_skew", lambda c: not _distills(c),
-     _DISTILLED),
-    ("config.abl.spectral_tail", lambda c: not (_distills(c) and c.abl.spectral_skew),
-     "it applies with abl.spectral_skew > 0 and a gauge that distills the pool"),
+    ("config.abl.spectral_skew", lambda c: not (_distills(c) and c.abl.kept_out == "distill"),
+     "it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
+     "abl.kept_out='distill'), which it disowns through"),
+    ("config.abl.spectral_tail", lambda c: not (_distills(c) and c.abl.kept_out == "distill" and c.abl.spectral_skew),
+     "it applies with abl.spectral_skew > 0 where every pool example trains toward the judge's probabilities"),
     ("config.abl.own_above", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),

@@ -79,10 +79,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.abl.spectral_skew={config.abl.spectral_skew} must be 0 (off) or > 0")
   if not config.abl.spectral_tail > 0:
     raise ValueError(f"config.abl.spectral_tail={config.abl.spectral_tail} must be > 0")
-  if config.abl.spectral_skew and not (config.abl.kept_out == "distill" and config.abl.gauge_epochs
-                                       and config.abl.return_rule == "agree"):
-    raise ValueError("config.abl.spectral_skew > 0 disowns through the gauge: it needs config.abl.kept_out="
-                     "'distill', config.abl.gauge_epochs > 0 and config.abl.return_rule='agree'")
   if config.abl.finetune_init == "gauge" and not (config.abl.gauge_epochs and config.abl.return_rule == "agree"):
     raise ValueError("config.abl.finetune_init='gauge' needs a gauge: config.abl.gauge_epochs > 0 and "
                      "config.abl.return_rule='agree'")

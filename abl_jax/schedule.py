@@ -241,10 +241,10 @@ def isolate(run: Run) -> None:
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
   t0 = time.perf_counter()
-  scores, _, *features = run.predict(features=bool(a.spectral_skew))(run.train.images, run.train.labels)
+  scores, _, *features = run.predict(features=_spectral(a))(run.train.images, run.train.labels)
   run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
   spectral = {}
-  if a.spectral_skew:
+  if _spectral(a):
     flagged, run.suspected, sizes = abl.spectral_outliers(features[0], run.train.labels, run.train.num_classes,
                                                           a.spectral_skew, a.spectral_tail)
     spectral = {"suspected": run.suspected, "spectral_skewness": sizes}
@@ -274,6 +274,11 @@ def isolate(run: Run) -> None:
   distributed.barrier("isolation")
   run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items() if k != "pool_rule"}, phase="isolate",
                    global_epoch=run.done)
+
+
+def _spectral(a: ml_collections.ConfigDict) -> bool:
+  """Whether config.abl.spectral_skew applies: its suspects are disowned through a judge that distills the pool."""
+  return bool(a.spectral_skew) and a.return_rule != "none" and a.kept_out == "distill"
 
 
 def _pool(run: Run) -> np.ndarray:

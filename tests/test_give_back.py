@@ -496,11 +496,16 @@ def test_spectral_suspects_join_the_pool_and_are_disowned_whatever_the_gauge_say
   assert np.isin(suspected, saved["returned"]).all()  # Disowned examples train (toward "not this label").
 
 
+def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(tmp_path):
+  config = smoke.config(**{**SPECTRAL, "abl__kept_out": "relabel"})
+  experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)
+  assert "suspected" not in np.load(tmp_path / "isolation.npz").files
+  assert "spectral_labels" not in json.loads((tmp_path / "isolation.json").read_text())
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("abl__spectral_skew", -0.5, r"config\.abl\.spectral_skew=-0\.5 must be 0 \(off\) or > 0"),
     ("abl__spectral_tail", 0.0, r"config\.abl\.spectral_tail=0\.0 must be > 0"),
-    ("abl__kept_out", "relabel", r"config\.abl\.spectral_skew > 0 disowns through the gauge: it needs "
-                                 r"config\.abl\.kept_out='distill'"),
 ])
 def test_spectral_fields_are_checked(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):
