@@ -119,11 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.flagged_rejected = "disown"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
   #                               gives less than disown_below train toward its probabilities with their label's
   #                               share set to 0 (disown), or stay out of fine-tuning (drop).
-  c.abl.spectral_skew = 0.0  # distill: > 0 flags each label whose examples' isolation-model features (the input of
+  c.abl.spectral_skew = 0.8  # distill: > 0 flags each label whose examples' isolation-model features (the input of
   #                            its last layer), projected on their top singular direction, have a skewness of at
   #                            least this size (spectral signatures: a trigger shared by a minority of a label);
   #                            its examples beyond spectral_tail on the long side join the pool and are disowned,
-  #                            whatever the gauge says; 0 = off (docs/defense.md measures 0.8).
+  #                            whatever the gauge says; 0 = off (before 2026-12-04). A minority of 3-20% of a
+  #                            label 3.5 standard deviations apart gives 0.9-1.2; clean labels measured at most
+  #                            0.71 (docs/defense.md, session 15).
   c.abl.spectral_tail = 2.0  # spectral_skew: robust standard deviations (1.4826 MAD) beyond the median (> 0).
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again

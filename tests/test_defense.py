@@ -140,7 +140,8 @@ def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
   run = types.SimpleNamespace(config=ml_collections.ConfigDict({"abl": {"pool_rule": "ratio", "pool_ratio": 0.9,
                                                                        "score_epochs": 1, "class_quantile": 0.5}}),
                               workdir="",
-                              scores=np.zeros(10), isolated=np.array([0]), train=types.SimpleNamespace(labels=np.zeros(10)))
+                              scores=np.zeros(10), isolated=np.array([0]), suspected=None,
+                              train=types.SimpleNamespace(labels=np.zeros(10)))
   with pytest.raises(ValueError, match=r"config\.abl\.pool_ratio=0\.9 leaves no example to fine-tune on"):
     schedule._pool(run)
 
