@@ -280,6 +280,16 @@ def owned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, above: floa
   return hit
 
 
+def top_direction(features: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+  """Examples' `features` centred and projected on their top singular direction, signed so that the projections'
+  skewness is >= 0 (a singular vector's sign is arbitrary); that skewness; and the singular values."""
+  x = features - features.mean(axis=0)
+  _, singular, directions = np.linalg.svd(x, full_matrices=False)
+  projection = x @ directions[0]
+  skewness = float(np.mean(projection ** 3) / max(np.mean(projection ** 2), 1e-30) ** 1.5)
+  return (projection if skewness >= 0 else -projection), abs(skewness), singular
+
+
 def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int, skew: float,
                       tail: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Spectral signatures per label (Tran et al., 2018): the labels whose examples' projections on the top singular
@@ -297,12 +307,8 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int
     mine = np.flatnonzero(labels == label)
     if len(mine) < 3:
       continue
-    x = features[mine] - features[mine].mean(axis=0)
-    projection = x @ np.linalg.svd(x, full_matrices=False)[2][0]
-    skewness = np.mean(projection ** 3) / max(np.mean(projection ** 2), 1e-30) ** 1.5
-    sizes[label] = abs(skewness)
-    if abs(skewness) >= skew:
-      projection = projection if skewness >= 0 else -projection
+    projection, sizes[label], _ = top_direction(features[mine])
+    if sizes[label] >= skew:
       median = np.median(projection)
       spread = 1.4826 * np.median(np.abs(projection - median))
       hits.append(mine[projection - median > tail * max(spread, 1e-12)])

@@ -261,7 +261,7 @@ def isolate(run: Run) -> None:
   stats.update({"pool_largest_label_share": share, "pool_largest_label": label})
   if spectral:
     sizes = spectral["spectral_skewness"]
-    stats.update({"spectral_labels": [int(k) for k in np.flatnonzero(sizes >= a.spectral_skew)],
+    stats.update({"spectral_labels": [int(k) for k in flagged],
                   "spectral_skewness": [round(float(v), 3) for v in sizes], "spectral_suspected": len(run.suspected),
                   "spectral_suspected_poisoned":  # Metrics only.
                   run.evaluation.isolation_metrics(run.suspected)["num_poisoned_isolated"]})

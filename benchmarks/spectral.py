@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax  # noqa: E402
 
-from abl_jax import experiment, plots, train  # noqa: E402
+from abl_jax import abl, experiment, plots, train  # noqa: E402
 from abl_jax.checkpoint import Checkpointer  # noqa: E402
 
 
@@ -48,12 +48,9 @@ def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) 
   rows = []
   for label in np.unique(labels):
     mine = labels == label
-    x = features[mine] - features[mine].mean(axis=0)
-    _, singular, directions = np.linalg.svd(x, full_matrices=False)
-    projection = x @ directions[0]  # Centred already; a singular vector's sign is arbitrary, so is skewness's.
-    skewness = float(np.mean(projection ** 3) / max(np.mean(projection ** 2), 1e-30) ** 1.5)
+    projection, skewness, singular = abl.top_direction(features[mine])
     row = {"label": int(label), "examples": int(mine.sum()), "poisoned": int(poisoned[mine].sum()),
-           "sv1_over_sv2": float(singular[0] / singular[1]), "skewness": abs(skewness),
+           "sv1_over_sv2": float(singular[0] / singular[1]), "skewness": skewness,
            "auroc": None, "recall_at_1.5x": None}
     bad = poisoned[mine]
     if 0 < bad.sum() < len(bad):

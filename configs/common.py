@@ -124,8 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                            least this size (spectral signatures: a trigger shared by a minority of a label);
   #                            its examples beyond spectral_tail on the long side join the pool and are disowned,
   #                            whatever the gauge says; 0 = off (before 2026-12-04). A minority of 3-20% of a
-  #                            label 3.5 standard deviations apart gives 0.9-1.2; clean labels measured at most
-  #                            0.71 (docs/defense.md, session 15).
+  #                            label 3.5 standard deviations apart gives 0.9-1.2; labels without poison measured
+  #                            at most 0.74 (docs/defense.md, session 15).
   c.abl.spectral_tail = 2.0  # spectral_skew: robust standard deviations (1.4826 MAD) beyond the median (> 0).
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again
