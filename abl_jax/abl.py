@@ -7,7 +7,7 @@ Every function here sees losses, images and labels only, never the ground-truth 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -290,30 +290,73 @@ def top_direction(features: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
   return (projection if skewness >= 0 else -projection), abs(skewness), singular
 
 
-def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int, skew: float,
-                      tail: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Spectral signatures per label (Tran et al., 2018): the labels whose examples' projections on the top singular
-  direction of their centred `features` have a skewness of size at least `skew`, the examples of those labels
-  whose projection lies more than `tail` robust standard deviations (1.4826 MAD) beyond the median on the long
-  side, and every label's skewness size.
+def kurtosis(projection: np.ndarray) -> float:
+  """The Pearson kurtosis (fourth standardised moment; 3 for a normal, 1.8 for a uniform) of `projection`."""
+  x = projection - projection.mean()
+  return float(np.mean(x ** 4) / max(np.mean(x ** 2), 1e-30) ** 2)
 
-  A minority of a label's examples sharing a feature its other examples lack (a trigger on 3-20% of them, at least
-  3.5 standard deviations apart along that direction) gives a skewness of about 0.9-1.2; a clean label's spread
-  is closer to symmetric (docs/defense.md).
+
+def two_means_split(projection: np.ndarray) -> float:
+  """The threshold that splits `projection` into two groups with the least summed within-group variance (1-D
+  2-means, exact): the midpoint between the two sorted values it falls between."""
+  values = np.sort(np.asarray(projection, np.float64))
+  n = len(values)
+  total, squares = np.cumsum(values), np.cumsum(values ** 2)
+  left = np.arange(1, n)
+  within = (squares[:-1] - total[:-1] ** 2 / left) + (
+      squares[-1] - squares[:-1] - (total[-1] - total[:-1]) ** 2 / (n - left))
+  j = int(np.argmin(within))
+  return float((values[j] + values[j + 1]) / 2)
+
+
+class Spectral(NamedTuple):
+  """What abl.spectral_outliers found: flagged labels, the examples to disown, and every label's statistics."""
+  flagged: np.ndarray  # Labels flagged by either test, ascending.
+  suspected: np.ndarray  # Example indices to disown, ascending.
+  skewness: np.ndarray  # [num_classes] size of the skewness of each label's top-direction projections.
+  kurtosis: np.ndarray  # [num_classes] their kurtosis (0 for a label with fewer than 3 examples).
+  bimodal: np.ndarray  # The flagged labels split in two (kurtosis test), ascending.
+
+
+def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int, skew: float, tail: float,
+                      kurtosis_below: float = 0.0, scores: np.ndarray | None = None) -> Spectral:
+  """Spectral signatures per label (Tran et al., 2018): each label's examples projected on the top singular
+  direction of their centred `features`, and two tests of that projection a label without poison passes.
+
+  Split in two (`kurtosis_below` > 0 and the kurtosis at most that): a trigger on about half of a label's examples
+  (a dirty-label backdoor's target, a clean-label attack on half of its class) gives two separate modes; the
+  projection is cut where two groups have the least within-group variance and the group whose median `scores`
+  (isolation losses) is lower, the one the isolation model learned first, is suspected. Otherwise skewed (size at
+  least `skew` > 0): a minority sharing a feature the rest lack; its examples more than `tail` robust standard
+  deviations (1.4826 MAD) beyond the median on the long side are suspected.
+
+  Two modes 4 standard deviations apart in equal shares give a kurtosis of 1.72, a normal 3; a minority of 3-20%
+  3.5 standard deviations apart a skewness of about 0.9-1.2 (docs/defense.md has the labels measured without poison).
   """
-  sizes = np.zeros(num_classes)
-  hits = []
+  if kurtosis_below > 0 and scores is None:
+    raise ValueError("spectral_outliers: kurtosis_below > 0 needs the isolation scores to pick a side")
+  sizes, kurt = np.zeros(num_classes), np.zeros(num_classes)
+  hits, flagged, bimodal = [], [], []
   for label in range(num_classes):
     mine = np.flatnonzero(labels == label)
     if len(mine) < 3:
       continue
     projection, sizes[label], _ = top_direction(features[mine])
-    if sizes[label] >= skew:
+    kurt[label] = kurtosis(projection)
+    if kurtosis_below > 0 and kurt[label] <= kurtosis_below:
+      upper = projection > two_means_split(projection)
+      learned_first = np.median(scores[mine[upper]]) <= np.median(scores[mine[~upper]])
+      hits.append(mine[upper if learned_first else ~upper])
+      bimodal.append(label)
+    elif skew > 0 and sizes[label] >= skew:
       median = np.median(projection)
       spread = 1.4826 * np.median(np.abs(projection - median))
       hits.append(mine[projection - median > tail * max(spread, 1e-12)])
-  flagged = np.flatnonzero((sizes >= skew) & (np.bincount(labels, minlength=num_classes) >= 3))
-  return flagged, np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64), sizes
+    else:
+      continue
+    flagged.append(label)
+  suspected = np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
+  return Spectral(np.asarray(flagged, np.int64), suspected, sizes, kurt, np.asarray(bimodal, np.int64))
 
 
 def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:

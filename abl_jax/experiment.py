@@ -77,6 +77,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.abl.gauge_epochs={config.abl.gauge_epochs} must be >= 0")
   if config.abl.spectral_skew < 0:
     raise ValueError(f"config.abl.spectral_skew={config.abl.spectral_skew} must be 0 (off) or > 0")
+  if not (config.abl.spectral_kurtosis == 0 or 1 < config.abl.spectral_kurtosis < 3):
+    raise ValueError(f"config.abl.spectral_kurtosis={config.abl.spectral_kurtosis} must be 0 (off) or in (1, 3) "
+                     "(two equal point masses give 1, a normal 3)")
   if not config.abl.spectral_tail > 0:
     raise ValueError(f"config.abl.spectral_tail={config.abl.spectral_tail} must be > 0")
   if config.abl.finetune_init == "gauge" and not (config.abl.gauge_epochs and config.abl.return_rule == "agree"):

@@ -245,11 +245,14 @@ def isolate(run: Run) -> None:
   run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
   spectral = {}
   if _spectral(a):
-    flagged, run.suspected, sizes = abl.spectral_outliers(features[0], run.train.labels, run.train.num_classes,
-                                                          a.spectral_skew, a.spectral_tail)
-    spectral = {"suspected": run.suspected, "spectral_skewness": sizes}
-    logging.info("spectral signatures: skewness by label %s; flagged %s, %d examples to disown",
-                 np.round(sizes, 2).tolist(), flagged.tolist() or "none", len(run.suspected))
+    found = abl.spectral_outliers(features[0], run.train.labels, run.train.num_classes, a.spectral_skew,
+                                  a.spectral_tail, a.spectral_kurtosis, scores)
+    run.suspected = found.suspected
+    spectral = {"suspected": run.suspected, "spectral_skewness": found.skewness,
+                "spectral_kurtosis": found.kurtosis}
+    logging.info("spectral signatures: skewness by label %s, kurtosis %s; flagged %s (split in two: %s), %d examples "
+                 "to disown", np.round(found.skewness, 2).tolist(), np.round(found.kurtosis, 2).tolist(),
+                 found.flagged.tolist() or "none", found.bimodal.tolist() or "none", len(run.suspected))
   run.pool = _pool(run)
   isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
@@ -260,9 +263,11 @@ def isolate(run: Run) -> None:
   share, label = abl.largest_label_share(run.pool, run.train.labels, run.train.num_classes)
   stats.update({"pool_largest_label_share": share, "pool_largest_label": label})
   if spectral:
-    sizes = spectral["spectral_skewness"]
-    stats.update({"spectral_labels": [int(k) for k in flagged],
-                  "spectral_skewness": [round(float(v), 3) for v in sizes], "spectral_suspected": len(run.suspected),
+    stats.update({"spectral_labels": [int(k) for k in found.flagged],
+                  "spectral_bimodal_labels": [int(k) for k in found.bimodal],
+                  "spectral_skewness": [round(float(v), 3) for v in found.skewness],
+                  "spectral_kurtosis": [round(float(v), 3) for v in found.kurtosis],
+                  "spectral_suspected": len(run.suspected),
                   "spectral_suspected_poisoned":  # Metrics only.
                   run.evaluation.isolation_metrics(run.suspected)["num_poisoned_isolated"]})
   stats["seconds"] = time.perf_counter() - t0
@@ -277,8 +282,9 @@ def isolate(run: Run) -> None:
 
 
 def _spectral(a: ml_collections.ConfigDict) -> bool:
-  """Whether config.abl.spectral_skew applies: its suspects are disowned through a judge that distills the pool."""
-  return bool(a.spectral_skew) and a.return_rule != "none" and a.kept_out == "distill"
+  """Whether spectral signatures (config.abl.spectral_skew, spectral_kurtosis) apply: their suspects are disowned
+  through a judge that distills the pool."""
+  return bool(a.spectral_skew or a.spectral_kurtosis) and a.return_rule != "none" and a.kept_out == "distill"
 
 
 def _pool(run: Run) -> np.ndarray:

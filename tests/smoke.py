@@ -6,7 +6,8 @@ from configs import abl_badnets
 # default() is the current default.
 PREVIOUS_DEFAULT = dict(abl__score_epochs=1, abl__pool_rule="isolated", abl__finetune_schedule="step",
                         abl__finetune_balance=False, abl__return_rule="none", abl__gauge_epochs=0,
-                        abl__kept_out="drop", abl__unlearning_epochs=3, abl__spectral_skew=0.0)
+                        abl__kept_out="drop", abl__unlearning_epochs=3, abl__spectral_skew=0.0,
+                        abl__spectral_kurtosis=0.0)
 
 
 def default(**overrides):

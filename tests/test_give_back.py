@@ -302,15 +302,45 @@ def test_spectral_outliers_flag_the_label_with_a_separate_minority_and_pick_it()
   labels = np.repeat([0, 1, 2], 200)
   features = rng.normal(size=(600, 8))
   features[:20, 3] += 10.0  # 10% of label 0 share a feature the rest of it lacks.
-  flagged, suspected, sizes = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0)
-  np.testing.assert_array_equal(flagged, [0])
+  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0)
+  np.testing.assert_array_equal(found.flagged, [0])
+  suspected = found.suspected
   assert np.isin(np.arange(20), suspected).all() and len(suspected) <= 22 and (labels[suspected] == 0).all()
-  assert sizes[0] > 2.0 and sizes[1] < 0.5 and sizes[2] < 0.5
+  assert found.skewness[0] > 2.0 and found.skewness[1] < 0.5 and found.skewness[2] < 0.5
+  assert not len(found.bimodal) and found.kurtosis[1] > 2.5  # A normal label: about 3.
   features[:20, 3] -= 20.0  # The same cluster on the other side of the direction: found all the same.
-  suspected = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0)[1]
+  suspected = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0).suspected
   assert np.isin(np.arange(20), suspected).all() and len(suspected) <= 22
-  flagged, suspected, _ = abl.spectral_outliers(features, labels, 3, skew=5.0, tail=3.0)
-  assert not len(flagged) and not len(suspected)
+  found = abl.spectral_outliers(features, labels, 3, skew=5.0, tail=3.0)
+  assert not len(found.flagged) and not len(found.suspected)
+
+
+def test_spectral_outliers_split_a_label_in_two_and_suspect_the_half_learned_first():
+  rng = np.random.default_rng(1)
+  labels = np.repeat([0, 1, 2], 200)
+  features = rng.normal(size=(600, 8))
+  features[100:200, 5] += 8.0  # Half of label 0 carries a trigger: two equal modes (kurtosis near 1.2).
+  scores = rng.uniform(1.0, 2.0, size=600)
+  scores[100:200] = rng.uniform(0.0, 0.1, size=100)  # The isolation model fits the triggered half first.
+  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8, scores=scores)
+  np.testing.assert_array_equal(found.flagged, [0])
+  np.testing.assert_array_equal(found.bimodal, [0])
+  np.testing.assert_array_equal(found.suspected, np.arange(100, 200))
+  assert found.kurtosis[0] < 1.5 and found.kurtosis[1] > 2.5 and found.skewness[0] < 0.8  # Not skewed.
+  scores[:200] = scores[:200][::-1].copy()  # Now the other half is learned first: it is the one suspected.
+  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8, scores=scores)
+  np.testing.assert_array_equal(found.suspected, np.arange(100))
+  assert not len(abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, scores=scores).flagged)  # Off.
+  with pytest.raises(ValueError, match="needs the isolation scores"):
+    abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
+
+
+def test_kurtosis_and_the_two_means_split_on_known_values():
+  assert abl.kurtosis(np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(1.0)  # Two equal point masses.
+  assert abl.kurtosis(np.linspace(0.0, 1.0, 100001)) == pytest.approx(1.8, abs=1e-3)  # Uniform.
+  # {0, .5, 1} | {5, 9, 10}: within-group sums of squares 0.5 + 14, against 15.7 + 0.5 for {0, .5, 1, 5} | {9, 10}.
+  assert abl.two_means_split(np.array([5.0, 0.0, 1.0, 9.0, 10.0, 0.5])) == 3.0
+  assert abl.two_means_split(np.array([0.0, 0.1, 10.0, 10.2, 10.1])) == pytest.approx(5.05)
 
 
 def test_lowest_rank_takes_each_examples_best_rank_over_the_scorings():
@@ -474,7 +504,7 @@ def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(
 
 
 SPECTRAL = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__own_above": 0.5,
-            "abl__spectral_skew": 0.01, "abl__spectral_tail": 1.0}
+            "abl__spectral_skew": 0.01, "abl__spectral_tail": 1.0, "abl__spectral_kurtosis": 0.0}
 
 
 def test_spectral_suspects_join_the_pool_and_are_disowned_whatever_the_gauge_says(tmp_path):
@@ -496,6 +526,27 @@ def test_spectral_suspects_join_the_pool_and_are_disowned_whatever_the_gauge_say
   assert np.isin(suspected, saved["returned"]).all()  # Disowned examples train (toward "not this label").
 
 
+def test_spectral_kurtosis_splits_labels_and_disowns_the_half_with_the_lower_isolation_losses(tmp_path):
+  # A cutoff of 2.99 flags almost every label of the synthetic set (kurtosis under a normal's 3) as split in two.
+  config = smoke.config(**{**SPECTRAL, "abl__spectral_skew": 0.0, "abl__spectral_kurtosis": 2.99})
+  experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)
+  iso = np.load(tmp_path / "isolation.npz")
+  suspected, scores, train_labels = iso["suspected"], iso["scores"], iso["labels"]
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  bimodal = summary["spectral_bimodal_labels"]
+  assert bimodal and bimodal == summary["spectral_labels"] and len(iso["spectral_kurtosis"]) == 10
+  assert all(k <= 2.99 for k in np.asarray(summary["spectral_kurtosis"])[bimodal])
+  assert np.isin(suspected, iso["pool"]).all() and set(train_labels[suspected]) == set(bimodal)
+  for label in bimodal:
+    mine = np.flatnonzero(train_labels == label)
+    half = np.isin(mine, suspected)
+    assert 0 < half.sum() < len(mine) and np.median(scores[mine[half]]) <= np.median(scores[mine[~half]])
+  experiment.train_and_evaluate(config, str(tmp_path))
+  saved = np.load(tmp_path / "returned.npz")
+  np.testing.assert_array_equal(saved["spectral_disowned"], suspected)
+  assert not np.isin(suspected, saved["owned"]).any()
+
+
 def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(tmp_path):
   config = smoke.config(**{**SPECTRAL, "abl__kept_out": "relabel"})
   experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)
@@ -506,6 +557,7 @@ def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(
 @pytest.mark.parametrize("field, value, message", [
     ("abl__spectral_skew", -0.5, r"config\.abl\.spectral_skew=-0\.5 must be 0 \(off\) or > 0"),
     ("abl__spectral_tail", 0.0, r"config\.abl\.spectral_tail=0\.0 must be > 0"),
+    ("abl__spectral_kurtosis", 3.0, r"config\.abl\.spectral_kurtosis=3\.0 must be 0 \(off\) or in \(1, 3\)"),
 ])
 def test_spectral_fields_are_checked(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):
