@@ -6,8 +6,8 @@ direction of a model's penultimate features separates that label's poisoned exam
     python benchmarks/spectral.py runs/sig --json              # one JSON line instead of a markdown table
 
 A measurement, not part of the defense: it reads the poison mask. Per training label: its examples and poisoned
-examples; the ratio of the first two singular values of its centred features and the size of the skewness of
-its projections on the first direction (what a defender could read without the mask); the AUROC of poisoned
+examples; the ratio of the first two singular values of its centred features, the size of the skewness of its
+projections on the first direction and their kurtosis (what a defender could read without the mask); the AUROC of poisoned
 against clean along that direction (the better of its two signs), and the recall of the poisoned among the
 1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule).
 """
@@ -51,6 +51,7 @@ def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) 
     projection, skewness, singular = abl.top_direction(features[mine])
     row = {"label": int(label), "examples": int(mine.sum()), "poisoned": int(poisoned[mine].sum()),
            "sv1_over_sv2": float(singular[0] / singular[1]), "skewness": skewness,
+           "kurtosis": abl.kurtosis(projection),
            "auroc": None, "recall_at_1.5x": None}
     bad = poisoned[mine]
     if 0 < bad.sum() < len(bad):

@@ -193,6 +193,7 @@ def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer
   assert rows[0]["poisoned"] == 10 and rows[0]["auroc"] == 1.0 and rows[0]["recall_at_1.5x"] == 1.0
   assert rows[0]["skewness"] > 2 and rows[0]["sv1_over_sv2"] > rows[1]["sv1_over_sv2"]
   assert rows[1]["auroc"] is None and rows[1]["recall_at_1.5x"] is None
+  assert rows[0]["kurtosis"] > 5 and 2 < rows[1]["kurtosis"] < 4  # A 10% tail; a normal label (3).
   # On a real run, the captured features through the last Dense layer give the model's own probabilities.
   root, _, _ = runs
   config = smoke.config()
