@@ -7,9 +7,9 @@ direction of a model's penultimate features separates that label's poisoned exam
 
 A measurement, not part of the defense: it reads the poison mask. Per training label: its examples and poisoned
 examples; the ratio of the first two singular values of its centred features, the size of the skewness of its
-projections on the first direction and their kurtosis (what a defender could read without the mask); the AUROC of poisoned
-against clean along that direction (the better of its two signs), and the recall of the poisoned among the
-1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule).
+projections on the first direction and their kurtosis (what a defender could read without the mask); the AUROC
+of poisoned against clean along that direction (the better of its two signs), and the recall of the poisoned
+among the 1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule).
 """
 from __future__ import annotations
 
