@@ -131,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                                on about half of the label's examples; the mode with the lower median isolation
   #                                loss joins the pool and is disowned; 0 = off (before 2026-12-05). Two equal
   #                                modes 4 standard deviations apart give 1.72, a uniform 1.8, a normal 3; labels
-  #                                without poison measured at least 2.25 (docs/defense.md, session 16).
+  #                                without poison measured at least 2.33, half-poisoned ones 1.16-1.50 where the
+  #                                trigger separates them (docs/defense.md, session 16).
   c.abl.spectral_tail = 2.0  # spectral_skew: robust standard deviations (1.4826 MAD) beyond the median (> 0).
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again
