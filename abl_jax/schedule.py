@@ -297,11 +297,15 @@ def _pool(run: Run) -> np.ndarray:
     scorings = [saved[k] for k in sorted(saved)]
   ranking = abl.pool_ranking(scorings, run.train.labels, a.pool_rule, a.class_quantile)
   pool = abl.suspicious_pool(ranking, run.isolated, a.pool_rule, a.pool_ratio)
-  if run.suspected is not None and len(run.suspected):
-    pool = np.union1d(pool, run.suspected)
   if len(pool) >= len(run.scores):
     raise ValueError(f"config.abl.pool_ratio={a.pool_ratio} leaves no example to fine-tune on "
                      f"(pool_rule={a.pool_rule!r}); use a smaller config.abl.pool_ratio")
+  if run.suspected is not None and len(run.suspected):
+    pool = np.union1d(pool, run.suspected)
+    if len(pool) >= len(run.scores):
+      raise ValueError(f"the spectral suspects (config.abl.spectral_skew={a.spectral_skew}, spectral_kurtosis="
+                       f"{a.spectral_kurtosis}) and the pool leave no example to fine-tune on; set them to 0 or "
+                       "use a smaller config.abl.pool_ratio")
   return pool
 
 

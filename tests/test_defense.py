@@ -144,6 +144,14 @@ def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
                               train=types.SimpleNamespace(labels=np.zeros(10)))
   with pytest.raises(ValueError, match=r"config\.abl\.pool_ratio=0\.9 leaves no example to fine-tune on"):
     schedule._pool(run)
+  # A pool that leaves examples, filled up by the spectral suspects: the message names their fields.
+  monkeypatch.setattr(abl, "suspicious_pool", lambda ranking, isolated, rule, ratio: np.arange(5))
+  run.config.abl.update({"spectral_skew": 0.8, "spectral_kurtosis": 1.8})
+  run.suspected = np.arange(5, 10)
+  with pytest.raises(ValueError, match=r"spectral suspects \(config\.abl\.spectral_skew=0\.8, spectral_kurtosis=1\.8\)"):
+    schedule._pool(run)
+  run.suspected = np.arange(4, 8)
+  np.testing.assert_array_equal(schedule._pool(run), np.arange(8))
 
 
 def test_class_accuracy():
