@@ -148,7 +148,8 @@ def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
   monkeypatch.setattr(abl, "suspicious_pool", lambda ranking, isolated, rule, ratio: np.arange(5))
   run.config.abl.update({"spectral_skew": 0.8, "spectral_kurtosis": 1.8})
   run.suspected = np.arange(5, 10)
-  with pytest.raises(ValueError, match=r"spectral suspects \(config\.abl\.spectral_skew=0\.8, spectral_kurtosis=1\.8\)"):
+  message = r"spectral suspects \(config\.abl\.spectral_skew=0\.8, spectral_kurtosis=1\.8\)"
+  with pytest.raises(ValueError, match=message):
     schedule._pool(run)
   run.suspected = np.arange(4, 8)
   np.testing.assert_array_equal(schedule._pool(run), np.arange(8))
