@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -216,23 +217,35 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(wd.read_json(os.path.join(workdir, "config.json")))
 
 
+def restore_variables(workdir: str, model: Any, config: ml_collections.ConfigDict, image_shape: tuple[int, ...],
+                      directory: str = "checkpoints", step: int | None = None) -> dict[str, Any]:
+  """The variables of a run's model saved in WORKDIR/<directory> at `step` (None: the newest intact one)."""
+  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
+  # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
+  shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape))
+  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  ckpt = Checkpointer(os.path.join(workdir, directory), config.train.keep_checkpoints)
+  try:
+    if step is not None:
+      state = ckpt.restore(step, like)[0]
+    elif (restored := ckpt.restore_latest(like=like)) is None:
+      raise FileNotFoundError(f"{os.path.join(workdir, directory)} holds no checkpoint to restore")
+    else:
+      state = restored[1]
+  finally:
+    ckpt.close()
+  return train.variables_of(state)
+
+
 def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.ndarray:
   """Predicted classes of `images` by the run's latest checkpoint (its final model once finished)."""
   config = _config(workdir)
   dtype = models.compute_dtype(config.train.get("dtype", "float32"))
   model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jnp.dtype(dtype))
-  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
-  # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
-  shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), images.shape[1:]))
-  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-  if (restored := ckpt.restore_latest(like=state)) is None:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint to predict with")
-  _, state, _ = restored
-  ckpt.close()
+  variables = restore_variables(workdir, model, config, images.shape[1:])
   # This process's devices only: in a multi-process run the primary alone draws pictures.
   mesh = train.make_mesh(jax.local_devices())
-  predict = train.predictor(model, train.variables_of(state), config.data.mean, config.data.std, mesh.size, mesh)
+  predict = train.predictor(model, variables, config.data.mean, config.data.std, mesh.size, mesh)
   return predict(images, np.zeros(len(images), np.int32))[1]
 
 

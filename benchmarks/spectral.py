@@ -26,7 +26,6 @@ import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax  # noqa: E402
 
 from abl_jax import abl, experiment, plots, train  # noqa: E402
-from abl_jax.checkpoint import Checkpointer  # noqa: E402
 
 
 def penultimate(model: nn.Module, variables: Any, images: np.ndarray, mean: Any, std: Any,
@@ -63,24 +62,6 @@ def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) 
   return rows
 
 
-def _restore(workdir: str, checkpoint: int | None, model: nn.Module, config: Any, image_shape: tuple[int, ...]):
-  """The variables of WORKDIR/isolation_model (None) or of WORKDIR/checkpoints/<checkpoint>."""
-  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
-  shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape))
-  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  if checkpoint is None:
-    saved = Checkpointer(os.path.join(workdir, "isolation_model"), 1)
-    restored = saved.restore_latest(like)
-    if restored is None:
-      raise FileNotFoundError(f"{workdir}/isolation_model holds no checkpoint (an ABL run with a gauge keeps one)")
-    state = restored[1]
-  else:
-    saved = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints)
-    state = saved.restore(checkpoint, like)[0]
-  saved.close()
-  return train.variables_of(state)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("workdir", help="A finished run's workdir.")
@@ -93,7 +74,10 @@ def main() -> None:
   config = plots._config(args.workdir)  # pylint: disable=protected-access
   prep = experiment.prepare(config)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
-  variables = _restore(args.workdir, args.checkpoint, model, config, prep.train.images.shape[1:])
+  if args.checkpoint is None:
+    variables = plots.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], "isolation_model")
+  else:
+    variables = plots.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], step=args.checkpoint)
   features = penultimate(model, variables, prep.train.images, config.data.mean, config.data.std,
                          config.train.eval_batch_size)
   rows = label_stats(features, prep.train.labels, np.asarray(prep.is_poisoned, bool))
