@@ -314,7 +314,7 @@ class Spectral(NamedTuple):
   flagged: np.ndarray  # Labels flagged by either test, ascending.
   suspected: np.ndarray  # Example indices to disown, ascending.
   skewness: np.ndarray  # [num_classes] size of the skewness of each label's top-direction projections.
-  kurtosis: np.ndarray  # [num_classes] their kurtosis (0 for a label with fewer than 3 examples).
+  kurtosis: np.ndarray  # [num_classes] their kurtosis (0 for a label with fewer than 3 examples or no spread).
   bimodal: np.ndarray  # The flagged labels split in two (kurtosis test), ascending.
 
 
@@ -342,6 +342,8 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int
     if len(mine) < 3:
       continue
     projection, sizes[label], _ = top_direction(features[mine])
+    if np.ptp(projection) <= 1e-12 * max(np.abs(projection).max(), 1.0):
+      continue  # Features identical within the label: nothing to test.
     kurt[label] = kurtosis(projection)
     if kurtosis_below > 0 and kurt[label] <= kurtosis_below:
       upper = projection > two_means_split(projection)

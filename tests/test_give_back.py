@@ -331,6 +331,9 @@ def test_spectral_outliers_split_a_label_in_two_and_suspect_the_half_learned_fir
   found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8, scores=scores)
   np.testing.assert_array_equal(found.suspected, np.arange(100))
   assert not len(abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, scores=scores).flagged)  # Off.
+  features[400:] = 1.0  # Label 2's features all the same (dead units): no spread, nothing to flag.
+  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8, scores=scores)
+  assert 2 not in found.flagged and found.kurtosis[2] == 0.0 and found.skewness[2] == 0.0
   with pytest.raises(ValueError, match="needs the isolation scores"):
     abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
 
