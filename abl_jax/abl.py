@@ -318,23 +318,23 @@ class Spectral(NamedTuple):
   bimodal: np.ndarray  # The flagged labels split in two (kurtosis test), ascending.
 
 
-def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int, skew: float, tail: float,
-                      kurtosis_below: float = 0.0, scores: np.ndarray | None = None) -> Spectral:
+def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarray, num_classes: int, skew: float,
+                      tail: float, kurtosis_below: float = 0.0) -> Spectral:
   """Spectral signatures per label (Tran et al., 2018): each label's examples projected on the top singular
-  direction of their centred `features`, and two tests of that projection a label without poison passes.
+  direction of their centred `features`, two tests of that projection a label without poison passes, and the
+  isolation losses `scores` to tell a backdoor, which the isolation model learns first, from hard examples.
 
   Split in two (`kurtosis_below` > 0 and the kurtosis at most that): a trigger on about half of a label's examples
   (a dirty-label backdoor's target, a clean-label attack on half of its class) gives two separate modes; the
-  projection is cut where two groups have the least within-group variance and the group whose median `scores`
-  (isolation losses) is lower, the one the isolation model learned first, is suspected. Otherwise skewed (size at
-  least `skew` > 0): a minority sharing a feature the rest lack; its examples more than `tail` robust standard
-  deviations (1.4826 MAD) beyond the median on the long side are suspected.
+  projection is cut where two groups have the least within-group variance and the group with the lower median
+  score is suspected. Otherwise skewed (size at least `skew` > 0): a minority sharing a feature the rest lack; its
+  examples more than `tail` robust standard deviations (1.4826 MAD) beyond the median on the long side are
+  suspected if their median score is below the rest of the label's (a clean label's long tail is its hardest
+  examples; docs/defense.md).
 
   Two modes 4 standard deviations apart in equal shares give a kurtosis of 1.72, a normal 3; a minority of 3-20%
   3.5 standard deviations apart a skewness of about 0.9-1.2 (docs/defense.md has the labels measured without poison).
   """
-  if kurtosis_below > 0 and scores is None:
-    raise ValueError("spectral_outliers: kurtosis_below > 0 needs the isolation scores to pick a side")
   sizes, kurt = np.zeros(num_classes), np.zeros(num_classes)
   hits, flagged, bimodal = [], [], []
   for label in range(num_classes):
@@ -353,7 +353,10 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, num_classes: int
     elif skew > 0 and sizes[label] >= skew:
       median = np.median(projection)
       spread = 1.4826 * np.median(np.abs(projection - median))
-      hits.append(mine[projection - median > tail * max(spread, 1e-12)])
+      far = projection - median > tail * max(spread, 1e-12)
+      if not far.any() or far.all() or np.median(scores[mine[far]]) >= np.median(scores[mine[~far]]):
+        continue
+      hits.append(mine[far])
     else:
       continue
     flagged.append(label)

@@ -245,8 +245,8 @@ def isolate(run: Run) -> None:
   run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
   spectral = {}
   if _spectral(a):
-    found = abl.spectral_outliers(features[0], run.train.labels, run.train.num_classes, a.spectral_skew,
-                                  a.spectral_tail, a.spectral_kurtosis, scores)
+    found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
+                                  a.spectral_tail, a.spectral_kurtosis)
     run.suspected = found.suspected
     spectral = {"suspected": run.suspected, "spectral_skewness": found.skewness,
                 "spectral_kurtosis": found.kurtosis}

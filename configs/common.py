@@ -123,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                            its last layer), projected on their top singular direction, have a skewness of at
   #                            least this size (spectral signatures: a trigger shared by a minority of a label);
   #                            its examples beyond spectral_tail on the long side join the pool and are disowned,
-  #                            whatever the gauge says; 0 = off (before 2026-12-04). A minority of 3-20% of a
+  #                            whatever the gauge says, if the isolation model fits them better than the rest of
+  #                            the label (median loss; since 2026-12-05); 0 = off (before 2026-12-04). A minority of 3-20% of a
   #                            label 3.5 standard deviations apart gives 0.9-1.2; labels without poison measured
   #                            at most 0.74 (docs/defense.md, session 15).
   c.abl.spectral_kurtosis = 1.8  # distill: > 0 (in (1, 3)) flags each label whose top-direction projections (as

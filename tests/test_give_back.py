@@ -297,22 +297,28 @@ def test_unsure_drop_keeps_out_the_pool_examples_neither_owned_nor_disowned(tmp_
   assert (summary["owned"], summary["kept_out_size"]) == (len(owned), len(kept_out))
 
 
-def test_spectral_outliers_flag_the_label_with_a_separate_minority_and_pick_it():
+def test_spectral_outliers_flag_the_label_with_a_separate_minority_learned_first_and_pick_it():
   rng = np.random.default_rng(0)
   labels = np.repeat([0, 1, 2], 200)
   features = rng.normal(size=(600, 8))
-  features[:20, 3] += 10.0  # 10% of label 0 share a feature the rest of it lacks.
-  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0)
+  features[:20, 3] += 10.0  # 10% of label 0 share a feature the rest of it lacks,
+  scores = rng.uniform(1.0, 2.0, size=600)
+  scores[:20] = rng.uniform(0.0, 0.1, size=20)  # and the isolation model fits them first.
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0)
   np.testing.assert_array_equal(found.flagged, [0])
   suspected = found.suspected
   assert np.isin(np.arange(20), suspected).all() and len(suspected) <= 22 and (labels[suspected] == 0).all()
   assert found.skewness[0] > 2.0 and found.skewness[1] < 0.5 and found.skewness[2] < 0.5
   assert not len(found.bimodal) and found.kurtosis[1] > 2.5  # A normal label: about 3.
   features[:20, 3] -= 20.0  # The same cluster on the other side of the direction: found all the same.
-  suspected = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0).suspected
+  suspected = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0).suspected
   assert np.isin(np.arange(20), suspected).all() and len(suspected) <= 22
-  found = abl.spectral_outliers(features, labels, 3, skew=5.0, tail=3.0)
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=5.0, tail=3.0)
   assert not len(found.flagged) and not len(found.suspected)
+  # The same skewed tail, but the examples the isolation model fits worst (a clean label's hardest): not flagged.
+  scores[:20] = rng.uniform(3.0, 4.0, size=20)
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0)
+  assert not len(found.flagged) and not len(found.suspected) and found.skewness[0] > 2.0
 
 
 def test_spectral_outliers_split_a_label_in_two_and_suspect_the_half_learned_first():
@@ -322,20 +328,18 @@ def test_spectral_outliers_split_a_label_in_two_and_suspect_the_half_learned_fir
   features[100:200, 5] += 8.0  # Half of label 0 carries a trigger: two equal modes (kurtosis near 1.2).
   scores = rng.uniform(1.0, 2.0, size=600)
   scores[100:200] = rng.uniform(0.0, 0.1, size=100)  # The isolation model fits the triggered half first.
-  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8, scores=scores)
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
   np.testing.assert_array_equal(found.flagged, [0])
   np.testing.assert_array_equal(found.bimodal, [0])
   np.testing.assert_array_equal(found.suspected, np.arange(100, 200))
   assert found.kurtosis[0] < 1.5 and found.kurtosis[1] > 2.5 and found.skewness[0] < 0.8  # Not skewed.
   scores[:200] = scores[:200][::-1].copy()  # Now the other half is learned first: it is the one suspected.
-  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8, scores=scores)
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
   np.testing.assert_array_equal(found.suspected, np.arange(100))
-  assert not len(abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, scores=scores).flagged)  # Off.
+  assert not len(abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0).flagged)  # Test off.
   features[400:] = 1.0  # Label 2's features all the same (dead units): no spread, nothing to flag.
-  found = abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8, scores=scores)
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
   assert 2 not in found.flagged and found.kurtosis[2] == 0.0 and found.skewness[2] == 0.0
-  with pytest.raises(ValueError, match="needs the isolation scores"):
-    abl.spectral_outliers(features, labels, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
 
 
 def test_kurtosis_and_the_two_means_split_on_known_values():
@@ -511,14 +515,20 @@ SPECTRAL = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl_
 
 
 def test_spectral_suspects_join_the_pool_and_are_disowned_whatever_the_gauge_says(tmp_path):
-  # A skewness of 0.01 flags every label: each label's examples beyond 1 robust deviation are suspects.
+  # A skewness of 0.01 flags every label whose examples beyond 1 robust deviation the isolation model fits better
+  # than the rest of the label (the synthetic set has such labels on this seed).
   config = smoke.config(**SPECTRAL)
   experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)  # Stops inside the gauge, after isolation.
   iso = np.load(tmp_path / "isolation.npz")
-  suspected, pool, train_labels = iso["suspected"], iso["pool"], iso["labels"]
+  suspected, pool, train_labels, scores = iso["suspected"], iso["pool"], iso["labels"], iso["scores"]
   summary = json.loads((tmp_path / "isolation.json").read_text())
   assert len(suspected) and summary["spectral_suspected"] == len(suspected)
-  assert summary["spectral_labels"] == list(range(10)) and len(summary["spectral_skewness"]) == 10
+  assert summary["spectral_labels"] == sorted(set(train_labels[suspected].tolist()))
+  assert len(summary["spectral_skewness"]) == 10 and not summary["spectral_bimodal_labels"]
+  for label in summary["spectral_labels"]:
+    mine = np.flatnonzero(train_labels == label)
+    tail = np.isin(mine, suspected)
+    assert np.median(scores[mine[tail]]) < np.median(scores[mine[~tail]])
   assert np.isin(suspected, pool).all()
   experiment.train_and_evaluate(config, str(tmp_path))  # Resumed: the pool is rebuilt with the suspects in it.
   saved = np.load(tmp_path / "returned.npz")
