@@ -124,9 +124,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                            least this size (spectral signatures: a trigger shared by a minority of a label);
   #                            its examples beyond spectral_tail on the long side join the pool and are disowned,
   #                            whatever the gauge says, if the isolation model fits them better than the rest of
-  #                            the label (median loss; since 2026-12-05); 0 = off (before 2026-12-04). A minority of 3-20% of a
-  #                            label 3.5 standard deviations apart gives 0.9-1.2; labels without poison measured
-  #                            at most 0.74 (docs/defense.md, session 15).
+  #                            the label (median loss; since 2026-12-05); 0 = off (before 2026-12-04). A
+  #                            minority of 3-20% of a label 3.5 standard deviations apart gives 0.9-1.2; labels
+  #                            without poison measured up to 0.95, their tails the examples fitted worst
+  #                            (docs/defense.md, sessions 15 and 16).
   c.abl.spectral_kurtosis = 1.8  # distill: > 0 (in (1, 3)) flags each label whose top-direction projections (as
   #                                for spectral_skew) have a kurtosis of at most this: two separate modes, a trigger
   #                                on about half of the label's examples; the mode with the lower median isolation
