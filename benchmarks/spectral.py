@@ -9,7 +9,9 @@ A measurement, not part of the defense: it reads the poison mask. Per training l
 examples; the ratio of the first two singular values of its centred features, the size of the skewness of its
 projections on the first direction and their kurtosis (what a defender could read without the mask); the AUROC
 of poisoned against clean along that direction (the better of its two signs), and the recall of the poisoned
-among the 1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule).
+among the 1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule). Also the
+long tail that `abl.spectral_outliers` would take (beyond 2 robust standard deviations on the long side) and the
+median rank of its examples' isolation losses within the label (WORKDIR/isolation.npz; 0 = fitted best).
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
   return float(above + tied / 2)
 
 
-def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) -> list[dict[str, Any]]:
+def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
+                scores: np.ndarray | None = None, tail: float = 2.0) -> list[dict[str, Any]]:
   """Per training label: the spectral statistics of its centred features (see the module docstring)."""
   rows = []
   for label in np.unique(labels):
@@ -50,8 +53,14 @@ def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray) 
     projection, skewness, singular = abl.top_direction(features[mine])
     row = {"label": int(label), "examples": int(mine.sum()), "poisoned": int(poisoned[mine].sum()),
            "sv1_over_sv2": float(singular[0] / singular[1]), "skewness": skewness,
-           "kurtosis": abl.kurtosis(projection),
+           "kurtosis": abl.kurtosis(projection), "tail": None, "tail_loss_rank": None,
            "auroc": None, "recall_at_1.5x": None}
+    median = np.median(projection)
+    far = projection - median > tail * 1.4826 * np.median(np.abs(projection - median))
+    row["tail"] = int(far.sum())
+    if scores is not None and far.any():  # Where the long tail's isolation losses rank within the label.
+      rank = np.argsort(np.argsort(scores[mine], kind="stable"), kind="stable") / mine.sum()
+      row["tail_loss_rank"] = float(np.median(rank[far]))
     bad = poisoned[mine]
     if 0 < bad.sum() < len(bad):
       auroc = _auroc(projection[bad], projection[~bad])
@@ -80,7 +89,9 @@ def main() -> None:
     variables = plots.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], step=args.checkpoint)
   features = penultimate(model, variables, prep.train.images, config.data.mean, config.data.std,
                          config.train.eval_batch_size)
-  rows = label_stats(features, prep.train.labels, np.asarray(prep.is_poisoned, bool))
+  iso = os.path.join(args.workdir, "isolation.npz")
+  scores = np.load(iso)["scores"] if os.path.exists(iso) else None
+  rows = label_stats(features, prep.train.labels, np.asarray(prep.is_poisoned, bool), scores)
   which = "isolation_model" if args.checkpoint is None else f"checkpoints/{args.checkpoint}"
   if args.json:
     print(json.dumps({"workdir": args.workdir, "model": which, "labels": rows}))

@@ -194,6 +194,10 @@ def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer
   assert rows[0]["skewness"] > 2 and rows[0]["sv1_over_sv2"] > rows[1]["sv1_over_sv2"]
   assert rows[1]["auroc"] is None and rows[1]["recall_at_1.5x"] is None
   assert rows[0]["kurtosis"] > 5 and 2 < rows[1]["kurtosis"] < 4  # A 10% tail; a normal label (3).
+  scores = np.arange(200.0)  # Label 0's poisoned examples have the lowest losses: its tail ranks first.
+  rows = {r["label"]: r for r in spectral.label_stats(features, labels, poisoned, scores)}
+  assert rows[0]["tail"] == 10 and rows[0]["tail_loss_rank"] == pytest.approx(0.045)
+  assert rows[1]["tail"] == 1 and rows[1]["tail_loss_rank"] == pytest.approx(0.19)
   # On a real run, the captured features through the last Dense layer give the model's own probabilities.
   root, _, _ = runs
   config = smoke.config()
