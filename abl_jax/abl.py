@@ -316,6 +316,8 @@ class Spectral(NamedTuple):
   skewness: np.ndarray  # [num_classes] size of the skewness of each label's top-direction projections.
   kurtosis: np.ndarray  # [num_classes] their kurtosis (0 for a label with fewer than 3 examples or no spread).
   bimodal: np.ndarray  # The flagged labels split in two (kurtosis test), ascending.
+  projection: np.ndarray  # [N] each example's projection on its label's top direction (long side positive).
+  cut: np.ndarray  # [num_classes] where a flagged label was cut (NaN elsewhere): suspects lie beyond it.
 
 
 def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarray, num_classes: int, skew: float,
@@ -335,7 +337,8 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
   Two modes 4 standard deviations apart in equal shares give a kurtosis of 1.72, a normal 3; a minority of 3-20%
   3.5 standard deviations apart a skewness of about 0.9-1.2 (docs/defense.md has the labels measured without poison).
   """
-  sizes, kurt = np.zeros(num_classes), np.zeros(num_classes)
+  sizes, kurt, cuts = np.zeros(num_classes), np.zeros(num_classes), np.full(num_classes, np.nan)
+  projections = np.zeros(len(labels))
   hits, flagged, bimodal = [], [], []
   for label in range(num_classes):
     mine = np.flatnonzero(labels == label)
@@ -346,22 +349,28 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
       continue  # Features identical within the label: nothing to test.
     kurt[label] = kurtosis(projection)
     if kurtosis_below > 0 and kurt[label] <= kurtosis_below:
-      upper = projection > two_means_split(projection)
-      learned_first = np.median(scores[mine[upper]]) <= np.median(scores[mine[~upper]])
-      hits.append(mine[upper if learned_first else ~upper])
+      cut = two_means_split(projection)
+      upper = projection > cut
+      if np.median(scores[mine[~upper]]) < np.median(scores[mine[upper]]):
+        projection, cut, upper = -projection, -cut, ~upper  # The mode learned first on the positive side.
+      hits.append(mine[upper])
       bimodal.append(label)
     elif skew > 0 and sizes[label] >= skew:
       median = np.median(projection)
-      spread = 1.4826 * np.median(np.abs(projection - median))
-      far = projection - median > tail * max(spread, 1e-12)
+      cut = median + tail * max(1.4826 * np.median(np.abs(projection - median)), 1e-12)
+      far = projection > cut
+      projections[mine] = projection
       if not far.any() or far.all() or np.median(scores[mine[far]]) >= np.median(scores[mine[~far]]):
         continue
       hits.append(mine[far])
     else:
+      projections[mine] = projection
       continue
+    projections[mine], cuts[label] = projection, cut
     flagged.append(label)
   suspected = np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
-  return Spectral(np.asarray(flagged, np.int64), suspected, sizes, kurt, np.asarray(bimodal, np.int64))
+  return Spectral(np.asarray(flagged, np.int64), suspected, sizes, kurt, np.asarray(bimodal, np.int64), projections,
+                  cuts)
 
 
 def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:

@@ -144,6 +144,46 @@ def plot_scores_per_class(workdir: str, path: str) -> str | None:
   return _save(fig, path)
 
 
+def plot_spectral(workdir: str, path: str) -> str | None:
+  """Per training label: its examples' isolation-model features projected on the label's top direction (the
+  spectral signatures of abl.spectral_outliers), poisoned vs clean, with the cut where the label was flagged;
+  None for a run without them."""
+  npz = os.path.join(workdir, "isolation.npz")
+  if not os.path.exists(npz):
+    return None
+  saved = wd.load_npz(npz)
+  if "spectral_projection" not in saved:
+    return None
+  projection, labels, cuts = saved["spectral_projection"], saved["labels"], saved["spectral_cut"]
+  mask = saved["is_poisoned"].astype(bool) if "is_poisoned" in saved else np.zeros(len(labels), bool)
+  suspected = np.zeros(len(labels), bool)
+  suspected[saved["suspected"]] = True
+  classes = np.arange(len(cuts))
+  rows = (len(classes) + 4) // 5
+  fig, axes = plt.subplots(rows, 5, figsize=(14, 2.6 * rows), squeeze=False)
+  for label, ax in zip(classes, axes.ravel()):
+    mine = labels == label
+    values = projection[mine]
+    bins = np.linspace(values.min(), values.max() + 1e-9, 40) if mine.any() else 10
+    ax.hist(values[~mask[mine]], bins=bins, color="tab:blue", alpha=0.6, label="clean")
+    if mask[mine].any():
+      ax.hist(values[mask[mine]], bins=bins, color="tab:red", alpha=0.7, label="poisoned")
+    flagged = not np.isnan(cuts[label])
+    if flagged:
+      ax.axvline(cuts[label], color="black", ls="--", lw=1,
+                 label=f"cut: {int(suspected[mine].sum())} suspects ({int((suspected & mask)[mine].sum())} poisoned)")
+      ax.legend(fontsize=7)
+    ax.set_title(f"label {label}: skew {saved['spectral_skewness'][label]:.2f}, "
+                 f"kurt {saved['spectral_kurtosis'][label]:.2f}", fontsize=9, color="tab:red" if flagged else "black")
+    ax.set_yscale("log")
+  for ax in axes.ravel()[len(classes):]:
+    ax.axis("off")
+  fig.suptitle("isolation-model features on each label's top direction (flagged labels in red; suspects right of "
+               "the cut)", fontsize=10)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def plot_judge(workdir: str, path: str) -> str | None:
   """Histogram of the gauge's probability of each pool example's training label, poisoned vs clean, with the
   run's disown_below and own_above splits (a run with config.abl.gauge_epochs); None otherwise."""
@@ -290,11 +330,12 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
 
 
 def write_run_plots(workdir: str) -> list[str]:
-  """Writes the run's curves.png and (ABL) isolation.png, scores_per_class.png and (with a gauge) judge.png and
-  rejected.png; returns the paths written."""
+  """Writes the run's curves.png and (ABL) isolation.png, scores_per_class.png, (with spectral signatures)
+  spectral.png and (with a gauge) judge.png and rejected.png; returns the paths written."""
   written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
              plot_isolation(workdir, os.path.join(workdir, "isolation.png")),
              plot_scores_per_class(workdir, os.path.join(workdir, "scores_per_class.png")),
+             plot_spectral(workdir, os.path.join(workdir, "spectral.png")),
              plot_judge(workdir, os.path.join(workdir, "judge.png")),
              plot_rejected(workdir, os.path.join(workdir, "rejected.png"))]
   return [p for p in written if p]

@@ -249,7 +249,8 @@ def isolate(run: Run) -> None:
                                   a.spectral_tail, a.spectral_kurtosis)
     run.suspected = found.suspected
     spectral = {"suspected": run.suspected, "spectral_skewness": found.skewness,
-                "spectral_kurtosis": found.kurtosis}
+                "spectral_kurtosis": found.kurtosis, "spectral_projection": found.projection,
+                "spectral_cut": found.cut}
     logging.info("spectral signatures: skewness by label %s, kurtosis %s; flagged %s (split in two: %s), %d examples "
                  "to disown", np.round(found.skewness, 2).tolist(), np.round(found.kurtosis, 2).tolist(),
                  found.flagged.tolist() or "none", found.bimodal.tolist() or "none", len(run.suspected))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import smoke
-from abl_jax import abl, experiment, schedule, train
+from abl_jax import abl, experiment, plots, schedule, train
 from abl_jax.checkpoint import Checkpointer
 
 AGREE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
@@ -332,10 +332,13 @@ def test_spectral_outliers_split_a_label_in_two_and_suspect_the_half_learned_fir
   np.testing.assert_array_equal(found.flagged, [0])
   np.testing.assert_array_equal(found.bimodal, [0])
   np.testing.assert_array_equal(found.suspected, np.arange(100, 200))
+  np.testing.assert_array_equal(np.flatnonzero(found.projection[:200] > found.cut[0]), np.arange(100, 200))
+  assert np.isnan(found.cut[1:]).all()
   assert found.kurtosis[0] < 1.5 and found.kurtosis[1] > 2.5 and found.skewness[0] < 0.8  # Not skewed.
-  scores[:200] = scores[:200][::-1].copy()  # Now the other half is learned first: it is the one suspected.
+  scores[:200] = scores[:200][::-1].copy()  # Now the other half is learned first: it is the one suspected,
   found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
   np.testing.assert_array_equal(found.suspected, np.arange(100))
+  np.testing.assert_array_equal(np.flatnonzero(found.projection[:200] > found.cut[0]), np.arange(100))  # right.
   assert not len(abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0).flagged)  # Test off.
   features[400:] = 1.0  # Label 2's features all the same (dead units): no spread, nothing to flag.
   found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
@@ -525,10 +528,13 @@ def test_spectral_suspects_join_the_pool_and_are_disowned_whatever_the_gauge_say
   assert len(suspected) and summary["spectral_suspected"] == len(suspected)
   assert summary["spectral_labels"] == sorted(set(train_labels[suspected].tolist()))
   assert len(summary["spectral_skewness"]) == 10 and not summary["spectral_bimodal_labels"]
+  projection, cut = iso["spectral_projection"], iso["spectral_cut"]
   for label in summary["spectral_labels"]:
     mine = np.flatnonzero(train_labels == label)
     tail = np.isin(mine, suspected)
     assert np.median(scores[mine[tail]]) < np.median(scores[mine[~tail]])
+    np.testing.assert_array_equal(tail, projection[mine] > cut[label])  # The saved cut gives the suspects.
+  assert np.isnan(cut[np.setdiff1d(np.arange(10), summary["spectral_labels"])]).all()
   assert np.isin(suspected, pool).all()
   experiment.train_and_evaluate(config, str(tmp_path))  # Resumed: the pool is rebuilt with the suspects in it.
   saved = np.load(tmp_path / "returned.npz")
@@ -537,6 +543,9 @@ def test_spectral_suspects_join_the_pool_and_are_disowned_whatever_the_gauge_say
   assert np.isin(suspected, saved["disowned"]).all() and not np.isin(suspected, saved["owned"]).any()
   np.testing.assert_array_equal(saved["labels"][suspected, train_labels[suspected]], 0.0)
   assert np.isin(suspected, saved["returned"]).all()  # Disowned examples train (toward "not this label").
+  assert str(tmp_path / "spectral.png") in plots.write_run_plots(str(tmp_path))  # The projections and cuts.
+  with open(tmp_path / "spectral.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_spectral_kurtosis_splits_labels_and_disowns_the_half_with_the_lower_isolation_losses(tmp_path):
@@ -554,6 +563,7 @@ def test_spectral_kurtosis_splits_labels_and_disowns_the_half_with_the_lower_iso
     mine = np.flatnonzero(train_labels == label)
     half = np.isin(mine, suspected)
     assert 0 < half.sum() < len(mine) and np.median(scores[mine[half]]) <= np.median(scores[mine[~half]])
+    np.testing.assert_array_equal(half, iso["spectral_projection"][mine] > iso["spectral_cut"][label])
   experiment.train_and_evaluate(config, str(tmp_path))
   saved = np.load(tmp_path / "returned.npz")
   np.testing.assert_array_equal(saved["spectral_disowned"], suspected)
