@@ -345,28 +345,25 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
     if len(mine) < 3:
       continue
     projection, sizes[label], _ = top_direction(features[mine])
+    projections[mine] = projection
     if np.ptp(projection) <= 1e-12 * max(np.abs(projection).max(), 1.0):
       continue  # Features identical within the label: nothing to test.
     kurt[label] = kurtosis(projection)
     if kurtosis_below > 0 and kurt[label] <= kurtosis_below:
       cut = two_means_split(projection)
-      upper = projection > cut
-      if np.median(scores[mine[~upper]]) < np.median(scores[mine[upper]]):
-        projection, cut, upper = -projection, -cut, ~upper  # The mode learned first on the positive side.
-      hits.append(mine[upper])
+      if np.median(scores[mine[projection <= cut]]) < np.median(scores[mine[projection > cut]]):
+        projection, cut = -projection, -cut  # The mode learned first on the positive side.
       bimodal.append(label)
     elif skew > 0 and sizes[label] >= skew:
       median = np.median(projection)
       cut = median + tail * max(1.4826 * np.median(np.abs(projection - median)), 1e-12)
       far = projection > cut
-      projections[mine] = projection
       if not far.any() or far.all() or np.median(scores[mine[far]]) >= np.median(scores[mine[~far]]):
-        continue
-      hits.append(mine[far])
+        continue  # No tail, or one the isolation model fits worse than the rest: a clean label's hardest.
     else:
-      projections[mine] = projection
       continue
     projections[mine], cuts[label] = projection, cut
+    hits.append(mine[projection > cut])
     flagged.append(label)
   suspected = np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
   return Spectral(np.asarray(flagged, np.int64), suspected, sizes, kurt, np.asarray(bimodal, np.int64), projections,
