@@ -4,6 +4,7 @@
     ckpt.save(global_epoch, state, {"phase": "finetune", "epoch": 3})
     state, meta = ckpt.restore(ckpt.latest(), like=state)
     step, state, meta = ckpt.restore_latest(like=state)   # a damaged newest step: the newest intact one
+    variables = restore_variables(workdir, model, config, image_shape)   # a finished run's model, for inference
 
 Every Checkpointer is process-local (Orbax never synchronises processes here): in a multi-process run
 the primary alone saves host copies, and every process restores from the shared workdir.
@@ -17,11 +18,12 @@ from typing import Any
 
 import flax
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from abl_jax import distributed
+from abl_jax import distributed, train
 
 
 class CheckpointMismatchError(ValueError):
@@ -173,3 +175,23 @@ def save_once(path: str, tree: Any, meta: dict[str, Any]) -> None:
     except OSError:
       shutil.rmtree(tmp, ignore_errors=True)
   distributed.barrier("save_once")
+
+
+def restore_variables(workdir: str, model: Any, config: ml_collections.ConfigDict, image_shape: tuple[int, ...],
+                      directory: str = "checkpoints", step: int | None = None) -> dict[str, Any]:
+  """The variables of a run's model saved in WORKDIR/<directory> at `step` (None: the newest intact one)."""
+  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
+  # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
+  shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape))
+  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  ckpt = Checkpointer(os.path.join(workdir, directory), config.train.keep_checkpoints)
+  try:
+    if step is not None:
+      state = ckpt.restore(step, like)[0]
+    elif (restored := ckpt.restore_latest(like=like)) is None:
+      raise FileNotFoundError(f"{os.path.join(workdir, directory)} holds no checkpoint to restore")
+    else:
+      state = restored[1]
+  finally:
+    ckpt.close()
+  return train.variables_of(state)

@@ -73,8 +73,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not config.abl.disown_below < config.abl.own_above <= 1.0:
     raise ValueError(f"config.abl.own_above={config.abl.own_above} must be in (config.abl.disown_below="
                      f"{config.abl.disown_below}, 1]")
-  if config.abl.gauge_epochs < 0:
-    raise ValueError(f"config.abl.gauge_epochs={config.abl.gauge_epochs} must be >= 0")
+  for field in ("gauge_epochs", "regauge_epochs"):
+    if config.abl[field] < 0:
+      raise ValueError(f"config.abl.{field}={config.abl[field]} must be >= 0")
   if config.abl.spectral_skew < 0:
     raise ValueError(f"config.abl.spectral_skew={config.abl.spectral_skew} must be 0 (off) or > 0")
   if not (config.abl.spectral_kurtosis == 0 or 1 < config.abl.spectral_kurtosis < 3):

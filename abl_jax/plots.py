@@ -18,8 +18,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from abl_jax import abl, metrics, models, train, workdir as wd  # noqa: E402
-from abl_jax.checkpoint import Checkpointer  # noqa: E402
+from abl_jax import abl, checkpoint, metrics, models, train, workdir as wd  # noqa: E402
 
 DPI = 90
 
@@ -257,32 +256,12 @@ def _config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(wd.read_json(os.path.join(workdir, "config.json")))
 
 
-def restore_variables(workdir: str, model: Any, config: ml_collections.ConfigDict, image_shape: tuple[int, ...],
-                      directory: str = "checkpoints", step: int | None = None) -> dict[str, Any]:
-  """The variables of a run's model saved in WORKDIR/<directory> at `step` (None: the newest intact one)."""
-  tx = train.sgd(0.0, config.train.momentum, config.train.weight_decay)
-  # The state's structure without compiling the initialisation: zeros of the right shapes, overwritten below.
-  shapes = jax.eval_shape(lambda: train.create_train_state(model, tx, jax.random.PRNGKey(0), image_shape))
-  like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  ckpt = Checkpointer(os.path.join(workdir, directory), config.train.keep_checkpoints)
-  try:
-    if step is not None:
-      state = ckpt.restore(step, like)[0]
-    elif (restored := ckpt.restore_latest(like=like)) is None:
-      raise FileNotFoundError(f"{os.path.join(workdir, directory)} holds no checkpoint to restore")
-    else:
-      state = restored[1]
-  finally:
-    ckpt.close()
-  return train.variables_of(state)
-
-
 def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.ndarray:
   """Predicted classes of `images` by the run's latest checkpoint (its final model once finished)."""
   config = _config(workdir)
   dtype = models.compute_dtype(config.train.get("dtype", "float32"))
   model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jnp.dtype(dtype))
-  variables = restore_variables(workdir, model, config, images.shape[1:])
+  variables = checkpoint.restore_variables(workdir, model, config, images.shape[1:])
   # This process's devices only: in a multi-process run the primary alone draws pictures.
   mesh = train.make_mesh(jax.local_devices())
   predict = train.predictor(model, variables, config.data.mean, config.data.std, mesh.size, mesh)

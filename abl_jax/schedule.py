@@ -369,14 +369,14 @@ def gauge_training(run: Run) -> None:
   if run.done == run.cursor:
     run.set_aside("isolation_model")
   distributed.barrier("isolation_model")
-  run_phase(run, _gauge_phase(run, "gauge", _retained(run)))
+  run_phase(run, _gauge_phase(run, "gauge", _retained(run), run.config.abl.gauge_epochs))
 
 
-def _gauge_phase(run: Run, name: str, examples: np.ndarray) -> Phase:
-  """A gauge: gauge_epochs from fresh weights on `examples` (their labels), cosine from finetune_lr."""
+def _gauge_phase(run: Run, name: str, examples: np.ndarray, epochs: int) -> Phase:
+  """A gauge: `epochs` from fresh weights on `examples` (their labels), cosine from finetune_lr."""
   a, t = run.config.abl, run.config.train
-  return Phase(name, a.gauge_epochs, len(examples), _order(run, examples, None), abl.cross_entropy_loss,
-               lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(a.gauge_epochs * steps, 1)),
+  return Phase(name, epochs, len(examples), _order(run, examples, None), abl.cross_entropy_loss,
+               lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(epochs * steps, 1)),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
                label_smoothing=t.label_smoothing)
 
@@ -409,7 +409,7 @@ def _restore_isolation_model(run: Run) -> None:
 
 def regauge(run: Run) -> None:
   """Where the gauge found outlier labels (config.abl.class_outlier_z) and config.abl.regauge is on: trains a
-  second gauge from fresh weights without the pool and the examples the first rejected in those labels, and
+  second gauge (config.abl.regauge_epochs) from fresh weights without the pool and the examples the first rejected in those labels, and
   judges again with it (regauged.npz); fine-tuning follows the second judgement. Does nothing otherwise.
 
   The first gauge learned those labels from examples of which many were other classes' images; trained without
@@ -421,7 +421,7 @@ def regauge(run: Run) -> None:
     return
   excluded = np.union1d(run.pool, first["class_rejected"])
   retained = np.setdiff1d(np.arange(len(run.train)), excluded)
-  run_phase(run, _gauge_phase(run, "regauge", retained))
+  run_phase(run, _gauge_phase(run, "regauge", retained, a.regauge_epochs or a.gauge_epochs))
   path = os.path.join(run.workdir, "regauged.npz")
   if os.path.exists(path):  # Judged before an interruption.
     saved = wd.load_npz(path)
@@ -674,6 +674,9 @@ def _skip_phase(run: Run, name: str, epochs: int) -> None:
 def unlearn(run: Run) -> None:
   """ABL's last phase: unlearn the isolated examples (config.abl.unlearning_*, joint_*)."""
   a = run.config.abl
+  if not a.unlearning_epochs:  # The phase counts, with nothing to train (and nothing to choose for it).
+    run.phases += 1
+    return
   isolated = run.isolated
   if a.unlearning_mode == "ascent":
     num, order = len(isolated), lambda r, k: isolated[train.epoch_order(len(isolated), a.unlearning_batch_size, k)]
@@ -682,7 +685,7 @@ def unlearn(run: Run) -> None:
     pool = joint_pool(run.scores, isolated, a.joint_exclude_ratio)
     num, batch = len(isolated), a.unlearning_batch_size  # Isolated examples per step; the pool's come on top.
     order = lambda r, k: joint_order(isolated, pool, a.unlearning_batch_size, a.joint_batch_size, k)
-  if run.done == run.cursor and a.unlearning_epochs:
+  if run.done == run.cursor:
     if _before_unlearning(run):  # Unlearn only what is still learned.
       _skip_phase(run, "unlearning", a.unlearning_epochs)
       return

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax  # noqa: E402
 
-from abl_jax import abl, experiment, plots, train  # noqa: E402
+from abl_jax import abl, checkpoint, experiment, plots, train  # noqa: E402
 
 
 def penultimate(model: nn.Module, variables: Any, images: np.ndarray, mean: Any, std: Any,
@@ -84,9 +84,9 @@ def main() -> None:
   prep = experiment.prepare(config)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
   if args.checkpoint is None:
-    variables = plots.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], "isolation_model")
+    variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], "isolation_model")
   else:
-    variables = plots.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], step=args.checkpoint)
+    variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], step=args.checkpoint)
   features = penultimate(model, variables, prep.train.images, config.data.mean, config.data.std,
                          config.train.eval_batch_size)
   iso = os.path.join(args.workdir, "isolation.npz")

@@ -139,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.
+  c.abl.regauge_epochs = 0  # regauge: the second gauge's epochs (>= 0); 0 = gauge_epochs.
   c.abl.own_above = 0.5  # distill: pool examples whose label the gauge gives at least this train with their label
   #                       (one-hot); in (disown_below, 1], 1 = off (session 9's default: every pool example
   #                       trains toward the gauge's probabilities); 0.5: the gauge backs the label over all others.

@@ -181,7 +181,7 @@ def test_asr_floor_gives_the_runs_own_asr_for_its_target_and_checks_targets(runs
 def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer(runs):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import smoke  # pylint: disable=import-outside-toplevel
-  from abl_jax import experiment, plots, train  # pylint: disable=import-outside-toplevel
+  from abl_jax import checkpoint, experiment, train  # pylint: disable=import-outside-toplevel
   from benchmarks import spectral  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   features = rng.normal(size=(200, 4))
@@ -204,7 +204,7 @@ def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer
   prep = experiment.prepare(config)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
   last = max(int(step.name) for step in (root / "abl" / "checkpoints").iterdir() if step.name.isdigit())
-  variables = plots.restore_variables(str(root / "abl"), model, config, prep.train.images.shape[1:], step=last)
+  variables = checkpoint.restore_variables(str(root / "abl"), model, config, prep.train.images.shape[1:], step=last)
   images = prep.train.images[:64]
   got = spectral.penultimate(model, variables, images, config.data.mean, config.data.std, batch=32)
   dense = variables["params"]["Dense_0"]

@@ -670,6 +670,23 @@ def test_regauge_resumes_like_an_uninterrupted_run(regauged, tmp_path):
   _assert_resumes_like(results, smoke.config(**REGAUGE), tmp_path, 5, saved="returned.npz", unsaved="regauged.npz")
 
 
+def test_regauge_epochs_sets_the_second_gauges_length(regauged, tmp_path):
+  out, _ = regauged
+  experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__regauge_epochs": 1}), str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert sorted({r["epoch"] for r in records if r.get("phase") == "regauge" and "epoch" in r}) == [1]
+  assert max(r.get("global_epoch", 0) for r in records) == 2 + 2 + 1 + 2  # Isolation, gauge, second gauge, fine-tuning.
+  # The same first judgement (the default's: 0 = gauge_epochs), a second judged by a gauge trained shorter.
+  first, default = np.load(tmp_path / "returned.npz"), np.load(out / "returned.npz")
+  np.testing.assert_array_equal(first["class_rejected"], default["class_rejected"])
+  assert not np.array_equal(np.load(tmp_path / "regauged.npz")["judge_loss"], np.load(out / "regauged.npz")["judge_loss"])
+
+
+def test_regauge_epochs_must_not_be_negative(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.regauge_epochs=-1 must be >= 0"):
+    experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__regauge_epochs": -1}), str(tmp_path))
+
+
 def test_regauge_does_nothing_without_an_outlier_label(tmp_path):
   config = smoke.config(**{**REGAUGE, "abl__class_outlier_z": 1000.0})
   experiment.train_and_evaluate(config, str(tmp_path))
