@@ -333,6 +333,7 @@ def _with_isolation(out: dict[str, Any], workdir: str) -> dict[str, Any]:
   path = os.path.join(workdir, "isolation.json")
   if os.path.exists(path):
     out["isolation"] = wd.read_json(path)
+    out["suspected_labels"] = wd.suspected_labels(out["isolation"])
   curve = unlearning_curve(workdir)
   if curve:
     a = out["config"]["abl"]
@@ -352,4 +353,6 @@ def _summary(r: dict[str, Any]) -> str:
   text = f"CA {r['clean_accuracy']:.4f}, ASR {'n/a' if asr is None else f'{asr:.4f}'}"
   if iso.get("precision") is not None:
     text += f", isolation precision {iso['precision']:.3f} recall {iso['recall'] or 0:.3f}"
+  if r.get("suspected_labels") is not None:  # The defense's own verdict: read without the poison mask.
+    text += f", suspected labels {', '.join(map(str, r['suspected_labels'])) or 'none'}"
   return text

@@ -28,7 +28,8 @@ COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test
            ("attack_success_rate", "Test ASR (%)", "pct"), ("target_class_accuracy", "Target-class CA (%)", "pct"),
            ("train_loss", "Train loss", "loss"),
            ("clean_test_loss", "Clean test loss", "loss"), ("poisoned_test_loss", "Poisoned test loss", "loss"),
-           ("isolation", "Isolation P / R", "iso"), ("wall_time_s", "Wall time", "time"))
+           ("isolation", "Isolation P / R", "iso"), ("suspected_labels", "Suspected labels", "labels"),
+           ("wall_time_s", "Wall time", "time"))
 PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "judge.png", "rejected.png", "gallery.png")
 
 
@@ -75,6 +76,7 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
   else:
     config = _json(config_path)
     row.update(attack=config["attack"]["name"], defense=config["defense"]["name"],
+               target_label=config["attack"].get("target_label"),
                data=config.get("data", {}).get("source"), poison_rate=config["attack"].get("poison_rate"))
     results_path = os.path.join(workdir, "results.json")
     if not os.path.exists(results_path):
@@ -83,6 +85,7 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
       r = _json(results_path)
       iso = r.get("isolation") or {}
       row.update(status="done", detail="done", **{k: r.get(k) for k in METRICS},
+                 suspected_labels=r.get("suspected_labels", workdir_files.suspected_labels(iso)),
                  isolation_precision=iso.get("precision"), isolation_recall=iso.get("recall"),
                  wall_time_s=sum(r["wall_time"].values()), wall_time=r["wall_time"],
                  num_train=r.get("num_train"), num_poisoned=r.get("num_poisoned"), versions=r.get("versions"),
@@ -124,6 +127,11 @@ def _cell(row: dict[str, Any], key: str, kind: str) -> str:
     p, r = row["isolation_precision"], row["isolation_recall"]
     return "" if p is None else f"{p:.2f} / {'n/a' if r is None else f'{r:.2f}'}"
   value = row[key]
+  if kind == "labels":  # The defense's verdict; the attack's target marked (a metric: the defense never reads it).
+    if value is None:
+      return "–"
+    shown = [f"{k} (target)" if row["attack"] != "none" and k == row.get("target_label") else str(k) for k in value]
+    return ", ".join(shown) or "none"
   if value is None:
     return "n/a"
   if kind == "pct":
@@ -148,7 +156,9 @@ def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
   lines += ["", "Train acc. and train loss: on the set the model was trained on (the poisoned set for attacked "
             "rows). CA: the whole clean test set. ASR: non-target-class test images with the trigger, classified "
             "as the target (n/a without an attack). Isolation P / R: precision and recall of ABL's isolated "
-            "examples against the ground truth. Wall time: the run's phases and evaluation."]
+            "examples against the ground truth. Suspected labels: the labels the defense treated as attacked "
+            "(spectral signatures, outlier labels), found without the ground truth; (target) marks the attack's "
+            "target. Wall time: the run's phases and evaluation."]
   done = next((r for r in rows if r["status"] == "done" and r.get("versions")), None)
   if done:
     v = done["versions"]
@@ -193,12 +203,13 @@ def _spread(values: list[float | None], scale: float = 100.0, signed: bool = Fal
 def seeds_markdown(workdirs: list[str]) -> str:
   """One line per row finished in every workdir (one workdir per seed, rows named alike): the mean and the range
   over seeds of CA, ASR, the untriggered target rate, the target class's CA, and, against the same seed's
-  no-defense row, the CA and target-class CA lost and the training time's ratio."""
+  no-defense row, the CA and target-class CA lost and the training time's ratio; each seed's suspected labels."""
   tables = [{r["name"]: r for r in collect(w)} for w in workdirs]
   names = [n for n in tables[0] if all(t.get(n, {}).get("status") == "done" for t in tables)]
   lines = [f"Mean over {len(workdirs)} seeds (min to max): {', '.join(workdirs)}", "",
            "| Model | CA (%) | ASR (%) | ASR without the trigger (%) | target-class CA (%) | CA change (points) | "
-           "target-class CA change | training time (x no defense) |", "|---|---|---|---|---|---|---|---|"]
+           "target-class CA change | training time (x no defense) | suspected labels (each seed) |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for name in names:
     rows = [t[name] for t in tables]
     base = [t.get(_baseline(name)) for t in tables]
@@ -213,7 +224,8 @@ def seeds_markdown(workdirs: list[str]) -> str:
     lines.append(f"| {rows[0]['label']} | {_spread([r['clean_accuracy'] for r in rows])} | "
                  f"{_spread([r['attack_success_rate'] for r in rows])} | "
                  f"{_spread([r.get('untriggered_target_rate') for r in rows])} | "
-                 f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} |")
+                 f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} | "
+                 f"{' / '.join(_cell(r, 'suspected_labels', 'labels') for r in rows)} |")
   return "\n".join(lines) + "\n"
 
 

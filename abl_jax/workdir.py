@@ -356,3 +356,13 @@ def outside_verdicts(workdir: str) -> OutsideVerdicts | None:
   mask = iso["is_poisoned"][outside].astype(bool) if "is_poisoned" in iso else np.zeros(len(outside), bool)
   return OutsideVerdicts(outside, labels[outside], np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64)),
                          mask, int(labels.max()) + 1)
+
+
+def suspected_labels(summary: dict[str, Any]) -> list[int] | None:
+  """The labels the defense treated as attacked, from a run's isolation.json: those spectral signatures flagged
+  and the outlier labels of the judgement fine-tuning followed (the second gauge's where one judged). None where
+  neither test ran."""
+  if "spectral_labels" not in summary and "outlier_labels" not in summary:
+    return None
+  outliers = summary.get("regauge_outlier_labels", summary.get("outlier_labels", []))
+  return sorted({int(k) for k in [*summary.get("spectral_labels", []), *outliers]})

@@ -655,6 +655,10 @@ def test_regauge_trains_a_second_gauge_without_the_rejected_and_fine_tuning_foll
   assert not np.array_equal(first["judge_loss"], second["judge_loss"])
   summary = json.loads((out / "isolation.json").read_text())
   assert summary["regauge_disowned"] == len(second["disowned"]) and summary["disowned"] == len(first["disowned"])
+  # The run's verdict names the labels the second judgement flagged (and any spectral flag).
+  results = json.loads((out / "results.json").read_text())
+  assert results["suspected_labels"] == sorted({*second["outlier_labels"].tolist(), *summary.get("spectral_labels", [])})
+  assert results["suspected_labels"]
   # Fine-tuning trains on what the second gauge gave back, toward its targets: the examples it left out are
   # never drawn, and a disowned example's label has no share.
   iso = np.load(out / "isolation.npz")

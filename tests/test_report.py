@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from abl_jax import abl, experiment, plots, report, table
+from abl_jax import abl, experiment, plots, report, table, workdir
 from configs import table as table_config
 import smoke
 
@@ -53,12 +53,30 @@ def test_report_from_two_runs_gives_their_rows_and_numbers(tmp_path):
   assert sig["label"] == "Model trained using ABL against SIG attack"
   assert sig["clean_accuracy"] == 0.89 and sig["isolation_precision"] == 0.35 and sig["wall_time_s"] == 120.0
   lines = text.splitlines()
-  assert lines[2] == "| Model trained with clean data | 99.0 | 95.0 | n/a | n/a | 0.031 | 0.2 | n/a |  | 5.0 min | done |"
+  assert lines[2] == "| Model trained with clean data | 99.0 | 95.0 | n/a | n/a | 0.031 | 0.2 | n/a |  | – | 5.0 min | done |"
   assert lines[3] == ("| Model trained using ABL against SIG attack | 96.0 | 89.0 | 5.0 | 52.0 | 0.13 | 0.41 | 10.8 "
-                      "| 0.35 / 0.70 | 2.0 min | done |")
+                      "| 0.35 / 0.70 | – | 2.0 min | done |")
   assert (tmp_path / "report.md").read_text() == text
   assert ("Measured with python 3.11.7, jax 0.10.2, devices TFRT_CPU_0, "
           "XLA_FLAGS '--xla_cpu_experimental_ynn_fusion_type='.") in lines
+
+
+def test_suspected_labels_are_the_spectral_and_the_followed_judgements_outlier_labels(tmp_path):
+  # The second gauge's verdict replaces the first's (here it clears label 4); spectral flags always count.
+  summary = {"spectral_labels": [0], "outlier_labels": [4], "regauge_outlier_labels": []}
+  assert workdir.suspected_labels(summary) == [0]
+  assert workdir.suspected_labels({"spectral_labels": [], "outlier_labels": [4, 2]}) == [2, 4]
+  assert workdir.suspected_labels({"precision": 1.0}) is None  # Neither test ran (the paper's ABL).
+  # A results.json written before the field: the report reads the verdict from its isolation summary and marks
+  # the attack's target; a run that names it carries it as written.
+  run = _fake_run(tmp_path, "badnets_abl", "badnets", "abl", {**SIG_ABL, "isolation": {**SIG_ABL["isolation"], **summary}})
+  config = json.loads(open(os.path.join(run, "config.json")).read())
+  _write(os.path.join(run, "config.json"), {**config, "attack": {"name": "badnets", "target_label": 0}})
+  _fake_run(tmp_path, "blend_abl", "blend", "abl", {**SIG_ABL, "suspected_labels": [3, 4]})
+  lines = report.markdown(report.collect(str(tmp_path))).splitlines()
+  assert "| 0.35 / 0.70 | 0 (target) | 2.0 min | done |" in lines[2] and "| 3, 4 | 2.0 min |" in lines[3]
+  _fake_run(tmp_path / "clean", "clean_abl", "none", "abl", {**SIG_ABL, "suspected_labels": []})
+  assert "| none | 2.0 min |" in report.markdown(report.collect(str(tmp_path / "clean")))
 
 
 def test_missing_and_unfinished_rows_are_reported_not_dropped(tmp_path):
@@ -206,6 +224,7 @@ def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, t
   assert cells[7] == same(f"{trained(abl) / trained(none):.1f}")
   undefended = next(l for l in lines if l.startswith("| Model trained with BadNets attack"))
   assert undefended.split("|")[6].strip() == "–"
+  assert cells[8] == "– / –"  # Each seed's verdict; the smoke run's defense (no gauge, no spectral test) has none.
   assert report.seeds_markdown([str(tmp_path / "s0")]).count("\n| Model trained") == 2
 
 
