@@ -116,6 +116,9 @@ _RULES = (
     ("config.abl.flagged_rejected", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
+    ("config.abl.flagged_doubted", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
+     "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
+     "that distills the pool)"),
     ("config.abl.regauge", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
                                           and c.abl.disown_below),
      "it applies with a gauge (abl.gauge_epochs > 0) that distills the pool and looks for outlier labels "

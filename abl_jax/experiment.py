@@ -46,7 +46,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
                 "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.return_rule",
-                "abl.kept_out", "abl.unsure", "abl.flagged_rejected"):
+                "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:

@@ -25,6 +25,7 @@ RETURN_RULES = ("none", "agree")  # config.abl.return_rule
 KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.kept_out
 UNSURE = ("distill", "drop")  # config.abl.unsure
 FLAGGED_REJECTED = ("disown", "drop")  # config.abl.flagged_rejected
+FLAGGED_DOUBTED = ("keep", "drop")  # config.abl.flagged_doubted
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {
@@ -46,6 +47,7 @@ FIELDS = {
     "config.abl.kept_out": KEPT_OUT,
     "config.abl.unsure": UNSURE,
     "config.abl.flagged_rejected": FLAGGED_REJECTED,
+    "config.abl.flagged_doubted": FLAGGED_DOUBTED,
     "config.distributed.initialize": INIT_MODES,
 }
 

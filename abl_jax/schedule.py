@@ -470,8 +470,11 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     if a.own_above < 1.0:  # The spectral rule's suspects are disowned below, never owned.
       extra["owned"] = abl.owned(run.labels, run.train.labels, np.setdiff1d(soft, suspected) if len(suspected)
                                  else soft, a.own_above)
-    if "class_rejected" in extra and a.flagged_rejected == "drop":
-      run.left_out = extra["left_out"] = extra["class_rejected"]
+    if "class_rejected" in extra:  # A flagged label's examples fine-tuning leaves out (abl.flagged_*).
+      left_out = [extra[k] for k, rule in (("class_rejected", a.flagged_rejected), ("class_doubted", a.flagged_doubted))
+                  if rule == "drop"]
+      if left_out:
+        run.left_out = extra["left_out"] = np.union1d(*left_out) if len(left_out) > 1 else left_out[0]
     if a.disown_below:
       taught = soft
       for outside_taught in ("contradicted",) + (("class_rejected",) if a.flagged_rejected == "disown" else ()):
@@ -490,10 +493,9 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   if "outlier_labels" in extra:
     stats["outlier_labels"] = [int(k) for k in extra["outlier_labels"]]
     stats["outlier_scores"] = [round(float(v), 2) for v in extra["outlier_scores"].max(axis=0)]  # Highest level's.
-  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in ("contradicted", "class_rejected", "left_out",
-                                                                        "owned", "disowned", "spectral_disowned",
-                                                                        "relabelled")
-                                                  if k in extra]:
+  counted = ("contradicted", "class_rejected", "class_doubted", "left_out", "owned", "disowned", "spectral_disowned",
+             "relabelled")
+  for name, examples in [("returned", agree)] + [(k, extra[k]) for k in counted if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
   logging.info("gave back %d of the %d pool examples to fine-tuning (%d of them relabelled); %d stay out",
@@ -569,6 +571,7 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
   if among is not None:
     flagged = np.intersect1d(flagged, among)
   hit = (own < a.disown_below) & np.isin(labels, flagged)
+  doubted = (own >= a.disown_below) & (own < a.own_above) & np.isin(labels, flagged)
   if a.flagged_rejected == "disown":
     run.labels[outside.examples[hit]] = outside.probabilities[hit]
   for level, share, score in zip(levels, shares, scores):
@@ -576,7 +579,8 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
                  np.round(share, 3).tolist(), level, np.round(score, 1).tolist())
   logging.info("outlier labels: %s; %d examples %s", flagged.tolist() or "none", hit.sum(),
                "trained toward 'not this label'" if a.flagged_rejected == "disown" else "left out of fine-tuning")
-  return {"outlier_labels": flagged, "class_rejected": outside.examples[hit], "outlier_levels": np.array(levels),
+  return {"outlier_labels": flagged, "class_rejected": outside.examples[hit],
+          "class_doubted": outside.examples[doubted], "outlier_levels": np.array(levels),
           "outlier_shares": shares, "outlier_scores": scores}
 
 

@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.flagged_rejected = "disown"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
   #                               gives less than disown_below train toward its probabilities with their label's
   #                               share set to 0 (disown), or stay out of fine-tuning (drop).
+  c.abl.flagged_doubted = "keep"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
+  #                               gives at least disown_below but less than own_above train with their label
+  #                               (keep), or stay out of fine-tuning (drop), as the pool's unsure ones do.
   c.abl.spectral_skew = 0.8  # distill: > 0 flags each label whose examples' isolation-model features (the input of
   #                            its last layer), projected on their top singular direction, have a skewness of at
   #                            least this size (spectral signatures: a trigger shared by a minority of a label);

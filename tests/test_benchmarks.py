@@ -3,6 +3,7 @@ import importlib.util
 import json
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -214,3 +215,42 @@ def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer
       images, prep.train.labels[:64])[2]
   expected = np.exp(logits - logits.max(axis=1, keepdims=True))
   np.testing.assert_allclose(expected / expected.sum(axis=1, keepdims=True), probs, atol=1e-5)
+
+
+def test_flagged_report_counts_each_fate_and_ranks_each_signal():
+  from benchmarks import flagged  # pylint: disable=import-outside-toplevel
+  # Label 0 flagged: 4 clean (0-3) and 4 poisoned (4-7); example 8 (label 1) is never reported.
+  labels = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1])
+  poisoned = np.arange(9) >= 4
+  poisoned[8] = False
+  pool = np.array([3, 7])  # In the pool: no gauge probability outside it.
+  gauge = np.array([0.9, 0.6, 0.3, np.nan, 0.05, 0.02, 0.7, np.nan, 0.8])
+  judged = {"outlier_labels": np.array([0]), "outside_gauge_loss": -np.log(gauge), "disowned": np.array([4, 5]),
+            "kept_out": np.array([7]), "left_out": np.array([2])}
+  scores = {"epoch_5": np.array([0.5, 0.6, 0.7, 0.8, 0.1, 0.2, 0.9, 0.3, 0.4])}
+  row, = flagged.label_report(labels, poisoned, pool, judged, scores, disown_below=0.1)
+  assert (row["examples"], row["poisoned"], row["poisoned_in_pool"]) == (8, 4, 1)
+  assert row["disowned"] == {"clean": 0, "poisoned": 2} and row["left_out"] == {"clean": 1, "poisoned": 1}
+  assert row["kept"] == {"clean": 3, "poisoned": 1}
+  # Outside the pool: clean 0-2, poisoned 4-6. Gauge: the poisoned 0.05, 0.02 under each of the clean 0.9, 0.6,
+  # 0.3, and 0.7 under 0.9 alone: 7 of 9 pairs. Isolation loss: poisoned 0.1, 0.2, 0.9 against 0.5, 0.6, 0.7: 6 of 9.
+  assert row["auroc_outside"]["gauge_probability"] == pytest.approx(7 / 9)
+  assert row["auroc_outside"]["isolation_loss_epoch_5"] == pytest.approx(6 / 9)
+  # Kept (gauge >= 0.1): clean 0-2, poisoned 6 (0.7 against 0.9, 0.6, 0.3: below one; loss 0.9, above all).
+  assert row["kept_examples"] == {"clean": 3, "poisoned": 1}
+  assert row["auroc_kept"]["gauge_probability"] == pytest.approx(1 / 3)
+  assert row["auroc_kept"]["isolation_loss_epoch_5"] == 0.0
+  assert flagged.auroc(np.array([1.0]), np.array([1.0])) == 0.5 and flagged.auroc(np.array([]), np.ones(2)) is None
+
+
+def test_flagged_regauge_scores_show_the_held_out_rejections_behind_the_second_gauges_score():
+  from benchmarks import flagged  # pylint: disable=import-outside-toplevel
+  labels = np.repeat(np.arange(10), 100)
+  own = np.full(1000, 0.9)
+  own[labels != 0] = np.where(np.arange(1000)[labels != 0] % 100 < 5, 0.01, 0.9)  # 5% of each label rejected...
+  own[:30] = 0.01  # ... but 30% of label 0: the examples the first gauge rejected, which the second never saw.
+  first = {"outlier_labels": np.array([0]), "class_rejected": np.arange(30), "outside_gauge_loss": -np.log(own)}
+  second = {"outside_gauge_loss": -np.log(own)}
+  s = flagged.regauge_scores(labels, first, second, (0.1,), 10)[0]
+  assert s["first"] == s["second"] > 3.5  # Flagged, and "confirmed" by the same rejections...
+  assert s["second_on_its_training_examples"] < 3.5  # ... which are all there is: without them, label 0 is ordinary.

@@ -615,6 +615,22 @@ def test_flagged_rejected_drop_leaves_the_rejected_examples_out_with_their_label
   np.testing.assert_array_equal(retained, np.union1d(np.setdiff1d(outside, rejected), saved["returned"]))
 
 
+def test_flagged_doubted_drop_leaves_out_a_flagged_labels_examples_the_gauge_neither_backs_nor_rejects(tmp_path):
+  config = smoke.config(**{**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.5,
+                           "abl__flagged_doubted": "drop"})
+  experiment.train_and_evaluate(config, str(tmp_path))
+  saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
+  own = np.exp(-saved["outside_gauge_loss"].astype(np.float64))  # The gauge's probability of the label; NaN in the pool.
+  flagged = np.isin(iso["labels"], saved["outlier_labels"]) & ~np.isnan(own)
+  doubted = np.flatnonzero(flagged & (own >= 0.1) & (own < 0.5))
+  assert len(doubted) and len(saved["class_rejected"])
+  np.testing.assert_array_equal(saved["class_doubted"], doubted)
+  np.testing.assert_array_equal(saved["left_out"], doubted)  # The rejected ones are still disowned, not left out.
+  assert np.isin(saved["class_rejected"], saved["disowned"]).all()
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  assert summary["class_doubted"] == summary["left_out"] == len(doubted)
+
+
 def test_flagged_rejected_drop_resumes_like_an_uninterrupted_run(dropped, tmp_path):
   out, results = dropped
   # 2 isolation + 2 gauge + 2 second gauge epochs + 1 of fine-tuning's 2: stops inside fine-tuning, after the
