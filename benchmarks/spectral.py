@@ -9,7 +9,9 @@ A measurement, not part of the defense: it reads the poison mask. Per training l
 examples; the ratio of the first two singular values of its centred features, the size of the skewness of its
 projections on the first direction and their kurtosis (what a defender could read without the mask); the AUROC
 of poisoned against clean along that direction (the better of its two signs), and the recall of the poisoned
-among the 1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule). Also the
+among the 1.5 x (poisoned count) examples with the largest squared projection (the paper's removal rule), and
+`lda_auroc`: a linear discriminant fitted with the mask on half of the label, ranked on the other half (the most
+any linear reading of these features could separate). Also the
 long tail that `abl.spectral_outliers` would take (beyond 2 robust standard deviations on the long side) and the
 median rank of its examples' isolation losses within the label (WORKDIR/isolation.npz; 0 = fitted best).
 """
@@ -54,7 +56,7 @@ def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
     row = {"label": int(label), "examples": int(mine.sum()), "poisoned": int(poisoned[mine].sum()),
            "sv1_over_sv2": float(singular[0] / singular[1]), "skewness": skewness,
            "kurtosis": abl.kurtosis(projection), "tail": None, "tail_loss_rank": None,
-           "auroc": None, "recall_at_1.5x": None}
+           "auroc": None, "recall_at_1.5x": None, "lda_auroc": None}
     median = np.median(projection)
     far = projection - median > tail * 1.4826 * np.median(np.abs(projection - median))
     row["tail"] = int(far.sum())
@@ -67,8 +69,23 @@ def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
       row["auroc"] = max(auroc, 1.0 - auroc)
       removed = np.argsort(-projection ** 2, kind="stable")[:int(round(1.5 * bad.sum()))]
       row["recall_at_1.5x"] = float(bad[removed].sum() / bad.sum())
+      row["lda_auroc"] = lda_auroc(features[mine], bad)
     rows.append(row)
   return rows
+
+
+def lda_auroc(features: np.ndarray, poisoned: np.ndarray, seed: int = 0) -> float | None:
+  """The best a linear rule could do with the mask itself: Fisher's discriminant fitted on a random half of the
+  examples (poisoned against clean), its AUROC on the other half (None when a half lacks either kind)."""
+  order = np.random.default_rng(seed).permutation(len(features))
+  fit, held = order[:len(order) // 2], order[len(order) // 2:]
+  if min(poisoned[fit].sum(), (~poisoned[fit]).sum(), poisoned[held].sum(), (~poisoned[held]).sum()) < 2:
+    return None
+  x, y = features[fit].astype(np.float64), poisoned[fit]
+  bad, good = x[y].mean(axis=0), x[~y].mean(axis=0)
+  within = np.cov(np.concatenate([x[y] - bad, x[~y] - good]).T) + 1e-3 * np.eye(x.shape[1])
+  projection = features[held].astype(np.float64) @ np.linalg.solve(within, bad - good)
+  return _auroc(projection[poisoned[held]], projection[~poisoned[held]])
 
 
 def main() -> None:

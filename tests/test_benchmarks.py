@@ -194,6 +194,13 @@ def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer
   assert rows[0]["poisoned"] == 10 and rows[0]["auroc"] == 1.0 and rows[0]["recall_at_1.5x"] == 1.0
   assert rows[0]["skewness"] > 2 and rows[0]["sv1_over_sv2"] > rows[1]["sv1_over_sv2"]
   assert rows[1]["auroc"] is None and rows[1]["recall_at_1.5x"] is None
+  assert rows[0]["lda_auroc"] == 1.0 and rows[1]["lda_auroc"] is None  # Fitted on the mask: separates a shift of 8.
+  # Poison apart along a direction of small variance: the top direction misses it, a discriminant does not.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(400, 3)) * np.array([5.0, 1.0, 1.0])
+  mask = np.arange(400) < 200
+  x[mask, 2] += 3.0
+  assert spectral.lda_auroc(x, mask) > 0.95 > 0.7 > spectral._auroc(x[mask, 0], x[~mask, 0])  # pylint: disable=protected-access
   assert rows[0]["kurtosis"] > 5 and 2 < rows[1]["kurtosis"] < 4  # A 10% tail; a normal label (3).
   scores = np.arange(200.0)  # Label 0's poisoned examples have the lowest losses: its tail ranks first.
   rows = {r["label"]: r for r in spectral.label_stats(features, labels, poisoned, scores)}

@@ -463,11 +463,12 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   own = np.full(40, 0.6, np.float32)
   for label, n in enumerate([2, 2, 8, 2]):
     own[label * 10 + 1:label * 10 + 1 + n] = 0.05
+  own[29], own[39] = 0.3, 0.3  # Doubted (in [disown_below, own_above)): label 2's counts, label 3's does not.
   probs = np.tile(((1 - own) / 3)[:, None], (1, 4)).astype(np.float32)
   probs[np.arange(40), labels] = own
   run = types.SimpleNamespace(
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
-      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1,
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
                                                 "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown"}}),
       labels=np.eye(4, dtype=np.float32)[labels],
       predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
@@ -479,6 +480,7 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   np.testing.assert_array_equal(found["outlier_levels"], [0.1, 0.02])
   np.testing.assert_allclose(found["outlier_shares"][:, 2], [0.8, 0.0])  # Label 2: 8 of its 10 below 0.1.
   np.testing.assert_array_equal(rejected, np.arange(21, 29))
+  np.testing.assert_array_equal(found["class_doubted"], [29])  # A flagged label's only.
   np.testing.assert_array_equal(run.labels[rejected], probs[rejected])
   untouched = np.setdiff1d(np.arange(40), rejected)
   np.testing.assert_array_equal(run.labels[untouched], np.eye(4)[labels[untouched]])

@@ -129,7 +129,7 @@ def test_a_ctrl_c_lost_in_a_gc_callback_is_raised_again():
       for _ in range(10_000):  # Bytecodes for the signal handler to run in.
         pass
 
-  caught, hook = [], sys.unraisablehook
+  caught, hook, before = [], sys.unraisablehook, signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup.
   with cli.interrupts_repeated(repeat_s=0.05):
     gc.callbacks.append(callback)
     try:
@@ -142,7 +142,7 @@ def test_a_ctrl_c_lost_in_a_gc_callback_is_raised_again():
     except KeyboardInterrupt:
       caught.append(True)
   assert caught
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and sys.unraisablehook is hook
+  assert signal.getsignal(signal.SIGINT) is before and sys.unraisablehook is hook  # Both restored.
 
 
 def test_log_filter_hides_orbax_info_and_ctrl_c_tracebacks_only():
