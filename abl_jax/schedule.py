@@ -12,6 +12,7 @@ poison mask stays inside `Run.evaluation`, which computes metrics for the log an
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable
@@ -409,8 +410,9 @@ def _restore_isolation_model(run: Run) -> None:
 
 def regauge(run: Run) -> None:
   """Where the gauge found outlier labels (config.abl.class_outlier_z) and config.abl.regauge is on: trains a
-  second gauge (config.abl.regauge_epochs) from fresh weights without the pool and the examples the first rejected in those labels, and
-  judges again with it (regauged.npz); fine-tuning follows the second judgement. Does nothing otherwise.
+  second gauge (config.abl.regauge_epochs) from fresh weights without the pool and the examples the first rejected
+  in those labels, and judges again with it (regauged.npz); fine-tuning follows the second judgement. Does nothing
+  otherwise.
 
   The first gauge learned those labels from examples of which many were other classes' images; trained without
   them, the second sees those labels' own images and rejects more of the backdoor examples left in them.
@@ -471,10 +473,10 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
       extra["owned"] = abl.owned(run.labels, run.train.labels, np.setdiff1d(soft, suspected) if len(suspected)
                                  else soft, a.own_above)
     if "class_rejected" in extra:  # A flagged label's examples fine-tuning leaves out (abl.flagged_*).
-      left_out = [extra[k] for k, rule in (("class_rejected", a.flagged_rejected), ("class_doubted", a.flagged_doubted))
-                  if rule == "drop"]
-      if left_out:
-        run.left_out = extra["left_out"] = np.union1d(*left_out) if len(left_out) > 1 else left_out[0]
+      rules = {"class_rejected": a.flagged_rejected, "class_doubted": a.flagged_doubted}
+      dropped = [extra[k] for k, rule in rules.items() if rule == "drop"]
+      if dropped:
+        run.left_out = extra["left_out"] = functools.reduce(np.union1d, dropped)
     if a.disown_below:
       taught = soft
       for outside_taught in ("contradicted",) + (("class_rejected",) if a.flagged_rejected == "disown" else ()):

@@ -120,7 +120,8 @@ def main() -> None:
     cfg = plots._config(args.workdir)  # pylint: disable=protected-access
     prep = experiment.prepare(cfg)
     model = experiment._model(cfg, prep.train)  # pylint: disable=protected-access
-    variables = checkpoint.restore_variables(args.workdir, model, cfg, prep.train.images.shape[1:], step=args.checkpoint)
+    variables = checkpoint.restore_variables(args.workdir, model, cfg, prep.train.images.shape[1:],
+                                             step=args.checkpoint)
     predict = train.predictor(model, variables, cfg.data.mean, cfg.data.std, cfg.train.eval_batch_size,
                               train.make_mesh(jax.local_devices()))
     model_probability = np.exp(-np.asarray(predict(prep.train.images, labels)[0], np.float64))
@@ -150,7 +151,7 @@ def main() -> None:
     for group in ("outside", "kept"):
       sizes = r[f"{group}_examples"]
       cells = ["" if v is None else f"{v:.3f}" for v in r[f"auroc_{group}"].values()]
-      where = "outside the pool" if group == "outside" else f"outside the pool, gauge >= {config['abl']['disown_below']}"
+      where = "outside the pool" + ("" if group == "outside" else f", gauge >= {config['abl']['disown_below']}")
       print(f"| {where} ({sizes['clean']} clean, {sizes['poisoned']} poisoned) | " + " | ".join(cells) + " |")
     print()
 

@@ -100,10 +100,8 @@ def main() -> None:
   config = plots._config(args.workdir)  # pylint: disable=protected-access
   prep = experiment.prepare(config)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
-  if args.checkpoint is None:
-    variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], "isolation_model")
-  else:
-    variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], step=args.checkpoint)
+  where = ("isolation_model", None) if args.checkpoint is None else ("checkpoints", args.checkpoint)
+  variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], *where)
   features = penultimate(model, variables, prep.train.images, config.data.mean, config.data.std,
                          config.train.eval_batch_size)
   iso = os.path.join(args.workdir, "isolation.npz")

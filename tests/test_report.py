@@ -53,7 +53,8 @@ def test_report_from_two_runs_gives_their_rows_and_numbers(tmp_path):
   assert sig["label"] == "Model trained using ABL against SIG attack"
   assert sig["clean_accuracy"] == 0.89 and sig["isolation_precision"] == 0.35 and sig["wall_time_s"] == 120.0
   lines = text.splitlines()
-  assert lines[2] == "| Model trained with clean data | 99.0 | 95.0 | n/a | n/a | 0.031 | 0.2 | n/a |  | – | 5.0 min | done |"
+  assert lines[2] == ("| Model trained with clean data | 99.0 | 95.0 | n/a | n/a | 0.031 | 0.2 | n/a |  | – | 5.0 min "
+                      "| done |")
   assert lines[3] == ("| Model trained using ABL against SIG attack | 96.0 | 89.0 | 5.0 | 52.0 | 0.13 | 0.41 | 10.8 "
                       "| 0.35 / 0.70 | – | 2.0 min | done |")
   assert (tmp_path / "report.md").read_text() == text
@@ -69,7 +70,8 @@ def test_suspected_labels_are_the_spectral_and_the_followed_judgements_outlier_l
   assert workdir.suspected_labels({"precision": 1.0}) is None  # Neither test ran (the paper's ABL).
   # A results.json written before the field: the report reads the verdict from its isolation summary and marks
   # the attack's target; a run that names it carries it as written.
-  run = _fake_run(tmp_path, "badnets_abl", "badnets", "abl", {**SIG_ABL, "isolation": {**SIG_ABL["isolation"], **summary}})
+  run = _fake_run(tmp_path, "badnets_abl", "badnets", "abl",
+                  {**SIG_ABL, "isolation": {**SIG_ABL["isolation"], **summary}})
   config = json.loads(open(os.path.join(run, "config.json")).read())
   _write(os.path.join(run, "config.json"), {**config, "attack": {"name": "badnets", "target_label": 0}})
   _fake_run(tmp_path, "blend_abl", "blend", "abl", {**SIG_ABL, "suspected_labels": [3, 4]})
