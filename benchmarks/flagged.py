@@ -5,6 +5,7 @@ from its clean ones: a finished run where the gauge flagged an outlier label (do
                                                                # where a second gauge judged, else returned.npz)
     python benchmarks/flagged.py runs/wanet --checkpoint=15    # also: the model of WORKDIR/checkpoints/15 as a judge
     python benchmarks/flagged.py runs/wanet --json             # one JSON line
+    python benchmarks/flagged.py runs/badnets --label=6        # a label nothing flagged (the attack's target)
 
 A measurement, not part of the defense: it reads the poison mask. Per flagged label: its clean and poisoned
 examples by fate (disowned, left out, kept with their label); then, over its examples outside the pool and over
@@ -52,8 +53,9 @@ def judgement(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
 
 def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, judged: dict[str, np.ndarray],
                  epoch_scores: dict[str, np.ndarray], disown_below: float,
-                 model_probability: np.ndarray | None = None) -> list[dict[str, Any]]:
-  """One row per flagged label of `judged` (a returned.npz / regauged.npz): fates and AUROCs (module docstring)."""
+                 model_probability: np.ndarray | None = None, which: list[int] | None = None) -> list[dict[str, Any]]:
+  """One row per flagged label of `judged` (a returned.npz / regauged.npz), or per label of `which`: fates and
+  AUROCs (module docstring)."""
   n = len(labels)
   mark = lambda rows: np.isin(np.arange(n), rows)
   disowned, left_out = mark(judged.get("disowned", [])), mark(judged.get("kept_out", []))
@@ -61,7 +63,7 @@ def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, jud
   in_pool = mark(pool)
   gauge = np.exp(-judged["outside_gauge_loss"].astype(np.float64))  # NaN in the pool.
   out = []
-  for label in judged["outlier_labels"].tolist():
+  for label in judged["outlier_labels"].tolist() if which is None else which:
     mine = labels == label
     fates = {}
     for fate, where in (("disowned", disowned), ("left_out", left_out & ~disowned),
@@ -102,6 +104,8 @@ def main() -> None:
   parser.add_argument("workdir", help="A finished run's workdir.")
   parser.add_argument("--checkpoint", type=int, default=None,
                       help="A step in WORKDIR/checkpoints whose model also judges (its probability of the label).")
+  parser.add_argument("--label", type=int, action="append", default=None,
+                      help="Report this label (repeatable) instead of the flagged ones, e.g. a target nothing flagged.")
   parser.add_argument("--json", action="store_true", help="Print one JSON line instead of tables.")
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, "isolation.npz")):
@@ -125,7 +129,8 @@ def main() -> None:
     predict = train.predictor(model, variables, cfg.data.mean, cfg.data.std, cfg.train.eval_batch_size,
                               train.make_mesh(jax.local_devices()))
     model_probability = np.exp(-np.asarray(predict(prep.train.images, labels)[0], np.float64))
-  rows = label_report(labels, poisoned, pool, judged, epoch_scores, config["abl"]["disown_below"], model_probability)
+  rows = label_report(labels, poisoned, pool, judged, epoch_scores, config["abl"]["disown_below"], model_probability,
+                      args.label)
   rescored = {}
   if name == "regauged.npz":
     levels = tuple(config["abl"]["class_outlier_below"]) or (config["abl"]["disown_below"],)

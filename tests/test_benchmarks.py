@@ -248,6 +248,10 @@ def test_flagged_report_counts_each_fate_and_ranks_each_signal():
   assert row["auroc_kept"]["gauge_probability"] == pytest.approx(1 / 3)
   assert row["auroc_kept"]["isolation_loss_epoch_5"] == 0.0
   assert flagged.auroc(np.array([1.0]), np.array([1.0])) == 0.5 and flagged.auroc(np.array([]), np.ones(2)) is None
+  # Any label on request (a target nothing flagged): label 1 has one clean example, kept, and no poison to rank.
+  other, = flagged.label_report(labels, poisoned, pool, judged, scores, disown_below=0.1, which=[1])
+  assert other["label"] == 1 and other["kept"] == {"clean": 1, "poisoned": 0}
+  assert other["auroc_outside"]["gauge_probability"] is None
 
 
 def test_flagged_regauge_scores_show_the_held_out_rejections_behind_the_second_gauges_score():
