@@ -572,6 +572,8 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
                                                sampling=bool(sampled))
   if among is not None:
     flagged = np.intersect1d(flagged, among)
+  if a.spectral_judged and run.suspected is not None and len(run.suspected):  # Known attacked: judged as well.
+    flagged = np.union1d(flagged, np.unique(run.train.labels[run.suspected]))
   hit = (own < a.disown_below) & np.isin(labels, flagged)
   doubted = (own >= a.disown_below) & (own < a.own_above) & np.isin(labels, flagged)
   if a.flagged_rejected == "disown":

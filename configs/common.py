@@ -139,6 +139,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                                without poison measured at least 2.33, half-poisoned ones 1.16-1.50 where the
   #                                trigger separates them (docs/defense.md, session 16).
   c.abl.spectral_tail = 2.0  # spectral_skew: robust standard deviations (1.4826 MAD) beyond the median (> 0).
+  c.abl.spectral_judged = False  # class_outlier_z: True treats a label spectral signatures flagged as an outlier
+  #                                label too (its examples outside the pool the gauge rejects are disowned, a second
+  #                                gauge judges again): the poison outside the suspects (docs/defense.md, session 17).
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.

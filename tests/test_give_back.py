@@ -469,7 +469,9 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   run = types.SimpleNamespace(
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
-                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown"}}),
+                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown",
+                                                "spectral_judged": False}}),
+      suspected=np.array([10]),
       labels=np.eye(4, dtype=np.float32)[labels],
       predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
                                                           probs[images]))
@@ -493,6 +495,13 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   run.config.abl.flagged_rejected = "drop"
   np.testing.assert_array_equal(schedule._class_rejected(run, outside)["class_rejected"], rejected)
   np.testing.assert_array_equal(run.labels, np.eye(4)[labels])
+  # spectral_judged: label 1, which spectral signatures flagged (example 10 suspected), is judged too, in the
+  # second judgement as well, where the outlier test does not find it.
+  run.config.abl.spectral_judged = True
+  found = schedule._class_rejected(run, outside)
+  np.testing.assert_array_equal(found["outlier_labels"], [1, 2])
+  np.testing.assert_array_equal(found["class_rejected"], np.concatenate([[11, 12], rejected]))
+  np.testing.assert_array_equal(schedule._class_rejected(run, outside, among=np.array([1]))["outlier_labels"], [1])
 
 
 def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(tmp_path):
