@@ -78,12 +78,20 @@ def plot_curves(workdir: str, path: str) -> str | None:
   return _save(fig, path)
 
 
+def _isolation_arrays(workdir: str, key: str) -> dict[str, np.ndarray] | None:
+  """WORKDIR/isolation.npz's arrays where it exists and holds `key` (older runs lack some), else None."""
+  path = os.path.join(workdir, "isolation.npz")
+  if not os.path.exists(path):
+    return None
+  saved = wd.load_npz(path)
+  return saved if key in saved else None
+
+
 def plot_isolation(workdir: str, path: str) -> str | None:
   """Histogram of the per-example isolation loss, poisoned vs clean, with the threshold; None without isolation."""
-  npz = os.path.join(workdir, "isolation.npz")
-  if not os.path.exists(npz):
+  saved = _isolation_arrays(workdir, "scores")
+  if saved is None:
     return None
-  saved = wd.load_npz(npz)
   scores = np.maximum(saved["scores"].astype(np.float64), 1e-7)  # Log axis: a loss of 0 is drawn at 1e-7.
   threshold = float(scores[saved["isolated"]].max())
   bins = np.logspace(np.log10(scores.min()), np.log10(scores.max()) + 1e-6, 60)
@@ -114,11 +122,8 @@ def plot_isolation(workdir: str, path: str) -> str | None:
 
 def plot_scores_per_class(workdir: str, path: str) -> str | None:
   """Per training label: the isolation loss of each example (clean blue, clean in the pool purple, poisoned red)."""
-  npz = os.path.join(workdir, "isolation.npz")
-  if not os.path.exists(npz):
-    return None
-  saved = wd.load_npz(npz)
-  if "labels" not in saved:
+  saved = _isolation_arrays(workdir, "labels")
+  if saved is None:
     return None
   scores = np.log10(np.maximum(saved["scores"].astype(np.float64), 1e-7))
   labels = saved["labels"]
@@ -147,11 +152,8 @@ def plot_spectral(workdir: str, path: str) -> str | None:
   """Per training label: its examples' isolation-model features projected on the label's top direction (the
   spectral signatures of abl.spectral_outliers), poisoned vs clean, with the cut where the label was flagged;
   None for a run without them."""
-  npz = os.path.join(workdir, "isolation.npz")
-  if not os.path.exists(npz):
-    return None
-  saved = wd.load_npz(npz)
-  if "spectral_projection" not in saved:
+  saved = _isolation_arrays(workdir, "spectral_projection")
+  if saved is None:
     return None
   projection, labels, cuts = saved["spectral_projection"], saved["labels"], saved["spectral_cut"]
   mask = saved["is_poisoned"].astype(bool) if "is_poisoned" in saved else np.zeros(len(labels), bool)

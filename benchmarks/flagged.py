@@ -112,7 +112,10 @@ def main() -> None:
     sys.exit(f"flagged.py: {args.workdir}/isolation.npz is missing; give it the workdir of a defended run")
   with np.load(os.path.join(args.workdir, "isolation.npz")) as iso:
     labels, poisoned, pool = iso["labels"], iso["is_poisoned"].astype(bool), iso["pool"]
-  name, judged = judgement(args.workdir)
+  try:
+    name, judged = judgement(args.workdir)
+  except FileNotFoundError as e:
+    sys.exit(f"flagged.py: {e}")
   scores_path = os.path.join(args.workdir, "epoch_scores.npz")
   epoch_scores = dict(np.load(scores_path)) if os.path.exists(scores_path) else {}
   with open(os.path.join(args.workdir, "config.json")) as f:
