@@ -132,6 +132,12 @@ _RULES = (
                                                  and c.abl.disown_below and c.abl.regauge),
      "it applies where a second gauge can train (abl.regauge=True, abl.gauge_epochs > 0, abl.class_outlier_z > 0, "
      "abl.disown_below > 0, a gauge that distills the pool)"),
+    ("config.abl.relearned_", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
+                                            and c.abl.disown_below and c.abl.relearned_at
+                                            and c.abl.finetune_epochs >= 2),
+     "it applies where a gauge distills the pool and outlier labels are looked for (abl.gauge_epochs > 0, "
+     "abl.class_outlier_z > 0, abl.disown_below > 0), with abl.relearned_at > 0 and a fine-tuning epoch after the "
+     "check (abl.finetune_epochs >= 2)"),
     ("config.abl.spectral_skew", lambda c: not (_distills(c) and c.abl.kept_out == "distill"),
      "it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
      "abl.kept_out='distill'), which it disowns through"),

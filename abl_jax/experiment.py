@@ -46,7 +46,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
                 "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.return_rule",
-                "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted"):
+                "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted",
+                "abl.relearned_doubted", "abl.relearned_then"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
@@ -59,6 +60,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_range("config.abl.pool_ratio", config.abl.pool_ratio, 0.0, 1.0, high_open=True)
   registry.check_range("config.abl.class_quantile", config.abl.class_quantile, 0.0, 1.0, low_open=True)
   registry.check_range("config.abl.relabel_confidence", config.abl.relabel_confidence, 0.0, 1.0)
+  registry.check_range("config.abl.relearned_at", config.abl.relearned_at, 0.0, 1.0, high_open=True)
+  registry.check_range("config.abl.relearned_above", config.abl.relearned_above, 0.0, 1.0, low_open=True)
   if config.abl.score_epochs < 1:
     raise ValueError(f"config.abl.score_epochs={config.abl.score_epochs} must be >= 1")
   if config.abl.contradict_factor and not config.abl.contradict_factor >= 1:

@@ -25,7 +25,8 @@ RETURN_RULES = ("none", "agree")  # config.abl.return_rule
 KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.kept_out
 UNSURE = ("distill", "drop")  # config.abl.unsure
 FLAGGED_REJECTED = ("disown", "drop")  # config.abl.flagged_rejected
-FLAGGED_DOUBTED = ("keep", "drop")  # config.abl.flagged_doubted
+FLAGGED_DOUBTED = ("keep", "drop")  # config.abl.flagged_doubted, relearned_doubted
+RELEARNED_THEN = ("continue", "restart")  # config.abl.relearned_then
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {
@@ -48,6 +49,8 @@ FIELDS = {
     "config.abl.unsure": UNSURE,
     "config.abl.flagged_rejected": FLAGGED_REJECTED,
     "config.abl.flagged_doubted": FLAGGED_DOUBTED,
+    "config.abl.relearned_doubted": FLAGGED_DOUBTED,
+    "config.abl.relearned_then": RELEARNED_THEN,
     "config.distributed.initialize": INIT_MODES,
 }
 

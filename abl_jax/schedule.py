@@ -358,10 +358,101 @@ def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase
 
 def finetune(run: Run) -> None:
   """ABL's second phase: ordinary training on the examples outside the suspicious pool (config.abl.pool_*),
-  up to config.abl.return_epoch when part of the pool is given back after it."""
+  up to config.abl.return_epoch when part of the pool is given back after it; with a gauge, the relearned check
+  (config.abl.relearned_at) after its epoch."""
   a = run.config.abl
   split = a.return_rule != "none" and not a.gauge_epochs
-  run_phase(run, _finetune_phase(run, "finetune", 0, a.return_epoch if split else a.finetune_epochs))
+  phase = _finetune_phase(run, "finetune", 0, a.return_epoch if split else a.finetune_epochs)
+  check = relearned_epoch(a) if run.labels is not None and run.labels.ndim == 2 else 0
+  if check:
+    at = run.cursor + check
+    if run.done >= at:  # Resumed past the check: its verdict, after the phase's order was drawn as before it.
+      _relearned(run)
+    phase = dataclasses.replace(phase, after_epoch=lambda r, record: r.done == at and _relearned(r, record))
+  run_phase(run, phase)
+  if check and a.relearned_then == "restart" and len(wd.load_npz(os.path.join(run.workdir, "relearned.npz"))[
+      "relearned_labels"]):  # Stopped at the check: fine-tuning again from the isolation model, as judged now.
+    if run.done == run.cursor:
+      _restore_isolation_model(run)
+    run_phase(run, _finetune_phase(run, "finetune_relearned", 0, a.finetune_epochs))
+
+
+def relearned_epoch(a: ml_collections.ConfigDict) -> int:
+  """The fine-tuning epoch after which the relearned check runs (config.abl.relearned_at), 0 where it does not."""
+  if not (a.relearned_at and a.gauge_epochs and a.class_outlier_z and a.disown_below and a.finetune_epochs >= 2
+          and a.return_rule != "none" and a.kept_out in ("distill", "distill_disagreeing")):
+    return 0
+  return min(max(1, round(a.relearned_at * a.finetune_epochs)), a.finetune_epochs - 1)
+
+
+def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
+  """Disowns, for the rest of fine-tuning, the judge's rejected examples of each label whose share of them the
+  model being fine-tuned has learned stands out (config.abl.relearned_*; saved in relearned.npz, or read from it
+  where a run is resumed). True (stop the phase) where a label is flagged and fine-tuning restarts
+  (config.abl.relearned_then).
+
+  The judge rejects some examples of every label (the hard ones) and fine-tuning learns few of them; a backdoor
+  that the gauge's outlier test missed puts other classes' images under one label, and where fine-tuning learns
+  its trigger it learns them together, well before the hard ones (docs/defense.md, session 18).
+  """
+  a = run.config.abl
+  path = os.path.join(run.workdir, "relearned.npz")
+  judged = wd.load_npz(os.path.join(run.workdir, "regauged.npz" if os.path.exists(
+      os.path.join(run.workdir, "regauged.npz")) else "returned.npz"))
+  if "outside_rejected" not in judged:
+    raise wd.WorkdirError(f"{run.workdir}: the judgement holds no outside_rejected (made before "
+                          "config.abl.relearned_at); set --config.abl.relearned_at=0 or use --overwrite")
+  rejected, probabilities = judged["outside_rejected"], judged["outside_rejected_probabilities"]
+  labels = run.train.labels
+  if os.path.exists(path):
+    saved = wd.load_npz(path)
+  elif record is None:
+    raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
+  else:
+    taught = run.labels[rejected, labels[rejected]] > 0  # Not disowned already.
+    if run.left_out is not None:
+      taught &= ~np.isin(rejected, run.left_out)
+    candidates = rejected[taught]
+    loss, _ = run.predict()(run.train.images[candidates], labels[candidates])
+    learned = candidates[np.exp(-np.asarray(loss, np.float64)) >= a.relearned_above]
+    outside = np.setdiff1d(np.arange(len(labels)), run.pool)
+    counts = np.bincount(labels[outside], minlength=run.train.num_classes)
+    shares = np.bincount(labels[learned], minlength=run.train.num_classes) / np.maximum(counts, 1)
+    scores = abl.outlier_scores(shares, counts, sampling=True)
+    flagged = np.flatnonzero(scores > a.class_outlier_z)
+    saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
+             "relearned_learned": learned, "relearned_disowned": candidates[np.isin(labels[candidates], flagged)],
+             "relearned_dropped": outside[:0]}
+    if a.relearned_doubted == "drop" and len(flagged):  # The flagged labels' learned examples the judge doubts.
+      own = np.exp(-np.asarray(judged["outside_gauge_loss"], np.float64))
+      doubted = outside[np.isin(labels[outside], flagged) & (own[outside] >= a.disown_below)
+                        & (own[outside] < a.own_above) & (run.labels[outside, labels[outside]] > 0)]
+      if run.left_out is not None:
+        doubted = np.setdiff1d(doubted, run.left_out)
+      loss, _ = run.predict()(run.train.images[doubted], labels[doubted])
+      saved["relearned_dropped"] = doubted[np.exp(-np.asarray(loss, np.float64)) >= a.relearned_above]
+    logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
+                 "judge rejected; outlier scores %s; flagged %s, %d examples trained toward 'not this label', %d "
+                 "left out", np.round(shares, 3).tolist(), np.round(scores, 1).tolist(), flagged.tolist() or "none",
+                 len(saved["relearned_disowned"]), len(saved["relearned_dropped"]))
+    stats = {"relearned_labels": [int(k) for k in flagged],
+             "relearned_scores": [round(float(v), 2) for v in scores]}
+    for name in ("relearned_learned", "relearned_disowned", "relearned_dropped"):
+      stats.update({name: len(saved[name]),
+                    f"{name}_poisoned": run.evaluation.isolation_metrics(saved[name])["num_poisoned_isolated"]})
+    if distributed.is_primary():
+      wd.write_npz(path, **saved)
+      summary = os.path.join(run.workdir, "isolation.json")
+      wd.write_json(summary, {**wd.read_json(summary), **stats})
+    distributed.barrier("relearned")
+    if record is not None:
+      record["relearned/flagged"] = len(flagged)
+  hit = saved["relearned_disowned"]
+  run.labels[hit] = probabilities[np.searchsorted(rejected, hit)]
+  abl.disowned(run.labels, labels, hit, np.inf)
+  # Left out: a target of zeros adds nothing to the loss (the phase's order was drawn before the check).
+  run.labels[saved.get("relearned_dropped", hit[:0])] = 0.0
+  return a.relearned_then == "restart" and len(saved["relearned_labels"]) > 0
 
 
 def gauge_training(run: Run) -> None:
@@ -464,6 +555,9 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     if a.contradict_factor or (a.class_outlier_z and a.disown_below):
       outside = _outside_gauge(run)
       extra["outside_gauge_loss"], extra["outside_gauge_prediction"] = outside.full_loss, outside.full_prediction
+      own = outside.probabilities[np.arange(len(outside.examples)), run.train.labels[outside.examples]]
+      extra["outside_rejected"] = outside.examples[own < a.disown_below]  # The relearned check's candidates.
+      extra["outside_rejected_probabilities"] = outside.probabilities[own < a.disown_below]
       if a.contradict_factor:
         extra["contradicted"] = _contradicted(run, outside)
       if a.class_outlier_z and a.disown_below:

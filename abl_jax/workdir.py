@@ -230,6 +230,9 @@ ADDED_FIELDS = {
     "config.abl.regauge": False, "config.abl.class_outlier_below": [],
     "config.abl.flagged_rejected": "disown", "config.abl.spectral_skew": 0.0, "config.abl.spectral_tail": 2.0,
     "config.abl.spectral_kurtosis": 0.0, "config.abl.regauge_epochs": 0, "config.abl.flagged_doubted": "keep", "config.abl.spectral_judged": False,
+    "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
+    "config.abl.relearned_doubted": "keep",
+    "config.abl.relearned_then": "continue",
 }
 
 
@@ -359,10 +362,11 @@ def outside_verdicts(workdir: str) -> OutsideVerdicts | None:
 
 
 def suspected_labels(summary: dict[str, Any]) -> list[int] | None:
-  """The labels the defense treated as attacked, from a run's isolation.json: those spectral signatures flagged
-  and the outlier labels of the judgement fine-tuning followed (the second gauge's where one judged). None where
-  neither test ran."""
-  if "spectral_labels" not in summary and "outlier_labels" not in summary:
+  """The labels the defense treated as attacked, from a run's isolation.json: those spectral signatures flagged,
+  the outlier labels of the judgement fine-tuning followed (the second gauge's where one judged) and those the
+  relearned check flagged. None where none of these tests ran."""
+  if not {"spectral_labels", "outlier_labels", "relearned_labels"} & set(summary):
     return None
   outliers = summary.get("regauge_outlier_labels", summary.get("outlier_labels", []))
-  return sorted({int(k) for k in [*summary.get("spectral_labels", []), *outliers]})
+  return sorted({int(k) for k in [*summary.get("spectral_labels", []), *outliers,
+                                  *summary.get("relearned_labels", [])]})

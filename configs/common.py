@@ -146,6 +146,20 @@ def base_config() -> ml_collections.ConfigDict:
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.
   c.abl.regauge_epochs = 0  # regauge: the second gauge's epochs (>= 0); 0 = gauge_epochs.
+  c.abl.relearned_at = 0.5  # class_outlier_z, with a gauge: after this share of fine-tuning's epochs (in [0, 1),
+  #                            0 = off; at least 1, before the last), the model being fine-tuned scores the examples
+  #                            outside the pool the judge rejected (below disown_below) that still train with their
+  #                            label; a label whose share of them it has learned (relearned_above) is an outlier
+  #                            (class_outlier_z) has those examples disowned for the rest of fine-tuning: a backdoor
+  #                            the gauge's outlier test missed, which fine-tuning is learning (docs/defense.md,
+  #                            session 18).
+  c.abl.relearned_above = 0.8  # relearned_at: the fine-tuned model's probability of the label that counts as
+  #                              learned, in (0, 1].
+  c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects
+  #                                  (disown_below to own_above) that fine-tuning has learned (relearned_above)
+  #                                  keep training with their label (keep) or are left out for the rest (drop).
+  c.abl.relearned_then = "continue"  # relearned_at, where a label is flagged: fine-tuning goes on (continue) or
+  #                                    starts again from the isolation model for finetune_epochs (restart).
   c.abl.own_above = 0.5  # distill: pool examples whose label the gauge gives at least this train with their label
   #                       (one-hot); in (disown_below, 1], 1 = off (session 9's default: every pool example
   #                       trains toward the gauge's probabilities); 0.5: the gauge backs the label over all others.

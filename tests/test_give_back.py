@@ -724,3 +724,178 @@ def test_regauge_does_nothing_without_an_outlier_label(tmp_path):
   assert not (tmp_path / "regauged.npz").exists()
   phases = {json.loads(line).get("phase") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
   assert "regauge" not in phases and "finetune" in phases
+
+
+@pytest.mark.parametrize("at, epochs, expected", [(0.5, 4, 2), (0.5, 2, 1), (0.9, 4, 3), (0.01, 60, 1),
+                                                  (0.5, 1, 0), (0.0, 4, 0)])
+def test_relearned_epoch_lies_inside_fine_tuning(at, epochs, expected):
+  a = smoke.default().abl
+  a.relearned_at, a.finetune_epochs = at, epochs
+  assert schedule.relearned_epoch(a) == expected
+  a.class_outlier_z = 0.0  # No outlier labels looked for: no check.
+  assert schedule.relearned_epoch(a) == 0
+
+
+def _relearned_run(workdir, learned):
+  """4 labels x 10 examples, example 0 the pool. The judge rejected examples 1-3 of every label (label 0: 1-2,
+  example 3 is left out); examples 31-33 are disowned already. The fine-tuned model gives the label `learned`."""
+  labels = np.repeat(np.arange(4), 10)
+  rejected = np.array([1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33])
+  probabilities = np.full((len(rejected), 4), 0.3, np.float32)
+  probabilities[np.arange(len(rejected)), labels[rejected]] = 0.05
+  probabilities /= probabilities.sum(axis=1, keepdims=True)
+  targets = np.eye(4, dtype=np.float32)[labels]
+  targets[31:34] = [0.5, 0.5, 0.0, 0.0]
+  np.savez(workdir / "returned.npz", outside_rejected=rejected, outside_rejected_probabilities=probabilities)
+  (workdir / "isolation.json").write_text("{}")
+  run = types.SimpleNamespace(
+      workdir=str(workdir), pool=np.array([0]), labels=targets, left_out=np.array([3]),
+      train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.5, "relearned_above": 0.8,
+                                                "relearned_doubted": "keep", "relearned_then": "continue"}}),
+      evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
+      predict=lambda: lambda images, lab: (-np.log(learned[images]), lab))
+  return run, rejected, probabilities
+
+
+def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_learns_them_in(tmp_path):
+  # Fine-tuning has learned (>= 0.8) examples 21-23, all of label 2's rejected ones, and example 11 of label 1.
+  learned = np.full(40, 0.5)
+  learned[[11, 21, 22, 23]] = 0.9
+  learned[[3, 31, 32, 33]] = 0.99  # 3 is left out and 31-33 disowned already: not candidates.
+  run, rejected, probabilities = _relearned_run(tmp_path, learned)
+  record = {}
+  assert schedule._relearned(run, record) is False
+  assert record == {"relearned/flagged": 1}
+  saved = np.load(tmp_path / "relearned.npz")
+  np.testing.assert_array_equal(saved["relearned_labels"], [2])
+  np.testing.assert_array_equal(saved["relearned_learned"], [11, 21, 22, 23])
+  np.testing.assert_allclose(saved["relearned_shares"], [0, 0.1, 0.3, 0])  # Over each label outside the pool.
+  np.testing.assert_array_equal(saved["relearned_disowned"], [21, 22, 23])
+  # Toward the judge's probabilities, their label's share removed; every other target unchanged.
+  expected = probabilities[6:9].copy()
+  expected[:, 2] = 0
+  np.testing.assert_allclose(run.labels[21:24], expected / expected.sum(axis=1, keepdims=True))
+  others = np.setdiff1d(np.arange(40), [21, 22, 23, 31, 32, 33])
+  np.testing.assert_array_equal(run.labels[others], np.eye(4)[run.train.labels[others]])
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  assert summary["relearned_labels"] == [2] and summary["relearned_disowned"] == 3
+  assert summary["relearned_disowned_poisoned"] == 3 and summary["relearned_learned"] == 4
+  # A resumed run reads the verdict back (its model is another by then) and disowns the same examples.
+  resumed, _, _ = _relearned_run(tmp_path, np.full(40, 0.99))
+  assert schedule._relearned(resumed) is False
+  np.testing.assert_array_equal(resumed.labels, run.labels)
+  (tmp_path / "relearned.npz").unlink()
+  with pytest.raises(Exception, match="relearned.npz is missing but the checkpoint is past it"):
+    schedule._relearned(resumed)
+
+
+def test_relearned_check_flags_nothing_where_fine_tuning_learns_as_many_rejected_examples_in_every_label(tmp_path):
+  learned = np.full(40, 0.5)
+  learned[[2, 12, 22, 32]] = 0.9
+  run, _, _ = _relearned_run(tmp_path, learned)
+  before = run.labels.copy()
+  schedule._relearned(run, {})
+  assert len(np.load(tmp_path / "relearned.npz")["relearned_labels"]) == 0
+  np.testing.assert_array_equal(run.labels, before)
+
+
+RELEARNED = {**REGAUGE, "abl__regauge": False, "abl__relearned_at": 0.5, "abl__relearned_above": 0.05,
+             "abl__class_outlier_z": 0.5}
+
+
+@pytest.fixture(scope="module")
+def relearned(tmp_path_factory):
+  """A smoke run whose relearned check flags a label after the first of its 2 fine-tuning epochs, with the labels
+  each fine-tuning epoch trained toward."""
+  seen = []
+  run_epoch = train.run_epoch
+
+  def spy(step_fn, state, images, labels, order, *args, **kwargs):
+    seen.append((kwargs.get("describe", ""), np.array(labels, copy=True)))
+    return run_epoch(step_fn, state, images, labels, order, *args, **kwargs)
+
+  patch = pytest.MonkeyPatch()
+  patch.setattr(train, "run_epoch", spy)
+  try:
+    out, results = _trained(tmp_path_factory, "relearned", RELEARNED)
+  finally:
+    patch.undo()
+  return out, results, [labels for describe, labels in seen if describe.startswith("finetune")]
+
+
+def test_a_run_disowns_what_the_relearned_check_flags_for_the_rest_of_fine_tuning(relearned):
+  out, results, finetuned = relearned
+  saved = np.load(out / "relearned.npz")
+  hit = saved["relearned_disowned"]
+  assert len(saved["relearned_labels"]) and len(hit)
+  labels = np.load(out / "isolation.npz")["labels"]
+  first, second = finetuned
+  np.testing.assert_array_equal(first[hit, labels[hit]], 1.0)  # Before the check: trained with their label.
+  np.testing.assert_array_equal(second[hit, labels[hit]], 0.0)  # After it: toward "not this label".
+  unchanged = np.setdiff1d(np.arange(len(labels)), hit)
+  np.testing.assert_array_equal(second[unchanged], first[unchanged])
+  assert set(saved["relearned_labels"].tolist()) <= set(results["suspected_labels"])
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["relearned/flagged"] for r in records if "relearned/flagged" in r] == [len(saved["relearned_labels"])]
+
+
+def test_relearned_check_resumes_like_an_uninterrupted_run(relearned, tmp_path):
+  _, results, _ = relearned
+  # 2 isolation + 2 gauge + 1 fine-tuning epoch (the check after it): stops past the check, which a resume reads.
+  _assert_resumes_like(results, smoke.config(**RELEARNED), tmp_path, 5, saved="relearned.npz", unsaved="results.json")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("relearned_at", 1.0, r"config\.abl\.relearned_at=1\.0 must be in \[0, 1\)"),
+    ("relearned_above", 0.0, r"config\.abl\.relearned_above=0\.0 must be in \(0, 1\]")])
+def test_relearned_fields_are_checked(field, value, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    experiment.train_and_evaluate(smoke.config(**{**RELEARNED, f"abl__{field}": value}), str(tmp_path))
+
+
+def test_relearned_doubted_drop_leaves_out_the_flagged_labels_learned_examples_the_judge_doubts(tmp_path):
+  # Label 2's examples 24-26 are doubted by the judge (0.3); fine-tuning has learned 24 and 25, example 26 not.
+  learned = np.full(40, 0.5)
+  learned[[11, 21, 22, 23, 24, 25, 14]] = 0.9
+  run, _, _ = _relearned_run(tmp_path, learned)
+  own = np.full(40, 0.9)
+  own[[1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33]] = 0.05
+  own[[24, 25, 26, 14]] = 0.3  # 14: doubted and learned, but label 1 is not flagged.
+  judged = dict(np.load(tmp_path / "returned.npz"))
+  np.savez(tmp_path / "returned.npz", outside_gauge_loss=-np.log(own), **judged)
+  run.config.abl.update({"relearned_doubted": "drop", "disown_below": 0.1, "own_above": 0.5})
+  schedule._relearned(run, {})
+  saved = np.load(tmp_path / "relearned.npz")
+  np.testing.assert_array_equal(saved["relearned_labels"], [2])
+  np.testing.assert_array_equal(saved["relearned_dropped"], [24, 25])
+  np.testing.assert_array_equal(run.labels[[24, 25]], 0.0)  # No share of the loss.
+  np.testing.assert_array_equal(run.labels[[14, 26]], np.eye(4)[[1, 2]])
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+  """The relearned run, fine-tuning started again from the isolation model where the check flags a label."""
+  return _trained(tmp_path_factory, "restarted", {**RELEARNED, "abl__relearned_then": "restart"})
+
+
+def test_relearned_restart_fine_tunes_again_from_the_isolation_model_after_a_flag(restarted, relearned):
+  out, results = restarted
+  assert len(np.load(out / "relearned.npz")["relearned_labels"])
+  np.testing.assert_array_equal(np.load(out / "relearned.npz")["relearned_disowned"],
+                                np.load(relearned[0] / "relearned.npz")["relearned_disowned"])  # The same check.
+  records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  epochs = [(r["phase"], r["epoch"]) for r in records if r.get("phase", "").startswith("finetune") and "epoch" in r
+            and "epoch/loss" in r]
+  assert epochs == [("finetune", 1), ("finetune_relearned", 1), ("finetune_relearned", 2)]
+  # The stopped fine-tuning counts whole (2 epochs, 1 trained), so that a resume does not go on with it.
+  assert max(r.get("global_epoch", 0) for r in records) == 2 + 2 + 2 + 2
+  assert results["clean_accuracy"] != relearned[1]["clean_accuracy"]
+
+
+def test_relearned_restart_resumes_like_an_uninterrupted_run(restarted, tmp_path):
+  _, results = restarted
+  config = smoke.config(**{**RELEARNED, "abl__relearned_then": "restart"})
+  # Stopped at the check (epoch 5, counted as 6), and once more inside the second fine-tuning.
+  _assert_resumes_like(results, config, tmp_path, 5, saved="relearned.npz", unsaved="results.json")
+  _assert_resumes_like(results, config, tmp_path / "again", 7, saved="relearned.npz", unsaved="results.json")

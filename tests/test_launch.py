@@ -94,6 +94,11 @@ def test_unused_overrides():
   assert cli.unused_overrides(spectral, fields) == []
   spectral.abl.spectral_skew = 0.0  # The tail belongs to the skewness test alone.
   assert [f for f, _ in cli.unused_overrides(spectral, fields)] == ["config.abl.spectral_tail"]
+  relearned = ["config.abl.relearned_at", "config.abl.relearned_above"]
+  assert cli.unused_overrides(abl_badnets.get_config("smoke"), relearned) == []
+  one_epoch = abl_badnets.get_config("smoke")
+  one_epoch.abl.finetune_epochs = 1  # No fine-tuning epoch would follow the check.
+  assert [f for f, _ in cli.unused_overrides(one_epoch, relearned)] == relearned
   assert cli.override_paths(["x", "--config.train.epochs=3", "--config=c.py", "--config.abl.gamma", "1"]) == [
       "config.train.epochs", "config.abl.gamma"]
 
