@@ -421,7 +421,7 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     scores = abl.outlier_scores(shares, counts, sampling=True)
     flagged = np.flatnonzero(scores > a.class_outlier_z)
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
-             "relearned_learned": learned, "relearned_disowned": candidates[np.isin(labels[candidates], flagged)],
+             "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],
              "relearned_dropped": outside[:0]}
     if a.relearned_doubted == "drop" and len(flagged):  # The flagged labels' learned examples the judge doubts.
       own = np.exp(-np.asarray(judged["outside_gauge_loss"], np.float64))
@@ -432,12 +432,13 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       loss, _ = run.predict()(run.train.images[doubted], labels[doubted])
       saved["relearned_dropped"] = doubted[np.exp(-np.asarray(loss, np.float64)) >= a.relearned_above]
     logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
-                 "judge rejected; outlier scores %s; flagged %s, %d examples trained toward 'not this label', %d "
+                 "judge rejected; outlier scores %s; flagged %s, %d examples %s, %d "
                  "left out", np.round(shares, 3).tolist(), np.round(scores, 1).tolist(), flagged.tolist() or "none",
-                 len(saved["relearned_disowned"]), len(saved["relearned_dropped"]))
+                 len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected == "disown"
+                 else "left out", len(saved["relearned_dropped"]))
     stats = {"relearned_labels": [int(k) for k in flagged],
              "relearned_scores": [round(float(v), 2) for v in scores]}
-    for name in ("relearned_learned", "relearned_disowned", "relearned_dropped"):
+    for name in ("relearned_learned", "relearned_rejected", "relearned_dropped"):
       stats.update({name: len(saved[name]),
                     f"{name}_poisoned": run.evaluation.isolation_metrics(saved[name])["num_poisoned_isolated"]})
     if distributed.is_primary():
@@ -447,11 +448,12 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     distributed.barrier("relearned")
     if record is not None:
       record["relearned/flagged"] = len(flagged)
-  hit = saved["relearned_disowned"]
+  hit = saved["relearned_rejected"]
   run.labels[hit] = probabilities[np.searchsorted(rejected, hit)]
   abl.disowned(run.labels, labels, hit, np.inf)
   # Left out: a target of zeros adds nothing to the loss (the phase's order was drawn before the check).
-  run.labels[saved.get("relearned_dropped", hit[:0])] = 0.0
+  dropped = saved["relearned_dropped"]
+  run.labels[np.union1d(dropped, hit) if a.flagged_rejected == "drop" else dropped] = 0.0
   return a.relearned_then == "restart" and len(saved["relearned_labels"]) > 0
 
 

@@ -158,8 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects
   #                                  (disown_below to own_above) that fine-tuning has learned (relearned_above)
   #                                  keep training with their label (keep) or are left out for the rest (drop).
-  c.abl.relearned_then = "continue"  # relearned_at, where a label is flagged: fine-tuning goes on (continue) or
-  #                                    starts again from the isolation model for finetune_epochs (restart).
+  c.abl.relearned_then = "restart"  # relearned_at, where a label is flagged: fine-tuning starts again from the
+  #                                   isolation model for finetune_epochs (restart; the check's epochs are the cost)
+  #                                   or goes on (continue), which leaves most of a learned backdoor in 2 epochs.
   c.abl.own_above = 0.5  # distill: pool examples whose label the gauge gives at least this train with their label
   #                       (one-hot); in (disown_below, 1], 1 = off (session 9's default: every pool example
   #                       trains toward the gauge's probabilities); 0.5: the gauge backs the label over all others.

@@ -752,7 +752,8 @@ def _relearned_run(workdir, learned):
       workdir=str(workdir), pool=np.array([0]), labels=targets, left_out=np.array([3]),
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.5, "relearned_above": 0.8,
-                                                "relearned_doubted": "keep", "relearned_then": "continue"}}),
+                                                "relearned_doubted": "keep", "relearned_then": "continue",
+                                                "flagged_rejected": "disown"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
       predict=lambda: lambda images, lab: (-np.log(learned[images]), lab))
   return run, rejected, probabilities
@@ -771,7 +772,7 @@ def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_
   np.testing.assert_array_equal(saved["relearned_labels"], [2])
   np.testing.assert_array_equal(saved["relearned_learned"], [11, 21, 22, 23])
   np.testing.assert_allclose(saved["relearned_shares"], [0, 0.1, 0.3, 0])  # Over each label outside the pool.
-  np.testing.assert_array_equal(saved["relearned_disowned"], [21, 22, 23])
+  np.testing.assert_array_equal(saved["relearned_rejected"], [21, 22, 23])
   # Toward the judge's probabilities, their label's share removed; every other target unchanged.
   expected = probabilities[6:9].copy()
   expected[:, 2] = 0
@@ -779,8 +780,8 @@ def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_
   others = np.setdiff1d(np.arange(40), [21, 22, 23, 31, 32, 33])
   np.testing.assert_array_equal(run.labels[others], np.eye(4)[run.train.labels[others]])
   summary = json.loads((tmp_path / "isolation.json").read_text())
-  assert summary["relearned_labels"] == [2] and summary["relearned_disowned"] == 3
-  assert summary["relearned_disowned_poisoned"] == 3 and summary["relearned_learned"] == 4
+  assert summary["relearned_labels"] == [2] and summary["relearned_rejected"] == 3
+  assert summary["relearned_rejected_poisoned"] == 3 and summary["relearned_learned"] == 4
   # A resumed run reads the verdict back (its model is another by then) and disowns the same examples.
   resumed, _, _ = _relearned_run(tmp_path, np.full(40, 0.99))
   assert schedule._relearned(resumed) is False
@@ -801,7 +802,7 @@ def test_relearned_check_flags_nothing_where_fine_tuning_learns_as_many_rejected
 
 
 RELEARNED = {**REGAUGE, "abl__regauge": False, "abl__relearned_at": 0.5, "abl__relearned_above": 0.05,
-             "abl__class_outlier_z": 0.5}
+             "abl__class_outlier_z": 0.5, "abl__relearned_then": "continue"}
 
 
 @pytest.fixture(scope="module")
@@ -827,7 +828,7 @@ def relearned(tmp_path_factory):
 def test_a_run_disowns_what_the_relearned_check_flags_for_the_rest_of_fine_tuning(relearned):
   out, results, finetuned = relearned
   saved = np.load(out / "relearned.npz")
-  hit = saved["relearned_disowned"]
+  hit = saved["relearned_rejected"]
   assert len(saved["relearned_labels"]) and len(hit)
   labels = np.load(out / "isolation.npz")["labels"]
   first, second = finetuned
@@ -882,8 +883,8 @@ def restarted(tmp_path_factory):
 def test_relearned_restart_fine_tunes_again_from_the_isolation_model_after_a_flag(restarted, relearned):
   out, results = restarted
   assert len(np.load(out / "relearned.npz")["relearned_labels"])
-  np.testing.assert_array_equal(np.load(out / "relearned.npz")["relearned_disowned"],
-                                np.load(relearned[0] / "relearned.npz")["relearned_disowned"])  # The same check.
+  np.testing.assert_array_equal(np.load(out / "relearned.npz")["relearned_rejected"],
+                                np.load(relearned[0] / "relearned.npz")["relearned_rejected"])  # The same check.
   records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
   epochs = [(r["phase"], r["epoch"]) for r in records if r.get("phase", "").startswith("finetune") and "epoch" in r
             and "epoch/loss" in r]
