@@ -249,6 +249,15 @@ def outlier_labels(label_probability: np.ndarray, labels: np.ndarray, num_classe
   return np.flatnonzero((scores > z).any(axis=0)), shares, scores
 
 
+def prior_adjusted(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """`probabilities` (a model's, over examples with `labels`) with each class divided by its bias (the class's mean
+  probability over the examples against its share of their labels) and renormalised; and the biases."""
+  shares = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
+  bias = probabilities.mean(axis=0) / np.maximum(shares, 1e-12)
+  adjusted = probabilities / np.maximum(bias, 1e-12)
+  return adjusted / np.maximum(adjusted.sum(axis=1, keepdims=True), 1e-12), bias
+
+
 def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: float) -> np.ndarray:
   """Of `rows` (examples training toward a gauge's probabilities `targets`), those whose label the gauge gives
   less than `below`; their label's probability is set to 0 in `targets` (in place), the rest renormalised.

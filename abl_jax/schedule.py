@@ -393,7 +393,9 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
 
   The judge rejects some examples of every label (the hard ones) and fine-tuning learns few of them; a backdoor
   that the gauge's outlier test missed puts other classes' images under one label, and where fine-tuning learns
-  its trigger it learns them together, well before the hard ones (docs/defense.md, session 18).
+  its trigger it learns them together, well before the hard ones (docs/defense.md, session 18). The model's
+  probabilities are taken with its momentary class bias removed (abl.prior_adjusted): mid-way through
+  fine-tuning it favours some classes, and would seem to have learned their hard examples.
   """
   a = run.config.abl
   path = os.path.join(run.workdir, "relearned.npz")
@@ -413,24 +415,30 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     if run.left_out is not None:
       taught &= ~np.isin(rejected, run.left_out)
     candidates = rejected[taught]
-    loss, _ = run.predict()(run.train.images[candidates], labels[candidates])
-    learned = candidates[np.exp(-np.asarray(loss, np.float64)) >= a.relearned_above]
     outside = np.setdiff1d(np.arange(len(labels)), run.pool)
+    _, _, probs = run.predict(probabilities=True)(run.train.images[outside], labels[outside])
+    adjusted, bias = abl.prior_adjusted(np.asarray(probs, np.float64), labels[outside], run.train.num_classes)
+    rows = np.searchsorted(outside, candidates)
+    probability = adjusted[rows, labels[candidates]]
+    learned = candidates[probability >= a.relearned_above]
     counts = np.bincount(labels[outside], minlength=run.train.num_classes)
     shares = np.bincount(labels[learned], minlength=run.train.num_classes) / np.maximum(counts, 1)
     scores = abl.outlier_scores(shares, counts, sampling=True)
     flagged = np.flatnonzero(scores > a.class_outlier_z)
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
              "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],
-             "relearned_dropped": outside[:0]}
+             "relearned_dropped": outside[:0], "relearned_candidates": candidates,
+             "relearned_probability": probability, "relearned_raw_probability": np.asarray(probs)[rows,
+                                                                                               labels[candidates]],
+             "relearned_bias": bias}
     if a.relearned_doubted == "drop" and len(flagged):  # The flagged labels' learned examples the judge doubts.
       own = np.exp(-np.asarray(judged["outside_gauge_loss"], np.float64))
       doubted = outside[np.isin(labels[outside], flagged) & (own[outside] >= a.disown_below)
                         & (own[outside] < a.own_above) & (run.labels[outside, labels[outside]] > 0)]
       if run.left_out is not None:
         doubted = np.setdiff1d(doubted, run.left_out)
-      loss, _ = run.predict()(run.train.images[doubted], labels[doubted])
-      saved["relearned_dropped"] = doubted[np.exp(-np.asarray(loss, np.float64)) >= a.relearned_above]
+      doubted_probability = adjusted[np.searchsorted(outside, doubted), labels[doubted]]
+      saved["relearned_dropped"] = doubted[doubted_probability >= a.relearned_above]
     logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
                  "judge rejected; outlier scores %s; flagged %s, %d examples %s, %d "
                  "left out", np.round(shares, 3).tolist(), np.round(scores, 1).tolist(), flagged.tolist() or "none",

@@ -755,14 +755,31 @@ def _relearned_run(workdir, learned):
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
                                                 "flagged_rejected": "disown"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
-      predict=lambda: lambda images, lab: (-np.log(learned[images]), lab))
+      predict=lambda probabilities=False: lambda images, lab: (-np.log(learned[images]), lab,
+                                                              _probabilities(learned[images], lab, 4)))
   return run, rejected, probabilities
+
+
+def _probabilities(own, labels, num_classes):
+  """Rows giving each label `own` and the rest evenly to the other classes."""
+  rows = np.tile(((1 - own) / (num_classes - 1))[:, None], (1, num_classes))
+  rows[np.arange(len(own)), labels] = own
+  return rows
+
+
+def test_prior_adjusted_removes_a_models_momentary_class_bias():
+  # Labels 0, 0, 1, 1; the model gives class 0 a mean of 0.75 against its share 0.5 (bias 1.5), class 1 0.25.
+  probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+  adjusted, bias = abl.prior_adjusted(probabilities, np.array([0, 0, 1, 1]), 2)
+  np.testing.assert_allclose(bias, [1.5, 0.5])
+  np.testing.assert_allclose(adjusted[0], [0.6 / 0.8, 0.2 / 0.8])  # 0.9 / 1.5, 0.1 / 0.5, renormalised.
+  np.testing.assert_allclose(adjusted[2], [0.4 / 1.2, 0.8 / 1.2])  # Class 1's examples now lean to their label.
 
 
 def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_learns_them_in(tmp_path):
   # Fine-tuning has learned (>= 0.8) examples 21-23, all of label 2's rejected ones, and example 11 of label 1.
   learned = np.full(40, 0.5)
-  learned[[11, 21, 22, 23]] = 0.9
+  learned[[11, 21, 22, 23]] = 0.97
   learned[[3, 31, 32, 33]] = 0.99  # 3 is left out and 31-33 disowned already: not candidates.
   run, rejected, probabilities = _relearned_run(tmp_path, learned)
   record = {}
