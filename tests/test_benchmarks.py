@@ -265,3 +265,26 @@ def test_flagged_regauge_scores_show_the_held_out_rejections_behind_the_second_g
   s = flagged.regauge_scores(labels, first, second, (0.1,), 10)[0]
   assert s["first"] == s["second"] > 3.5  # Flagged, and "confirmed" by the same rejections...
   assert s["second_on_its_training_examples"] < 3.5  # ... which are all there is: without them, label 0 is ordinary.
+
+
+def test_relearned_rescores_the_check_at_other_cut_offs(tmp_path):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import relearned  # pylint: disable=import-outside-toplevel
+  # 4 labels x 10 examples, none in the pool. Candidates: 3 per label; label 2's three are learned at 0.85 (raw
+  # 0.95), one of label 1's at 0.95 (raw 0.6).
+  labels = np.repeat(np.arange(4), 10)
+  candidates = np.array([1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33])
+  adjusted = np.array([0.1, 0.1, 0.1, 0.95, 0.1, 0.1, 0.85, 0.85, 0.85, 0.1, 0.1, 0.1])
+  raw = np.where(adjusted == 0.95, 0.6, np.where(adjusted == 0.85, 0.95, 0.1))
+  poisoned = np.isin(np.arange(40), [21, 22])
+  np.savez(tmp_path / "isolation.npz", labels=labels, is_poisoned=poisoned, pool=np.array([], int))
+  np.savez(tmp_path / "relearned.npz", relearned_labels=np.array([2]), relearned_rejected=np.array([21, 22, 23]),
+           relearned_candidates=candidates, relearned_probability=adjusted, relearned_raw_probability=raw)
+  (tmp_path / "config.json").write_text(json.dumps({"attack": {"name": "badnets", "target_label": 2}}))
+  scores = relearned.rescored(labels, np.arange(40), candidates, adjusted, 0.8, 4)
+  assert np.argmax(scores) == 2 and scores[2] > scores[1] > scores[0] == scores[3]
+  # At 0.9 the adjusted probabilities put label 1 first; the raw ones label 2 at either cut-off.
+  line = relearned.report(str(tmp_path), [0.8, 0.9])
+  assert line.startswith(f"{tmp_path}: flagged [2] (target 2), acted on 3 (2 poisoned)")
+  assert "raw 0.9: 2 (target)" in line and "adjusted 0.9: 1 " in line
+  assert relearned.report(str(tmp_path / "none"), [0.8]) is None
