@@ -249,6 +249,15 @@ def outlier_labels(label_probability: np.ndarray, labels: np.ndarray, num_classe
   return np.flatnonzero((scores > z).any(axis=0)), shares, scores
 
 
+def coherence(features: np.ndarray) -> float:
+  """The mean cosine similarity of every two rows of `features` (centred by the caller); -1 for fewer than 2."""
+  if len(features) < 2:
+    return -1.0
+  unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+  total = unit.sum(axis=0)
+  return float((total @ total - len(unit)) / (len(unit) * (len(unit) - 1)))
+
+
 def prior_adjusted(probabilities: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
   """`probabilities` (a model's, over examples with `labels`) with each class divided by its bias (the class's mean
   probability over the examples against its share of their labels) and renormalised; and the biases."""

@@ -385,6 +385,12 @@ def relearned_epoch(a: ml_collections.ConfigDict) -> int:
   return min(max(1, round(a.relearned_at * a.finetune_epochs)), a.finetune_epochs - 1)
 
 
+def stats_coherence(coherence: np.ndarray) -> str:
+  """'label: learned / rest' for each label whose coherence was measured."""
+  return ", ".join(f"{k}: {coherence[0, k]:.2f} / {coherence[1, k]:.2f}"
+                   for k in np.flatnonzero(~np.isnan(coherence[0]))) or "none"
+
+
 def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
   """Disowns, for the rest of fine-tuning, the judge's rejected examples of each label whose share of them the
   model being fine-tuned has learned stands out (config.abl.relearned_*; saved in relearned.npz, or read from it
@@ -416,7 +422,8 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       taught &= ~np.isin(rejected, run.left_out)
     candidates = rejected[taught]
     outside = np.setdiff1d(np.arange(len(labels)), run.pool)
-    _, _, probs = run.predict(probabilities=True)(run.train.images[outside], labels[outside])
+    _, _, probs, features = run.predict(probabilities=True, features=True)(run.train.images[outside],
+                                                                           labels[outside])
     adjusted, bias = abl.prior_adjusted(np.asarray(probs, np.float64), labels[outside], run.train.num_classes)
     rows = np.searchsorted(outside, candidates)
     probability = adjusted[rows, labels[candidates]]
@@ -424,8 +431,18 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     counts = np.bincount(labels[outside], minlength=run.train.num_classes)
     shares = np.bincount(labels[learned], minlength=run.train.num_classes) / np.maximum(counts, 1)
     scores = abl.outlier_scores(shares, counts, sampling=True)
-    flagged = np.flatnonzero(scores > a.class_outlier_z)
+    coherence = np.full((2, run.train.num_classes), np.nan)  # Learned, and the rest of the rejected.
+    for k in np.flatnonzero(scores > a.class_outlier_z):
+      mine = labels[outside] == k
+      hit = mine & np.isin(outside, learned)
+      rest = mine & np.isin(outside, candidates) & ~hit
+      centre = np.asarray(features, np.float64)[mine & ~hit].mean(axis=0)
+      coherence[:, k] = [abl.coherence(np.asarray(features, np.float64)[m] - centre) for m in (hit, rest)]
+    # A backdoor is learned through one feature, its trigger: its examples' features align; hard examples are
+    # learned each for its own reason (docs/defense.md, session 18).
+    flagged = np.flatnonzero((scores > a.class_outlier_z) & (coherence[0] > coherence[1]))
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
+             "relearned_coherence": coherence,
              "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],
              "relearned_dropped": outside[:0], "relearned_candidates": candidates,
              "relearned_probability": probability, "relearned_raw_probability": np.asarray(probs)[rows,
@@ -440,12 +457,14 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       doubted_probability = adjusted[np.searchsorted(outside, doubted), labels[doubted]]
       saved["relearned_dropped"] = doubted[doubted_probability >= a.relearned_above]
     logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
-                 "judge rejected; outlier scores %s; flagged %s, %d examples %s, %d "
-                 "left out", np.round(shares, 3).tolist(), np.round(scores, 1).tolist(), flagged.tolist() or "none",
+                 "judge rejected; outlier scores %s (coherence of the learned, of the rest, where above the cut-off: %s); "
+                 "flagged %s, %d examples %s, %d left out", np.round(shares, 3).tolist(), np.round(scores, 1).tolist(),
+                 stats_coherence(coherence), flagged.tolist() or "none",
                  len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected == "disown"
                  else "left out", len(saved["relearned_dropped"]))
     stats = {"relearned_labels": [int(k) for k in flagged],
-             "relearned_scores": [round(float(v), 2) for v in scores]}
+             "relearned_scores": [round(float(v), 2) for v in scores],
+             "relearned_coherence": [[None if np.isnan(v) else round(float(v), 3) for v in row] for row in coherence]}
     for name in ("relearned_learned", "relearned_rejected", "relearned_dropped"):
       stats.update({name: len(saved[name]),
                     f"{name}_poisoned": run.evaluation.isolation_metrics(saved[name])["num_poisoned_isolated"]})

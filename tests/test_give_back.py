@@ -736,11 +736,12 @@ def test_relearned_epoch_lies_inside_fine_tuning(at, epochs, expected):
   assert schedule.relearned_epoch(a) == 0
 
 
-def _relearned_run(workdir, learned):
+def _relearned_run(workdir, learned, extra=(), rows=None):
   """4 labels x 10 examples, example 0 the pool. The judge rejected examples 1-3 of every label (label 0: 1-2,
-  example 3 is left out); examples 31-33 are disowned already. The fine-tuned model gives the label `learned`."""
+  example 3 is left out), and `extra`; examples 31-33 are disowned already. The fine-tuned model gives the label
+  `learned`, and the features `rows` (default: _features)."""
   labels = np.repeat(np.arange(4), 10)
-  rejected = np.array([1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33])
+  rejected = np.union1d([1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33], np.asarray(extra, int))
   probabilities = np.full((len(rejected), 4), 0.3, np.float32)
   probabilities[np.arange(len(rejected)), labels[rejected]] = 0.05
   probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -755,9 +756,17 @@ def _relearned_run(workdir, learned):
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
                                                 "flagged_rejected": "disown"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
-      predict=lambda probabilities=False: lambda images, lab: (-np.log(learned[images]), lab,
-                                                              _probabilities(learned[images], lab, 4)))
+      predict=lambda probabilities=False, features=False: lambda images, lab: (
+          -np.log(learned[images]), lab, _probabilities(learned[images], lab, 4),
+          (_features(learned) if rows is None else rows)[images]))
   return run, rejected, probabilities
+
+
+def _features(learned):
+  """Features where the examples learned at 0.9 or more share a direction, the rest point anywhere."""
+  rows = np.random.default_rng(0).normal(size=(len(learned), 8))
+  rows[learned >= 0.9, 0] += 10.0
+  return rows
 
 
 def _probabilities(own, labels, num_classes):
@@ -806,6 +815,33 @@ def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_
   (tmp_path / "relearned.npz").unlink()
   with pytest.raises(Exception, match="relearned.npz is missing but the checkpoint is past it"):
     schedule._relearned(resumed)
+
+
+def test_coherence_is_the_mean_cosine_of_every_two_rows():
+  assert abl.coherence(np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])) == pytest.approx(1 / 3)
+  assert abl.coherence(np.array([[1.0, 0.0]])) == -1.0
+
+
+@pytest.mark.parametrize("aligned, flagged", [("learned", [2]), ("rest", [])])
+def test_relearned_check_keeps_a_label_whose_learned_examples_align_more_than_its_other_rejected(aligned, flagged,
+                                                                                              tmp_path):
+  # Label 2's rejected examples are 21-26; fine-tuning has learned 21-23. Their features share a direction
+  # (a trigger learned) or the unlearned 24-26 do instead (hard examples learned each its own way).
+  learned = np.full(40, 0.5)
+  learned[[21, 22, 23]] = 0.97
+  features = np.random.default_rng(1).normal(size=(40, 8))
+  if aligned == "learned":
+    features[[21, 22, 23], 0] += 10.0
+  else:  # 27-29 balance 24-26, so that the label's centre (without the learned) stays near 0.
+    features[[24, 25, 26], 0] += 10.0
+    features[[27, 28, 29], 0] -= 10.0
+  run, _, _ = _relearned_run(tmp_path, learned, extra=[24, 25, 26], rows=features)
+  schedule._relearned(run, {})
+  saved = np.load(tmp_path / "relearned.npz")
+  assert saved["relearned_scores"][2] > 1.5  # The share alone would flag it either way.
+  np.testing.assert_array_equal(saved["relearned_labels"], flagged)
+  coherence = saved["relearned_coherence"][:, 2]
+  assert (coherence[0] > coherence[1]) == (aligned == "learned")
 
 
 def test_relearned_check_flags_nothing_where_fine_tuning_learns_as_many_rejected_examples_in_every_label(tmp_path):
