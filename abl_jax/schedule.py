@@ -385,7 +385,7 @@ def relearned_epoch(a: ml_collections.ConfigDict) -> int:
   return min(max(1, round(a.relearned_at * a.finetune_epochs)), a.finetune_epochs - 1)
 
 
-def stats_coherence(coherence: np.ndarray) -> str:
+def _coherence_text(coherence: np.ndarray) -> str:
   """'label: learned / rest' for each label whose coherence was measured."""
   return ", ".join(f"{k}: {coherence[0, k]:.2f} / {coherence[1, k]:.2f}"
                    for k in np.flatnonzero(~np.isnan(coherence[0]))) or "none"
@@ -393,9 +393,9 @@ def stats_coherence(coherence: np.ndarray) -> str:
 
 def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
   """Disowns, for the rest of fine-tuning, the judge's rejected examples of each label whose share of them the
-  model being fine-tuned has learned stands out (config.abl.relearned_*; saved in relearned.npz, or read from it
-  where a run is resumed). True (stop the phase) where a label is flagged and fine-tuning restarts
-  (config.abl.relearned_then).
+  model being fine-tuned has learned stands out, and whose learned ones' features align more than the rest's
+  (config.abl.relearned_*; saved in relearned.npz, or read from it where a run is resumed). True (stop the
+  phase) where a label is flagged and fine-tuning restarts (config.abl.relearned_then).
 
   The judge rejects some examples of every label (the hard ones) and fine-tuning learns few of them; a backdoor
   that the gauge's outlier test missed puts other classes' images under one label, and where fine-tuning learns
@@ -432,12 +432,13 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     shares = np.bincount(labels[learned], minlength=run.train.num_classes) / np.maximum(counts, 1)
     scores = abl.outlier_scores(shares, counts, sampling=True)
     coherence = np.full((2, run.train.num_classes), np.nan)  # Learned, and the rest of the rejected.
+    features = np.asarray(features, np.float64)
     for k in np.flatnonzero(scores > a.class_outlier_z):
       mine = labels[outside] == k
       hit = mine & np.isin(outside, learned)
       rest = mine & np.isin(outside, candidates) & ~hit
-      centre = np.asarray(features, np.float64)[mine & ~hit].mean(axis=0)
-      coherence[:, k] = [abl.coherence(np.asarray(features, np.float64)[m] - centre) for m in (hit, rest)]
+      centre = features[mine & ~hit].mean(axis=0)
+      coherence[:, k] = [abl.coherence(features[m] - centre) for m in (hit, rest)]
     # A backdoor is learned through one feature, its trigger: its examples' features align; hard examples are
     # learned each for its own reason (docs/defense.md, session 18).
     flagged = np.flatnonzero((scores > a.class_outlier_z) & (coherence[0] > coherence[1]))
@@ -457,9 +458,10 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       doubted_probability = adjusted[np.searchsorted(outside, doubted), labels[doubted]]
       saved["relearned_dropped"] = doubted[doubted_probability >= a.relearned_above]
     logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
-                 "judge rejected; outlier scores %s (coherence of the learned, of the rest, where above the cut-off: %s); "
-                 "flagged %s, %d examples %s, %d left out", np.round(shares, 3).tolist(), np.round(scores, 1).tolist(),
-                 stats_coherence(coherence), flagged.tolist() or "none",
+                 "judge rejected; outlier scores %s (coherence of the learned, of the rest, where above the "
+                 "cut-off: %s); flagged %s, %d examples %s, %d left out", np.round(shares, 3).tolist(),
+                 np.round(scores, 1).tolist(),
+                 _coherence_text(coherence), flagged.tolist() or "none",
                  len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected == "disown"
                  else "left out", len(saved["relearned_dropped"]))
     stats = {"relearned_labels": [int(k) for k in flagged],
