@@ -405,8 +405,7 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
   """
   a = run.config.abl
   path = os.path.join(run.workdir, "relearned.npz")
-  judged = wd.load_npz(os.path.join(run.workdir, "regauged.npz" if os.path.exists(
-      os.path.join(run.workdir, "regauged.npz")) else "returned.npz"))
+  judged = wd.load_npz(wd.followed_judgement(run.workdir))
   if "outside_rejected" not in judged:
     raise wd.WorkdirError(f"{run.workdir}: the judgement holds no outside_rejected (made before "
                           "config.abl.relearned_at); set --config.abl.relearned_at=0 or use --overwrite")

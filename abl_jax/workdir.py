@@ -229,10 +229,9 @@ ADDED_FIELDS = {
     "config.abl.unsure": "distill", "config.abl.class_outlier_z": 0.0,
     "config.abl.regauge": False, "config.abl.class_outlier_below": [],
     "config.abl.flagged_rejected": "disown", "config.abl.spectral_skew": 0.0, "config.abl.spectral_tail": 2.0,
-    "config.abl.spectral_kurtosis": 0.0, "config.abl.regauge_epochs": 0, "config.abl.flagged_doubted": "keep", "config.abl.spectral_judged": False,
-    "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
-    "config.abl.relearned_doubted": "keep",
-    "config.abl.relearned_then": "continue",
+    "config.abl.spectral_kurtosis": 0.0, "config.abl.regauge_epochs": 0, "config.abl.flagged_doubted": "keep",
+    "config.abl.spectral_judged": False, "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
+    "config.abl.relearned_doubted": "keep", "config.abl.relearned_then": "continue",
 }
 
 
@@ -359,6 +358,15 @@ def outside_verdicts(workdir: str) -> OutsideVerdicts | None:
   mask = iso["is_poisoned"][outside].astype(bool) if "is_poisoned" in iso else np.zeros(len(outside), bool)
   return OutsideVerdicts(outside, labels[outside], np.exp(-saved["outside_gauge_loss"][outside].astype(np.float64)),
                          mask, int(labels.max()) + 1)
+
+
+def followed_judgement(workdir: str) -> str | None:
+  """The path of the judgement fine-tuning followed: the second gauge's (regauged.npz) where one judged, else the
+  first's (returned.npz); None before either."""
+  for name in ("regauged.npz", "returned.npz"):
+    if os.path.exists(os.path.join(workdir, name)):
+      return os.path.join(workdir, name)
+  return None
 
 
 def suspected_labels(summary: dict[str, Any]) -> list[int] | None:

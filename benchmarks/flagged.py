@@ -27,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
 
+from abl_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
   """P(a positive scores above a negative), ties counted half; None when either side is empty."""
@@ -45,10 +47,10 @@ def judgement_of(workdir: str, name: str) -> dict[str, np.ndarray]:
 
 def judgement(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
   """The file of the judgement fine-tuning followed, and its arrays."""
-  for name in ("regauged.npz", "returned.npz"):
-    if os.path.exists(os.path.join(workdir, name)):
-      return name, judgement_of(workdir, name)
-  raise FileNotFoundError(f"{workdir} holds no returned.npz: not a run whose gauge judged")
+  path = workdir_lib.followed_judgement(workdir)
+  if path is None:
+    raise FileNotFoundError(f"{workdir} holds no returned.npz: not a run whose gauge judged")
+  return os.path.basename(path), judgement_of(workdir, os.path.basename(path))
 
 
 def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, judged: dict[str, np.ndarray],
