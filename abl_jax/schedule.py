@@ -386,8 +386,8 @@ def relearned_epoch(a: ml_collections.ConfigDict) -> int:
 
 
 def _coherence_text(coherence: np.ndarray) -> str:
-  """'label: learned / rest' for each label whose coherence was measured."""
-  return ", ".join(f"{k}: {coherence[0, k]:.2f} / {coherence[1, k]:.2f}"
+  """'label: learned / rest / typical' for each label whose coherence was measured."""
+  return ", ".join(f"{k}: {coherence[0, k]:.2f} / {coherence[1, k]:.2f} / {coherence[2, k]:.2f}"
                    for k in np.flatnonzero(~np.isnan(coherence[0]))) or "none"
 
 
@@ -430,17 +430,23 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     counts = np.bincount(labels[outside], minlength=run.train.num_classes)
     shares = np.bincount(labels[learned], minlength=run.train.num_classes) / np.maximum(counts, 1)
     scores = abl.outlier_scores(shares, counts, sampling=True)
-    coherence = np.full((2, run.train.num_classes), np.nan)  # Learned, and the rest of the rejected.
+    # Per label: its learned rejected examples, the rest of its rejected, and its typical examples (the judge
+    # backs them, own_above, and fine-tuning has learned them).
+    coherence = np.full((3, run.train.num_classes), np.nan)
     features = np.asarray(features, np.float64)
+    own = np.exp(-np.asarray(judged["outside_gauge_loss"], np.float64))[outside]
     for k in np.flatnonzero(scores > a.class_outlier_z):
       mine = labels[outside] == k
       hit = mine & np.isin(outside, learned)
       rest = mine & np.isin(outside, candidates) & ~hit
+      typical = mine & ~np.isin(outside, candidates) & (own >= a.own_above) & (adjusted[:, k] >= a.relearned_above)
       centre = features[mine & ~hit].mean(axis=0)
-      coherence[:, k] = [abl.coherence(features[m] - centre) for m in (hit, rest)]
-    # A backdoor is learned through one feature, its trigger: its examples' features align; hard examples are
-    # learned each for its own reason (docs/defense.md, session 18).
-    flagged = np.flatnonzero((scores > a.class_outlier_z) & (coherence[0] > coherence[1]))
+      coherence[:, k] = [abl.coherence(features[m] - centre) for m in (hit, rest, typical)]
+    # A backdoor is learned through one feature, its trigger: its examples' features align more than the label's
+    # own typical examples do, which share only the class's look; hard examples are learned each for its own
+    # reason (docs/defense.md, sessions 18 and 19).
+    flagged = np.flatnonzero((scores > a.class_outlier_z) & (coherence[0] > coherence[1])
+                             & (coherence[0] > coherence[2]))
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
              "relearned_coherence": coherence,
              "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],
@@ -457,8 +463,9 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       doubted_probability = adjusted[np.searchsorted(outside, doubted), labels[doubted]]
       saved["relearned_dropped"] = doubted[doubted_probability >= a.relearned_above]
     logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
-                 "judge rejected; outlier scores %s (coherence of the learned, of the rest, where above the "
-                 "cut-off: %s); flagged %s, %d examples %s, %d left out", np.round(shares, 3).tolist(),
+                 "judge rejected; outlier scores %s (coherence of the learned, of the other rejected, of the "
+                 "typical, where above the cut-off: %s); flagged %s, %d examples %s, %d left out",
+                 np.round(shares, 3).tolist(),
                  np.round(scores, 1).tolist(),
                  _coherence_text(coherence), flagged.tolist() or "none",
                  len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected == "disown"

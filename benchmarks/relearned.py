@@ -5,9 +5,9 @@ relearned.npz keeps (docs/defense.md, session 18).
     python benchmarks/relearned.py runs/frog --above=0.8,0.9        # the cut-offs to score at
 
 A measurement, not part of the defense: it reads the poison mask and the attack's target. Per run: the labels the
-check flagged and their examples it acted on (poisoned among them), the coherence of the learned and of the other
-rejected examples of each label the share flagged (the check keeps a label where the first is higher), then, for
-the model's probabilities as
+check flagged and their examples it acted on (poisoned among them), the coherence of the learned rejected examples,
+of the other rejected and of the label's typical examples for each label the share flagged (the check keeps a label
+where the first is the highest; runs before session 19 have the first two), then, for the model's probabilities as
 they were (raw) and with its class bias removed (adjusted, what the check uses) at each --above: the label with
 the highest outlier score, that score, and "(target)" where it is the attack's target.
 """
@@ -53,11 +53,11 @@ def report(workdir: str, aboves: list[float]) -> str | None:
   parts = [f"{workdir}: flagged {saved['relearned_labels'].tolist() or 'none'}"
            f" (target {target if target is not None else 'none'}), acted on {len(acted)}"
            f" ({int(poisoned[acted].sum())} poisoned)"]
-  if "relearned_coherence" in saved:  # Each label the share flagged: its learned examples' coherence, the rest's.
-    coherence = saved["relearned_coherence"]
+  if "relearned_coherence" in saved:  # Each label the share flagged: its learned rejected examples' coherence, the
+    coherence = saved["relearned_coherence"]  # other rejected's, its typical examples' (runs since session 19).
     measured = np.flatnonzero(~np.isnan(coherence[0]))
-    parts.append("coherence " + (", ".join(f"{k}: {coherence[0, k]:.2f} / {coherence[1, k]:.2f}" for k in measured)
-                                 or "none measured"))
+    parts.append("coherence " + (", ".join(f"{k}: " + " / ".join(f"{v:.2f}" for v in coherence[:, k])
+                                           for k in measured) or "none measured"))
   for name, key in (("raw", "relearned_raw_probability"), ("adjusted", "relearned_probability")):
     for above in aboves:
       scores = rescored(labels, outside, saved["relearned_candidates"], saved[key], above, num_classes)

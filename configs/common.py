@@ -151,9 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                            fine-tuned scores the examples outside the pool the judge rejected (below
   #                            disown_below) that still train with their label; a label whose share of them it has
   #                            learned (relearned_above, its class bias removed) is an outlier (class_outlier_z), and
-  #                            whose learned ones' features align more than the rest's, has those examples disowned
+  #                            whose learned ones' features align more than the rest of its rejected and than its
+  #                            typical examples (backed by the judge, learned), has those examples disowned
   #                            (flagged_rejected) and fine-tuning acts on relearned_then: a backdoor the gauge's
-  #                            outlier test missed, which fine-tuning is learning (docs/defense.md, session 18).
+  #                            outlier test missed, which fine-tuning is learning (docs/defense.md, sessions 18-19).
   c.abl.relearned_above = 0.8  # relearned_at: the fine-tuned model's probability of the label that counts as
   #                              learned, in (0, 1].
   c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects

@@ -738,8 +738,9 @@ def test_relearned_epoch_lies_inside_fine_tuning(at, epochs, expected):
 
 def _relearned_run(workdir, learned, extra=(), rows=None):
   """4 labels x 10 examples, example 0 the pool. The judge rejected examples 1-3 of every label (label 0: 1-2,
-  example 3 is left out), and `extra`; examples 31-33 are disowned already. The fine-tuned model gives the label
-  `learned`, and the features `rows` (default: _features)."""
+  example 3 is left out), and `extra` (its probability of their label 0.05), and backs the rest (0.9); examples
+  31-33 are disowned already. The fine-tuned model gives the label `learned`, and the features `rows` (default:
+  _features)."""
   labels = np.repeat(np.arange(4), 10)
   rejected = np.union1d([1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33], np.asarray(extra, int))
   probabilities = np.full((len(rejected), 4), 0.3, np.float32)
@@ -747,12 +748,15 @@ def _relearned_run(workdir, learned, extra=(), rows=None):
   probabilities /= probabilities.sum(axis=1, keepdims=True)
   targets = np.eye(4, dtype=np.float32)[labels]
   targets[31:34] = [0.5, 0.5, 0.0, 0.0]
-  np.savez(workdir / "returned.npz", outside_rejected=rejected, outside_rejected_probabilities=probabilities)
+  own = np.full(40, 0.9)
+  own[rejected] = 0.05
+  np.savez(workdir / "returned.npz", outside_rejected=rejected, outside_rejected_probabilities=probabilities,
+           outside_gauge_loss=-np.log(own))
   (workdir / "isolation.json").write_text("{}")
   run = types.SimpleNamespace(
       workdir=str(workdir), pool=np.array([0]), labels=targets, left_out=np.array([3]),
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
-      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.5, "relearned_above": 0.8,
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.5, "relearned_above": 0.8, "own_above": 0.5,
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
                                                 "flagged_rejected": "disown"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
@@ -822,26 +826,35 @@ def test_coherence_is_the_mean_cosine_of_every_two_rows():
   assert abl.coherence(np.array([[1.0, 0.0]])) == -1.0
 
 
-@pytest.mark.parametrize("aligned, flagged", [("learned", [2]), ("rest", [])])
-def test_relearned_check_keeps_a_label_whose_learned_examples_align_more_than_its_other_rejected(aligned, flagged,
-                                                                                              tmp_path):
-  # Label 2's rejected examples are 21-26; fine-tuning has learned 21-23. Their features share a direction
-  # (a trigger learned) or the unlearned 24-26 do instead (hard examples learned each its own way).
+@pytest.mark.parametrize("aligned, flagged", [("learned", [2]), ("rest", []), ("typical", [])])
+def test_relearned_check_keeps_a_label_whose_learned_examples_align_more_than_its_other_examples(aligned, flagged,
+                                                                                             tmp_path):
+  # Fine-tuning has learned label 2's rejected examples 21-23. Their features share a direction (a trigger
+  # learned); or the other rejected 24-26 share one instead (hard examples learned each its own way); or the
+  # label's typical examples 24-26 (backed and learned) align more still (hits of the class's own look).
   learned = np.full(40, 0.5)
   learned[[21, 22, 23]] = 0.97
   features = np.random.default_rng(1).normal(size=(40, 8))
+  extra = [24, 25, 26]
   if aligned == "learned":
     features[[21, 22, 23], 0] += 10.0
-  else:  # 27-29 balance 24-26, so that the label's centre (without the learned) stays near 0.
+  elif aligned == "rest":  # 27-29 balance 24-26, so that the label's centre (without the learned) stays near 0.
     features[[24, 25, 26], 0] += 10.0
     features[[27, 28, 29], 0] -= 10.0
-  run, _, _ = _relearned_run(tmp_path, learned, extra=[24, 25, 26], rows=features)
+  else:
+    extra = []
+    learned[[24, 25, 26]] = 0.97
+    features[[21, 22, 23], 0] += 10.0
+    features[[24, 25, 26], 1] += 20.0
+    features[[27, 28, 29], 1] -= 20.0
+  run, _, _ = _relearned_run(tmp_path, learned, extra=extra, rows=features)
   schedule._relearned(run, {})
   saved = np.load(tmp_path / "relearned.npz")
   assert saved["relearned_scores"][2] > 1.5  # The share alone would flag it either way.
   np.testing.assert_array_equal(saved["relearned_labels"], flagged)
-  coherence = saved["relearned_coherence"][:, 2]
-  assert (coherence[0] > coherence[1]) == (aligned == "learned")
+  learned_rejected, rest, typical = saved["relearned_coherence"][:, 2]
+  assert (learned_rejected > rest) == (aligned != "rest")
+  assert (learned_rejected > typical) == (aligned != "typical")
 
 
 def test_relearned_check_flags_nothing_where_fine_tuning_learns_as_many_rejected_examples_in_every_label(tmp_path):
@@ -913,11 +926,10 @@ def test_relearned_doubted_drop_leaves_out_the_flagged_labels_learned_examples_t
   learned = np.full(40, 0.5)
   learned[[11, 21, 22, 23, 24, 25, 14]] = 0.9
   run, _, _ = _relearned_run(tmp_path, learned)
-  own = np.full(40, 0.9)
-  own[[1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33]] = 0.05
-  own[[24, 25, 26, 14]] = 0.3  # 14: doubted and learned, but label 1 is not flagged.
   judged = dict(np.load(tmp_path / "returned.npz"))
-  np.savez(tmp_path / "returned.npz", outside_gauge_loss=-np.log(own), **judged)
+  own = np.exp(-judged["outside_gauge_loss"])
+  own[[24, 25, 26, 14]] = 0.3  # 14: doubted and learned, but label 1 is not flagged.
+  np.savez(tmp_path / "returned.npz", **{**judged, "outside_gauge_loss": -np.log(own)})
   run.config.abl.update({"relearned_doubted": "drop", "disown_below": 0.1, "own_above": 0.5})
   schedule._relearned(run, {})
   saved = np.load(tmp_path / "relearned.npz")
