@@ -16,9 +16,8 @@ import os
 import re
 import sys
 
-from abl_jax import xla_flags
+from abl_jax import xla_flags  # The package selects XLA's CPU kernels before jax starts (abl_jax/__init__.py).
 
-xla_flags.prefer_xla_cpu_convolutions()  # Before jax starts its backend (docs/benchmarks.md).
 xla_flags.use_compilation_cache()  # Compiled steps kept for the next run (docs/benchmarks.md).
 
 from absl import app, flags, logging  # noqa: E402

@@ -3,7 +3,8 @@
     path = cache.entry(config.data.cache_dir, "surrogates", spec, arrays, prefix="small_cnn-")
 
 An entry's name is a hash of everything that determines it (a JSON spec and the arrays it was computed
-from), so a changed setting or dataset never reuses a stale entry. The root is config.data.cache_dir, or
+from; for a trained model also numerics()), so a changed setting, dataset or set of kernels never reuses a stale
+entry. The root is config.data.cache_dir, or
 $XDG_CACHE_HOME/abl_jax (default ~/.cache/abl_jax).
 """
 from __future__ import annotations
@@ -19,6 +20,13 @@ import numpy as np
 def root(cache_dir: str = "") -> str:
   """The cache root: `cache_dir`, or $XDG_CACHE_HOME/abl_jax (default ~/.cache/abl_jax)."""
   return os.path.expanduser(cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "abl_jax"))
+
+
+def numerics() -> dict[str, str]:
+  """What decides a trained entry's floating-point results besides its spec: the backend, jaxlib and XLA_FLAGS
+  (the CPU kernels). Trained models go where these match, so that a cached one is the one training would give."""
+  import jax  # pylint: disable=g-import-not-at-top  (xla_flags imports this module before jax may start)
+  return {"backend": jax.default_backend(), "jaxlib": jax.lib.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def entry(cache_dir: str, kind: str, spec: dict[str, Any], arrays: Iterable[np.ndarray] = (), prefix: str = "",

@@ -64,6 +64,16 @@ class Dataset:
     return np.bincount(self.labels, minlength=self.num_classes)
 
 
+def fingerprint(*arrays: np.ndarray) -> str:
+  """A 16-hex-digit hash of the arrays' dtypes, shapes and values: which data a run saw."""
+  h = hashlib.sha1()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
 def load(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Dataset, Dataset]:
   """The (train, test) splits that `config.data` describes; train is shuffled by `seed`."""
   if cfg.source == "tfds":

@@ -121,6 +121,12 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
                   attacks.cross_test_set(test_set, poisoned), poisoned.is_cross)
 
 
+def data_fingerprints(prep: Prepared) -> dict[str, str]:
+  """data.fingerprint of each dataset the run trains or is tested on (saved in data.json, checked on resume)."""
+  sets = {"train": prep.train, "test": prep.test, "poisoned_test": prep.poisoned_test, "cross_test": prep.cross_test}
+  return {name: data.fingerprint(ds.images, ds.labels) for name, ds in sets.items() if ds is not None}
+
+
 def _model(config: ml_collections.ConfigDict, train_set: data.Dataset):
   """The classifier; parameters, optimizer state and BatchNorm statistics stay float32 in every dtype."""
   dtype = jnp.dtype(models.compute_dtype(config.train.dtype))
@@ -230,7 +236,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     abl.num_isolated(len(prep.train), config.abl.isolation_ratio)  # Fail now, not after isolation training.
     if config.abl.start_from:
       _check_start_from(config)
+      wd.check_data(config.abl.start_from, data_fingerprints(prep), write=False)
   wd.claim(config, workdir, overwrite)  # Only once the config has proved valid.
+  wd.check_data(workdir, data_fingerprints(prep), write=True)
 
   model = _model(config, prep.train)
   mesh = train.default_mesh()
@@ -298,6 +306,7 @@ def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, pr
       cross = {"noise_mode_accuracy": cross["cross_trigger_accuracy"], "num_noise_mode_train": cross["num_cross_train"]}
     out.update(cross)
   out["isolation"] = None
+  out["data"] = data_fingerprints(prep)
   out["config"] = wd.config_json(config)
   out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jax.lib.__version__,
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -317,6 +326,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   if ckpt.latest() is None:
     raise WorkdirError(f"workdir {workdir} holds no checkpoint to evaluate")
   prep = prepare(config)
+  wd.check_data(workdir, data_fingerprints(prep), write=False)
   model = _model(config, prep.train)
   latest, state, meta = ckpt.restore_latest(like=_initial_state(config, model, prep.train.images.shape[1:]))
   ckpt.close()

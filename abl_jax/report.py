@@ -30,7 +30,7 @@ COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test
            ("clean_test_loss", "Clean test loss", "loss"), ("poisoned_test_loss", "Poisoned test loss", "loss"),
            ("isolation", "Isolation P / R", "iso"), ("suspected_labels", "Suspected labels", "labels"),
            ("wall_time_s", "Wall time", "time"))
-PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "judge.png", "rejected.png", "gallery.png")
+PICTURES = workdir_files.PICTURES
 
 
 def _json(path: str) -> Any:

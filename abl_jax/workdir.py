@@ -30,10 +30,14 @@ from absl import logging
 from abl_jax import distributed, models
 
 RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
-                "unlearning_curve.json", "examples.npz")
-PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "gallery.png")
+                "unlearning_curve.json", "examples.npz", "data.json")
+# The defense's decisions, each read back where a run resumes (so never left behind for a new run to reuse).
+DECISION_FILES = ("epoch_scores.npz", "returned.npz", "regauged.npz", "relearned.npz", "isolation_model")
+PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "spectral.png", "judge.png", "rejected.png",
+            "gallery.png")
 # Everything a run writes, removed by --overwrite (report.* and table.json belong to a table's directory).
-OUTPUTS = (*RESULT_FILES, *PICTURES, "tensorboard", "checkpoints", "checkpoints.damaged", "before_unlearning")
+OUTPUTS = (*RESULT_FILES, *DECISION_FILES, *PICTURES, "tensorboard", "checkpoints", "checkpoints.damaged",
+           "before_unlearning")
 LOCK = ".lock"
 _TMP = ".tmp"  # Infix of a file being written: NAME.tmpPID, renamed to NAME when complete.
 
@@ -186,6 +190,22 @@ def _claim(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> 
     check_same_config(config, workdir)
   else:
     write_json(path, config_json(config))
+
+
+def check_data(workdir: str, fingerprints: dict[str, str], *, write: bool) -> None:
+  """Raises WorkdirError where WORKDIR/data.json names other data than `fingerprints`; writes it where missing
+  and `write` (the primary)."""
+  path = os.path.join(workdir, "data.json")
+  if os.path.exists(path):
+    saved = read_json(path)
+    differ = [k for k in sorted(set(saved) | set(fingerprints)) if saved.get(k) != fingerprints.get(k)]
+    if differ:
+      raise WorkdirError(
+          f"workdir {workdir} holds a run on other data ({', '.join(differ)} differ from its data.json): the "
+          "dataset or an attack's cached model (input-aware generators, clean-label surrogate; config.data.cache_dir) "
+          "changed since; put it back, or use --overwrite to start over")
+  elif write and distributed.is_primary():
+    write_json(path, fingerprints)
 
 
 def remove_outputs(workdir: str) -> list[str]:

@@ -1,7 +1,7 @@
 """XLA settings that must be in the environment before jax starts its backend.
 
     from abl_jax import xla_flags
-    xla_flags.prefer_xla_cpu_convolutions()   # first thing in launch.py and tests/conftest.py
+    xla_flags.prefer_xla_cpu_convolutions()   # on importing abl_jax (abl_jax/__init__.py), before jax starts
     xla_flags.use_compilation_cache()         # launch.py: compiled steps kept on disk for the next run
 """
 from __future__ import annotations

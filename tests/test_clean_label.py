@@ -1,5 +1,6 @@
 """Clean-label attack: PGD bounds and effect, two devices = one device, triggers, poisoning, surrogate cache."""
 import logging
+import os
 
 import jax
 import numpy as np
@@ -8,9 +9,9 @@ import pytest
 from PIL import Image
 
 from abl_jax import attacks, data, models, train
-from abl_jax.attacks import badnets, clean_label, pgd, surrogate
+from abl_jax.attacks import badnets, clean_label, input_aware_train, pgd, surrogate
 from abl_jax.attacks.clean_label_figure import save_examples_png
-from configs import abl_clean_label
+from configs import abl_clean_label, abl_input_aware
 
 SIZE, CLASSES, MEAN, STD = 8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -136,6 +137,18 @@ def test_surrogate_cache_key_follows_config(tmp_path):
   assert path.startswith(str(tmp_path / "surrogates"))
   c.attack.surrogate.adversarial = False
   assert surrogate.cache_path(c, train_set) != path
+
+
+def test_trained_attack_models_are_cached_per_set_of_kernels(tmp_path, monkeypatch):
+  # Other CPU kernels train another surrogate or generator (session 19: input-aware's differed), so a model
+  # cached under one set is never reused under another.
+  c = _config(tmp_path)
+  train_set, _ = data.load(c.data, seed=c.seed)
+  ia = abl_input_aware.get_config("smoke")
+  paths = [surrogate.cache_path(c, train_set), input_aware_train.cache_path(ia, train_set)]
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=default")
+  assert surrogate.cache_path(c, train_set) != paths[0]
+  assert input_aware_train.cache_path(ia, train_set) != paths[1]
 
 
 def test_save_examples_png(tmp_path, net):

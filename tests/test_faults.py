@@ -61,12 +61,31 @@ def test_overwrite_removes_every_output_of_the_old_run(runs, tmp_path):
   root, _, _ = runs
   work = tmp_path / "run"
   shutil.copytree(root / "abl", work)
-  for picture in ("curves.png", "isolation.png", "gallery.png"):
+  for picture in ("curves.png", "isolation.png", "gallery.png", "judge.png", "spectral.png"):
     (work / picture).write_bytes(b"png")
+  for decision in ("returned.npz", "regauged.npz", "relearned.npz", "epoch_scores.npz"):  # Read back on resume.
+    (work / decision).write_bytes(b"npz")
+  (work / "isolation_model" / "3").mkdir(parents=True)
   (work / "notes.txt").write_text("mine")
   experiment.train_and_evaluate(smoke(defense__name="none", train__epochs=1), str(work), overwrite=True)
   left = set(os.listdir(work))
-  assert not left & {"isolation.npz", "isolation.json", "isolation.png", "gallery.png", "curves.png",
-                     "before_unlearning", "unlearning_curve.json"}, left
-  assert {"results.json", "config.json", "notes.txt"} <= left and ".lock" not in left
+  assert left == set(os.listdir(root / "none")) | {"notes.txt"}  # What a new run writes, and the user's file.
   assert workdir.read_json(str(work / "config.json"))["defense"]["name"] == "none"
+
+
+def test_a_run_records_its_data_and_refuses_to_go_on_with_other_data(runs, tmp_path):
+  root, none, abl = runs
+  saved = workdir.read_json(str(root / "abl" / "data.json"))
+  assert set(saved) == {"train", "test", "poisoned_test"} and saved == abl["data"]
+  assert none["data"] == abl["data"]  # A pair's two runs saw the same poisoned data.
+  work = tmp_path / "run"
+  config = smoke(defense__name="none", train__epochs=2)
+  assert experiment.train_and_evaluate(config, str(work), max_epochs=1) is None
+  assert workdir.read_json(str(work / "data.json")) == saved
+  # A cached attack model retrained since (the input-aware generators): another poisoned training set.
+  workdir.write_json(str(work / "data.json"), {**saved, "train": "0" * 16})
+  with pytest.raises(workdir.WorkdirError, match=r"holds a run on other data \(train differ from its data\.json\)"):
+    experiment.train_and_evaluate(config, str(work))
+  with pytest.raises(workdir.WorkdirError, match=r"on other data \(train differ"):
+    experiment.evaluate_checkpoint(config, str(work))
+  assert sorted(os.listdir(work / "checkpoints")) == ["1"]  # Nothing trained on the other data.

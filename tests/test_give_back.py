@@ -1,5 +1,6 @@
 """Giving back the suspicious pool's agreeing examples mid fine-tuning, and class-balanced fine-tuning batches."""
 import json
+import os
 import types
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import smoke
-from abl_jax import abl, experiment, plots, schedule, train
+from abl_jax import abl, experiment, plots, schedule, train, workdir
 from abl_jax.checkpoint import Checkpointer
 
 AGREE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
@@ -943,6 +944,12 @@ def test_relearned_doubted_drop_leaves_out_the_flagged_labels_learned_examples_t
 def restarted(tmp_path_factory):
   """The relearned run, fine-tuning started again from the isolation model where the check flags a label."""
   return _trained(tmp_path_factory, "restarted", {**RELEARNED, "abl__relearned_then": "restart"})
+
+
+def test_every_file_a_defended_run_writes_is_an_output_overwrite_removes(restarted):
+  out, _ = restarted
+  assert {"returned.npz", "relearned.npz", "isolation_model", "data.json"} <= set(os.listdir(out))
+  assert set(os.listdir(out)) <= set(workdir.OUTPUTS)
 
 
 def test_relearned_restart_fine_tunes_again_from_the_isolation_model_after_a_flag(restarted, relearned):

@@ -137,7 +137,8 @@ def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
   """The cache directory of the generators that `config` trains on `train_set`."""
   spec = {"input_aware": config.attack.input_aware.to_dict(), "target": config.attack.target_label,
           "classifier": classifier_spec(config), "mean": list(config.data.mean), "std": list(config.data.std),
-          "seed": config.seed, "momentum": config.train.momentum, "version": _VERSION}
+          "seed": config.seed, "momentum": config.train.momentum, "version": _VERSION,
+          "numerics": cache.numerics()}
   return cache.entry(config.data.cache_dir, "input_aware", spec, (train_set.images, train_set.labels))
 
 

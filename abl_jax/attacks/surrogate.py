@@ -37,7 +37,8 @@ def create(config: ml_collections.ConfigDict, num_classes: int):
 def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
   """The cache directory of the surrogate that `config` trains on `train_set`."""
   spec = {"surrogate": config.attack.surrogate.to_dict(), "mean": list(config.data.mean),
-          "std": list(config.data.std), "seed": config.seed, "momentum": config.train.momentum, "version": _VERSION}
+          "std": list(config.data.std), "seed": config.seed, "momentum": config.train.momentum, "version": _VERSION,
+          "numerics": cache.numerics()}
   return cache.entry(config.data.cache_dir, "surrogates", spec, (train_set.images, train_set.labels),
                      prefix=f"{config.attack.surrogate.model}-")
 
