@@ -146,8 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.
   c.abl.regauge_epochs = 0  # regauge: the second gauge's epochs (>= 0); 0 = gauge_epochs.
-  c.abl.relearned_at = 0.0  # class_outlier_z, with a gauge: after this share of fine-tuning's epochs (in [0, 1);
-  #                            0 = off, the default; 0.5 measured; at least 1, before the last), the model being
+  c.abl.relearned_at = 0.5  # class_outlier_z, with a gauge: after this share of fine-tuning's epochs (in [0, 1);
+  #                            0 = off; at least 1, before the last), the model being
   #                            fine-tuned scores the examples outside the pool the judge rejected (below
   #                            disown_below) that still train with their label; a label whose share of them it has
   #                            learned (relearned_above, its class bias removed) is an outlier (class_outlier_z), and
