@@ -89,7 +89,7 @@ def load_row(workdir: str, name: str, attack: str | None = None, defense: str | 
                  isolation_precision=iso.get("precision"), isolation_recall=iso.get("recall"),
                  wall_time_s=sum(r["wall_time"].values()), wall_time=r["wall_time"],
                  num_train=r.get("num_train"), num_poisoned=r.get("num_poisoned"), versions=r.get("versions"),
-                 unlearning_before=(r.get("unlearning") or {}).get("before"))
+                 unlearning_before=(r.get("unlearning") or {}).get("before"), fingerprints=r.get("data"))
   other_rate = name.rsplit("_", 1)[0] not in (row["attack"], name)  # A pair at another rate: badnets_1pct_abl.
   row["label"] = label(row["attack"] or "?", row["defense"] or "?", row["poison_rate"] if other_rate else None)
   row["pictures"] = [p for p in PICTURES if os.path.exists(os.path.join(workdir, p))]
@@ -159,6 +159,7 @@ def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
             "examples against the ground truth. Suspected labels: the labels the defense treated as attacked "
             "(spectral signatures, outlier labels), found without the ground truth; (target) marks the attack's "
             "target. Wall time: the run's phases and evaluation."]
+  lines += _other_data(rows)
   done = next((r for r in rows if r["status"] == "done" and r.get("versions")), None)
   if done:
     v = done["versions"]
@@ -185,6 +186,22 @@ def _baseline(name: str) -> str:
   """The no-defense row a row is measured against: <pair>_none, or clean for the clean data's rows."""
   pair = name.rsplit("_", 1)[0]
   return "clean" if pair == "clean" else f"{pair}_none"
+
+
+def _other_data(rows: list[dict[str, Any]]) -> list[str]:
+  """A warning line for each row whose training set differs from its no-defense row's (results.json data.train)."""
+  by_name = {r["name"]: r for r in rows}
+  out = []
+  for row in rows:
+    base = by_name.get(_baseline(row["name"]))
+    if row["defense"] == "none" or base is None or base is row:
+      continue
+    mine, theirs = (row.get("fingerprints") or {}).get("train"), (base.get("fingerprints") or {}).get("train")
+    if mine and theirs and mine != theirs:
+      out.append(f"**Other data**: {row['name']} ({row['workdir']}) was trained on another training set than "
+                 f"{base['name']} ({base['workdir']}): their comparison does not hold (a cached attack model or "
+                 "the dataset changed between them; results.json data.train).")
+  return ["", *out] if out else []
 
 
 def _training_seconds(row: dict[str, Any]) -> float:
@@ -226,6 +243,8 @@ def seeds_markdown(workdirs: list[str]) -> str:
                  f"{_spread([r.get('untriggered_target_rate') for r in rows])} | "
                  f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} | "
                  f"{' / '.join(_cell(r, 'suspected_labels', 'labels') for r in rows)} |")
+  for table in tables:
+    lines += _other_data([r for r in table.values() if r["name"] in names])
   return "\n".join(lines) + "\n"
 
 

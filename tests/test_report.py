@@ -230,6 +230,17 @@ def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, t
   assert report.seeds_markdown([str(tmp_path / "s0")]).count("\n| Model trained") == 2
 
 
+def test_a_pair_trained_on_different_data_is_named(tmp_path):
+  _fake_run(tmp_path, "sig_none", "sig", "none", {**CLEAN, "data": {"train": "aaaa", "test": "cccc"}})
+  _fake_run(tmp_path, "sig_abl", "sig", "abl", {**SIG_ABL, "data": {"train": "bbbb", "test": "cccc"}})
+  _fake_run(tmp_path, "clean", "none", "none", {**CLEAN, "data": {"train": "dddd", "test": "cccc"}})
+  warnings = [l for l in report.write(str(tmp_path)).splitlines() if l.startswith("**Other data**")]
+  assert len(warnings) == 1 and warnings[0].startswith("**Other data**: sig_abl (")  # Not against clean.
+  assert len([l for l in report.seeds_markdown([str(tmp_path)]).splitlines() if l.startswith("**Other data**")]) == 1
+  _fake_run(tmp_path, "sig_abl", "sig", "abl", {**SIG_ABL, "data": {"train": "aaaa", "test": "cccc"}})
+  assert "Other data" not in report.write(str(tmp_path))
+
+
 def test_runs_without_a_plan_are_ordered_clean_first_and_each_pair_together(tmp_path):
   for name, attack, defense in [("sig_abl", "sig", "abl"), ("badnets_1pct_abl", "badnets", "abl"),
                                 ("badnets_none", "badnets", "none"), ("clean", "none", "none"),
