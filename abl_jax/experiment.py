@@ -232,13 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     check_same_config(config, workdir)
 
   prep = prepare(config)
+  fingerprints = data_fingerprints(prep)
   if config.defense.name == "abl":
     abl.num_isolated(len(prep.train), config.abl.isolation_ratio)  # Fail now, not after isolation training.
     if config.abl.start_from:
       _check_start_from(config)
-      wd.check_data(config.abl.start_from, data_fingerprints(prep), write=False)
+      wd.check_data(config.abl.start_from, fingerprints, write=False)
   wd.claim(config, workdir, overwrite)  # Only once the config has proved valid.
-  wd.check_data(workdir, data_fingerprints(prep), write=True)
+  wd.check_data(workdir, fingerprints, write=True)
 
   model = _model(config, prep.train)
   mesh = train.default_mesh()
@@ -263,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     run.writer.close()
 
   t0 = time.perf_counter()
-  results = _with_isolation(_final_metrics(config, run.predict(), prep), workdir)
+  results = _with_isolation(_final_metrics(config, run.predict(), prep, fingerprints), workdir)
   run.wall["evaluate"] = time.perf_counter() - t0
   results["wall_time"] = run.wall
   if distributed.is_primary():
@@ -290,7 +291,8 @@ def save_examples(workdir: str, prep: Prepared, target: int) -> None:
            class_names=np.array(prep.test.class_names))
 
 
-def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, prep: Prepared) -> dict[str, Any]:
+def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, prep: Prepared,
+                   fingerprints: dict[str, str]) -> dict[str, Any]:
   """Every metric of results.json / eval.json, on the full test set."""
   out: dict[str, Any] = {"attack": config.attack.name, "defense": config.defense.name}
   out.update(evaluate.test_metrics(predict, prep.test, prep.poisoned_test, per_class=True))
@@ -306,7 +308,7 @@ def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, pr
       cross = {"noise_mode_accuracy": cross["cross_trigger_accuracy"], "num_noise_mode_train": cross["num_cross_train"]}
     out.update(cross)
   out["isolation"] = None
-  out["data"] = data_fingerprints(prep)
+  out["data"] = fingerprints
   out["config"] = wd.config_json(config)
   out["versions"] = {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": jax.lib.__version__,
                      "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -326,13 +328,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   if ckpt.latest() is None:
     raise WorkdirError(f"workdir {workdir} holds no checkpoint to evaluate")
   prep = prepare(config)
-  wd.check_data(workdir, data_fingerprints(prep), write=False)
+  fingerprints = data_fingerprints(prep)
+  wd.check_data(workdir, fingerprints, write=False)
   model = _model(config, prep.train)
   latest, state, meta = ckpt.restore_latest(like=_initial_state(config, model, prep.train.images.shape[1:]))
   ckpt.close()
   predict = train.predictor(model, train.variables_of(state), config.data.mean, config.data.std,
                             config.train.eval_batch_size)
-  out = _final_metrics(config, predict, prep)
+  out = _final_metrics(config, predict, prep, fingerprints)
   out["checkpoint"] = {"step": latest, "phase": meta["phase"], "epoch": meta["epoch"]}
   if distributed.is_primary():
     wd.write_json(os.path.join(workdir, "eval.json"), _with_isolation(out, workdir))

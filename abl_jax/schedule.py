@@ -465,9 +465,8 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
                  "judge rejected; outlier scores %s (coherence of the learned, of the other rejected, of the "
                  "typical, where above the cut-off: %s); flagged %s, %d examples %s, %d left out",
-                 np.round(shares, 3).tolist(),
-                 np.round(scores, 1).tolist(),
-                 _coherence_text(coherence), flagged.tolist() or "none",
+                 np.round(shares, 3).tolist(), np.round(scores, 1).tolist(), _coherence_text(coherence),
+                 flagged.tolist() or "none",
                  len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected == "disown"
                  else "left out", len(saved["relearned_dropped"]))
     stats = {"relearned_labels": [int(k) for k in flagged],
