@@ -124,6 +124,9 @@ _RULES = (
                                                   and (c.abl.spectral_skew or c.abl.spectral_kurtosis)),
      "it applies where spectral signatures run (abl.spectral_skew or abl.spectral_kurtosis > 0) and outlier labels "
      "are looked for (abl.class_outlier_z > 0, abl.disown_below > 0)"),
+    ("config.abl.pool_outlier_z", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
+     "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
+     "that distills the pool)"),
     ("config.abl.regauge", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
                                           and c.abl.disown_below),
      "it applies with a gauge (abl.gauge_epochs > 0) that distills the pool and looks for outlier labels "

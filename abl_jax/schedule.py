@@ -558,12 +558,13 @@ def regauge(run: Run) -> None:
   elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
-    _judge(run, path, prefix="regauge_", flag_among=first["outlier_labels"])
+    _judge(run, path, prefix="regauge_", flag_among=first["outlier_labels"], also=first.get("pool_outlier_labels"))
   if run.done == run.cursor and a.finetune_init != "gauge":
     _restore_isolation_model(run)
 
 
-def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None = None) -> None:
+def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None = None,
+           also: np.ndarray | None = None) -> None:
   a = run.config.abl
   pool, labels = run.pool, run.train.labels[run.pool]
   loss, pred, probs = run.predict(probabilities=True)(run.train.images[pool], labels)
@@ -597,7 +598,9 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
       if a.contradict_factor:
         extra["contradicted"] = _contradicted(run, outside)
       if a.class_outlier_z and a.disown_below:
-        extra.update(_class_rejected(run, outside, flag_among))
+        if flag_among is None:  # The first gauge: the pool's outlier labels (the second judges them again).
+          also = _pool_outliers(run, labels, probs[np.arange(len(pool)), labels], extra)
+        extra.update(_class_rejected(run, outside, flag_among, also))
     suspected = run.suspected if run.suspected is not None else soft[:0]
     if a.own_above < 1.0:  # The spectral rule's suspects are disowned below, never owned.
       extra["owned"] = abl.owned(run.labels, run.train.labels, np.setdiff1d(soft, suspected) if len(suspected)
@@ -625,6 +628,9 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   if "outlier_labels" in extra:
     stats["outlier_labels"] = [int(k) for k in extra["outlier_labels"]]
     stats["outlier_scores"] = [round(float(v), 2) for v in extra["outlier_scores"].max(axis=0)]  # Highest level's.
+  if "pool_outlier_labels" in extra:
+    stats["pool_outlier_labels"] = [int(k) for k in extra["pool_outlier_labels"]]
+    stats["pool_outlier_scores"] = [round(float(v), 2) for v in extra["pool_outlier_scores"]]
   counted = ("contradicted", "class_rejected", "class_doubted", "left_out", "owned", "disowned", "spectral_disowned",
              "relabelled")
   for name, examples in [("returned", agree)] + [(k, extra[k]) for k in counted if k in extra]:
@@ -681,9 +687,32 @@ def _contradicted(run: Run, outside: OutsideGauge) -> np.ndarray:
   return outside.examples[hit]
 
 
-def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _pool_outliers(run: Run, labels: np.ndarray, own: np.ndarray, extra: dict[str, np.ndarray]) -> np.ndarray:
+  """The labels whose pool examples (the spectral rule's suspects aside) the gauge rejects (under disown_below)
+  unusually often (config.abl.pool_outlier_z; none where 0); each label's share and score go into `extra`.
+
+  Where isolation found most of a low-rate backdoor, its examples are the pool's rejected ones, and the few it
+  missed are outside the pool, too few to make their label an outlier there (docs/defense.md, session 20).
+  """
+  a = run.config.abl
+  if not a.pool_outlier_z:
+    return labels[:0]
+  judged = ~np.isin(run.pool, run.suspected) if run.suspected is not None else np.ones(len(labels), bool)
+  counts = np.bincount(labels[judged], minlength=run.train.num_classes)
+  shares = np.bincount(labels[judged & (own < a.disown_below)], minlength=run.train.num_classes) / np.maximum(
+      counts, 1)
+  scores = abl.outlier_scores(shares, counts, sampling=True)
+  flagged = np.flatnonzero(scores > a.pool_outlier_z)
+  logging.info("the gauge gives %s of the pool's examples, by label, less than %g; outlier scores %s; flagged %s",
+               np.round(shares, 3).tolist(), a.disown_below, np.round(scores, 1).tolist(), flagged.tolist() or "none")
+  extra.update({"pool_outlier_shares": shares, "pool_outlier_scores": scores, "pool_outlier_labels": flagged})
+  return flagged
+
+
+def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = None,
+                    also: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """The labels whose examples outside the pool the gauge rejects unusually often (config.abl.class_outlier_z at
-  any level of class_outlier_below; only labels in `among` where given), and the examples of them it gives their
+  any level of class_outlier_below; only labels in `among` where given; with those in `also`), and the examples of them it gives their
   label less than disown_below; those train toward the gauge's probabilities (run.labels), to be disowned like the
   pool's, or stay out of fine-tuning (config.abl.flagged_rejected). Returned by name, with each level's shares
   and outlier scores, as returned.npz keeps them.
@@ -704,6 +733,8 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
     flagged = np.intersect1d(flagged, among)
   if a.spectral_judged and run.suspected is not None and len(run.suspected):  # Known attacked: judged as well.
     flagged = np.union1d(flagged, np.unique(run.train.labels[run.suspected]))
+  if also is not None:  # The pool's outlier labels (config.abl.pool_outlier_z).
+    flagged = np.union1d(flagged, also)
   hit = (own < a.disown_below) & np.isin(labels, flagged)
   doubted = (own >= a.disown_below) & (own < a.own_above) & np.isin(labels, flagged)
   if a.flagged_rejected == "disown":

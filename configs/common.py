@@ -142,6 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.spectral_judged = False  # class_outlier_z: True treats a label spectral signatures flagged as an outlier
   #                                label too (its examples outside the pool the gauge rejects are disowned, a second
   #                                gauge judges again): the poison outside the suspects (docs/defense.md, session 17).
+  c.abl.pool_outlier_z = 0.0  # class_outlier_z: > 0 also treats as an outlier label each label whose share of
+  #                             pool examples the gauge rejects (under disown_below; the spectral suspects aside)
+  #                             scores above this (modified z-score, as class_outlier_z): a low-rate backdoor
+  #                             isolation found most of, whose rest outside the pool is too few to show there
+  #                             (docs/defense.md, session 20); 0 = off.
   c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.

@@ -505,6 +505,53 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   np.testing.assert_array_equal(schedule._class_rejected(run, outside, among=np.array([1]))["outlier_labels"], [1])
 
 
+def test_pool_outliers_flag_the_label_whose_pool_examples_the_gauge_rejects_unusually_often():
+  # 10 labels x 20 pool examples; the gauge rejects (under 0.1) 1-3 of each label's, 12 of label 3's (a backdoor
+  # isolation found), and all of label 5's suspects, which the spectral rule disowns anyway and are not counted.
+  labels = np.repeat(np.arange(10), 20)
+  own = np.full(200, 0.6)
+  for label, n in enumerate([1, 2, 3, 12, 2, 1, 3, 2, 1, 2]):
+    own[label * 20:label * 20 + n] = 0.05
+  own[100:115] = 0.02
+  run = types.SimpleNamespace(
+      train=types.SimpleNamespace(num_classes=10), pool=np.arange(1000, 1200), suspected=np.arange(1101, 1115),
+      config=ml_collections.ConfigDict({"abl": {"pool_outlier_z": 3.5, "disown_below": 0.1}}))
+  extra = {}
+  np.testing.assert_array_equal(schedule._pool_outliers(run, labels, own, extra), [3])
+  np.testing.assert_allclose(extra["pool_outlier_shares"][[3, 5]], [0.6, 1 / 6])  # Label 5: 1 of its 6 counted.
+  np.testing.assert_array_equal(extra["pool_outlier_labels"], [3])
+  run.suspected = None  # Counted, label 5 (15 of 20 rejected) is an outlier too.
+  np.testing.assert_array_equal(schedule._pool_outliers(run, labels, own, {}), [3, 5])
+  run.config.abl.pool_outlier_z = 0.0  # Off: nothing flagged, nothing recorded.
+  extra = {}
+  assert len(schedule._pool_outliers(run, labels, own, extra)) == 0 and not extra
+
+
+def test_a_pool_outlier_label_is_judged_outside_the_pool_where_its_share_there_is_ordinary():
+  labels = np.repeat(np.arange(4), 10)
+  own = np.full(40, 0.6, np.float32)
+  own[[11, 21, 31, 32]] = 0.05  # One or two rejected per label outside the pool: no outlier there.
+  probs = np.tile(((1 - own) / 3)[:, None], (1, 4)).astype(np.float32)
+  probs[np.arange(40), labels] = own
+  run = types.SimpleNamespace(
+      train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
+                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown",
+                                                "spectral_judged": False}}),
+      suspected=None, labels=np.eye(4, dtype=np.float32)[labels],
+      predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
+                                                          probs[images]))
+  outside = schedule._outside_gauge(run)
+  assert len(schedule._class_rejected(run, outside)["outlier_labels"]) == 0
+  found = schedule._class_rejected(run, outside, also=np.array([1]))
+  np.testing.assert_array_equal(found["outlier_labels"], [1])
+  np.testing.assert_array_equal(found["class_rejected"], [11])
+  np.testing.assert_array_equal(run.labels[11], probs[11])
+  # The second judgement (among the first's flagged labels) keeps the pool's outlier label.
+  again = schedule._class_rejected(run, outside, among=np.array([1]), also=np.array([1]))
+  np.testing.assert_array_equal(again["outlier_labels"], [1])
+
+
 def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(tmp_path):
   config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0})
   experiment.train_and_evaluate(config, str(tmp_path))
