@@ -288,3 +288,58 @@ def test_relearned_rescores_the_check_at_other_cut_offs(tmp_path):
   assert line.startswith(f"{tmp_path}: flagged [2] (target 2), acted on 3 (2 poisoned)")
   assert "raw 0.9: 2 (target)" in line and "adjusted 0.9: 1 " in line
   assert relearned.report(str(tmp_path / "none"), [0.8]) is None
+
+
+@pytest.fixture(scope="module")
+def judged_run(tmp_path_factory):
+  """A smoke run of the default defense (a gauge judges), trained once for this module."""
+  import smoke  # pylint: disable=import-outside-toplevel
+  from abl_jax import experiment  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("judged")
+  experiment.train_and_evaluate(smoke.default(), str(root / "abl"))
+  return root / "abl"
+
+
+def test_cross_fit_halves_split_each_label_and_the_gauges_judge_every_poisoned_example(judged_run, tmp_path, capsys,
+                                                                                         monkeypatch):
+  import re  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import cross_fit  # pylint: disable=import-outside-toplevel
+  labels = np.repeat(np.arange(3), [5, 4, 7])
+  outside = np.array([0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])  # Example 4 is in the pool.
+  first, second = cross_fit.halves(outside, labels, seed=0)
+  np.testing.assert_array_equal(np.union1d(first, second), outside)
+  assert not len(np.intersect1d(first, second))
+  assert np.bincount(labels[first], minlength=3).tolist() == [2, 2, 3]  # Half of each label, rounded down.
+  monkeypatch.setattr(sys, "argv", ["cross_fit.py", str(judged_run), f"--out={tmp_path / 'xfit'}"])
+  cross_fit.main()
+  out = capsys.readouterr().out
+  assert out.count("== ") == 2 and "gauge_b: test" in out
+  iso = np.load(judged_run / "isolation.npz")
+  poisoned_outside = int(np.setdiff1d(np.flatnonzero(iso["is_poisoned"]), iso["pool"]).size)
+  judged = out.split("== cross-fitted")[1]
+  counts = [int(n) for n in re.findall(r"'\w+': '\d+ / (\d+)'", judged)]
+  assert sum(counts) == poisoned_outside  # Every poisoned example outside the pool got one fate.
+
+
+def test_feature_units_rank_the_units_the_chosen_examples_raise_and_take_them_out_of_the_last_layer(
+    judged_run, capsys, monkeypatch):
+  import sys  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import feature_units  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(100, 5))
+  features[:10, 3] += 4.0  # The chosen examples raise unit 3.
+  d = feature_units.unit_differences(features, np.arange(10))
+  assert np.argmax(d) == 3 and d[3] > 3 > np.abs(np.delete(d, 3)).max()
+  variables = {"params": {"Conv_0": {"kernel": np.ones((3, 3, 3, 5))},
+                          "Dense_0": {"kernel": np.ones((5, 2)), "bias": np.zeros(2)}}}
+  out = feature_units.without_units(variables, np.array([3, 1]))
+  np.testing.assert_array_equal(out["params"]["Dense_0"]["kernel"].sum(axis=1), [2, 0, 2, 0, 2])
+  assert variables["params"]["Dense_0"]["kernel"].sum() == 10  # The original is untouched.
+  monkeypatch.setattr(sys, "argv", ["feature_units.py", str(judged_run), "--zero=0,2"])
+  feature_units.main()
+  printed = capsys.readouterr().out
+  assert "disowned" in printed and "poisoned vs clean" in printed
+  assert "  0 units out: CA" in printed and "  2 units out: CA" in printed

@@ -1,0 +1,84 @@
+"""Which of the isolation model's feature units carry the backdoor, found from the defense's own verdict, and what
+the isolation model does without them (docs/defense.md, session 20).
+
+    python benchmarks/feature_units.py runs/ia                  # a finished run whose gauge judged
+    python benchmarks/feature_units.py runs/ia --zero=0,4,8,16  # how many units to take out, one model each
+
+Per feature unit (the input of the model's last Dense layer, isolation model), the standardised difference d
+between its mean over the examples the followed judgement disowned and its mean over every other example (what a
+defender can compute), and the same with the poison mask (what the ground truth says); the ten largest of each
+with their units. Then, for each count k of --zero, the isolation model with the last layer's weights from its k
+highest-d units set to 0: CA and ASR on the whole test set. A measurement, not part of the defense: the mask is
+read for the ground-truth row and the ASR.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
+import jax  # noqa: E402
+
+from abl_jax import checkpoint, evaluate, experiment, plots, train, workdir as wd  # noqa: E402
+
+
+def unit_differences(features: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+  """Each unit's (mean over `chosen` - mean over the rest) / the rest's standard deviation."""
+  rest = np.setdiff1d(np.arange(len(features)), chosen)
+  features = np.asarray(features, np.float64)
+  return (features[chosen].mean(0) - features[rest].mean(0)) / (features[rest].std(0) + 1e-6)
+
+
+def without_units(variables: Any, units: np.ndarray) -> Any:
+  """`variables` with the kernel rows of `units` in the last Dense layer set to 0."""
+  params = variables["params"]
+  name = [k for k in params if k.startswith("Dense")][-1]
+  kernel = np.array(params[name]["kernel"])
+  kernel[np.asarray(units, int)] = 0.0
+  return {**variables, "params": {**params, name: {**params[name], "kernel": kernel}}}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("workdir")
+  parser.add_argument("--zero", default="0,1,2,4,8,16", help="comma-separated counts of units to take out")
+  args = parser.parse_args()
+  config = plots._config(args.workdir)  # pylint: disable=protected-access
+  prep = experiment.prepare(config)
+  wd.check_data(args.workdir, experiment.data_fingerprints(prep), write=False)
+  model = experiment._model(config, prep.train)  # pylint: disable=protected-access
+  variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:],
+                                           directory="isolation_model")
+  mesh = train.make_mesh(jax.local_devices())
+
+  def predictor(v: Any, **kwargs: Any) -> train.Predict:
+    return train.predictor(model, v, config.data.mean, config.data.std, config.train.eval_batch_size, mesh, **kwargs)
+
+  path = wd.followed_judgement(args.workdir)
+  if path is None:
+    raise SystemExit(f"{args.workdir} holds no returned.npz: not a run whose gauge judged")
+  disowned = wd.load_npz(path)["disowned"]
+  features = np.asarray(predictor(variables, features=True)(prep.train.images, prep.train.labels)[2])
+  ours = unit_differences(features, disowned)
+  order = np.argsort(-ours)
+  print(f"{os.path.basename(path)}: {len(disowned)} disowned ({int(prep.is_poisoned[disowned].sum())} poisoned); "
+        f"{features.shape[1]} units")
+  print(f"  d, disowned vs the rest: {np.round(ours[order[:10]], 2).tolist()}, units {order[:10].tolist()}")
+  poisoned = np.flatnonzero(prep.is_poisoned)
+  if len(poisoned):
+    truth = unit_differences(features, poisoned)
+    top = np.argsort(-truth)[:10]
+    print(f"  d, poisoned vs clean:    {np.round(truth[top], 2).tolist()}, units {top.tolist()}")
+  for k in (int(n) for n in args.zero.split(",")):
+    m = evaluate.test_metrics(predictor(without_units(variables, order[:k])), prep.test, prep.poisoned_test)
+    asr = m["attack_success_rate"]
+    print(f"  {k:3d} units out: CA {m['clean_accuracy']:.4f} ASR {'n/a' if asr is None else f'{asr:.4f}'}",
+          flush=True)
+
+
+if __name__ == "__main__":
+  main()
