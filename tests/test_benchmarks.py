@@ -343,3 +343,38 @@ def test_feature_units_rank_the_units_the_chosen_examples_raise_and_take_them_ou
   printed = capsys.readouterr().out
   assert "disowned" in printed and "poisoned vs clean" in printed
   assert "  0 units out: CA" in printed and "  2 units out: CA" in printed
+
+
+def test_pool_outliers_scores_the_pools_rejections_as_the_defense_does(tmp_path):
+  import types  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from abl_jax import schedule  # pylint: disable=import-outside-toplevel
+  from benchmarks import pool_outliers  # pylint: disable=import-outside-toplevel
+  # A pool of 10 labels x 20 examples (examples 1000-1199); the gauge rejects 1-3 of each label's, 12 of label
+  # 3's (10 of them poisoned), and 15 of label 5's, of which 14 are spectral suspects (not counted).
+  labels = np.zeros(1200, int)
+  pool = np.arange(1000, 1200)
+  labels[pool] = np.repeat(np.arange(10), 20)
+  own = np.full(200, 0.6)
+  for label, n in enumerate([1, 2, 3, 12, 2, 1, 3, 2, 1, 2]):
+    own[label * 20:label * 20 + n] = 0.05
+  own[100:115] = 0.02
+  poisoned = np.zeros(1200, bool)
+  poisoned[1060:1070] = True
+  suspected = np.arange(1101, 1115)
+  (tmp_path / "config.json").write_text(json.dumps({"abl": {"disown_below": 0.1},
+                                                    "attack": {"name": "badnets", "target_label": 3}}))
+  np.savez(tmp_path / "isolation.npz", pool=pool, labels=labels, is_poisoned=poisoned, suspected=suspected)
+  np.savez(tmp_path / "returned.npz", judge_loss=-np.log(own))
+  line = pool_outliers.row(str(tmp_path), 3.5)
+  assert "| 12 (10 poisoned), share 0.60 |" in line and line.endswith("| [3] |")
+  assert pool_outliers.row(str(tmp_path / "nowhere"), 3.5) is None
+  # The same scores as the defense's own test.
+  run = types.SimpleNamespace(train=types.SimpleNamespace(num_classes=10), pool=pool, suspected=suspected,
+                              config=ml_collections.ConfigDict({"abl": {"pool_outlier_z": 3.5, "disown_below": 0.1}}))
+  extra = {}
+  schedule._pool_outliers(run, labels[pool], own, extra)  # pylint: disable=protected-access
+  _, _, scores = pool_outliers.pool_scores(labels[pool], own, ~np.isin(pool, suspected), 10, 0.1)
+  np.testing.assert_allclose(scores, extra["pool_outlier_scores"])
+  assert f"| {scores[3]:.1f} |" in line
