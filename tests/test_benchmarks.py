@@ -378,3 +378,25 @@ def test_pool_outliers_scores_the_pools_rejections_as_the_defense_does(tmp_path)
   _, _, scores = pool_outliers.pool_scores(labels[pool], own, ~np.isin(pool, suspected), 10, 0.1)
   np.testing.assert_allclose(scores, extra["pool_outlier_scores"])
   assert f"| {scores[3]:.1f} |" in line
+
+
+def test_finetune_probe_keeps_the_frozen_units_out_of_the_last_layer_to_the_end(tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import smoke  # pylint: disable=import-outside-toplevel
+  from abl_jax import checkpoint, experiment  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "benchmarks/finetune_probes.py", "--probe=frozen_units", "--units=2",
+                         "--config=configs/abl_badnets.py:smoke", f"--workdir={tmp_path / 'run'}"],
+                        cwd=root, capture_output=True, text=True, timeout=600, check=True)
+  units = [int(u) for u in re.search(r"probe: units \[(\d+), (\d+)\]", proc.stdout).groups()]
+  config = smoke.default()
+  prep = experiment.prepare(config)
+  variables = checkpoint.restore_variables(str(tmp_path / "run"), experiment._model(config, prep.train), config,  # pylint: disable=protected-access
+                                           prep.train.images.shape[1:])
+  kernel = np.asarray(variables["params"]["Dense_0"]["kernel"])
+  zero_rows = np.flatnonzero(~kernel.any(axis=1))
+  assert sorted(zero_rows.tolist()) == sorted(units)  # Only those: the others trained on.
