@@ -4,12 +4,14 @@ the isolation model does without them (docs/defense.md, session 20).
     python benchmarks/feature_units.py runs/ia                  # a finished run whose gauge judged
     python benchmarks/feature_units.py runs/ia --zero=0,4,8,16  # how many units to take out, one model each
 
-Per feature unit (the input of the model's last Dense layer, isolation model), the standardised difference d
-between its mean over the examples the followed judgement disowned and its mean over every other example (what a
-defender can compute), and the same with the poison mask (what the ground truth says); the ten largest of each
-with their units. Then, for each count k of --zero, the isolation model with the last layer's weights from its k
-highest-d units set to 0: CA and ASR on the whole test set. A measurement, not part of the defense: the mask is
-read for the ground-truth row and the ASR.
+    python benchmarks/feature_units.py runs/ia --final          # the final model instead of the isolation model
+
+Per feature unit (the input of the model's last Dense layer; the isolation model, or the final one with --final),
+the standardised difference d between its mean over the examples the followed judgement disowned and its mean
+over every other example (what a defender can compute), and the same with the poison mask (what the ground truth
+says); the ten largest of each with their units. Then, for each count k of --zero, the model with the last layer's
+weights from its k highest-d units set to 0: CA and ASR on the whole test set. A measurement, not part of the
+defense: the mask is read for the ground-truth row and the ASR.
 """
 from __future__ import annotations
 
@@ -46,13 +48,14 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("workdir")
   parser.add_argument("--zero", default="0,1,2,4,8,16", help="comma-separated counts of units to take out")
+  parser.add_argument("--final", action="store_true", help="the run's final model (its newest checkpoint) instead")
   args = parser.parse_args()
   config = plots._config(args.workdir)  # pylint: disable=protected-access
   prep = experiment.prepare(config)
   wd.check_data(args.workdir, experiment.data_fingerprints(prep), write=False)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
   variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:],
-                                           directory="isolation_model")
+                                           directory="checkpoints" if args.final else "isolation_model")
   mesh = train.make_mesh(jax.local_devices())
 
   def predictor(v: Any, **kwargs: Any) -> train.Predict:

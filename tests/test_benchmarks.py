@@ -343,6 +343,11 @@ def test_feature_units_rank_the_units_the_chosen_examples_raise_and_take_them_ou
   printed = capsys.readouterr().out
   assert "disowned" in printed and "poisoned vs clean" in printed
   assert "  0 units out: CA" in printed and "  2 units out: CA" in printed
+  # --final: the run's final model, whose CA with nothing taken out is the run's own.
+  monkeypatch.setattr(sys, "argv", ["feature_units.py", str(judged_run), "--final", "--zero=0"])
+  feature_units.main()
+  final_ca = json.loads((judged_run / "results.json").read_text())["clean_accuracy"]
+  assert f"  0 units out: CA {final_ca:.4f}" in capsys.readouterr().out
 
 
 def test_pool_outliers_scores_the_pools_rejections_as_the_defense_does(tmp_path):
