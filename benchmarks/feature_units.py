@@ -10,8 +10,9 @@ Per feature unit (the input of the model's last Dense layer; the isolation model
 the standardised difference d between its mean over the examples the followed judgement disowned and its mean
 over every other example (what a defender can compute), and the same with the poison mask (what the ground truth
 says); the ten largest of each with their units. Then, for each count k of --zero, the model with the last layer's
-weights from its k highest-d units set to 0: CA and ASR on the whole test set. A measurement, not part of the
-defense: the mask is read for the ground-truth row and the ASR.
+weights from its k highest-d units set to 0: CA and ASR on the whole test set, and the share of the training
+examples outside the disowned ones whose prediction it changes (what a defender could budget). A measurement, not
+part of the defense: the mask is read for the ground-truth row and the ASR.
 """
 from __future__ import annotations
 
@@ -76,11 +77,15 @@ def main() -> None:
     truth = unit_differences(features, poisoned)
     top = np.argsort(-truth)[:10]
     print(f"  d, poisoned vs clean:    {np.round(truth[top], 2).tolist()}, units {top.tolist()}")
+  rest = np.setdiff1d(np.arange(len(prep.train.labels)), disowned)
+  before = np.asarray(predictor(variables)(prep.train.images[rest], prep.train.labels[rest])[1])
   for k in (int(n) for n in args.zero.split(",")):
-    m = evaluate.test_metrics(predictor(without_units(variables, order[:k])), prep.test, prep.poisoned_test)
+    fewer = without_units(variables, order[:k])
+    m = evaluate.test_metrics(predictor(fewer), prep.test, prep.poisoned_test)
+    changed = np.mean(np.asarray(predictor(fewer)(prep.train.images[rest], prep.train.labels[rest])[1]) != before)
     asr = m["attack_success_rate"]
-    print(f"  {k:3d} units out: CA {m['clean_accuracy']:.4f} ASR {'n/a' if asr is None else f'{asr:.4f}'}",
-          flush=True)
+    print(f"  {k:3d} units out: CA {m['clean_accuracy']:.4f} ASR {'n/a' if asr is None else f'{asr:.4f}'}; "
+          f"training predictions changed (all but the disowned) {changed:.4f}", flush=True)
 
 
 if __name__ == "__main__":

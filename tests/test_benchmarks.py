@@ -343,6 +343,7 @@ def test_feature_units_rank_the_units_the_chosen_examples_raise_and_take_them_ou
   printed = capsys.readouterr().out
   assert "disowned" in printed and "poisoned vs clean" in printed
   assert "  0 units out: CA" in printed and "  2 units out: CA" in printed
+  assert "changed (all but the disowned) 0.0000" in printed.split("  0 units out:")[1].splitlines()[0]
   # --final: the run's final model, whose CA with nothing taken out is the run's own.
   monkeypatch.setattr(sys, "argv", ["feature_units.py", str(judged_run), "--final", "--zero=0"])
   feature_units.main()
