@@ -698,11 +698,9 @@ def _pool_outliers(run: Run, labels: np.ndarray, own: np.ndarray, extra: dict[st
   if not a.pool_outlier_z:
     return labels[:0]
   judged = ~np.isin(run.pool, run.suspected) if run.suspected is not None else np.ones(len(labels), bool)
-  counts = np.bincount(labels[judged], minlength=run.train.num_classes)
-  shares = np.bincount(labels[judged & (own < a.disown_below)], minlength=run.train.num_classes) / np.maximum(
-      counts, 1)
-  scores = abl.outlier_scores(shares, counts, sampling=True)
-  flagged = np.flatnonzero(scores > a.pool_outlier_z)
+  flagged, shares, scores = abl.outlier_labels(own[judged], labels[judged], run.train.num_classes, a.pool_outlier_z,
+                                               (a.disown_below,))
+  shares, scores = shares[0], scores[0]
   logging.info("the gauge gives %s of the pool's examples, by label, less than %g; outlier scores %s; flagged %s",
                np.round(shares, 3).tolist(), a.disown_below, np.round(scores, 1).tolist(), flagged.tolist() or "none")
   extra.update({"pool_outlier_shares": shares, "pool_outlier_scores": scores, "pool_outlier_labels": flagged})
@@ -712,10 +710,10 @@ def _pool_outliers(run: Run, labels: np.ndarray, own: np.ndarray, extra: dict[st
 def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = None,
                     also: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """The labels whose examples outside the pool the gauge rejects unusually often (config.abl.class_outlier_z at
-  any level of class_outlier_below; only labels in `among` where given; with those in `also`), and the examples of them it gives their
-  label less than disown_below; those train toward the gauge's probabilities (run.labels), to be disowned like the
-  pool's, or stay out of fine-tuning (config.abl.flagged_rejected). Returned by name, with each level's shares
-  and outlier scores, as returned.npz keeps them.
+  any level of class_outlier_below; only labels in `among` where given; with those in `also`), and the examples of
+  them it gives their label less than disown_below; those train toward the gauge's probabilities (run.labels), to
+  be disowned like the pool's, or stay out of fine-tuning (config.abl.flagged_rejected). Returned by name, with
+  each level's shares and outlier scores, as returned.npz keeps them.
 
   The second gauge (regauge) judges among the first's flagged labels only: it never saw the examples it was
   trained without, so the shares of every label shift, and a label the first found ordinary can then score near

@@ -24,14 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
 from abl_jax import abl, experiment, metrics, plots, schedule, train, workdir as wd  # noqa: E402
 from abl_jax.checkpoint import Checkpointer  # noqa: E402
-
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
-  """P(a positive scores above a negative), ties counted half; None when either side is empty."""
-  positive, negative = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
-  if not len(positive) or not len(negative):
-    return None
-  return float((positive[:, None] > negative[None, :]).mean() + (positive[:, None] == negative[None, :]).mean() / 2)
+from benchmarks.flagged import auroc  # noqa: E402
 
 
 def halves(outside: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,11 +43,10 @@ def report(name: str, own: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
   """Prints the shares, outlier scores, fates and AUROCs of one judgement (`own`: each example's probability of
   its label)."""
   print(f"== {name}")
-  counts = np.bincount(labels[outside], minlength=labels.max() + 1)
-  for level in (0.1, 0.05, 0.02):
-    shares = np.bincount(labels[outside][own[outside] < level], minlength=len(counts)) / np.maximum(counts, 1)
-    scores = abl.outlier_scores(shares, counts, sampling=True)
-    print(f"  under {level}: shares {np.round(shares, 3).tolist()}; outlier scores {np.round(scores, 1).tolist()}")
+  levels = (0.1, 0.05, 0.02)
+  _, shares, scores = abl.outlier_labels(own[outside], labels[outside], labels.max() + 1, np.inf, levels)
+  for level, share, score in zip(levels, shares, scores):
+    print(f"  under {level}: shares {np.round(share, 3).tolist()}; outlier scores {np.round(score, 1).tolist()}")
   is_outside = np.zeros(len(labels), bool)
   is_outside[outside] = True
   for k in np.unique(labels[poisoned]):

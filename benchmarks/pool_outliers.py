@@ -27,10 +27,9 @@ def pool_scores(labels: np.ndarray, own: np.ndarray, judged: np.ndarray, num_cla
                 disown_below: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Each label's rejected count, share and outlier score over the pool examples where `judged` is True (`labels`
   and `own`, the gauge's probability of the label, cover the pool)."""
-  counts = np.bincount(labels[judged], minlength=num_classes)
   rejected = np.bincount(labels[judged & (own < disown_below)], minlength=num_classes)
-  shares = rejected / np.maximum(counts, 1)
-  return rejected, shares, abl.outlier_scores(shares, counts, sampling=True)
+  _, shares, scores = abl.outlier_labels(own[judged], labels[judged], num_classes, np.inf, (disown_below,))
+  return rejected, shares[0], scores[0]
 
 
 def row(workdir: str, z: float) -> str | None:

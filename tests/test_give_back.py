@@ -457,6 +457,23 @@ def test_outlier_labels_flag_a_label_at_the_strict_level_where_its_rejections_st
   assert len(abl.outlier_labels(own, labels, 10, 3.5, (0.1,))[0]) == 0
 
 
+def _four_label_run(own: np.ndarray, suspected: np.ndarray | None):
+  """A fake run of 4 labels x 10 examples (example 0 the pool) whose gauge gives each example's label `own` and
+  the rest evenly to the other labels; and those probabilities."""
+  labels = np.repeat(np.arange(4), 10)
+  probs = np.tile(((1 - own) / 3)[:, None], (1, 4)).astype(np.float32)
+  probs[np.arange(40), labels] = own
+  run = types.SimpleNamespace(
+      train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
+                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown",
+                                                "spectral_judged": False}}),
+      suspected=suspected, labels=np.eye(4, dtype=np.float32)[labels],
+      predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
+                                                          probs[images]))
+  return run, probs
+
+
 def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outside_the_pool():
   # 4 labels x 10 examples; example 0 is the pool. The gauge gives the label 0.05 (rejected) to 2 examples of
   # each label but label 2, where it rejects 8.
@@ -465,17 +482,7 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   for label, n in enumerate([2, 2, 8, 2]):
     own[label * 10 + 1:label * 10 + 1 + n] = 0.05
   own[29], own[39] = 0.3, 0.3  # Doubted (in [disown_below, own_above)): label 2's counts, label 3's does not.
-  probs = np.tile(((1 - own) / 3)[:, None], (1, 4)).astype(np.float32)
-  probs[np.arange(40), labels] = own
-  run = types.SimpleNamespace(
-      train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
-      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
-                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown",
-                                                "spectral_judged": False}}),
-      suspected=np.array([10]),
-      labels=np.eye(4, dtype=np.float32)[labels],
-      predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
-                                                          probs[images]))
+  run, probs = _four_label_run(own, suspected=np.array([10]))
   outside = schedule._outside_gauge(run)
   found = schedule._class_rejected(run, outside)
   flagged, rejected = found["outlier_labels"], found["class_rejected"]
@@ -531,16 +538,7 @@ def test_a_pool_outlier_label_is_judged_outside_the_pool_where_its_share_there_i
   labels = np.repeat(np.arange(4), 10)
   own = np.full(40, 0.6, np.float32)
   own[[11, 21, 31, 32]] = 0.05  # One or two rejected per label outside the pool: no outlier there.
-  probs = np.tile(((1 - own) / 3)[:, None], (1, 4)).astype(np.float32)
-  probs[np.arange(40), labels] = own
-  run = types.SimpleNamespace(
-      train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
-      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
-                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown",
-                                                "spectral_judged": False}}),
-      suspected=None, labels=np.eye(4, dtype=np.float32)[labels],
-      predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
-                                                          probs[images]))
+  run, probs = _four_label_run(own, suspected=None)
   outside = schedule._outside_gauge(run)
   assert len(schedule._class_rejected(run, outside)["outlier_labels"]) == 0
   found = schedule._class_rejected(run, outside, also=np.array([1]))
