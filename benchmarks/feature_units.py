@@ -5,6 +5,7 @@ the isolation model does without them (docs/defense.md, session 20).
     python benchmarks/feature_units.py runs/ia --zero=0,4,8,16  # how many units to take out, one model each
 
     python benchmarks/feature_units.py runs/ia --final          # the final model instead of the isolation model
+    python benchmarks/feature_units.py runs/ia --direction      # also: a flagged label's examples along the units
 
 Per feature unit (the input of the model's last Dense layer; the isolation model, or the final one with --final),
 the standardised difference d between its mean over the examples the followed judgement disowned and its mean
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 
 from abl_jax import checkpoint, evaluate, experiment, plots, train, workdir as wd  # noqa: E402
+from benchmarks.flagged import auroc  # noqa: E402
 
 
 def unit_differences(features: np.ndarray, chosen: np.ndarray) -> np.ndarray:
@@ -45,11 +47,35 @@ def without_units(variables: Any, units: np.ndarray) -> Any:
   return {**variables, "params": {**params, name: {**params[name], "kernel": kernel}}}
 
 
+def direction_report(features: np.ndarray, judged: dict[str, np.ndarray], labels: np.ndarray,
+                     poisoned: np.ndarray) -> None:
+  """Prints, per label the judgement flagged, how its examples that train with their own label rank along the
+  disowned-vs-rest direction (each unit's mean difference over the rest's variance): the AUROC of poisoned against
+  clean, and how many lie beyond the midpoint between the disowned examples' median and the rest's."""
+  features = np.asarray(features, np.float64)
+  disowned = judged["disowned"]
+  rest = np.setdiff1d(np.arange(len(labels)), disowned)
+  projection = features @ ((features[disowned].mean(0) - features[rest].mean(0)) / (features[rest].var(0) + 1e-6))
+  midpoint = (np.median(projection[disowned]) + np.median(projection[rest])) / 2
+  own = judged["labels"][np.arange(len(labels)), labels] > 0.99
+  if "left_out" in judged:
+    own[judged["left_out"]] = False
+  for k in judged.get("outlier_labels", ()):
+    kept = np.flatnonzero(own & (labels == k))
+    beyond = kept[projection[kept] > midpoint]
+    print(f"  label {k}: {len(kept)} train with it ({int(poisoned[kept].sum())} poisoned); AUROC along the direction "
+          f"{auroc(projection[kept][poisoned[kept]], projection[kept][~poisoned[kept]])}; beyond the midpoint "
+          f"{len(beyond)} ({int(poisoned[beyond].sum())} poisoned)")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("workdir")
   parser.add_argument("--zero", default="0,1,2,4,8,16", help="comma-separated counts of units to take out")
   parser.add_argument("--final", action="store_true", help="the run's final model (its newest checkpoint) instead")
+  parser.add_argument("--direction", action="store_true",
+                      help="also rank each flagged label's examples that train with their label along the "
+                           "disowned-vs-rest direction")
   args = parser.parse_args()
   config = plots._config(args.workdir)  # pylint: disable=protected-access
   prep = experiment.prepare(config)
@@ -77,6 +103,8 @@ def main() -> None:
     truth = unit_differences(features, poisoned)
     top = np.argsort(-truth)[:10]
     print(f"  d, poisoned vs clean:    {np.round(truth[top], 2).tolist()}, units {top.tolist()}")
+  if args.direction:
+    direction_report(features, wd.load_npz(path), prep.train.labels, np.asarray(prep.is_poisoned, bool))
   rest = np.setdiff1d(np.arange(len(prep.train.labels)), disowned)
   before = np.asarray(predictor(variables)(prep.train.images[rest], prep.train.labels[rest])[1])
   for k in (int(n) for n in args.zero.split(",")):

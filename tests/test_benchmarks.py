@@ -338,6 +338,16 @@ def test_feature_units_rank_the_units_the_chosen_examples_raise_and_take_them_ou
   out = feature_units.without_units(variables, np.array([3, 1]))
   np.testing.assert_array_equal(out["params"]["Dense_0"]["kernel"].sum(axis=1), [2, 0, 2, 0, 2])
   assert variables["params"]["Dense_0"]["kernel"].sum() == 10  # The original is untouched.
+  # A flagged label 1 whose 4 poisoned examples share the disowned examples' unit 3; the rest of it does not.
+  labels = np.repeat([0, 1], 50)
+  judged = {"disowned": np.arange(10), "labels": np.eye(2)[labels], "outlier_labels": np.array([1])}
+  poisoned = np.zeros(100, bool)
+  poisoned[[50, 51, 52, 53]] = True
+  features[50:54, 3] += 4.0
+  feature_units.direction_report(features, judged, labels, poisoned)
+  line = capsys.readouterr().out.strip()
+  assert line.startswith("label 1: 50 train with it (4 poisoned); AUROC along the direction 1.0; beyond the midpoint")
+  assert line.endswith("(4 poisoned)")  # All four beyond it.
   monkeypatch.setattr(sys, "argv", ["feature_units.py", str(judged_run), "--zero=0,2"])
   feature_units.main()
   printed = capsys.readouterr().out
