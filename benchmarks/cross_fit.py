@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -63,15 +62,15 @@ def report(name: str, own: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("workdir")
-  parser.add_argument("--out", required=True, help="where the two gauges' checkpoints go (emptied first)")
+  parser.add_argument("--out", required=True, help="a new or empty folder for the two gauges' checkpoints")
   parser.add_argument("--epochs_factor", type=int, default=1, help="each gauge trains gauge_epochs x this")
   args = parser.parse_args()
   config = plots._config(args.workdir)  # pylint: disable=protected-access
   prep = experiment.prepare(config)
   wd.check_data(args.workdir, experiment.data_fingerprints(prep), write=False)
-  if os.path.exists(args.out):
-    shutil.rmtree(args.out)
-  os.makedirs(args.out)
+  if os.path.exists(args.out) and os.listdir(args.out):
+    raise SystemExit(f"--out={args.out} is not empty; give a new or empty folder")
+  os.makedirs(args.out, exist_ok=True)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
   mesh = train.default_mesh()
   evaluation = schedule.Evaluation(prep.test, prep.poisoned_test, prep.test, prep.poisoned_test, prep.is_poisoned)

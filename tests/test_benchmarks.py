@@ -321,6 +321,8 @@ def test_cross_fit_halves_split_each_label_and_the_gauges_judge_every_poisoned_e
   judged = out.split("== cross-fitted")[1]
   counts = [int(n) for n in re.findall(r"'\w+': '\d+ / (\d+)'", judged)]
   assert sum(counts) == poisoned_outside  # Every poisoned example outside the pool got one fate.
+  with pytest.raises(SystemExit, match="is not empty"):  # Nothing of an earlier measurement is overwritten.
+    cross_fit.main()
 
 
 def test_feature_units_rank_the_units_the_chosen_examples_raise_and_take_them_out_of_the_last_layer(
