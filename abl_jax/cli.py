@@ -131,7 +131,7 @@ _RULES = (
                                           and c.abl.disown_below),
      "it applies with a gauge (abl.gauge_epochs > 0) that distills the pool and looks for outlier labels "
      "(abl.class_outlier_z > 0, abl.disown_below > 0)"),
-    ("config.abl.regauge_epochs", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
+    ("config.abl.regauge_", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
                                                  and c.abl.disown_below and c.abl.regauge),
      "it applies where a second gauge can train (abl.regauge=True, abl.gauge_epochs > 0, abl.class_outlier_z > 0, "
      "abl.disown_below > 0, a gauge that distills the pool)"),

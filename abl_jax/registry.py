@@ -27,6 +27,7 @@ UNSURE = ("distill", "drop")  # config.abl.unsure
 FLAGGED_REJECTED = ("disown", "drop")  # config.abl.flagged_rejected
 FLAGGED_DOUBTED = ("keep", "drop")  # config.abl.flagged_doubted, relearned_doubted
 RELEARNED_THEN = ("continue", "restart")  # config.abl.relearned_then
+REGAUGE_INITS = ("fresh", "gauge")  # config.abl.regauge_init
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
 FIELDS = {
@@ -51,6 +52,7 @@ FIELDS = {
     "config.abl.flagged_doubted": FLAGGED_DOUBTED,
     "config.abl.relearned_doubted": FLAGGED_DOUBTED,
     "config.abl.relearned_then": RELEARNED_THEN,
+    "config.abl.regauge_init": REGAUGE_INITS,
     "config.distributed.initialize": INIT_MODES,
 }
 

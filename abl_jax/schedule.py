@@ -522,24 +522,29 @@ def give_back(run: Run) -> None:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
     _judge(run, path)
-  if a.gauge_epochs and run.done == run.cursor and a.finetune_init != "gauge":  # Not from the gauge: from the
-    _restore_isolation_model(run)  # isolation model (or fresh weights, which the phase draws).
+  if a.gauge_epochs and run.done == run.cursor:
+    if a.regauge and a.regauge_init == "gauge" and len(wd.load_npz(path).get("outlier_labels", ())):
+      run.set_aside("gauge_model")  # The second gauge goes on from it.
+      distributed.barrier("gauge_model")
+    if a.finetune_init != "gauge":  # Not from the gauge: from the isolation model (or fresh weights, which the
+      _restore_isolation_model(run)  # phase draws).
 
 
-def _restore_isolation_model(run: Run) -> None:
-  saved = Checkpointer(os.path.join(run.workdir, "isolation_model"), 1)
+def _restore_isolation_model(run: Run, name: str = "isolation_model") -> None:
+  """Makes the model set aside in WORKDIR/<name> the run's current model."""
+  saved = Checkpointer(os.path.join(run.workdir, name), 1)
   restored = saved.restore_latest(like=train.to_host(run.state))
   saved.close()
   if restored is None:
-    raise wd.WorkdirError(f"{run.workdir}/isolation_model is missing; use --overwrite to start over")
+    raise wd.WorkdirError(f"{run.workdir}/{name} is missing; use --overwrite to start over")
   run.state = train.replicate(restored[1], run.mesh)
 
 
 def regauge(run: Run) -> None:
   """Where the gauge found outlier labels (config.abl.class_outlier_z) and config.abl.regauge is on: trains a
-  second gauge (config.abl.regauge_epochs) from fresh weights without the pool and the examples the first rejected
-  in those labels, and judges again with it (regauged.npz); fine-tuning follows the second judgement. Does nothing
-  otherwise.
+  second gauge (config.abl.regauge_epochs) from fresh weights, or from the first gauge (config.abl.regauge_init),
+  without the pool and the examples the first rejected in those labels, and judges again with it (regauged.npz);
+  fine-tuning follows the second judgement. Does nothing otherwise.
 
   The first gauge learned those labels from examples of which many were other classes' images; trained without
   them, the second sees those labels' own images and rejects more of the backdoor examples left in them.
@@ -550,7 +555,12 @@ def regauge(run: Run) -> None:
     return
   excluded = np.union1d(run.pool, first["class_rejected"])
   retained = np.setdiff1d(np.arange(len(run.train)), excluded)
-  run_phase(run, _gauge_phase(run, "regauge", retained, a.regauge_epochs or a.gauge_epochs))
+  phase = _gauge_phase(run, "regauge", retained, a.regauge_epochs or a.gauge_epochs)
+  if a.regauge_init == "gauge":
+    if run.done == run.cursor:
+      _restore_isolation_model(run, "gauge_model")
+    phase = dataclasses.replace(phase, fresh_weights=False)
+  run_phase(run, phase)
   path = os.path.join(run.workdir, "regauged.npz")
   if os.path.exists(path):  # Judged before an interruption.
     saved = wd.load_npz(path)

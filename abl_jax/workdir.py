@@ -32,7 +32,8 @@ from abl_jax import distributed, models
 RESULT_FILES = ("results.json", "eval.json", "metrics.jsonl", "isolation.npz", "isolation.json", "config.json",
                 "unlearning_curve.json", "examples.npz", "data.json")
 # The defense's decisions, each read back where a run resumes (so never left behind for a new run to reuse).
-DECISION_FILES = ("epoch_scores.npz", "returned.npz", "regauged.npz", "relearned.npz", "isolation_model")
+DECISION_FILES = ("epoch_scores.npz", "returned.npz", "regauged.npz", "relearned.npz", "isolation_model",
+                  "gauge_model")
 PICTURES = ("curves.png", "isolation.png", "scores_per_class.png", "spectral.png", "judge.png", "rejected.png",
             "gallery.png")
 # Everything a run writes, removed by --overwrite (report.* and table.json belong to a table's directory).
@@ -252,6 +253,7 @@ ADDED_FIELDS = {
     "config.abl.spectral_kurtosis": 0.0, "config.abl.regauge_epochs": 0, "config.abl.flagged_doubted": "keep",
     "config.abl.spectral_judged": False, "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
     "config.abl.relearned_doubted": "keep", "config.abl.relearned_then": "continue", "config.abl.pool_outlier_z": 0.0,
+    "config.abl.regauge_init": "fresh",
 }
 
 

@@ -151,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                       weights) without the pool and the examples the first rejected there, and judge again
   #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.
   c.abl.regauge_epochs = 0  # regauge: the second gauge's epochs (>= 0); 0 = gauge_epochs.
+  c.abl.regauge_init = "fresh"  # regauge: the second gauge's start: "fresh" weights, or the first "gauge"'s
+  #                               (it goes on training without the examples the first rejected there).
   c.abl.relearned_at = 0.5  # class_outlier_z, with a gauge: after this share of fine-tuning's epochs (in [0, 1);
   #                            0 = off; at least 1, before the last), the model being
   #                            fine-tuned scores the examples outside the pool the judge rejected (below

@@ -759,6 +759,49 @@ def test_regauge_epochs_sets_the_second_gauges_length(regauged, tmp_path):
   assert not np.array_equal(np.load(tmp_path / "regauged.npz")["judge_loss"], np.load(out / "regauged.npz")["judge_loss"])
 
 
+def test_regauge_init_gauge_goes_on_from_the_first_gauge(regauged, tmp_path, monkeypatch):
+  starts = {}
+  run_phase = schedule.run_phase
+
+  def spy(run, phase):
+    if phase.name in ("regauge", "finetune"):
+      starts[phase.name] = (train.to_host(run.state), phase.fresh_weights)
+    run_phase(run, phase)
+
+  monkeypatch.setattr(schedule, "run_phase", spy)
+  config = smoke.config(**{**REGAUGE, "abl__regauge_init": "gauge", "abl__regauge_epochs": 1,
+                           "train__keep_checkpoints": 10})
+  experiment.train_and_evaluate(config, str(tmp_path))
+  like, fresh = starts["regauge"]
+  assert not fresh
+  first = Checkpointer(str(tmp_path / "checkpoints"), 10).restore(4, like)[0]  # 2 isolation + 2 gauge epochs.
+  aside = Checkpointer(str(tmp_path / "gauge_model"), 1).restore_latest(like)[1]
+  same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  assert same(like.params, first.params) and same(aside.params, first.params)
+  # The same first judgement; the second by a gauge that went on from the first (not the fresh one's).
+  np.testing.assert_array_equal(np.load(tmp_path / "returned.npz")["class_rejected"],
+                                np.load(regauged[0] / "returned.npz")["class_rejected"])
+  assert not np.array_equal(np.load(tmp_path / "regauged.npz")["judge_loss"],
+                            np.load(regauged[0] / "regauged.npz")["judge_loss"])
+  # Fine-tuning still starts from the isolation model.
+  isolation = Checkpointer(str(tmp_path / "isolation_model"), 1).restore_latest(like)[1]
+  assert same(starts["finetune"][0].params, isolation.params)
+
+
+def test_regauge_init_gauge_resumes_like_an_uninterrupted_run(tmp_path):
+  config = smoke.config(**{**REGAUGE, "abl__regauge_init": "gauge"})
+  results = experiment.train_and_evaluate(config, str(tmp_path / "whole"))
+  # 2 isolation + 2 gauge epochs + 1 of the second gauge's 2: stops inside the second gauge, which goes on from
+  # its own checkpoint (not from the first gauge again).
+  (tmp_path / "resumed").mkdir()
+  _assert_resumes_like(results, config, tmp_path / "resumed", 5, saved="gauge_model", unsaved="regauged.npz")
+
+
+def test_regauge_init_name_is_checked(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.regauge_init='first' is unknown; allowed: fresh, gauge"):
+    experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__regauge_init": "first"}), str(tmp_path))
+
+
 def test_regauge_epochs_must_not_be_negative(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.regauge_epochs=-1 must be >= 0"):
     experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__regauge_epochs": -1}), str(tmp_path))
