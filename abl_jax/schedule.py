@@ -555,7 +555,7 @@ def regauge(run: Run) -> None:
     return
   excluded = np.union1d(run.pool, first["class_rejected"])
   retained = np.setdiff1d(np.arange(len(run.train)), excluded)
-  phase = _gauge_phase(run, "regauge", retained, a.regauge_epochs or a.gauge_epochs)
+  phase = _gauge_phase(run, "regauge", retained, regauge_epochs(a))
   if a.regauge_init == "gauge":
     if run.done == run.cursor:
       _restore_isolation_model(run, "gauge_model")
@@ -571,6 +571,14 @@ def regauge(run: Run) -> None:
     _judge(run, path, prefix="regauge_", flag_among=first["outlier_labels"], also=first.get("pool_outlier_labels"))
   if run.done == run.cursor and a.finetune_init != "gauge":
     _restore_isolation_model(run)
+
+
+def regauge_epochs(a: ml_collections.ConfigDict) -> int:
+  """The second gauge's epochs (config.abl.regauge_epochs; 0: gauge_epochs from fresh weights, a third of them,
+  at least 1, going on from the first gauge)."""
+  if a.regauge_epochs:
+    return a.regauge_epochs
+  return a.gauge_epochs if a.regauge_init == "fresh" else max(1, round(a.gauge_epochs / 3))
 
 
 def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None = None,

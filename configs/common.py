@@ -147,12 +147,14 @@ def base_config() -> ml_collections.ConfigDict:
   #                             scores above this (modified z-score, as class_outlier_z): a low-rate backdoor
   #                             isolation found most of, whose rest outside the pool is too few to show there
   #                             (docs/defense.md, session 20); 0 = off.
-  c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (gauge_epochs, fresh
-  #                       weights) without the pool and the examples the first rejected there, and judge again
-  #                       with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.
-  c.abl.regauge_epochs = 0  # regauge: the second gauge's epochs (>= 0); 0 = gauge_epochs.
-  c.abl.regauge_init = "fresh"  # regauge: the second gauge's start: "fresh" weights, or the first "gauge"'s
-  #                               (it goes on training without the examples the first rejected there).
+  c.abl.regauge = True  # class_outlier_z: where it flags a label, train a second gauge (regauge_init,
+  #                       regauge_epochs) without the pool and the examples the first rejected there, and judge
+  #                       again with it (regauged.npz); fine-tuning follows the second judgement. False: the first's.
+  c.abl.regauge_init = "gauge"  # regauge: the second gauge goes on from the first "gauge" without those examples,
+  #                               or starts from "fresh" weights (the default until session 21: 3x the cost, the
+  #                               same judgement; docs/defense.md).
+  c.abl.regauge_epochs = 0  # regauge: the second gauge's epochs (>= 0); 0 = a third of gauge_epochs (at least 1)
+  #                           going on from the gauge, all of them from fresh weights.
   c.abl.relearned_at = 0.5  # class_outlier_z, with a gauge: after this share of fine-tuning's epochs (in [0, 1);
   #                            0 = off; at least 1, before the last), the model being
   #                            fine-tuned scores the examples outside the pool the judge rejected (below
