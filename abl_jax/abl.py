@@ -250,9 +250,9 @@ def outlier_labels(label_probability: np.ndarray, labels: np.ndarray, num_classe
 
 
 def coherence(features: np.ndarray) -> float:
-  """The mean cosine similarity of every two rows of `features` (centred by the caller); -1 for fewer than 2."""
+  """The mean cosine similarity of every two rows of `features` (centred by the caller); NaN for fewer than 2."""
   if len(features) < 2:
-    return -1.0
+    return float("nan")
   unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
   total = unit.sum(axis=0)
   return float((total @ total - len(unit)) / (len(unit) * (len(unit) - 1)))

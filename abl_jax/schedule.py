@@ -444,8 +444,10 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       coherence[:, k] = [abl.coherence(features[m] - centre) for m in (hit, rest, typical)]
     # A backdoor is learned through one feature, its trigger: its examples' features align more than the label's
     # own typical examples do, which share only the class's look; hard examples are learned each for its own
-    # reason (docs/defense.md, sessions 18 and 19).
-    flagged = np.flatnonzero((scores > a.class_outlier_z) & (coherence[0] > coherence[1])
+    # reason (docs/defense.md, sessions 18 and 19). A group of fewer than 2 has no coherence (NaN): without
+    # typical examples there is nothing to tell the class's own look from a trigger by, so no flag; without other
+    # rejected examples (fine-tuning learned them all) there is nothing against one (session 21).
+    flagged = np.flatnonzero((scores > a.class_outlier_z) & (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf))
                              & (coherence[0] > coherence[2]))
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
              "relearned_coherence": coherence,
@@ -530,8 +532,13 @@ def give_back(run: Run) -> None:
       _restore_isolation_model(run)  # phase draws).
 
 
-def _restore_isolation_model(run: Run, name: str = "isolation_model") -> None:
-  """Makes the model set aside in WORKDIR/<name> the run's current model."""
+def _restore_isolation_model(run: Run) -> None:
+  """Makes the isolation model (set aside before the gauge) the run's current model."""
+  _restore_set_aside(run, "isolation_model")
+
+
+def _restore_set_aside(run: Run, name: str) -> None:
+  """Makes the model set aside in WORKDIR/<name> (Run.set_aside) the run's current model."""
   saved = Checkpointer(os.path.join(run.workdir, name), 1)
   restored = saved.restore_latest(like=train.to_host(run.state))
   saved.close()
@@ -558,7 +565,7 @@ def regauge(run: Run) -> None:
   phase = _gauge_phase(run, "regauge", retained, regauge_epochs(a))
   if a.regauge_init == "gauge":
     if run.done == run.cursor:
-      _restore_isolation_model(run, "gauge_model")
+      _restore_set_aside(run, "gauge_model")
     phase = dataclasses.replace(phase, fresh_weights=False)
   run_phase(run, phase)
   path = os.path.join(run.workdir, "regauged.npz")

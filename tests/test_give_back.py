@@ -880,9 +880,11 @@ def test_prior_adjusted_removes_a_models_momentary_class_bias():
 
 
 def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_learns_them_in(tmp_path):
-  # Fine-tuning has learned (>= 0.8) examples 21-23, all of label 2's rejected ones, and example 11 of label 1.
+  # Fine-tuning has learned (>= 0.8) examples 21-23, all of label 2's rejected ones, and example 11 of label 1,
+  # and label 2's typical examples 24-26 (backed; their features point anywhere).
   learned = np.full(40, 0.5)
   learned[[11, 21, 22, 23]] = 0.97
+  learned[[24, 25, 26]] = 0.85
   learned[[3, 31, 32, 33]] = 0.99  # 3 is left out and 31-33 disowned already: not candidates.
   run, rejected, probabilities = _relearned_run(tmp_path, learned)
   record = {}
@@ -913,20 +915,23 @@ def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_
 
 def test_coherence_is_the_mean_cosine_of_every_two_rows():
   assert abl.coherence(np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])) == pytest.approx(1 / 3)
-  assert abl.coherence(np.array([[1.0, 0.0]])) == -1.0
+  assert np.isnan(abl.coherence(np.array([[1.0, 0.0]])))
 
 
-@pytest.mark.parametrize("aligned, flagged", [("learned", [2]), ("rest", []), ("typical", [])])
+@pytest.mark.parametrize("aligned, flagged", [("learned", [2]), ("rest", []), ("typical", []), ("no typical", [])])
 def test_relearned_check_keeps_a_label_whose_learned_examples_align_more_than_its_other_examples(aligned, flagged,
                                                                                              tmp_path):
   # Fine-tuning has learned label 2's rejected examples 21-23. Their features share a direction (a trigger
   # learned); or the other rejected 24-26 share one instead (hard examples learned each its own way); or the
-  # label's typical examples 24-26 (backed and learned) align more still (hits of the class's own look).
+  # label's typical examples 24-26 (backed and learned) align more still (hits of the class's own look); or the
+  # label has no typical examples to compare with (no evidence: no flag).
   learned = np.full(40, 0.5)
   learned[[21, 22, 23]] = 0.97
+  if aligned == "learned":  # Typical examples, pointing anywhere.
+    learned[[27, 28, 29]] = 0.97
   features = np.random.default_rng(1).normal(size=(40, 8))
   extra = [24, 25, 26]
-  if aligned == "learned":
+  if aligned in ("learned", "no typical"):
     features[[21, 22, 23], 0] += 10.0
   elif aligned == "rest":  # 27-29 balance 24-26, so that the label's centre (without the learned) stays near 0.
     features[[24, 25, 26], 0] += 10.0
@@ -943,8 +948,16 @@ def test_relearned_check_keeps_a_label_whose_learned_examples_align_more_than_it
   assert saved["relearned_scores"][2] > 1.5  # The share alone would flag it either way.
   np.testing.assert_array_equal(saved["relearned_labels"], flagged)
   learned_rejected, rest, typical = saved["relearned_coherence"][:, 2]
-  assert (learned_rejected > rest) == (aligned != "rest")
-  assert (learned_rejected > typical) == (aligned != "typical")
+  # The groups there are to compare with (fewer than 2 have no coherence), and how they compare.
+  assert np.isnan(rest) == (aligned == "typical") and np.isnan(typical) == (aligned in ("rest", "no typical"))
+  if aligned in ("learned", "no typical"):
+    assert learned_rejected > rest
+  if aligned == "learned":
+    assert learned_rejected > typical
+  if aligned == "rest":
+    assert learned_rejected < rest
+  if aligned == "typical":
+    assert learned_rejected < typical
 
 
 def test_relearned_check_flags_nothing_where_fine_tuning_learns_as_many_rejected_examples_in_every_label(tmp_path):
@@ -958,7 +971,8 @@ def test_relearned_check_flags_nothing_where_fine_tuning_learns_as_many_rejected
 
 
 RELEARNED = {**REGAUGE, "abl__regauge": False, "abl__relearned_at": 0.5, "abl__relearned_above": 0.05,
-             "abl__class_outlier_z": 0.5, "abl__relearned_then": "continue"}
+             "abl__class_outlier_z": 0.5, "abl__relearned_then": "continue",
+             "abl__own_above": 0.15}  # So that the smoke gauge backs some typical examples of each label.
 
 
 @pytest.fixture(scope="module")
@@ -1012,9 +1026,11 @@ def test_relearned_fields_are_checked(field, value, message, tmp_path):
 
 
 def test_relearned_doubted_drop_leaves_out_the_flagged_labels_learned_examples_the_judge_doubts(tmp_path):
-  # Label 2's examples 24-26 are doubted by the judge (0.3); fine-tuning has learned 24 and 25, example 26 not.
+  # Label 2's examples 24-26 are doubted by the judge (0.3); fine-tuning has learned 24 and 25, example 26 not,
+  # and the label's typical examples 27-29 (backed; their features point anywhere).
   learned = np.full(40, 0.5)
   learned[[11, 21, 22, 23, 24, 25, 14]] = 0.9
+  learned[[27, 28, 29]] = 0.85
   run, _, _ = _relearned_run(tmp_path, learned)
   judged = dict(np.load(tmp_path / "returned.npz"))
   own = np.exp(-judged["outside_gauge_loss"])
