@@ -789,15 +789,6 @@ def test_the_second_gauge_goes_on_from_the_first(tmp_path, monkeypatch):
   assert same(starts["finetune"][0].params, isolation.params)
 
 
-def test_a_second_gauge_going_on_from_the_first_resumes_inside_its_epochs(tmp_path):
-  config = smoke.config(**{**REGAUGE, "abl__regauge_epochs": 2})
-  results = experiment.train_and_evaluate(config, str(tmp_path / "whole"))
-  # 2 isolation + 2 gauge epochs + 1 of the second gauge's 2: stops inside the second gauge, which goes on from
-  # its own checkpoint (not from the first gauge again).
-  (tmp_path / "resumed").mkdir()
-  _assert_resumes_like(results, config, tmp_path / "resumed", 5, saved="gauge_model", unsaved="regauged.npz")
-
-
 def test_regauge_init_name_is_checked(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.regauge_init='first' is unknown; allowed: fresh, gauge"):
     experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__regauge_init": "first"}), str(tmp_path))
