@@ -205,20 +205,35 @@ def train_baseline(run: Run) -> None:
 
 
 def _score_epoch(run: Run, record: dict[str, Any]) -> bool:
-  """After each of the isolation phase's last config.abl.score_epochs epochs: saves every example's loss."""
+  """After each of the isolation phase's last config.abl.score_epochs epochs but the last: saves every example's
+  loss (isolate scores the last epoch's model, the isolation model, in the pass that also takes its features)."""
   a = run.config.abl
   epoch = run.done - run.cursor + a.isolation_epochs  # This phase's epochs finished (cursor is its end).
-  if a.score_epochs > 1 and epoch > a.isolation_epochs - a.score_epochs:
+  if a.score_epochs > 1 and a.isolation_epochs - a.score_epochs < epoch < a.isolation_epochs:
     # With fewer isolation epochs than score_epochs, every one is scored. Every process scores (one
     # computation over the mesh); the primary writes.
     scores, _ = run.predict()(run.train.images, run.train.labels)
     if distributed.is_primary():
-      path = os.path.join(run.workdir, "epoch_scores.npz")
-      saved = dict(wd.load_npz(path)) if os.path.exists(path) else {}
-      saved[f"epoch_{epoch}"] = scores
-      wd.write_npz(path, **saved)
+      wd.write_npz(_epoch_scores_path(run), **_earlier_epoch_scores(run), **{_epoch_key(epoch): scores})
     distributed.barrier("epoch_scores")
   return False
+
+
+def _epoch_scores_path(run: Run) -> str:
+  return os.path.join(run.workdir, "epoch_scores.npz")
+
+
+def _epoch_key(epoch: int) -> str:
+  return f"epoch_{epoch}"
+
+
+def _earlier_epoch_scores(run: Run) -> dict[str, np.ndarray]:
+  """The scored isolation epochs before the last one, by key (WORKDIR/epoch_scores.npz; empty if none)."""
+  path = _epoch_scores_path(run)
+  if not os.path.exists(path):
+    return {}
+  last = _epoch_key(run.config.abl.isolation_epochs)
+  return {k: v for k, v in sorted(wd.load_npz(path).items()) if k != last}
 
 
 def isolation_training(run: Run) -> None:
@@ -274,6 +289,8 @@ def isolate(run: Run) -> None:
                   run.evaluation.isolation_metrics(run.suspected)["num_poisoned_isolated"]})
   stats["seconds"] = time.perf_counter() - t0
   if distributed.is_primary():
+    if a.score_epochs > 1:  # Every scored epoch in one file, the last one too (benchmarks read it).
+      wd.write_npz(_epoch_scores_path(run), **_earlier_epoch_scores(run), **{_epoch_key(a.isolation_epochs): scores})
     # is_poisoned is saved for the report's histogram only; the steps read scores, isolated, pool and suspected.
     wd.write_npz(path, scores=scores, isolated=isolated, pool=run.pool, labels=run.train.labels,
                  is_poisoned=run.evaluation.is_poisoned, **spectral)
@@ -292,11 +309,9 @@ def _spectral(a: ml_collections.ConfigDict) -> bool:
 def _pool(run: Run) -> np.ndarray:
   """The suspicious pool of config.abl.pool_rule, from the isolation scores (never the ground truth)."""
   a = run.config.abl
-  scorings = [run.scores]
-  path = os.path.join(run.workdir, "epoch_scores.npz")
-  if a.score_epochs > 1 and os.path.exists(path):  # The losses after each of the last score_epochs epochs.
-    saved = wd.load_npz(path)
-    scorings = [saved[k] for k in sorted(saved)]
+  scorings = [run.scores]  # The isolation model's: the last isolation epoch's.
+  if a.score_epochs > 1:  # The losses after each of the last score_epochs epochs.
+    scorings = list(_earlier_epoch_scores(run).values()) + scorings
   ranking = abl.pool_ranking(scorings, run.train.labels, a.pool_rule, a.class_quantile)
   pool = abl.suspicious_pool(ranking, run.isolated, a.pool_rule, a.pool_ratio)
   if len(pool) >= len(run.scores):

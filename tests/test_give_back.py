@@ -373,6 +373,34 @@ def test_score_epochs_ranks_the_pool_by_the_last_epochs_scores_within_each_label
                                                            iso["isolated"], "ratio", 0.2))
 
 
+class _StopAfterIsolate(Exception):
+  pass
+
+
+def test_the_last_scored_epoch_shares_isolates_pass_over_the_training_set(tmp_path, monkeypatch):
+  passes = []
+  real_predictor, real_isolate = train.predictor, schedule.isolate
+
+  def counting(*args, **kwargs):
+    predict = real_predictor(*args, **kwargs)
+    return lambda images, labels: passes.append(len(images)) or predict(images, labels)
+
+  def isolate_then_stop(run):
+    real_isolate(run)
+    raise _StopAfterIsolate
+
+  monkeypatch.setattr(train, "predictor", counting)
+  monkeypatch.setattr(schedule, "isolate", isolate_then_stop)
+  config = smoke.default(abl__score_epochs=2)  # 2 isolation epochs, spectral signatures on (features too).
+  with pytest.raises(_StopAfterIsolate):
+    experiment.train_and_evaluate(config, str(tmp_path))
+  saved, iso = np.load(tmp_path / "epoch_scores.npz"), np.load(tmp_path / "isolation.npz")
+  assert passes.count(len(iso["labels"])) == 2  # Epoch 1's scores; epoch 2's with the spectral features.
+  assert sorted(saved.files) == ["epoch_1", "epoch_2"]
+  np.testing.assert_array_equal(saved["epoch_2"], iso["scores"])
+  assert not np.array_equal(saved["epoch_1"], saved["epoch_2"])
+
+
 def test_score_epochs_out_of_range_names_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.score_epochs=0 must be >= 1"):
     experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__score_epochs": 0}), str(tmp_path))
