@@ -45,7 +45,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects bad names and ranges before any work, with one line naming the field."""
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
-                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.return_rule",
+                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.finetune_mix", "abl.return_rule",
                 "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted",
                 "abl.relearned_doubted", "abl.relearned_then", "abl.regauge_init"):
     group, name = field.split(".")
@@ -62,6 +62,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_range("config.abl.relabel_confidence", config.abl.relabel_confidence, 0.0, 1.0)
   registry.check_range("config.abl.relearned_at", config.abl.relearned_at, 0.0, 1.0, high_open=True)
   registry.check_range("config.abl.relearned_above", config.abl.relearned_above, 0.0, 1.0, low_open=True)
+  if not config.abl.finetune_mix_alpha > 0:
+    raise ValueError(f"config.abl.finetune_mix_alpha={config.abl.finetune_mix_alpha} must be > 0")
   if config.abl.score_epochs < 1:
     raise ValueError(f"config.abl.score_epochs={config.abl.score_epochs} must be >= 1")
   if config.abl.contradict_factor and not config.abl.contradict_factor >= 1:

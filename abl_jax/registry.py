@@ -21,6 +21,7 @@ STOP_RULES = ("none", "isolated_accuracy", "retained_accuracy")  # config.abl.un
 POOL_RULES = ("isolated", "ratio", "class_ratio")  # config.abl.pool_rule
 FINETUNE_INITS = ("isolation", "scratch", "gauge")  # config.abl.finetune_init
 FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
+FINETUNE_MIXES = ("none", "cutmix", "mixup")  # config.abl.finetune_mix
 RETURN_RULES = ("none", "agree")  # config.abl.return_rule
 KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.kept_out
 UNSURE = ("distill", "drop")  # config.abl.unsure
@@ -45,6 +46,7 @@ FIELDS = {
     "config.abl.pool_rule": POOL_RULES,
     "config.abl.finetune_init": FINETUNE_INITS,
     "config.abl.finetune_schedule": FINETUNE_SCHEDULES,
+    "config.abl.finetune_mix": FINETUNE_MIXES,
     "config.abl.return_rule": RETURN_RULES,
     "config.abl.kept_out": KEPT_OUT,
     "config.abl.unsure": UNSURE,

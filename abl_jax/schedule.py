@@ -11,6 +11,7 @@ poison mask stays inside `Run.evaluation`, which computes metrics for the log an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -90,6 +91,15 @@ class Run:
     return train.predictor(self.model, train.variables_of(self.state), c.data.mean, c.data.std,
                            c.train.eval_batch_size, self.mesh, probabilities=probabilities, features=features)
 
+  @contextlib.contextmanager
+  def timed(self, key: str):
+    """Adds the wall time of the block to wall[key] (results.json's wall_time)."""
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.wall[key] = self.wall.get(key, 0.0) + time.perf_counter() - t0
+
   def set_aside(self, name: str) -> None:
     """Saves the current model to WORKDIR/<name> (one Orbax checkpoint), apart from the run's checkpoints."""
     if distributed.is_primary():
@@ -120,6 +130,8 @@ class Phase:
   fresh_weights: bool = False  # Start from freshly initialised weights (config.seed's init key), not the model.
   labels: np.ndarray | None = None  # Training labels of every example for this phase; None: the data's own.
   label_smoothing: float = 0.0  # Of the cross-entropy loss_fn receives (ordinary training phases only).
+  mix_mode: str = "none"  # cutmix or mixup: each augmented image mixed with another of its batch (train.mix).
+  mix_alpha: float = 1.0  # The mixing share's Beta(alpha, alpha).
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -142,7 +154,8 @@ def run_phase(run: Run, phase: Phase) -> None:
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
   step_fn = train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
-                                  bn_train=phase.bn_train, label_smoothing=phase.label_smoothing, mesh=run.mesh)
+                                  bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
+                                  mix_mode=phase.mix_mode, mix_alpha=phase.mix_alpha, mesh=run.mesh)
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
   for epoch in range(run.done - start, phase.epochs):
@@ -179,6 +192,9 @@ def run_phase(run: Run, phase: Phase) -> None:
       break
 
 
+SCORING = "scoring"  # wall_time's key for the defense's passes over the training set (scores, judgements, checks).
+
+
 # --- The steps of the schedules. ------------------------------------------------------------------------------
 
 
@@ -212,7 +228,8 @@ def _score_epoch(run: Run, record: dict[str, Any]) -> bool:
   if a.score_epochs > 1 and a.isolation_epochs - a.score_epochs < epoch < a.isolation_epochs:
     # With fewer isolation epochs than score_epochs, every one is scored. Every process scores (one
     # computation over the mesh); the primary writes.
-    scores, _ = run.predict()(run.train.images, run.train.labels)
+    with run.timed(SCORING):
+      scores, _ = run.predict()(run.train.images, run.train.labels)
     if distributed.is_primary():
       wd.write_npz(_epoch_scores_path(run), **_earlier_epoch_scores(run), **{_epoch_key(epoch): scores})
     distributed.barrier("epoch_scores")
@@ -257,12 +274,14 @@ def isolate(run: Run) -> None:
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
   t0 = time.perf_counter()
-  scores, _, *features = run.predict(features=_spectral(a))(run.train.images, run.train.labels)
-  run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
+  with run.timed(SCORING):
+    scores, _, *features = run.predict(features=_spectral(a))(run.train.images, run.train.labels)
+    run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
+    if _spectral(a):
+      found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
+                                    a.spectral_tail, a.spectral_kurtosis)
   spectral = {}
   if _spectral(a):
-    found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
-                                  a.spectral_tail, a.spectral_kurtosis)
     run.suspected = found.suspected
     spectral = {"suspected": run.suspected, "spectral_skewness": found.skewness,
                 "spectral_kurtosis": found.kurtosis, "spectral_projection": found.projection,
@@ -368,7 +387,7 @@ def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase
   return Phase(name, epochs, len(retained), order, abl.cross_entropy_loss, _finetune_lr(a, first_epoch),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs,
                fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels,
-               label_smoothing=t.label_smoothing)
+               label_smoothing=t.label_smoothing, mix_mode=a.finetune_mix, mix_alpha=a.finetune_mix_alpha)
 
 
 def finetune(run: Run) -> None:
@@ -436,8 +455,9 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       taught &= ~np.isin(rejected, run.left_out)
     candidates = rejected[taught]
     outside = np.setdiff1d(np.arange(len(labels)), run.pool)
-    _, _, probs, features = run.predict(probabilities=True, features=True)(run.train.images[outside],
-                                                                           labels[outside])
+    with run.timed(SCORING):
+      _, _, probs, features = run.predict(probabilities=True, features=True)(run.train.images[outside],
+                                                                             labels[outside])
     adjusted, bias = abl.prior_adjusted(np.asarray(probs, np.float64), labels[outside], run.train.num_classes)
     rows = np.searchsorted(outside, candidates)
     probability = adjusted[rows, labels[candidates]]
@@ -538,7 +558,8 @@ def give_back(run: Run) -> None:
   elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
-    _judge(run, path)
+    with run.timed(SCORING):
+      _judge(run, path)
   if a.gauge_epochs and run.done == run.cursor:
     if a.regauge and a.regauge_init == "gauge" and len(wd.load_npz(path).get("outlier_labels", ())):
       run.set_aside("gauge_model")  # The second gauge goes on from it.
@@ -590,7 +611,9 @@ def regauge(run: Run) -> None:
   elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
-    _judge(run, path, prefix="regauge_", flag_among=first["outlier_labels"], also=first.get("pool_outlier_labels"))
+    with run.timed(SCORING):
+      _judge(run, path, prefix="regauge_", flag_among=first["outlier_labels"],
+             also=first.get("pool_outlier_labels"))
   if run.done == run.cursor and a.finetune_init != "gauge":
     _restore_isolation_model(run)
 

@@ -196,6 +196,35 @@ def augment(images: jax.Array, keys: jax.Array, pad: int = 4) -> jax.Array:
   return jax.vmap(one)(padded, keys)
 
 
+def mix(images: jax.Array, keys: jax.Array, mode: str, alpha: float) -> tuple[jax.Array, jax.Array]:
+  """Each image mixed with the next one in the batch (the last with the first), one key per image: "cutmix" pastes
+  a box of the partner's (side sqrt(1 - lam) of the image's, centre uniform, clipped at the border), "mixup" blends
+  lam * image + (1 - lam) * partner, lam ~ Beta(alpha, alpha). Returns the images (float32 on the input's scale)
+  and each one's own share lam of the loss (cutmix: the share of its pixels left); the partner's share is 1 - lam.
+  """
+  _, h, w, _ = images.shape
+  x = images.astype(jnp.float32)
+  partner = jnp.roll(x, -1, axis=0)
+
+  def one(img, other, key):
+    k_lam, k_y, k_x = jax.random.split(key, 3)
+    lam = jax.random.beta(k_lam, alpha, alpha)
+    if mode == "mixup":
+      return lam * img + (1 - lam) * other, lam
+    side = jnp.sqrt(1 - lam)
+    bh, bw = jnp.round(h * side).astype(jnp.int32), jnp.round(w * side).astype(jnp.int32)
+    cy, cx = jax.random.randint(k_y, (), 0, h), jax.random.randint(k_x, (), 0, w)
+    y0, y1 = jnp.clip(cy - bh // 2, 0, h), jnp.clip(cy - bh // 2 + bh, 0, h)
+    x0, x1 = jnp.clip(cx - bw // 2, 0, w), jnp.clip(cx - bw // 2 + bw, 0, w)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    return jnp.where(box[..., None], other, img), 1 - jnp.mean(box)
+
+  if mode not in ("cutmix", "mixup"):
+    raise ValueError(f"mix mode {mode!r} is unknown; allowed: cutmix, mixup")
+  return jax.vmap(one)(x, partner, keys)
+
+
 def example_keys(key: jax.Array, n: int, start: jax.Array | int = 0) -> jax.Array:
   """One key per example of a batch: fold_in(key, position), so that no key depends on the device count."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(start + jnp.arange(n))
@@ -220,16 +249,26 @@ def hard_labels(labels: jax.Array, logits: jax.Array) -> jax.Array:
 
 def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[float], std: Sequence[float],
                     *, augment_data: bool, bn_train: bool = True, label_smoothing: float = 0.0,
-                    mesh: Mesh | None = None) -> Callable:
+                    mix_mode: str = "none", mix_alpha: float = 1.0, mesh: Mesh | None = None) -> Callable:
   """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device.
 
   `loss_fn` receives the per-example cross-entropy with `label_smoothing`; the metric `ce` is the plain one.
+  `mix_mode` ("cutmix", "mixup"; see `mix`) mixes each augmented image with the next in the batch, and its
+  cross-entropy with that one's label by their shares.
   """
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array):
     if augment_data:
       images = augment(images, example_keys(key, images.shape[0]))
+    if mix_mode != "none":
+      images, lam = mix(images, example_keys(jax.random.fold_in(key, 1), images.shape[0]), mix_mode, mix_alpha)
     x = preprocess(images, mean, std)
+
+    def mixed_ce(logits, smoothing=0.0):
+      own = cross_entropy(logits, labels, smoothing)
+      if mix_mode == "none":
+        return own
+      return lam * own + (1 - lam) * cross_entropy(logits, jnp.roll(labels, -1, axis=0), smoothing)
 
     def loss_of(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
@@ -238,8 +277,8 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
         batch_stats = updates["batch_stats"]
       else:
         logits, batch_stats = model.apply(variables, x, train=False), state.batch_stats
-      ce = cross_entropy(logits, labels)
-      smoothed = cross_entropy(logits, labels, label_smoothing) if label_smoothing else ce
+      ce = mixed_ce(logits)
+      smoothed = mixed_ce(logits, label_smoothing) if label_smoothing else ce
       return loss_fn(smoothed), (logits, ce, batch_stats)
 
     (loss, (logits, ce, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)

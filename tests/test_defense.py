@@ -107,6 +107,8 @@ def test_disowned_examples_lose_their_label_and_keep_the_gauges_other_beliefs():
     ("abl__finetune_init", "random",
      r"config\.abl\.finetune_init='random' is unknown; allowed: isolation, scratch, gauge"),
     ("abl__finetune_schedule", "linear", r"config\.abl\.finetune_schedule='linear' is unknown; allowed: step, cosine"),
+    ("abl__finetune_mix", "cutout", r"config\.abl\.finetune_mix='cutout' is unknown; allowed: none, cutmix, mixup"),
+    ("abl__finetune_mix_alpha", 0.0, r"config\.abl\.finetune_mix_alpha=0\.0 must be > 0"),
 ])
 def test_new_fields_are_checked_before_any_work(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):

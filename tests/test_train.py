@@ -33,10 +33,10 @@ def _state(model=None, lr=0.1):
   return train.create_train_state(model, train.sgd(lr, 0.9, 5e-4), jax.random.PRNGKey(0), (8, 8, 3))
 
 
-def _steps(num_devices, loss_fn, augment_data, steps=3):
+def _steps(num_devices, loss_fn, augment_data, steps=3, mix_mode="none"):
   """Runs `steps` training steps with the global batch split over `num_devices` devices."""
   mesh = train.make_mesh(jax.local_devices()[:num_devices])
-  step = train.make_train_step(Tiny(), loss_fn, MEAN, STD, augment_data=augment_data, mesh=mesh)
+  step = train.make_train_step(Tiny(), loss_fn, MEAN, STD, augment_data=augment_data, mix_mode=mix_mode, mesh=mesh)
   images, labels = _data()
   state = train.replicate(_state(), mesh)
   for i in range(steps):
@@ -46,12 +46,13 @@ def _steps(num_devices, loss_fn, augment_data, steps=3):
   return train.to_host(state), train.to_host(metrics)
 
 
-@pytest.mark.parametrize("loss_name", ["ce", "lga", "unlearn"])
-def test_two_devices_equal_one_device(loss_name):
+@pytest.mark.parametrize("loss_name, mix_mode", [("ce", "none"), ("lga", "none"), ("unlearn", "none"),
+                                                 ("ce", "cutmix")])
+def test_two_devices_equal_one_device(loss_name, mix_mode):
   loss_fn = {"ce": abl.cross_entropy_loss, "lga": abl.isolation_loss("lga", 1.05),
              "unlearn": abl.neg_ce_loss}[loss_name]
-  one_state, one_metrics = _steps(1, loss_fn, augment_data=True)
-  two_state, two_metrics = _steps(2, loss_fn, augment_data=True)
+  one_state, one_metrics = _steps(1, loss_fn, augment_data=True, mix_mode=mix_mode)
+  two_state, two_metrics = _steps(2, loss_fn, augment_data=True, mix_mode=mix_mode)
   for a, b in zip(jax.tree.leaves((one_state.params, one_state.batch_stats)),
                   jax.tree.leaves((two_state.params, two_state.batch_stats))):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
@@ -69,6 +70,46 @@ def test_augment_is_a_shifted_crop_or_its_mirror():
     crops = [pad[dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
     assert any(np.array_equal(img, c) or np.array_equal(img, c[:, ::-1]) for c in crops)
   np.testing.assert_array_equal(out, train.augment(jnp.asarray(images), keys))
+
+
+def test_cutmix_pastes_a_box_of_the_next_image_and_mixup_blends_it():
+  images = jnp.stack([jnp.full((8, 8, 3), 10 * (i + 1), jnp.uint8) for i in range(5)])
+  keys = train.example_keys(jax.random.PRNGKey(0), 5)
+  out, lam = train.mix(images, keys, "cutmix", 1.0)
+  out, lam = np.asarray(out), np.asarray(lam)
+  pasted_somewhere = False
+  for i in range(5):
+    own, other = 10 * (i + 1), 10 * ((i + 1) % 5 + 1)
+    pasted = out[i, :, :, 0] == other
+    assert np.all(pasted | (out[i, :, :, 0] == own)) and np.all(out[i] == out[i, :, :, :1])
+    rows, cols = np.flatnonzero(pasted.any(1)), np.flatnonzero(pasted.any(0))
+    if len(rows):  # One axis-aligned box, and the image's share of the loss is the share of its own pixels.
+      assert pasted[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all() and pasted.sum() == len(rows) * len(cols)
+      pasted_somewhere = True
+    assert lam[i] == pytest.approx(1 - pasted.mean())
+  assert pasted_somewhere
+  blended, share = train.mix(images, keys, "mixup", 1.0)
+  expected = share[:, None, None, None] * images + (1 - share[:, None, None, None]) * jnp.roll(images, -1, axis=0)
+  np.testing.assert_allclose(blended, expected, rtol=1e-6)
+  assert np.all((np.asarray(share) > 0) & (np.asarray(share) < 1)) and len(np.unique(share)) == 5
+  with pytest.raises(ValueError, match="mix mode 'cutout' is unknown; allowed: cutmix, mixup"):
+    train.mix(images, keys, "cutout", 1.0)
+
+
+def test_a_mixed_step_splits_the_loss_between_both_labels():
+  images, labels = _data(n=8)
+  state, key = _state(), jax.random.PRNGKey(4)
+  mixed, lam = train.mix(jnp.asarray(images), train.example_keys(jax.random.fold_in(key, 1), 8), "cutmix", 1.0)
+  logits, _ = Tiny().apply(train.variables_of(state), train.preprocess(mixed, MEAN, STD), train=True,
+                           mutable=["batch_stats"])
+  log_p = np.asarray(jax.nn.log_softmax(logits))
+  expected = -np.mean(lam * log_p[np.arange(8), labels] + (1 - lam) * log_p[np.arange(8), np.roll(labels, -1)])
+  step = train.make_train_step(Tiny(), abl.cross_entropy_loss, MEAN, STD, augment_data=False, mix_mode="cutmix")
+  _, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  plain = train.make_train_step(Tiny(), abl.cross_entropy_loss, MEAN, STD, augment_data=False)
+  _, unmixed = plain(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  assert not np.isclose(unmixed["loss"], expected)
 
 
 def test_epoch_order_covers_every_example_in_whole_batches():
