@@ -205,6 +205,8 @@ def _other_data(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _training_seconds(row: dict[str, Any]) -> float:
+  """A run's training phases and the defense's passes over the training set (wall_time's "scoring", in runs since
+  session 23): its wall time but the poisoning and the final evaluation."""
   return sum(v for k, v in row["wall_time"].items() if k not in ("poison", "evaluate"))
 
 
