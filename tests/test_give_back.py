@@ -1,4 +1,5 @@
 """Giving back the suspicious pool's agreeing examples mid fine-tuning, and class-balanced fine-tuning batches."""
+import contextlib
 import json
 import os
 import types
@@ -58,7 +59,7 @@ def _fake_run(labels, pool, balance=False):
   c = ml_collections.ConfigDict({
       "abl": dict(finetune_epochs=4, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
                   finetune_init="scratch", finetune_balance=balance, return_rule="agree", return_epoch=1,
-                  gauge_epochs=0),
+                  gauge_epochs=0, finetune_mix="none", finetune_mix_alpha=1.0),
       "train": dict(batch_size=8, augment=False, eval_every_epochs=1, label_smoothing=0.0)})
   return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, left_out=None, labels=None,
                                train=_Labels(labels))
@@ -864,6 +865,7 @@ def _relearned_run(workdir, learned, extra=(), rows=None):
   (workdir / "isolation.json").write_text("{}")
   run = types.SimpleNamespace(
       workdir=str(workdir), pool=np.array([0]), labels=targets, left_out=np.array([3]),
+      timed=lambda key: contextlib.nullcontext(),
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.5, "relearned_above": 0.8, "own_above": 0.5,
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
