@@ -64,6 +64,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_range("config.abl.relearned_above", config.abl.relearned_above, 0.0, 1.0, low_open=True)
   if not config.abl.finetune_mix_alpha > 0:
     raise ValueError(f"config.abl.finetune_mix_alpha={config.abl.finetune_mix_alpha} must be > 0")
+  if config.abl.finetune_mix_epochs < 0:
+    raise ValueError(f"config.abl.finetune_mix_epochs={config.abl.finetune_mix_epochs} must be >= 0 (0 = every epoch)")
   if config.abl.score_epochs < 1:
     raise ValueError(f"config.abl.score_epochs={config.abl.score_epochs} must be >= 1")
   if config.abl.contradict_factor and not config.abl.contradict_factor >= 1:

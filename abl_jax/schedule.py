@@ -132,6 +132,7 @@ class Phase:
   label_smoothing: float = 0.0  # Of the cross-entropy loss_fn receives (ordinary training phases only).
   mix_mode: str = "none"  # cutmix or mixup: each augmented image mixed with another of its batch (train.mix).
   mix_alpha: float = 1.0  # The mixing share's Beta(alpha, alpha).
+  mix_epochs: int | None = None  # Mix in this many of the phase's first epochs only; None: in every one.
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -153,9 +154,10 @@ def run_phase(run: Run, phase: Phase) -> None:
     run.state = train.replicate(train.with_optimizer(state, tx), run.mesh)
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
-  step_fn = train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
-                                  bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
-                                  mix_mode=phase.mix_mode, mix_alpha=phase.mix_alpha, mesh=run.mesh)
+  step_fns = [train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
+                                    bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
+                                    mix_mode=mode, mix_alpha=phase.mix_alpha, mesh=run.mesh)
+               for mode in (phase.mix_mode, "none")]
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
   for epoch in range(run.done - start, phase.epochs):
@@ -166,8 +168,9 @@ def run_phase(run: Run, phase: Phase) -> None:
     context = {"phase": phase.name, "epoch": epoch + 1}
     first = run.step
     labels = run.train.labels if phase.labels is None else phase.labels
+    mixing = phase.mix_epochs is None or epoch < phase.mix_epochs
     run.state, summary = train.run_epoch(
-        step_fn, run.state, run.train.images, labels, order, aug_key, mesh=run.mesh,
+        step_fns[0 if mixing else 1], run.state, run.train.images, labels, order, aug_key, mesh=run.mesh,
         log_every=c.train.log_every_steps, describe=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
         eta_steps_after=(phase.epochs - epoch - 1) * steps,
         on_log=lambda m: run.writer.write(first + m.pop("step"), {f"train/{k}": v for k, v in m.items()}, **context))
@@ -387,7 +390,8 @@ def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase
   return Phase(name, epochs, len(retained), order, abl.cross_entropy_loss, _finetune_lr(a, first_epoch),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs,
                fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels,
-               label_smoothing=t.label_smoothing, mix_mode=a.finetune_mix, mix_alpha=a.finetune_mix_alpha)
+               label_smoothing=t.label_smoothing, mix_mode=a.finetune_mix, mix_alpha=a.finetune_mix_alpha,
+               mix_epochs=max(a.finetune_mix_epochs - first_epoch, 0) if a.finetune_mix_epochs else None)
 
 
 def finetune(run: Run) -> None:

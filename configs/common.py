@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.finetune_mix = "none"  # none, cutmix or mixup: each fine-tuning image mixed with another of its batch, the
   #                               loss split between their labels by their shares (train.mix).
   c.abl.finetune_mix_alpha = 1.0  # finetune_mix: the mixing share is drawn from Beta(alpha, alpha) (> 0).
+  c.abl.finetune_mix_epochs = 0  # finetune_mix: mix in this many of fine-tuning's first epochs only (0 = in all).
   c.abl.finetune_balance = True  # Draw fine-tuning (and gauge) batches class-balanced by training label (the
   #                                 pool can take most of one class), with replacement; False: each example once.
   c.abl.return_rule = "agree"  # none (the suspicious pool stays out of fine-tuning) or agree (after

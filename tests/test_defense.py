@@ -109,6 +109,7 @@ def test_disowned_examples_lose_their_label_and_keep_the_gauges_other_beliefs():
     ("abl__finetune_schedule", "linear", r"config\.abl\.finetune_schedule='linear' is unknown; allowed: step, cosine"),
     ("abl__finetune_mix", "cutout", r"config\.abl\.finetune_mix='cutout' is unknown; allowed: none, cutmix, mixup"),
     ("abl__finetune_mix_alpha", 0.0, r"config\.abl\.finetune_mix_alpha=0\.0 must be > 0"),
+    ("abl__finetune_mix_epochs", -1, r"config\.abl\.finetune_mix_epochs=-1 must be >= 0 \(0 = every epoch\)"),
 ])
 def test_new_fields_are_checked_before_any_work(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):
@@ -116,11 +117,21 @@ def test_new_fields_are_checked_before_any_work(field, value, message, tmp_path)
   assert not (tmp_path / "config.json").exists()
 
 
+def test_mixing_stays_in_the_first_fine_tuning_epochs_it_is_given():
+  run = _fake_run(50, np.arange(0, 50, 5))
+  run.config.abl.finetune_mix = "cutmix"
+  assert schedule._finetune_phase(run, "finetune", 0, 2).mix_epochs is None  # 0: every epoch mixes.
+  run.config.abl.finetune_mix_epochs = 1
+  phase = schedule._finetune_phase(run, "finetune", 0, 2)
+  assert (phase.mix_mode, phase.mix_epochs) == ("cutmix", 1)
+  assert schedule._finetune_phase(run, "finetune", 2, 2).mix_epochs == 0  # The part after a split: none.
+
+
 def _fake_run(n, pool, **abl_fields):
   c = ml_collections.ConfigDict({
       "abl": dict(finetune_epochs=2, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
                   finetune_init="scratch", finetune_balance=False, return_rule="none", gauge_epochs=0,
-                  finetune_mix="none", finetune_mix_alpha=1.0, **abl_fields),
+                  finetune_mix="none", finetune_mix_alpha=1.0, finetune_mix_epochs=0, **abl_fields),
       "train": dict(batch_size=8, augment=False, eval_every_epochs=1, label_smoothing=0.2)})
   return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, left_out=None, labels=None,
                                train=np.zeros(n))
