@@ -80,9 +80,13 @@ def test_workdir_of_another_config_is_refused(runs):
     experiment.evaluate_checkpoint(smoke(abl__gamma=0.3), str(root / "abl"))
 
 
-def test_no_defense_run_ignores_abl_fields_only(runs):
+def test_no_defense_run_ignores_abl_fields_and_every_run_the_eval_batch_size(runs):
   root, none, _ = runs
   assert experiment.train_and_evaluate(smoke(defense__name="none", abl__gamma=0.3), str(root / "none")) == none
+  # The evaluation batch size changes no output (test_train), for any run.
+  assert experiment.train_and_evaluate(smoke(defense__name="none", train__eval_batch_size=64),
+                                       str(root / "none")) == none
+  experiment.check_same_config(smoke(train__eval_batch_size=64), str(root / "abl"))
   with pytest.raises(experiment.WorkdirError, match=r"config\.attack\.poison_rate"):
     experiment.train_and_evaluate(smoke(defense__name="none", attack__poison_rate=0.2), str(root / "none"))
 
