@@ -268,8 +268,9 @@ def comparable(saved: dict[str, Any]) -> dict[str, Any]:
 
 def unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Config prefixes that cannot change this run: the process setup (a run may resume with another process
-  count), the evaluation batch size (inference gives each example the same outputs in any batch; tested) and the
-  abl group without ABL (a new default there does not make a no-defense run another one)."""
+  count), the evaluation batch size (inference gives each example the same outputs in any batch: to the bit on
+  CPU, tested; to rounding on accelerators, as with another process count) and the abl group without ABL (a new
+  default there does not make a no-defense run another one)."""
   always = ("config.distributed.", "config.train.eval_batch_size.")
   return always + ("config.abl.",) if config.defense.name == "none" else always
 
