@@ -396,3 +396,26 @@ def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:
   """
   ranks = [np.argsort(np.argsort(np.asarray(s), kind="stable"), kind="stable") for s in scores]
   return np.min(ranks, axis=0) / len(scores[0])
+
+
+def flagged_offsets(probabilities: np.ndarray, labels: np.ndarray, flagged: np.ndarray, num_classes: int,
+                    rounds: int = 20) -> np.ndarray:
+  """Logit offsets, zero but for the `flagged` labels, under which a model with these class `probabilities` (over
+  examples with `labels`) gives each flagged label a mean probability equal to the median share of the other
+  labels among `labels`: a label whose examples fine-tuning left out is predicted as often as a typical one."""
+  offsets = np.zeros(num_classes)
+  others = np.setdiff1d(np.arange(num_classes), flagged)
+  if not len(flagged) or not len(others):
+    return offsets
+  target = float(np.median(np.bincount(labels, minlength=num_classes)[others] / len(labels)))
+  logp = np.log(np.maximum(np.asarray(probabilities, np.float64), 1e-30))
+  for _ in range(rounds if len(flagged) > 1 else 1):  # One label at a time, until they agree.
+    for k in flagged:
+      low, high = -30.0, 30.0
+      for _ in range(60):  # The mean probability rises with the label's offset: bisection.
+        offsets[k] = (low + high) / 2
+        shifted = logp + offsets
+        shifted -= shifted.max(axis=1, keepdims=True)
+        share = np.mean(np.exp(shifted[:, k]) / np.exp(shifted).sum(axis=1))
+        low, high = (offsets[k], high) if share < target else (low, offsets[k])
+  return offsets

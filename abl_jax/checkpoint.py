@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from abl_jax import distributed, train
+from abl_jax import workdir as wd
 
 
 class CheckpointMismatchError(ValueError):
@@ -194,4 +195,6 @@ def restore_variables(workdir: str, model: Any, config: ml_collections.ConfigDic
       state = restored[1]
   finally:
     ckpt.close()
-  return train.variables_of(state)
+  # The final model (the newest checkpoint of a finished run) with its calibration, if it had one.
+  offset = wd.logit_offset(workdir) if directory == "checkpoints" and step is None else None
+  return train.variables_of(state, offset)

@@ -119,6 +119,10 @@ _RULES = (
     ("config.abl.flagged_doubted", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
+    ("config.abl.calibrate_flagged", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below
+                                                    and c.abl.gauge_epochs),
+     "it applies where a gauge looks for outlier labels (abl.gauge_epochs > 0, abl.class_outlier_z > 0, "
+     "abl.disown_below > 0, a gauge that distills the pool)"),
     ("config.abl.spectral_judged", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below
                                                   and c.abl.kept_out == "distill"
                                                   and (c.abl.spectral_skew or c.abl.spectral_kurtosis)),

@@ -82,6 +82,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not config.abl.disown_below < config.abl.own_above <= 1.0:
     raise ValueError(f"config.abl.own_above={config.abl.own_above} must be in (config.abl.disown_below="
                      f"{config.abl.disown_below}, 1]")
+  if config.abl.calibrate_flagged and config.abl.unlearning_epochs:
+    raise ValueError("config.abl.calibrate_flagged=True offsets the fine-tuned model's logits: it needs "
+                     f"config.abl.unlearning_epochs=0 (got {config.abl.unlearning_epochs})")
   for field in ("gauge_epochs", "regauge_epochs"):
     if config.abl[field] < 0:
       raise ValueError(f"config.abl.{field}={config.abl[field]} must be >= 0")
@@ -339,7 +342,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   model = _model(config, prep.train)
   latest, state, meta = ckpt.restore_latest(like=_initial_state(config, model, prep.train.images.shape[1:]))
   ckpt.close()
-  predict = train.predictor(model, train.variables_of(state), config.data.mean, config.data.std,
+  offset = wd.logit_offset(workdir) if meta["phase"] in ("finetune", "finetune_relearned") else None
+  predict = train.predictor(model, train.variables_of(state, offset), config.data.mean, config.data.std,
                             config.train.eval_batch_size)
   out = _final_metrics(config, predict, prep, fingerprints)
   out["checkpoint"] = {"step": latest, "phase": meta["phase"], "epoch": meta["epoch"]}

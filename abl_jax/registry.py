@@ -26,7 +26,8 @@ RETURN_RULES = ("none", "agree")  # config.abl.return_rule
 KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.kept_out
 UNSURE = ("distill", "drop")  # config.abl.unsure
 FLAGGED_REJECTED = ("disown", "drop")  # config.abl.flagged_rejected
-FLAGGED_DOUBTED = ("keep", "drop")  # config.abl.flagged_doubted, relearned_doubted
+FLAGGED_DOUBTED = ("keep", "drop", "return")  # config.abl.flagged_doubted
+RELEARNED_DOUBTED = ("keep", "drop")  # config.abl.relearned_doubted
 RELEARNED_THEN = ("continue", "restart")  # config.abl.relearned_then
 REGAUGE_INITS = ("fresh", "gauge")  # config.abl.regauge_init
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
@@ -52,7 +53,7 @@ FIELDS = {
     "config.abl.unsure": UNSURE,
     "config.abl.flagged_rejected": FLAGGED_REJECTED,
     "config.abl.flagged_doubted": FLAGGED_DOUBTED,
-    "config.abl.relearned_doubted": FLAGGED_DOUBTED,
+    "config.abl.relearned_doubted": RELEARNED_DOUBTED,
     "config.abl.relearned_then": RELEARNED_THEN,
     "config.abl.regauge_init": REGAUGE_INITS,
     "config.distributed.initialize": INIT_MODES,

@@ -84,11 +84,12 @@ class Run:
   scores: np.ndarray | None = None  # Every training example's isolation loss (ABL).
   suspected: np.ndarray | None = None  # Examples the spectral rule adds to the pool, to be disowned (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
+  logit_offset: np.ndarray | None = None  # Added to the final model's logits (config.abl.calibrate_flagged).
 
   def predict(self, probabilities: bool = False, features: bool = False) -> train.Predict:
     """The current model's (images, labels) -> (cross-entropy, prediction[, class probabilities][, features])."""
     c = self.config
-    return train.predictor(self.model, train.variables_of(self.state), c.data.mean, c.data.std,
+    return train.predictor(self.model, train.variables_of(self.state, self.logit_offset), c.data.mean, c.data.std,
                            c.train.eval_batch_size, self.mesh, probabilities=probabilities, features=features)
 
   @contextlib.contextmanager
@@ -383,10 +384,27 @@ def _order(run: Run, examples: np.ndarray, labels: np.ndarray | None) -> Callabl
   return lambda r, k: examples[train.epoch_order(len(examples), batch, k)]
 
 
+def _finetune_order(run: Run, retained: np.ndarray) -> Callable[[Run, jax.Array], np.ndarray]:
+  """One fine-tuning epoch's batches, as `_order`, over the examples retained when the epoch starts (examples given
+  back mid-way join; config.abl.flagged_doubted=return), in as many steps as `retained` takes."""
+  batch = run.config.train.batch_size
+  steps = -(-len(retained) // batch)
+  labels = run.train.labels if run.labels is None else run.labels
+  classes = np.array(labels if labels.ndim == 1 else labels.argmax(axis=1))  # As judged when the phase starts.
+
+  def order(r: Run, key: jax.Array) -> np.ndarray:
+    examples = _retained(r)
+    if r.config.abl.finetune_balance:
+      return examples[train.balanced_order(classes[examples], batch, key, steps)]
+    return examples[train.epoch_order(len(examples), batch, key, steps)]
+
+  return order
+
+
 def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase:
   a, t = run.config.abl, run.config.train
   retained = _retained(run)
-  order = _order(run, retained, run.labels)
+  order = _finetune_order(run, retained) if a.flagged_doubted == "return" else _order(run, retained, run.labels)
   return Phase(name, epochs, len(retained), order, abl.cross_entropy_loss, _finetune_lr(a, first_epoch),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs,
                fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels,
@@ -413,6 +431,36 @@ def finetune(run: Run) -> None:
     if run.done == run.cursor:
       _restore_isolation_model(run)
     run_phase(run, _finetune_phase(run, "finetune_relearned", 0, a.finetune_epochs))
+  if a.calibrate_flagged and a.gauge_epochs:
+    _calibrate(run)
+
+
+def _calibrate(run: Run) -> None:
+  """Offsets the final model's logits of the labels the gauge flagged (config.abl.calibrate_flagged; saved in
+  calibration.npz, or read from it where a run is resumed): fine-tuning saw few of their examples with their
+  label, and without offsets the model predicts them less often than a typical label."""
+  path = os.path.join(run.workdir, "calibration.npz")
+  if os.path.exists(path):
+    saved = wd.load_npz(path)
+  else:
+    judged = wd.load_npz(wd.followed_judgement(run.workdir))
+    flagged = judged.get("outlier_labels", np.zeros(0, np.int64))
+    offsets = np.zeros(run.train.num_classes)
+    if len(flagged):
+      with run.timed(SCORING):
+        _, _, probs = run.predict(probabilities=True)(run.train.images, run.train.labels)
+      offsets = abl.flagged_offsets(probs, run.train.labels, flagged, run.train.num_classes)
+    saved = {"calibrated_labels": flagged, "logit_offset": offsets}
+    logging.info("calibration: logit offsets %s for the flagged labels %s", np.round(offsets[flagged], 2).tolist(),
+                 flagged.tolist() or "none")
+    if distributed.is_primary():
+      wd.write_npz(path, **saved)
+      summary = os.path.join(run.workdir, "isolation.json")
+      wd.write_json(summary, {**wd.read_json(summary), "calibrated_labels": [int(k) for k in flagged],
+                              "logit_offset": [round(float(v), 4) for v in offsets]})
+    distributed.barrier("calibrate")
+  if len(saved["calibrated_labels"]):
+    run.logit_offset = saved["logit_offset"]
 
 
 def relearned_epoch(a: ml_collections.ConfigDict) -> int:
@@ -495,6 +543,10 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
              "relearned_probability": probability, "relearned_raw_probability": np.asarray(probs)[rows,
                                                                                                labels[candidates]],
              "relearned_bias": bias}
+    if a.flagged_doubted == "return" and "class_doubted" in judged:  # Left out so far: those it backs rejoin.
+      doubted = judged["class_doubted"]
+      saved["relearned_returned"] = doubted[adjusted[np.searchsorted(outside, doubted), labels[doubted]]
+                                            >= a.own_above]
     if a.relearned_doubted == "drop" and len(flagged):  # The flagged labels' learned examples the judge doubts.
       own = np.exp(-np.asarray(judged["outside_gauge_loss"], np.float64))
       doubted = outside[np.isin(labels[outside], flagged) & (own[outside] >= a.disown_below)
@@ -513,7 +565,9 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     stats = {"relearned_labels": [int(k) for k in flagged],
              "relearned_scores": [round(float(v), 2) for v in scores],
              "relearned_coherence": [[None if np.isnan(v) else round(float(v), 3) for v in row] for row in coherence]}
-    for name in ("relearned_learned", "relearned_rejected", "relearned_dropped"):
+    for name in ("relearned_learned", "relearned_rejected", "relearned_dropped", "relearned_returned"):
+      if name not in saved:
+        continue
       stats.update({name: len(saved[name]),
                     f"{name}_poisoned": run.evaluation.isolation_metrics(saved[name])["num_poisoned_isolated"]})
     if distributed.is_primary():
@@ -523,6 +577,8 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     distributed.barrier("relearned")
     if record is not None:
       record["relearned/flagged"] = len(flagged)
+  if "relearned_returned" in saved and run.left_out is not None:
+    run.left_out = np.setdiff1d(run.left_out, saved["relearned_returned"])
   hit = saved["relearned_rejected"]
   run.labels[hit] = probabilities[np.searchsorted(rejected, hit)]
   abl.disowned(run.labels, labels, hit, np.inf)
@@ -674,7 +730,7 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
                                  else soft, a.own_above)
     if "class_rejected" in extra:  # A flagged label's examples fine-tuning leaves out (abl.flagged_*).
       rules = {"class_rejected": a.flagged_rejected, "class_doubted": a.flagged_doubted}
-      dropped = [extra[k] for k, rule in rules.items() if rule == "drop"]
+      dropped = [extra[k] for k, rule in rules.items() if rule in ("drop", "return")]
       if dropped:
         run.left_out = extra["left_out"] = functools.reduce(np.union1d, dropped)
     if a.disown_below:

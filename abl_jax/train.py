@@ -70,9 +70,16 @@ def with_optimizer(state: TrainState, tx: optax.GradientTransformation) -> Train
   return state.replace(tx=tx, opt_state=tx.init(state.params), step=jnp.zeros_like(state.step))
 
 
-def variables_of(state: TrainState) -> dict[str, Any]:
-  """The model variables ({'params', 'batch_stats'}) of a train state."""
-  return {"params": state.params, "batch_stats": state.batch_stats}
+def variables_of(state: TrainState, logit_offset: np.ndarray | None = None) -> dict[str, Any]:
+  """The model variables ({'params', 'batch_stats'}) of a train state; with `logit_offset`, also the offsets
+  `predictor` adds to every logit ([classes]; config.abl.calibrate_flagged)."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if logit_offset is not None:
+    variables[LOGIT_OFFSET] = np.asarray(logit_offset, np.float32)
+  return variables
+
+
+LOGIT_OFFSET = "logit_offset"  # The variables' key of offsets added to the model's logits at inference.
 
 
 # --- The device mesh, and moving arrays onto it and back. -------------------------------------------------
@@ -301,6 +308,8 @@ def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[fl
 
   def infer(variables, images, labels):
     seen = []
+    variables = dict(variables)
+    offset = variables.pop(LOGIT_OFFSET, None)
 
     def keep_dense_input(next_fun, args, kwargs, context):
       if isinstance(context.module, flax.linen.Dense) and context.method_name == "__call__":
@@ -312,6 +321,8 @@ def _infer_step(model: flax.linen.Module, mean: tuple[float, ...], std: tuple[fl
         logits = model.apply(variables, preprocess(images, mean, std), train=False)
     else:
       logits = model.apply(variables, preprocess(images, mean, std), train=False)
+    if offset is not None:
+      logits = logits + offset.astype(logits.dtype)
     out = (optax.softmax_cross_entropy_with_integer_labels(logits, labels), jnp.argmax(logits, -1),
            jax.nn.softmax(logits.astype(jnp.float32)))
     return out + ((seen[-1].astype(jnp.float32),) if features else ())
@@ -354,19 +365,21 @@ def predictor(model: flax.linen.Module, variables: Any, mean: Sequence[float], s
   return predict
 
 
-def epoch_order(num_examples: int, batch_size: int, key: jax.Array) -> np.ndarray:
-  """A shuffled order covering every example at least once, in whole batches (wrapping around)."""
+def epoch_order(num_examples: int, batch_size: int, key: jax.Array, steps: int | None = None) -> np.ndarray:
+  """A shuffled order in whole batches (wrapping around): every example at least once where `steps` is the
+  default, as many as the examples take."""
   perm = np.asarray(jax.random.permutation(key, num_examples))
-  steps = math.ceil(num_examples / batch_size)
+  steps = math.ceil(num_examples / batch_size) if steps is None else steps
   return np.resize(perm, steps * batch_size).reshape(steps, batch_size)
 
 
-def balanced_order(labels: np.ndarray, batch_size: int, key: jax.Array) -> np.ndarray:
-  """[steps, batch] positions into `labels`, drawn with replacement so that every label is equally likely."""
+def balanced_order(labels: np.ndarray, batch_size: int, key: jax.Array, steps: int | None = None) -> np.ndarray:
+  """[steps, batch] positions into `labels`, drawn with replacement so that every label is equally likely (steps:
+  as many as `labels` takes, by default)."""
   labels = np.asarray(labels)
   _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
   p = 1.0 / (len(counts) * counts[inverse])
-  steps = math.ceil(len(labels) / batch_size)
+  steps = math.ceil(len(labels) / batch_size) if steps is None else steps
   picks = jax.random.choice(key, len(labels), (steps * batch_size,), replace=True, p=jnp.asarray(p / p.sum()))
   return np.asarray(picks, np.int64).reshape(steps, batch_size)
 

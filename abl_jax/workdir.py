@@ -254,7 +254,7 @@ ADDED_FIELDS = {
     "config.abl.spectral_judged": False, "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
     "config.abl.relearned_doubted": "keep", "config.abl.relearned_then": "continue", "config.abl.pool_outlier_z": 0.0,
     "config.abl.regauge_init": "fresh", "config.abl.finetune_mix": "none", "config.abl.finetune_mix_alpha": 1.0,
-    "config.abl.finetune_mix_epochs": 0,
+    "config.abl.finetune_mix_epochs": 0, "config.abl.calibrate_flagged": False,
 }
 
 
@@ -404,3 +404,12 @@ def suspected_labels(summary: dict[str, Any]) -> list[int] | None:
   outliers = summary.get("regauge_outlier_labels", summary.get("outlier_labels", []))
   return sorted({int(k) for k in [*summary.get("spectral_labels", []), *outliers,
                                   *summary.get("relearned_labels", [])]})
+
+
+def logit_offset(workdir: str) -> np.ndarray | None:
+  """The offsets added to the final model's logits (WORKDIR/calibration.npz), None where none were."""
+  path = os.path.join(workdir, "calibration.npz")
+  if not os.path.exists(path):
+    return None
+  saved = load_npz(path)
+  return saved["logit_offset"] if len(saved["calibrated_labels"]) else None

@@ -125,7 +125,14 @@ def base_config() -> ml_collections.ConfigDict:
   #                               share set to 0 (disown), or stay out of fine-tuning (drop).
   c.abl.flagged_doubted = "keep"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
   #                               gives at least disown_below but less than own_above train with their label
-  #                               (keep), or stay out of fine-tuning (drop), as the pool's unsure ones do.
+  #                               (keep), or stay out of fine-tuning (drop), as the pool's unsure ones do, or
+  #                               stay out until the relearned check (relearned_at), where those the model being
+  #                               fine-tuned backs (prior-adjusted probability of their label >= own_above) rejoin
+  #                               (return; without the check they stay out).
+  c.abl.calibrate_flagged = False  # class_outlier_z: True offsets the final model's logit of each flagged label so
+  #                                   that its mean probability over the training images equals the median share
+  #                                   of the other labels (fine-tuning leaves out most of a flagged label's examples
+  #                                   with flagged_doubted=drop or return); calibration.npz, applied at evaluation.
   c.abl.spectral_skew = 0.8  # distill: > 0 flags each label whose examples' isolation-model features (the input of
   #                            its last layer), projected on their top singular direction, have a skewness of at
   #                            least this size (spectral signatures: a trigger shared by a minority of a label);

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import smoke
-from abl_jax import abl, experiment, plots, schedule, train, workdir
+from abl_jax import abl, checkpoint, experiment, plots, schedule, train, workdir
 from abl_jax.checkpoint import Checkpointer
 
 AGREE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
@@ -59,7 +59,8 @@ def _fake_run(labels, pool, balance=False):
   c = ml_collections.ConfigDict({
       "abl": dict(finetune_epochs=4, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
                   finetune_init="scratch", finetune_balance=balance, return_rule="agree", return_epoch=1,
-                  gauge_epochs=0, finetune_mix="none", finetune_mix_alpha=1.0, finetune_mix_epochs=0),
+                  gauge_epochs=0, finetune_mix="none", finetune_mix_alpha=1.0, finetune_mix_epochs=0,
+                  flagged_doubted="keep", calibrate_flagged=False),
       "train": dict(batch_size=8, augment=False, eval_every_epochs=1, label_smoothing=0.0)})
   return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, left_out=None, labels=None,
                                train=_Labels(labels))
@@ -717,6 +718,70 @@ def test_flagged_doubted_drop_leaves_out_a_flagged_labels_examples_the_gauge_nei
   assert summary["class_doubted"] == summary["left_out"] == len(doubted)
 
 
+def test_flagged_doubted_return_gives_them_back_at_the_relearned_check_and_resumes_like_an_uninterrupted_run(
+    tmp_path):
+  # own_above 0.3: on the smoke data the model being fine-tuned backs none of them at 0.5 after its first epoch.
+  config = smoke.config(**{**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.3,
+                           "abl__flagged_doubted": "return"})
+  results = experiment.train_and_evaluate(config, str(tmp_path / "whole"))
+  saved, checked = np.load(tmp_path / "whole" / "regauged.npz"), np.load(tmp_path / "whole" / "relearned.npz")
+  doubted, returned = saved["class_doubted"], checked["relearned_returned"]
+  np.testing.assert_array_equal(saved["left_out"], doubted)  # Out of fine-tuning until the check...
+  assert 0 < len(returned) < len(doubted) and np.isin(returned, doubted).all()  # ...where some rejoin.
+  summary = json.loads((tmp_path / "whole" / "isolation.json").read_text())
+  assert summary["relearned_returned"] == len(returned)
+  # Stopped right after the check (2 isolation + 2 gauge + 1 second gauge + 1 of fine-tuning's 2 epochs) and
+  # resumed: the given-back examples train in the last epoch as in the uninterrupted run.
+  _assert_resumes_like(results, config, tmp_path / "resumed", 6, saved="relearned.npz", unsaved="results.json")
+  assert json.loads((tmp_path / "resumed" / "results.json").read_text())["clean_test_loss"] == results[
+      "clean_test_loss"]
+
+
+def test_flagged_offsets_give_each_flagged_label_the_median_share_of_the_others():
+  rng = np.random.default_rng(0)
+  probabilities = rng.dirichlet(np.ones(4), size=200)
+  probabilities[:, 2] *= 0.1  # The model rarely predicts label 2...
+  probabilities /= probabilities.sum(axis=1, keepdims=True)
+  labels = np.repeat([0, 1, 2, 3], [40, 50, 70, 40])  # ...which holds 70 of the 200 labels.
+  offsets = abl.flagged_offsets(probabilities, labels, np.array([2]), 4)
+  assert offsets[[0, 1, 3]].tolist() == [0, 0, 0] and offsets[2] > 0
+  shifted = probabilities * np.exp(offsets)
+  shifted /= shifted.sum(axis=1, keepdims=True)
+  assert shifted[:, 2].mean() == pytest.approx(0.2, abs=1e-9)  # The median of 40, 50 and 40 of 200.
+  both = abl.flagged_offsets(probabilities, labels, np.array([1, 2]), 4)
+  shifted = probabilities * np.exp(both)
+  shifted /= shifted.sum(axis=1, keepdims=True)
+  np.testing.assert_allclose(shifted[:, [1, 2]].mean(axis=0), [0.2, 0.2], atol=1e-6)
+  assert not abl.flagged_offsets(probabilities, labels, np.array([], int), 4).any()
+
+
+def test_calibrate_flagged_offsets_the_final_models_logits_and_eval_applies_them(tmp_path):
+  config = smoke.config(**{**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.3,
+                           "abl__flagged_doubted": "return", "abl__calibrate_flagged": True})
+  results = experiment.train_and_evaluate(config, str(tmp_path / "whole"))
+  saved = np.load(tmp_path / "whole" / "calibration.npz")
+  flagged = np.load(tmp_path / "whole" / "regauged.npz")["outlier_labels"]
+  assert len(flagged)
+  np.testing.assert_array_equal(saved["calibrated_labels"], flagged)
+  others = np.setdiff1d(np.arange(10), flagged)
+  assert saved["logit_offset"][flagged].all() and not saved["logit_offset"][others].any()
+  # The results are the calibrated model's: --mode=eval and a restore of the final model apply the offsets too.
+  evaluated = experiment.evaluate_checkpoint(config, str(tmp_path / "whole"))
+  assert evaluated["clean_accuracy"] == results["clean_accuracy"]
+  assert evaluated["clean_test_loss"] == results["clean_test_loss"]
+  prep = experiment.prepare(config)
+  model = experiment._model(config, prep.train)
+  variables = checkpoint.restore_variables(str(tmp_path / "whole"), model, config, prep.train.images.shape[1:])
+  np.testing.assert_array_equal(variables[train.LOGIT_OFFSET], saved["logit_offset"].astype(np.float32))
+  raw = {k: v for k, v in variables.items() if k != train.LOGIT_OFFSET}
+  predict = lambda v: train.predictor(model, v, config.data.mean, config.data.std, 64)(prep.test.images,
+                                                                                     prep.test.labels)[0]
+  assert np.mean(predict(variables)) == pytest.approx(results["clean_test_loss"], rel=1e-6)
+  assert np.mean(predict(raw)) != pytest.approx(results["clean_test_loss"], rel=1e-6)
+  # Stopped after the last fine-tuning epoch, before the calibration: the resumed run calibrates the same.
+  _assert_resumes_like(results, config, tmp_path / "resumed", 7, saved="relearned.npz", unsaved="calibration.npz")
+
+
 def test_flagged_rejected_drop_resumes_like_an_uninterrupted_run(dropped, tmp_path):
   out, results = dropped
   # 2 isolation + 2 gauge + 1 second gauge epoch + 1 of fine-tuning's 2: stops inside fine-tuning, after the
@@ -729,6 +794,15 @@ def test_flagged_rejected_drop_resumes_like_an_uninterrupted_run(dropped, tmp_pa
                               config=ml_collections.ConfigDict({"abl": {"gauge_epochs": 2}}))
   schedule.give_back(run)
   np.testing.assert_array_equal(run.left_out, np.load(out / "returned.npz")["left_out"])
+
+
+def test_calibrate_flagged_with_unlearning_is_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.calibrate_flagged=True .* needs config\.abl\.unlearning_epochs=0 "
+                     r"\(got 2\)"):
+    experiment.train_and_evaluate(smoke.config(**{**DROP, "abl__calibrate_flagged": True,
+                                                  "abl__unlearning_epochs": 2}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"config\.abl\.flagged_doubted='back' is unknown; allowed: keep, drop, return"):
+    experiment.train_and_evaluate(smoke.config(**{**DROP, "abl__flagged_doubted": "back"}), str(tmp_path))
 
 
 def test_flagged_rejected_name_is_checked(tmp_path):
@@ -869,7 +943,7 @@ def _relearned_run(workdir, learned, extra=(), rows=None):
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.5, "relearned_above": 0.8, "own_above": 0.5,
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
-                                                "flagged_rejected": "disown"}}),
+                                                "flagged_rejected": "disown", "flagged_doubted": "keep"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
       predict=lambda probabilities=False, features=False: lambda images, lab: (
           -np.log(learned[images]), lab, _probabilities(learned[images], lab, 4),
@@ -932,6 +1006,37 @@ def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_
   (tmp_path / "relearned.npz").unlink()
   with pytest.raises(Exception, match="relearned.npz is missing but the checkpoint is past it"):
     schedule._relearned(resumed)
+
+
+def test_relearned_check_gives_back_the_doubted_examples_the_model_being_fine_tuned_backs(tmp_path):
+  # flagged_doubted=return: label 1's doubted examples 14-17 were left out of fine-tuning; the model being
+  # fine-tuned now backs 14 and 15 (0.95; the prior-adjusted probability of their label at least own_above) and
+  # not 16 and 17 (0.1). The first two rejoin fine-tuning; example 3, left out for another reason, stays out.
+  learned = np.full(40, 0.5)
+  learned[[14, 15]] = 0.95
+  learned[[16, 17]] = 0.1
+  run, _, _ = _relearned_run(tmp_path, learned)
+  run.config.abl.flagged_doubted = "return"
+  run.left_out = np.array([3, 14, 15, 16, 17])
+  judged = dict(np.load(tmp_path / "returned.npz"))
+  np.savez(tmp_path / "returned.npz", **judged, class_doubted=np.array([14, 15, 16, 17]))
+  assert schedule._relearned(run, {}) is False
+  np.testing.assert_array_equal(np.load(tmp_path / "relearned.npz")["relearned_returned"], [14, 15])
+  np.testing.assert_array_equal(run.left_out, [3, 16, 17])
+  assert json.loads((tmp_path / "isolation.json").read_text())["relearned_returned"] == 2
+  # A resumed run gives back the same examples, whatever its model says by then.
+  resumed, _, _ = _relearned_run(tmp_path, np.full(40, 0.01))
+  resumed.config.abl.flagged_doubted = "return"
+  resumed.left_out = np.array([3, 14, 15, 16, 17])
+  schedule._relearned(resumed)
+  np.testing.assert_array_equal(resumed.left_out, [3, 16, 17])
+  # Without the option nothing is given back.
+  (tmp_path / "relearned.npz").unlink()
+  kept, _, _ = _relearned_run(tmp_path, learned)
+  kept.config.abl.flagged_doubted = "drop"
+  kept.left_out = np.array([3, 14, 15, 16, 17])
+  schedule._relearned(kept, {})
+  np.testing.assert_array_equal(kept.left_out, [3, 14, 15, 16, 17])
 
 
 def test_coherence_is_the_mean_cosine_of_every_two_rows():
