@@ -81,6 +81,22 @@ def test_fine_tuning_splits_at_the_return_epoch_and_takes_the_returned_examples_
   assert set(rest.order(run, key).ravel()) == outside | {0, 10} and rest.num_examples == 42
 
 
+def test_fine_tuning_with_flagged_doubted_return_draws_the_given_back_examples_from_the_next_epoch(monkeypatch):
+  phases = []
+  monkeypatch.setattr(schedule, "run_phase", lambda run, phase: phases.append(phase))
+  labels = np.repeat([0, 1], 100)
+  run = _fake_run(labels, np.arange(0, 20), balance=True)
+  run.config.abl.flagged_doubted = "return"
+  run.left_out = np.arange(20, 60)  # Label 0's doubted examples, out of fine-tuning so far.
+  schedule.finetune(run)
+  key = jax.random.PRNGKey(2)
+  before = phases[0].order(run, key)
+  run.left_out = np.arange(40, 60)  # The relearned check gave 20-39 back.
+  after = phases[0].order(run, key)
+  assert before.shape == after.shape == (-(-140 // 8), 8)  # The phase's steps, as it was planned.
+  assert before.min() >= 60 and set(np.unique(after[after < 60])) <= set(range(20, 40)) and (after < 40).any()
+
+
 def test_balanced_fine_tuning_draws_retained_examples_of_every_label_equally(monkeypatch):
   phases = []
   monkeypatch.setattr(schedule, "run_phase", lambda run, phase: phases.append(phase))
@@ -718,23 +734,26 @@ def test_flagged_doubted_drop_leaves_out_a_flagged_labels_examples_the_gauge_nei
   assert summary["class_doubted"] == summary["left_out"] == len(doubted)
 
 
-def test_flagged_doubted_return_gives_them_back_at_the_relearned_check_and_resumes_like_an_uninterrupted_run(
-    tmp_path):
-  # own_above 0.3: on the smoke data the model being fine-tuned backs none of them at 0.5 after its first epoch.
-  config = smoke.config(**{**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.3,
-                           "abl__flagged_doubted": "return"})
-  results = experiment.train_and_evaluate(config, str(tmp_path / "whole"))
-  saved, checked = np.load(tmp_path / "whole" / "regauged.npz"), np.load(tmp_path / "whole" / "relearned.npz")
+# own_above 0.3: on the smoke data the model being fine-tuned backs none of the doubted examples at 0.5 after its
+# first epoch.
+RETURN = {**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.3, "abl__flagged_doubted": "return",
+          "abl__calibrate_flagged": True}
+
+
+@pytest.fixture(scope="module")
+def given_back(tmp_path_factory):
+  """A smoke run whose flagged label's doubted examples rejoin fine-tuning at the relearned check, its logit
+  calibrated after fine-tuning."""
+  return _trained(tmp_path_factory, "given_back", RETURN)
+
+
+def test_flagged_doubted_return_gives_back_at_the_relearned_check_what_the_model_backs(given_back):
+  out, _ = given_back
+  saved, checked = np.load(out / "regauged.npz"), np.load(out / "relearned.npz")
   doubted, returned = saved["class_doubted"], checked["relearned_returned"]
   np.testing.assert_array_equal(saved["left_out"], doubted)  # Out of fine-tuning until the check...
   assert 0 < len(returned) < len(doubted) and np.isin(returned, doubted).all()  # ...where some rejoin.
-  summary = json.loads((tmp_path / "whole" / "isolation.json").read_text())
-  assert summary["relearned_returned"] == len(returned)
-  # Stopped right after the check (2 isolation + 2 gauge + 1 second gauge + 1 of fine-tuning's 2 epochs) and
-  # resumed: the given-back examples train in the last epoch as in the uninterrupted run.
-  _assert_resumes_like(results, config, tmp_path / "resumed", 6, saved="relearned.npz", unsaved="results.json")
-  assert json.loads((tmp_path / "resumed" / "results.json").read_text())["clean_test_loss"] == results[
-      "clean_test_loss"]
+  assert json.loads((out / "isolation.json").read_text())["relearned_returned"] == len(returned)
 
 
 def test_flagged_offsets_give_each_flagged_label_the_median_share_of_the_others():
@@ -755,31 +774,36 @@ def test_flagged_offsets_give_each_flagged_label_the_median_share_of_the_others(
   assert not abl.flagged_offsets(probabilities, labels, np.array([], int), 4).any()
 
 
-def test_calibrate_flagged_offsets_the_final_models_logits_and_eval_applies_them(tmp_path):
-  config = smoke.config(**{**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.3,
-                           "abl__flagged_doubted": "return", "abl__calibrate_flagged": True})
-  results = experiment.train_and_evaluate(config, str(tmp_path / "whole"))
-  saved = np.load(tmp_path / "whole" / "calibration.npz")
-  flagged = np.load(tmp_path / "whole" / "regauged.npz")["outlier_labels"]
+def test_calibrate_flagged_offsets_the_final_models_logits_and_eval_applies_them(given_back):
+  out, results = given_back
+  config = smoke.config(**RETURN)
+  saved = np.load(out / "calibration.npz")
+  flagged = np.load(out / "regauged.npz")["outlier_labels"]
   assert len(flagged)
   np.testing.assert_array_equal(saved["calibrated_labels"], flagged)
   others = np.setdiff1d(np.arange(10), flagged)
   assert saved["logit_offset"][flagged].all() and not saved["logit_offset"][others].any()
   # The results are the calibrated model's: --mode=eval and a restore of the final model apply the offsets too.
-  evaluated = experiment.evaluate_checkpoint(config, str(tmp_path / "whole"))
+  evaluated = experiment.evaluate_checkpoint(config, str(out))
   assert evaluated["clean_accuracy"] == results["clean_accuracy"]
   assert evaluated["clean_test_loss"] == results["clean_test_loss"]
   prep = experiment.prepare(config)
   model = experiment._model(config, prep.train)
-  variables = checkpoint.restore_variables(str(tmp_path / "whole"), model, config, prep.train.images.shape[1:])
+  variables = checkpoint.restore_variables(str(out), model, config, prep.train.images.shape[1:])
   np.testing.assert_array_equal(variables[train.LOGIT_OFFSET], saved["logit_offset"].astype(np.float32))
   raw = {k: v for k, v in variables.items() if k != train.LOGIT_OFFSET}
   predict = lambda v: train.predictor(model, v, config.data.mean, config.data.std, 64)(prep.test.images,
                                                                                      prep.test.labels)[0]
   assert np.mean(predict(variables)) == pytest.approx(results["clean_test_loss"], rel=1e-6)
   assert np.mean(predict(raw)) != pytest.approx(results["clean_test_loss"], rel=1e-6)
-  # Stopped after the last fine-tuning epoch, before the calibration: the resumed run calibrates the same.
-  _assert_resumes_like(results, config, tmp_path / "resumed", 7, saved="relearned.npz", unsaved="calibration.npz")
+
+
+def test_flagged_doubted_return_and_calibration_resume_like_an_uninterrupted_run(given_back, tmp_path):
+  _, results = given_back
+  # Stopped right after the check (2 isolation + 2 gauge + 1 second gauge + 1 of fine-tuning's 2 epochs): the
+  # given-back examples train in the last epoch, and the calibration follows, as in the uninterrupted run.
+  _assert_resumes_like(results, smoke.config(**RETURN), tmp_path, 6, saved="relearned.npz", unsaved="calibration.npz")
+  assert json.loads((tmp_path / "results.json").read_text())["clean_test_loss"] == results["clean_test_loss"]
 
 
 def test_flagged_rejected_drop_resumes_like_an_uninterrupted_run(dropped, tmp_path):
