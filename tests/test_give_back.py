@@ -741,14 +741,14 @@ RETURN = {**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.3, "abl
 
 
 @pytest.fixture(scope="module")
-def given_back(tmp_path_factory):
+def returned_doubted(tmp_path_factory):
   """A smoke run whose flagged label's doubted examples rejoin fine-tuning at the relearned check, its logit
   calibrated after fine-tuning."""
-  return _trained(tmp_path_factory, "given_back", RETURN)
+  return _trained(tmp_path_factory, "returned_doubted", RETURN)
 
 
-def test_flagged_doubted_return_gives_back_at_the_relearned_check_what_the_model_backs(given_back):
-  out, _ = given_back
+def test_flagged_doubted_return_gives_back_at_the_relearned_check_what_the_model_backs(returned_doubted):
+  out, _ = returned_doubted
   saved, checked = np.load(out / "regauged.npz"), np.load(out / "relearned.npz")
   doubted, returned = saved["class_doubted"], checked["relearned_returned"]
   np.testing.assert_array_equal(saved["left_out"], doubted)  # Out of fine-tuning until the check...
@@ -774,8 +774,8 @@ def test_flagged_offsets_give_each_flagged_label_the_median_share_of_the_others(
   assert not abl.flagged_offsets(probabilities, labels, np.array([], int), 4).any()
 
 
-def test_calibrate_flagged_offsets_the_final_models_logits_and_eval_applies_them(given_back):
-  out, results = given_back
+def test_calibrate_flagged_offsets_the_final_models_logits_and_eval_applies_them(returned_doubted):
+  out, results = returned_doubted
   config = smoke.config(**RETURN)
   saved = np.load(out / "calibration.npz")
   flagged = np.load(out / "regauged.npz")["outlier_labels"]
@@ -798,8 +798,8 @@ def test_calibrate_flagged_offsets_the_final_models_logits_and_eval_applies_them
   assert np.mean(predict(raw)) != pytest.approx(results["clean_test_loss"], rel=1e-6)
 
 
-def test_flagged_doubted_return_and_calibration_resume_like_an_uninterrupted_run(given_back, tmp_path):
-  _, results = given_back
+def test_flagged_doubted_return_and_calibration_resume_like_an_uninterrupted_run(returned_doubted, tmp_path):
+  _, results = returned_doubted
   # Stopped right after the check (2 isolation + 2 gauge + 1 second gauge + 1 of fine-tuning's 2 epochs): the
   # given-back examples train in the last epoch, and the calibration follows, as in the uninterrupted run.
   _assert_resumes_like(results, smoke.config(**RETURN), tmp_path, 6, saved="relearned.npz", unsaved="calibration.npz")
