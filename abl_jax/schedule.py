@@ -374,31 +374,24 @@ def _finetune_lr(a: ml_collections.ConfigDict, first_epoch: int) -> Callable[[in
   return lr
 
 
-def _order(run: Run, examples: np.ndarray, labels: np.ndarray | None) -> Callable[[Run, jax.Array], np.ndarray]:
-  """One epoch's batches of `examples`: each once, or class-balanced by label (config.abl.finetune_balance)."""
+def _order(run: Run, examples: np.ndarray, labels: np.ndarray | None,
+           steps: int | None = None) -> Callable[[Run, jax.Array], np.ndarray]:
+  """One epoch's batches of `examples`: each once, or class-balanced by label (config.abl.finetune_balance);
+  `steps`: as many as the examples take, by default."""
   batch = run.config.train.batch_size
   if run.config.abl.finetune_balance:
     labels = run.train.labels if labels is None else labels
     classes = labels[examples] if labels.ndim == 1 else labels[examples].argmax(axis=1)
-    return lambda r, k: examples[train.balanced_order(classes, batch, k)]
-  return lambda r, k: examples[train.epoch_order(len(examples), batch, k)]
+    return lambda r, k: examples[train.balanced_order(classes, batch, k, steps)]
+  return lambda r, k: examples[train.epoch_order(len(examples), batch, k, steps)]
 
 
 def _finetune_order(run: Run, retained: np.ndarray) -> Callable[[Run, jax.Array], np.ndarray]:
   """One fine-tuning epoch's batches, as `_order`, over the examples retained when the epoch starts (examples given
   back mid-way join; config.abl.flagged_doubted=return), in as many steps as `retained` takes."""
-  batch = run.config.train.batch_size
-  steps = -(-len(retained) // batch)
-  labels = run.train.labels if run.labels is None else run.labels
-  classes = np.array(labels if labels.ndim == 1 else labels.argmax(axis=1))  # As judged when the phase starts.
-
-  def order(r: Run, key: jax.Array) -> np.ndarray:
-    examples = _retained(r)
-    if r.config.abl.finetune_balance:
-      return examples[train.balanced_order(classes[examples], batch, key, steps)]
-    return examples[train.epoch_order(len(examples), batch, key, steps)]
-
-  return order
+  steps = -(-len(retained) // run.config.train.batch_size)
+  labels = np.array(run.train.labels if run.labels is None else run.labels)  # As judged when the phase starts.
+  return lambda r, key: _order(r, _retained(r), labels, steps)(r, key)
 
 
 def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase:
