@@ -45,7 +45,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects bad names and ranges before any work, with one line naming the field."""
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
-                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.finetune_mix", "abl.return_rule",
+                "abl.score_from", "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.finetune_mix", "abl.return_rule",
                 "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted",
                 "abl.relearned_doubted", "abl.relearned_then", "abl.regauge_init"):
     group, name = field.split(".")
@@ -85,6 +85,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.abl.calibrate_flagged and config.abl.unlearning_epochs:
     raise ValueError("config.abl.calibrate_flagged=True offsets the fine-tuned model's logits: it needs "
                      f"config.abl.unlearning_epochs=0 (got {config.abl.unlearning_epochs})")
+  a = config.abl
+  if (config.defense.name == "abl" and a.flagged_doubted == "return" and a.gauge_epochs and a.class_outlier_z
+      and a.disown_below and a.return_rule != "none" and a.kept_out in ("distill", "distill_disagreeing")
+      and not schedule.relearned_epoch(a)):
+    raise ValueError("config.abl.flagged_doubted='return' gives the doubted examples back at the relearned check, "
+                     f"which does not run here (config.abl.relearned_at={a.relearned_at}, "
+                     f"config.abl.finetune_epochs={a.finetune_epochs}): set relearned_at in (0, 1) with "
+                     "finetune_epochs >= 2, or flagged_doubted='drop'")
   for field in ("gauge_epochs", "regauge_epochs"):
     if config.abl[field] < 0:
       raise ValueError(f"config.abl.{field}={config.abl[field]} must be >= 0")

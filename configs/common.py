@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   # unlearning_loss=neg_ce, joint_exclude_ratio=0 (docs/defense.md lists the flags of each defense the docs compare).
   c.abl.score_epochs = 3  # The pool ranks examples by their lowest rank over the losses after each of the
   #                         isolation phase's last score_epochs epochs (1: the last epoch's loss; >= 1).
+  c.abl.score_from = "pass"  # score_epochs > 1: where the losses after the scored epochs before the last come
+  #                            from: pass (a pass over the training set in inference mode after the epoch) or
+  #                            training (each example's loss in its training step of that epoch, before the
+  #                            step's update: no pass). The last epoch's are always a pass (with the features).
   c.abl.pool_rule = "class_ratio"  # Which examples are suspicious (the pool): isolated (the isolated set
   #                                  only, the paper), ratio (the lowest pool_ratio of the isolation scores) or
   #                                  class_ratio (the lowest pool_ratio of the log-scores minus their training
@@ -128,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
   #                               (keep), or stay out of fine-tuning (drop), as the pool's unsure ones do, or
   #                               stay out until the relearned check (relearned_at), where those the model being
   #                               fine-tuned backs (prior-adjusted probability of their label >= own_above) rejoin
-  #                               (return; without the check they stay out).
+  #                               (return; it needs the check: relearned_at > 0, finetune_epochs >= 2).
   c.abl.calibrate_flagged = False  # class_outlier_z: True offsets the final model's logit of each flagged label so
   #                                   that its mean probability over the training images equals the median share
   #                                   of the other labels (fine-tuning leaves out most of a flagged label's examples
