@@ -102,7 +102,6 @@ _RULES = (
     ("config.train.lr_boundaries", lambda c: c.train.schedule != "step",
      "it applies to train.schedule=step only"),
     ("config.abl.joint_", lambda c: not _joint(c), "it applies to abl.unlearning_mode=joint only"),
-    ("config.abl.score_from", lambda c: c.abl.score_epochs < 2, "it applies with abl.score_epochs >= 2 only"),
     ("config.abl.contradict_factor", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.disown_below", lambda c: not _distills(c),

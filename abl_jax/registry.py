@@ -18,7 +18,6 @@ UNLEARNING_MODES = ("ascent", "joint")  # config.abl.unlearning_mode
 UNLEARNING_LOSSES = ("neg_ce", "complement")  # config.abl.unlearning_loss
 UNLEARNING_BN = ("train", "frozen")  # config.abl.unlearning_bn
 STOP_RULES = ("none", "isolated_accuracy", "retained_accuracy")  # config.abl.unlearning_stop
-SCORE_FROM = ("pass", "training")  # config.abl.score_from
 POOL_RULES = ("isolated", "ratio", "class_ratio")  # config.abl.pool_rule
 FINETUNE_INITS = ("isolation", "scratch", "gauge")  # config.abl.finetune_init
 FINETUNE_SCHEDULES = ("step", "cosine")  # config.abl.finetune_schedule
@@ -45,7 +44,6 @@ FIELDS = {
     "config.abl.unlearning_loss": UNLEARNING_LOSSES,
     "config.abl.unlearning_bn": UNLEARNING_BN,
     "config.abl.unlearning_stop": STOP_RULES,
-    "config.abl.score_from": SCORE_FROM,
     "config.abl.pool_rule": POOL_RULES,
     "config.abl.finetune_init": FINETUNE_INITS,
     "config.abl.finetune_schedule": FINETUNE_SCHEDULES,

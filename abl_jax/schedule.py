@@ -85,7 +85,6 @@ class Run:
   suspected: np.ndarray | None = None  # Examples the spectral rule adds to the pool, to be disowned (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
   logit_offset: np.ndarray | None = None  # Added to the final model's logits (config.abl.calibrate_flagged).
-  epoch_losses: np.ndarray | None = None  # Each example's loss in its step of the last epoch (Phase.example_losses).
 
   def predict(self, probabilities: bool = False, features: bool = False) -> train.Predict:
     """The current model's (images, labels) -> (cross-entropy, prediction[, class probabilities][, features])."""
@@ -135,7 +134,6 @@ class Phase:
   mix_mode: str = "none"  # cutmix or mixup: each augmented image mixed with another of its batch (train.mix).
   mix_alpha: float = 1.0  # The mixing share's Beta(alpha, alpha).
   mix_epochs: int | None = None  # Mix in this many of the phase's first epochs only; None: in every one.
-  example_losses: bool = False  # Keep each example's loss in its training step of the epoch (Run.epoch_losses).
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -159,8 +157,7 @@ def run_phase(run: Run, phase: Phase) -> None:
     run.state = run.state.replace(tx=tx)
   step_fns = [train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
                                     bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
-                                    mix_mode=mode, mix_alpha=phase.mix_alpha,
-                                    example_losses=phase.example_losses, mesh=run.mesh)
+                                    mix_mode=mode, mix_alpha=phase.mix_alpha, mesh=run.mesh)
                for mode in (phase.mix_mode, "none")]
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
@@ -179,8 +176,6 @@ def run_phase(run: Run, phase: Phase) -> None:
         eta_steps_after=(phase.epochs - epoch - 1) * steps,
         on_log=lambda m: run.writer.write(first + m.pop("step"), {f"train/{k}": v for k, v in m.items()}, **context))
     run.step += len(order)
-    if phase.example_losses:
-      run.epoch_losses = train.by_example(order, summary.pop("example_ce"), len(run.train))
     run.wall[phase.name] = run.wall.get(phase.name, 0.0) + time.perf_counter() - t0
     run.done += 1
     record = {f"epoch/{k}": v for k, v in summary.items()}
@@ -231,18 +226,14 @@ def train_baseline(run: Run) -> None:
 
 def _score_epoch(run: Run, record: dict[str, Any]) -> bool:
   """After each of the isolation phase's last config.abl.score_epochs epochs but the last: saves every example's
-  loss, from a pass or from the epoch's training steps (config.abl.score_from; isolate scores the last epoch's
-  model, the isolation model, in the pass that also takes its features)."""
+  loss (isolate scores the last epoch's model, the isolation model, in the pass that also takes its features)."""
   a = run.config.abl
   epoch = run.done - run.cursor + a.isolation_epochs  # This phase's epochs finished (cursor is its end).
   if a.score_epochs > 1 and a.isolation_epochs - a.score_epochs < epoch < a.isolation_epochs:
     # With fewer isolation epochs than score_epochs, every one is scored. Every process scores (one
     # computation over the mesh); the primary writes.
-    if a.score_from == "training":
-      scores = run.epoch_losses
-    else:
-      with run.timed(SCORING):
-        scores, _ = run.predict()(run.train.images, run.train.labels)
+    with run.timed(SCORING):
+      scores, _ = run.predict()(run.train.images, run.train.labels)
     if distributed.is_primary():
       wd.write_npz(_epoch_scores_path(run), **_earlier_epoch_scores(run), **{_epoch_key(epoch): scores})
     distributed.barrier("epoch_scores")
@@ -272,8 +263,7 @@ def isolation_training(run: Run) -> None:
   run_phase(run, Phase("isolation", a.isolation_epochs, len(run.train),
                        lambda r, k: _all_examples(r, k, t.batch_size), abl.isolation_loss(a.loss, a.gamma),
                        lambda _: optax.constant_schedule(a.isolation_lr), t.batch_size, False,
-                       eval_every=t.eval_every_epochs, after_epoch=_score_epoch,
-                       example_losses=a.score_epochs > 1 and a.score_from == "training"))
+                       eval_every=t.eval_every_epochs, after_epoch=_score_epoch))
 
 
 def isolate(run: Run) -> None:

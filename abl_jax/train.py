@@ -256,13 +256,10 @@ def hard_labels(labels: jax.Array, logits: jax.Array) -> jax.Array:
 
 def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[float], std: Sequence[float],
                     *, augment_data: bool, bn_train: bool = True, label_smoothing: float = 0.0,
-                    mix_mode: str = "none", mix_alpha: float = 1.0, example_losses: bool = False,
-                    mesh: Mesh | None = None) -> Callable:
+                    mix_mode: str = "none", mix_alpha: float = 1.0, mesh: Mesh | None = None) -> Callable:
   """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device.
 
   `loss_fn` receives the per-example cross-entropy with `label_smoothing`; the metric `ce` is the plain one.
-  With `example_losses`, the metric `example_ce` holds each example's plain cross-entropy ([batch]) in this step's
-  forward pass, before the update.
   `mix_mode` ("cutmix", "mixup"; see `mix`) mixes each augmented image with the next in the batch, and its
   cross-entropy with that one's label by their shares.
   """
@@ -298,8 +295,6 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
         "ce": jnp.mean(ce),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == hard_labels(labels, logits)),
     }
-    if example_losses:
-      metrics["example_ce"] = ce
     return new_state, metrics
 
   return data_parallel(step, mesh, batch_args=(1, 2), num_args=4, donate_argnums=(0,))
@@ -389,16 +384,6 @@ def balanced_order(labels: np.ndarray, batch_size: int, key: jax.Array, steps: i
   return np.asarray(picks, np.int64).reshape(steps, batch_size)
 
 
-def by_example(order: np.ndarray, values: np.ndarray, num_examples: int) -> np.ndarray:
-  """Each example's value at its last position in `order` ([steps, batch] indices; `values` alike); NaN where it
-  has none."""
-  positions, values = np.asarray(order).ravel()[::-1], np.asarray(values, np.float32).ravel()[::-1]
-  examples, last = np.unique(positions, return_index=True)
-  out = np.full(num_examples, np.nan, np.float32)
-  out[examples] = values[last]
-  return out
-
-
 def device_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, mesh: Mesh | None = None,
                    ahead: int = 2) -> Iterator[tuple[jax.Array, jax.Array]]:
   """The batches `order` ([steps, batch] indices) picks, put on the mesh `ahead` steps before they are used."""
@@ -414,16 +399,15 @@ def device_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, me
 def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
               key: jax.Array, *, log_every: int, describe: str, eta_steps_after: int = 0,
               on_log: Callable[[dict[str, float]], None] | None = None,
-              mesh: Mesh | None = None) -> tuple[TrainState, dict[str, Any]]:
+              mesh: Mesh | None = None) -> tuple[TrainState, dict[str, float]]:
   """One epoch over `order` (a [steps, batch] index array) with a state replicated on `mesh`.
 
   Logs loss, images/s and an ETA every `log_every` steps; raises FloatingPointError on a NaN loss.
-  The summary adds images/s and data_wait_share, the share of the epoch spent waiting for the next batch, and,
-  where the step emits `example_ce`, the per-example losses in `order`'s shape under that key.
+  The summary adds images/s and data_wait_share, the share of the epoch spent waiting for the next batch.
   `eta_steps_after` is the number of steps still to come after this epoch (for the ETA).
   """
   steps, batch = order.shape
-  pending, logged, example_ce = [], [], []
+  pending, logged = [], []
   t0 = time.perf_counter()
   tick, tick_step = t0, 0
   batches, waited = device_batches(images, labels, order, mesh), 0.0
@@ -437,9 +421,7 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
       jax.block_until_ready(metrics)
       tick, tick_step = time.perf_counter(), 1
     if (i + 1) % log_every == 0 or i + 1 == steps:
-      fetched = to_host(pending)
-      example_ce += [m.pop("example_ce") for m in fetched if "example_ce" in m]
-      fetched = [{k: float(v) for k, v in m.items()} for m in fetched]
+      fetched = [{k: float(v) for k, v in m.items()} for m in to_host(pending)]
       pending = []
       mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       if not all(math.isfinite(v) for v in mean.values()):
@@ -459,8 +441,6 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
   seconds = max(time.perf_counter() - t0, 1e-9)
   summary["images_per_s"] = steps * batch / seconds
   summary["data_wait_share"] = waited / seconds
-  if example_ce:
-    summary["example_ce"] = np.stack(example_ce).astype(np.float32)
   return state, summary
 
 

@@ -69,10 +69,6 @@ def base_config() -> ml_collections.ConfigDict:
   # unlearning_loss=neg_ce, joint_exclude_ratio=0 (docs/defense.md lists the flags of each defense the docs compare).
   c.abl.score_epochs = 3  # The pool ranks examples by their lowest rank over the losses after each of the
   #                         isolation phase's last score_epochs epochs (1: the last epoch's loss; >= 1).
-  c.abl.score_from = "pass"  # score_epochs > 1: where the losses after the scored epochs before the last come
-  #                            from: pass (a pass over the training set in inference mode after the epoch) or
-  #                            training (each example's loss in its training step of that epoch, before the
-  #                            step's update: no pass). The last epoch's are always a pass (with the features).
   c.abl.pool_rule = "class_ratio"  # Which examples are suspicious (the pool): isolated (the isolated set
   #                                  only, the paper), ratio (the lowest pool_ratio of the isolation scores) or
   #                                  class_ratio (the lowest pool_ratio of the log-scores minus their training

@@ -395,37 +395,6 @@ class _StopAfterIsolate(Exception):
   pass
 
 
-def test_score_from_training_takes_the_earlier_epochs_losses_from_their_training_steps(tmp_path, monkeypatch):
-  passes, epochs = [], []
-  real_predictor, real_isolate, real_run_epoch = train.predictor, schedule.isolate, train.run_epoch
-
-  def counting(*args, **kwargs):
-    predict = real_predictor(*args, **kwargs)
-    return lambda images, labels: passes.append(len(images)) or predict(images, labels)
-
-  def recording(step_fn, state, images, labels, order, *args, **kwargs):
-    state, summary = real_run_epoch(step_fn, state, images, labels, order, *args, **kwargs)
-    epochs.append((order, summary.get("example_ce")))
-    return state, summary
-
-  def isolate_then_stop(run):
-    real_isolate(run)
-    raise _StopAfterIsolate
-
-  monkeypatch.setattr(train, "predictor", counting)
-  monkeypatch.setattr(train, "run_epoch", recording)
-  monkeypatch.setattr(schedule, "isolate", isolate_then_stop)
-  config = smoke.default(abl__score_epochs=2, abl__score_from="training")  # 2 isolation epochs.
-  with pytest.raises(_StopAfterIsolate):
-    experiment.train_and_evaluate(config, str(tmp_path))
-  saved, iso = np.load(tmp_path / "epoch_scores.npz"), np.load(tmp_path / "isolation.npz")
-  assert passes.count(len(iso["labels"])) == 1  # isolate's alone.
-  (order, losses), _ = epochs
-  np.testing.assert_array_equal(saved["epoch_1"], train.by_example(order, losses, len(iso["labels"])))
-  assert np.isfinite(saved["epoch_1"]).all()
-  np.testing.assert_array_equal(saved["epoch_2"], iso["scores"])
-
-
 def test_the_last_scored_epoch_shares_isolates_pass_over_the_training_set(tmp_path, monkeypatch):
   passes = []
   real_predictor, real_isolate = train.predictor, schedule.isolate
@@ -861,8 +830,6 @@ def test_calibrate_flagged_with_unlearning_return_without_the_check_and_unknown_
   with pytest.raises(ValueError, match=r"config\.abl\.flagged_doubted='return' .* relearned check, which does not "
                      r"run here \(config\.abl\.relearned_at=0\.0, config\.abl\.finetune_epochs=2\)"):
     experiment.train_and_evaluate(smoke.config(**{**RETURN, "abl__relearned_at": 0.0}), str(tmp_path))
-  with pytest.raises(ValueError, match=r"config\.abl\.score_from='fit' is unknown; allowed: pass, training"):
-    experiment.train_and_evaluate(smoke.config(**{**DROP, "abl__score_from": "fit"}), str(tmp_path))
 
 
 def test_flagged_rejected_name_is_checked(tmp_path):

@@ -120,27 +120,6 @@ def test_epoch_order_covers_every_example_in_whole_batches():
   assert train.epoch_order(3, 8, jax.random.PRNGKey(0)).shape == (1, 8)  # Tiny sets wrap around.
 
 
-def test_example_losses_are_each_examples_loss_before_the_steps_update():
-  images, labels = _data(n=8)
-  model, state = Tiny(), _state()
-  before, _ = train.predictor(model, train.variables_of(state), MEAN, STD, batch_size=8)(images, labels)
-  step = train.make_train_step(model, abl.cross_entropy_loss, MEAN, STD, augment_data=False, bn_train=False,
-                               example_losses=True)
-  after, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels),
-                        train.replicate(jax.random.PRNGKey(0)))
-  np.testing.assert_allclose(np.asarray(metrics["example_ce"]), before, rtol=1e-5)
-  np.testing.assert_allclose(float(metrics["ce"]), before.mean(), rtol=1e-5)
-  moved, _ = train.predictor(model, train.variables_of(train.to_host(after)), MEAN, STD, batch_size=8)(images, labels)
-  assert not np.allclose(moved, before)  # The update changed them: they are the losses before it.
-
-
-def test_by_example_takes_each_examples_last_position_and_leaves_the_unseen_nan():
-  order = np.array([[2, 0], [1, 2]])
-  out = train.by_example(order, np.array([[1.0, 2.0], [3.0, 4.0]]), 4)
-  np.testing.assert_array_equal(out[:3], [2.0, 3.0, 4.0])
-  assert np.isnan(out[3])
-
-
 def test_predict_pads_the_last_batch_and_matches_direct_apply():
   images, labels = _data(n=11)
   model, state = Tiny(), _state()
