@@ -7,6 +7,7 @@ Every function here sees losses, images and labels only, never the ground-truth 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -247,6 +248,27 @@ def outlier_labels(label_probability: np.ndarray, labels: np.ndarray, num_classe
                      / np.maximum(counts, 1) for level in levels])
   scores = np.stack([outlier_scores(s, counts, sampling) for s in shares])
   return np.flatnonzero((scores > z).any(axis=0)), shares, scores
+
+
+def improbable_counts(hits: np.ndarray, counts: np.ndarray, z: float) -> np.ndarray:
+  """Per label, whether its `hits` of `counts` examples are improbable at the rate pooled over all labels: the
+  exact binomial chance of at least that many is at most a normal variable's chance of exceeding `z`.
+
+  The guard for outlier_scores where hits are a handful: there its normal approximation makes 2 or 3 hits in one
+  label, against none elsewhere, an outlier that chance gives often.
+  """
+  hits, counts = np.asarray(hits, np.int64), np.asarray(counts, np.int64)
+  rate = hits.sum() / max(counts.sum(), 1)
+  limit = 0.5 * math.erfc(z / math.sqrt(2))
+  log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, max(counts.max(initial=0), 1) + 1)))])
+  out = np.zeros(len(hits), bool)
+  for k, (h, n) in enumerate(zip(hits, counts)):
+    if h == 0 or rate >= 1:
+      continue
+    i = np.arange(h, n + 1)
+    log_pmf = log_factorial[n] - log_factorial[i] - log_factorial[n - i] + i * math.log(rate) + (n - i) * math.log1p(-rate)
+    out[k] = np.exp(log_pmf).sum() <= limit
+  return out
 
 
 def coherence(features: np.ndarray) -> float:

@@ -472,7 +472,8 @@ def _coherence_text(coherence: np.ndarray) -> str:
 
 def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
   """Disowns, for the rest of fine-tuning, the judge's rejected examples of each label whose share of them the
-  model being fine-tuned has learned stands out, and whose learned ones' features align more than the rest's
+  model being fine-tuned has learned stands out (an improbable count at the labels' pooled rate too), and whose
+  learned ones' features align more than the rest's
   (config.abl.relearned_*; saved in relearned.npz, or read from it where a run is resumed). True (stop the
   phase) where a label is flagged and fine-tuning restarts (config.abl.relearned_then).
 
@@ -527,10 +528,14 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     # reason (docs/defense.md, sessions 18 and 19). A group of fewer than 2 has no coherence (NaN): without
     # typical examples there is nothing to tell the class's own look from a trigger by, so no flag; without other
     # rejected examples (fine-tuning learned them all) there is nothing against one (session 21).
-    flagged = np.flatnonzero((scores > a.class_outlier_z) & (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf))
-                             & (coherence[0] > coherence[2]))
+    # A handful of learned examples in one label against none elsewhere is no outlier, whatever the normal
+    # approximation of the score says: the count must be improbable at the pooled rate.
+    improbable = abl.improbable_counts(np.bincount(labels[learned], minlength=run.train.num_classes), counts,
+                                       a.class_outlier_z)
+    flagged = np.flatnonzero((scores > a.class_outlier_z) & improbable
+                             & (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & (coherence[0] > coherence[2]))
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
-             "relearned_coherence": coherence,
+             "relearned_improbable": improbable, "relearned_coherence": coherence,
              "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],
              "relearned_dropped": outside[:0], "relearned_candidates": candidates,
              "relearned_probability": probability, "relearned_raw_probability": np.asarray(probs)[rows,

@@ -170,7 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                            0 = off; at least 1, before the last), the model being
   #                            fine-tuned scores the examples outside the pool the judge rejected (below
   #                            disown_below) that still train with their label; a label whose share of them it has
-  #                            learned (relearned_above, its class bias removed) is an outlier (class_outlier_z), and
+  #                            learned (relearned_above, its class bias removed) is an outlier (class_outlier_z; its
+  #                            count also improbable by the exact binomial tail at the labels' pooled rate), and
   #                            whose learned ones' features align more than the rest of its rejected and than its
   #                            typical examples (backed by the judge, learned), has those examples disowned
   #                            (flagged_rejected) and fine-tuning acts on relearned_then: a backdoor the gauge's

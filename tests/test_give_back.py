@@ -968,7 +968,7 @@ def _relearned_run(workdir, learned, extra=(), rows=None):
       workdir=str(workdir), pool=np.array([0]), labels=targets, left_out=np.array([3]),
       timed=lambda key: contextlib.nullcontext(),
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
-      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.5, "relearned_above": 0.8, "own_above": 0.5,
+      config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.4, "relearned_above": 0.8, "own_above": 0.5,
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
                                                 "flagged_rejected": "disown", "flagged_doubted": "keep"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
@@ -1033,6 +1033,33 @@ def test_relearned_check_disowns_the_rejected_examples_of_the_label_fine_tuning_
   (tmp_path / "relearned.npz").unlink()
   with pytest.raises(Exception, match="relearned.npz is missing but the checkpoint is past it"):
     schedule._relearned(resumed)
+
+
+def test_relearned_check_flags_no_label_for_a_count_chance_gives_often(tmp_path):
+  # Label 2 alone has learned examples (21, 22: 2 of its 10, none elsewhere): its outlier score is far above the
+  # cut-off and its 2 learned ones align, but at the pooled rate (2 of 39) chance gives a label 2 or more of 10
+  # with probability 0.09, above the normal tail beyond 1.4 (0.08).
+  learned = np.full(40, 0.5)
+  learned[[21, 22]] = 0.97
+  learned[[24, 25, 26]] = 0.85
+  run, _, _ = _relearned_run(tmp_path, learned)
+  assert schedule._relearned(run, {}) is False
+  saved = np.load(tmp_path / "relearned.npz")
+  assert saved["relearned_scores"][2] > 1.4 and not saved["relearned_improbable"][2]
+  assert len(saved["relearned_labels"]) == 0 and len(saved["relearned_rejected"]) == 0
+
+
+def test_improbable_counts_are_exact_binomial_tails_at_the_pooled_rate():
+  counts = np.full(10, 800)
+  # 2 hits in one label, none elsewhere: P(X >= 2) at the rate 2 / 8000 is 0.0175, above the normal tail beyond
+  # 3.5 (0.000233); 5 hits: 0.00017, below it.
+  assert not abl.improbable_counts(np.array([0, 2, 0, 0, 0, 0, 0, 0, 0, 0]), counts, 3.5).any()
+  np.testing.assert_array_equal(abl.improbable_counts(np.array([0, 5, 0, 0, 0, 0, 0, 0, 0, 0]), counts, 3.5),
+                                np.arange(10) == 1)
+  # A label with 40 against about 10 each elsewhere is improbable; the others are not.
+  hits = np.array([40, 10, 12, 8, 9, 11, 10, 9, 12, 10])
+  np.testing.assert_array_equal(abl.improbable_counts(hits, counts, 3.5), np.arange(10) == 0)
+  assert not abl.improbable_counts(np.zeros(10, int), counts, 3.5).any()
 
 
 def test_relearned_check_gives_back_the_doubted_examples_the_model_being_fine_tuned_backs(tmp_path):
