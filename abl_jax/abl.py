@@ -266,7 +266,8 @@ def improbable_counts(hits: np.ndarray, counts: np.ndarray, z: float) -> np.ndar
     if h == 0 or rate >= 1:
       continue
     i = np.arange(h, n + 1)
-    log_pmf = log_factorial[n] - log_factorial[i] - log_factorial[n - i] + i * math.log(rate) + (n - i) * math.log1p(-rate)
+    log_pmf = (log_factorial[n] - log_factorial[i] - log_factorial[n - i] + i * math.log(rate)
+               + (n - i) * math.log1p(-rate))
     out[k] = np.exp(log_pmf).sum() <= limit
   return out
 

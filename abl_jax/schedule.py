@@ -532,8 +532,8 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     # approximation of the score says: the count must be improbable at the pooled rate.
     improbable = abl.improbable_counts(np.bincount(labels[learned], minlength=run.train.num_classes), counts,
                                        a.class_outlier_z)
-    flagged = np.flatnonzero((scores > a.class_outlier_z) & improbable
-                             & (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & (coherence[0] > coherence[2]))
+    aligned = (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & (coherence[0] > coherence[2])
+    flagged = np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned)
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
              "relearned_improbable": improbable, "relearned_coherence": coherence,
              "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],
