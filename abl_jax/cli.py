@@ -19,7 +19,7 @@ from typing import Any, Iterable, Iterator
 
 import ml_collections
 
-from abl_jax import data
+from abl_jax import data, registry
 from abl_jax.checkpoint import CheckpointMismatchError, DamagedCheckpointError
 from abl_jax.workdir import WorkdirError
 
@@ -77,10 +77,11 @@ def _joint(config):
 
 
 def _distills(config):
-  """Whether the run's judge (the gauge, or fine-tuning itself without one) trains pool examples toward its
-  probabilities (where contradiction, owning and disowning act)."""
-  a = config.abl
-  return a.return_rule != "none" and a.kept_out in ("distill", "distill_disagreeing")
+  return registry.distills(config.abl)
+
+
+def _outliers(config):
+  return registry.looks_for_outlier_labels(config.abl)
 
 
 _DISTILLED = "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"
@@ -110,37 +111,32 @@ _RULES = (
      _DISTILLED),
     ("config.abl.class_outlier_z", lambda c: not c.abl.disown_below,
      "it applies with abl.disown_below > 0 only (it disowns)"),
-    ("config.abl.class_outlier_below", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
+    ("config.abl.class_outlier_below", lambda c: not _outliers(c),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
-    ("config.abl.flagged_rejected", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
+    ("config.abl.flagged_rejected", lambda c: not _outliers(c),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
-    ("config.abl.flagged_doubted", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
+    ("config.abl.flagged_doubted", lambda c: not _outliers(c),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
-    ("config.abl.calibrate_flagged", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below
-                                                    and c.abl.gauge_epochs),
+    ("config.abl.calibrate_flagged", lambda c: not (_outliers(c) and c.abl.gauge_epochs),
      "it applies where a gauge looks for outlier labels (abl.gauge_epochs > 0, abl.class_outlier_z > 0, "
      "abl.disown_below > 0, a gauge that distills the pool)"),
-    ("config.abl.spectral_judged", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below
-                                                  and c.abl.kept_out == "distill"
+    ("config.abl.spectral_judged", lambda c: not (_outliers(c) and c.abl.kept_out == "distill"
                                                   and (c.abl.spectral_skew or c.abl.spectral_kurtosis)),
      "it applies where spectral signatures run (abl.spectral_skew or abl.spectral_kurtosis > 0) and outlier labels "
      "are looked for (abl.class_outlier_z > 0, abl.disown_below > 0)"),
-    ("config.abl.pool_outlier_z", lambda c: not (_distills(c) and c.abl.class_outlier_z and c.abl.disown_below),
+    ("config.abl.pool_outlier_z", lambda c: not _outliers(c),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
-    ("config.abl.regauge", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
-                                          and c.abl.disown_below),
+    ("config.abl.regauge", lambda c: not (_outliers(c) and c.abl.gauge_epochs),
      "it applies with a gauge (abl.gauge_epochs > 0) that distills the pool and looks for outlier labels "
      "(abl.class_outlier_z > 0, abl.disown_below > 0)"),
-    ("config.abl.regauge_", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
-                                                 and c.abl.disown_below and c.abl.regauge),
+    ("config.abl.regauge_", lambda c: not (_outliers(c) and c.abl.gauge_epochs and c.abl.regauge),
      "it applies where a second gauge can train (abl.regauge=True, abl.gauge_epochs > 0, abl.class_outlier_z > 0, "
      "abl.disown_below > 0, a gauge that distills the pool)"),
-    ("config.abl.relearned_", lambda c: not (_distills(c) and c.abl.gauge_epochs and c.abl.class_outlier_z
-                                            and c.abl.disown_below and c.abl.relearned_at
+    ("config.abl.relearned_", lambda c: not (_outliers(c) and c.abl.gauge_epochs and c.abl.relearned_at
                                             and c.abl.finetune_epochs >= 2),
      "it applies where a gauge distills the pool and outlier labels are looked for (abl.gauge_epochs > 0, "
      "abl.class_outlier_z > 0, abl.disown_below > 0), with abl.relearned_at > 0 and a fine-tuning epoch after the "

@@ -86,9 +86,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.abl.calibrate_flagged=True offsets the fine-tuned model's logits: it needs "
                      f"config.abl.unlearning_epochs=0 (got {config.abl.unlearning_epochs})")
   a = config.abl
-  if (config.defense.name == "abl" and a.flagged_doubted == "return" and a.gauge_epochs and a.class_outlier_z
-      and a.disown_below and a.return_rule != "none" and a.kept_out in ("distill", "distill_disagreeing")
-      and not schedule.relearned_epoch(a)):
+  if (config.defense.name == "abl" and a.flagged_doubted == "return" and a.gauge_epochs
+      and registry.looks_for_outlier_labels(a) and not schedule.relearned_epoch(a)):
     raise ValueError("config.abl.flagged_doubted='return' gives the doubted examples back at the relearned check, "
                      f"which does not run here (config.abl.relearned_at={a.relearned_at}, "
                      f"config.abl.finetune_epochs={a.finetune_epochs}): set relearned_at in (0, 1) with "

@@ -1,5 +1,5 @@
-"""Every name a config field selects, declared once: validation, the modules that implement them, the configs
-and the results table read them from here.
+"""Every name a config field selects, declared once, and which parts of the defense a config turns on:
+validation, the modules that implement them, the configs and the results table read them from here.
 
     registry.check_name("config.abl.loss", "lga")   # ValueError naming the field and the allowed values
 """
@@ -74,3 +74,14 @@ def check_range(field: str, value: float, low: float, high: float, *, low_open: 
   if not ok:
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     raise ValueError(f"{field}={value} must be in {interval}")
+
+
+def distills(abl: Any) -> bool:
+  """Whether the defense's judge (the gauge, or fine-tuning itself without one) trains the pool examples toward its
+  probabilities (config.abl; where contradiction, owning, disowning and the outlier labels act)."""
+  return abl.return_rule != "none" and abl.kept_out in ("distill", "distill_disagreeing")
+
+
+def looks_for_outlier_labels(abl: Any) -> bool:
+  """Whether the defense looks for labels whose examples the judge rejects unusually often (config.abl)."""
+  return bool(distills(abl) and abl.class_outlier_z and abl.disown_below)

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from abl_jax import abl, distributed, evaluate, train, workdir as wd
+from abl_jax import abl, distributed, evaluate, registry, train, workdir as wd
 from abl_jax.checkpoint import Checkpointer
 from abl_jax.data import Dataset
 from abl_jax.metrics import Writer
@@ -458,8 +458,7 @@ def _calibrate(run: Run) -> None:
 
 def relearned_epoch(a: ml_collections.ConfigDict) -> int:
   """The fine-tuning epoch after which the relearned check runs (config.abl.relearned_at), 0 where it does not."""
-  if not (a.relearned_at and a.gauge_epochs and a.class_outlier_z and a.disown_below and a.finetune_epochs >= 2
-          and a.return_rule != "none" and a.kept_out in ("distill", "distill_disagreeing")):
+  if not (a.relearned_at and a.gauge_epochs and registry.looks_for_outlier_labels(a) and a.finetune_epochs >= 2):
     return 0
   return min(max(1, round(a.relearned_at * a.finetune_epochs)), a.finetune_epochs - 1)
 
