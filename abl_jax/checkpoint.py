@@ -5,6 +5,7 @@
     state, meta = ckpt.restore(ckpt.latest(), like=state)
     step, state, meta = ckpt.restore_latest(like=state)   # a damaged newest step: the newest intact one
     variables = restore_variables(workdir, model, config, image_shape)   # a finished run's model, for inference
+    predict = latest_predictor(workdir, num_classes, image_shape)        # ... as a predict function
 
 Every Checkpointer is process-local (Orbax never synchronises processes here): in a multi-process run
 the primary alone saves host copies, and every process restores from the shared workdir.
@@ -18,12 +19,13 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from abl_jax import distributed, train
+from abl_jax import distributed, models, train
 from abl_jax import workdir as wd
 
 
@@ -198,3 +200,16 @@ def restore_variables(workdir: str, model: Any, config: ml_collections.ConfigDic
   # The final model (the newest checkpoint of a finished run) with its calibration, if it had one.
   offset = wd.logit_offset(workdir) if directory == "checkpoints" and step is None else None
   return train.variables_of(state, offset)
+
+
+def latest_predictor(workdir: str, num_classes: int, image_shape: tuple[int, ...],
+                     mesh: jax.sharding.Mesh | None = None) -> train.Predict:
+  """The (images, labels) -> (cross-entropy, predicted class) function of the run's newest checkpoint (its final
+  model, with its calibration, once finished), built from the run's own config.json."""
+  config = wd.run_config(workdir)
+  dtype = models.compute_dtype(config.train.get("dtype", "float32"))
+  model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jnp.dtype(dtype))
+  variables = restore_variables(workdir, model, config, image_shape)
+  mesh = mesh or train.default_mesh()
+  batch = config.train.eval_batch_size if config.train.eval_batch_size % mesh.size == 0 else mesh.size
+  return train.predictor(model, variables, config.data.mean, config.data.std, batch, mesh)

@@ -22,7 +22,7 @@ from absl import logging
 
 from abl_jax import abl, attacks, data, distributed, evaluate, metrics, models, registry, schedule, train, workdir as wd
 from abl_jax.workdir import WorkdirError, check_same_config
-from abl_jax.checkpoint import Checkpointer
+from abl_jax.checkpoint import Checkpointer, latest_predictor
 
 # Fields a run started from another run's fine-tuned model (config.abl.start_from) may change.
 UNLEARNING_FIELDS = ("abl.unlearning_", "abl.joint_", "abl.stop_accuracy", "abl.start_from")
@@ -110,6 +110,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.abl.return_epoch={config.abl.return_epoch} must be in [1, "
                      f"{config.abl.finetune_epochs}) (config.abl.finetune_epochs) when config.abl.return_rule="
                      f"{config.abl.return_rule!r} and config.abl.gauge_epochs=0")
+  floor = config.attack.floor_model
+  if floor and not (os.path.exists(os.path.join(floor, "results.json"))
+                    and os.path.exists(os.path.join(floor, "data.json"))):
+    raise ValueError(f"config.attack.floor_model={floor!r} holds no finished run (no results.json and data.json); "
+                     "give the workdir of a finished run on the same test set, or ''")
   if config.abl.start_from and not os.path.exists(os.path.join(config.abl.start_from, "config.json")):
     raise ValueError(f"config.abl.start_from={config.abl.start_from!r} holds no run (no config.json)")
   if config.attack.name != "none":
@@ -323,6 +328,8 @@ def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, pr
     if config.attack.name == "wanet":  # Named as the attack names it.
       cross = {"noise_mode_accuracy": cross["cross_trigger_accuracy"], "num_noise_mode_train": cross["num_cross_train"]}
     out.update(cross)
+  if config.attack.floor_model and prep.poisoned_test is not None:
+    out.update(_floor(config.attack.floor_model, prep, fingerprints))
   out["isolation"] = None
   out["data"] = fingerprints
   out["config"] = wd.config_json(config)
@@ -331,6 +338,19 @@ def _final_metrics(config: ml_collections.ConfigDict, predict: train.Predict, pr
                      "devices": [str(d) for d in jax.local_devices()], "processes": jax.process_count(),
                      "global_devices": jax.device_count()}
   return out
+
+
+def _floor(workdir: str, prep: Prepared, fingerprints: dict[str, str]) -> dict[str, Any]:
+  """The ASR and untriggered target rate of the final model in `workdir` (config.attack.floor_model) under this
+  run's trigger: what a model that never learned the backdoor shows, the floor of this run's ASR."""
+  theirs = wd.read_json(os.path.join(workdir, "data.json")).get("test")
+  if theirs != fingerprints["test"]:
+    raise ValueError(f"config.attack.floor_model={workdir!r} was tested on another test set (data.json test "
+                     f"{theirs} against {fingerprints['test']}); give a run on this run's data")
+  predict = latest_predictor(workdir, prep.test.num_classes, prep.test.images.shape[1:])
+  m = evaluate.test_metrics(predict, prep.test, prep.poisoned_test)
+  return {"floor_model": workdir, "floor_asr": m["attack_success_rate"],
+          "floor_untriggered_target_rate": m["untriggered_target_rate"]}
 
 
 @wd.guarded
@@ -384,6 +404,8 @@ def _summary(r: dict[str, Any]) -> str:
   asr = r["attack_success_rate"]
   iso = r.get("isolation") or {}
   text = f"CA {r['clean_accuracy']:.4f}, ASR {'n/a' if asr is None else f'{asr:.4f}'}"
+  if r.get("floor_asr") is not None:
+    text += f" (the floor model's {r['floor_asr']:.4f})"
   if iso.get("precision") is not None:
     text += f", isolation precision {iso['precision']:.3f} recall {iso['recall'] or 0:.3f}"
   if r.get("suspected_labels") is not None:  # The defense's own verdict: read without the poison mask.

@@ -254,19 +254,10 @@ def plot_rejected(workdir: str, path: str) -> str | None:
   return _save(fig, path)
 
 
-def _config(workdir: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(wd.read_json(os.path.join(workdir, "config.json")))
-
-
 def predict_latest(workdir: str, images: np.ndarray, num_classes: int) -> np.ndarray:
   """Predicted classes of `images` by the run's latest checkpoint (its final model once finished)."""
-  config = _config(workdir)
-  dtype = models.compute_dtype(config.train.get("dtype", "float32"))
-  model = models.create_model(config.model.name, num_classes, config.model.width, dtype=jnp.dtype(dtype))
-  variables = checkpoint.restore_variables(workdir, model, config, images.shape[1:])
   # This process's devices only: in a multi-process run the primary alone draws pictures.
-  mesh = train.make_mesh(jax.local_devices())
-  predict = train.predictor(model, variables, config.data.mean, config.data.std, mesh.size, mesh)
+  predict = checkpoint.latest_predictor(workdir, num_classes, images.shape[1:], train.make_mesh(jax.local_devices()))
   return predict(images, np.zeros(len(images), np.int32))[1]
 
 
@@ -275,7 +266,7 @@ def load_examples(workdir: str) -> dict[str, np.ndarray]:
   path = os.path.join(workdir, "examples.npz")
   if not os.path.exists(path):
     from abl_jax import experiment  # Deterministic in the config: the same data and trigger as the run.
-    config = _config(workdir)
+    config = wd.run_config(workdir)
     experiment.save_examples(workdir, experiment.prepare(config), config.attack.target_label)
   return wd.load_npz(path)
 
@@ -302,7 +293,7 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
     ax.set_yticks([])
   axes[0, 0].set_ylabel("clean", fontsize=8)
   axes[1, 0].set_ylabel("trigger", fontsize=8)
-  fig.suptitle(f"{describe_run(_config(runs[-1][1]).to_dict(), defense=False)}: "
+  fig.suptitle(f"{describe_run(wd.run_config(runs[-1][1]).to_dict(), defense=False)}: "
                f"{' vs '.join(name for name, _ in runs)}\nbelow each triggered test image, each model's "
                f"prediction: red = the attack's target ({names[target]}), the backdoor worked; green = the true "
                "class; black = another class", fontsize=8)

@@ -22,10 +22,11 @@ ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_lab
 METRICS = ("train_accuracy", "clean_accuracy", "attack_success_rate", "train_loss", "clean_test_loss",
            "poisoned_test_loss", "train_accuracy_clean_part", "train_accuracy_poisoned_part",
            "train_loss_poisoned_part", "cross_trigger_accuracy", "noise_mode_accuracy", "target_class_accuracy",
-           "class_accuracy", "untriggered_target_rate")
+           "class_accuracy", "untriggered_target_rate", "floor_asr")
 # (row key, header, kind): 'pct' shows a share as a percentage, 'loss' three significant digits.
 COLUMNS = (("train_accuracy", "Train acc. (%)", "pct"), ("clean_accuracy", "Test CA (%)", "pct"),
-           ("attack_success_rate", "Test ASR (%)", "pct"), ("target_class_accuracy", "Target-class CA (%)", "pct"),
+           ("attack_success_rate", "Test ASR (%)", "pct"), ("floor_asr", "Clean model's ASR (%)", "pct"),
+           ("target_class_accuracy", "Target-class CA (%)", "pct"),
            ("train_loss", "Train loss", "loss"),
            ("clean_test_loss", "Clean test loss", "loss"), ("poisoned_test_loss", "Poisoned test loss", "loss"),
            ("isolation", "Isolation P / R", "iso"), ("suspected_labels", "Suspected labels", "labels"),
@@ -143,7 +144,8 @@ def _cell(row: dict[str, Any], key: str, kind: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
   """The table, one line per row, with a status column; then definitions and each row's pictures (linked from `base`)."""
-  header = ["Model", *(h for _, h, _ in COLUMNS), "Status"]
+  columns = _columns(rows)
+  header = ["Model", *(h for _, h, _ in columns), "Status"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   if "synthetic" in {r.get("data") for r in rows}:
     lines = ["**Synthetic data**: rows marked (synthetic) were trained and tested on generated images "
@@ -151,11 +153,14 @@ def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
              "pipeline and say nothing about the attacks or ABL.", "", *lines]
   for row in rows:
     name = row["label"] + (" (synthetic)" if row.get("data") == "synthetic" else "")
-    cells = [name, *(_cell(row, k, kind) for k, _, kind in COLUMNS), row["detail"]]
+    cells = [name, *(_cell(row, k, kind) for k, _, kind in columns), row["detail"]]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", "Train acc. and train loss: on the set the model was trained on (the poisoned set for attacked "
             "rows). CA: the whole clean test set. ASR: non-target-class test images with the trigger, classified "
-            "as the target (n/a without an attack). Isolation P / R: precision and recall of ABL's isolated "
+            "as the target (n/a without an attack). " + (
+                "Clean model's ASR: the same, by the table's clean model (config.attack.floor_model), what a model "
+                "that never learned the backdoor shows. " if len(columns) == len(COLUMNS) else "") +
+            "Isolation P / R: precision and recall of ABL's isolated "
             "examples against the ground truth. Suspected labels: the labels the defense treated as attacked "
             "(spectral signatures, outlier labels), found without the ground truth; (target) marks the attack's "
             "target. Wall time: the run's phases and evaluation."]
@@ -173,12 +178,18 @@ def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
   return "\n".join(lines) + "\n"
 
 
+def _columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+  """COLUMNS, without the clean model's ASR where no row measured it."""
+  measured = any(r.get("floor_asr") is not None for r in rows)
+  return tuple(c for c in COLUMNS if c[0] != "floor_asr" or measured)
+
+
 def write(workdir: str) -> str:
   """Writes WORKDIR/report.md and WORKDIR/report.json; returns the markdown."""
   rows = collect(workdir)
   text = markdown(rows, workdir)
   workdir_files.write_text(os.path.join(workdir, "report.md"), text)
-  workdir_files.write_json(os.path.join(workdir, "report.json"), {"rows": rows, "columns": [k for k, _, _ in COLUMNS]})
+  workdir_files.write_json(os.path.join(workdir, "report.json"), {"rows": rows, "columns": [k for k, _, _ in _columns(rows)]})
   return text
 
 
@@ -221,14 +232,16 @@ def _spread(values: list[float | None], scale: float = 100.0, signed: bool = Fal
 
 def seeds_markdown(workdirs: list[str]) -> str:
   """One line per row finished in every workdir (one workdir per seed, rows named alike): the mean and the range
-  over seeds of CA, ASR, the untriggered target rate, the target class's CA, and, against the same seed's
+  over seeds of CA, ASR, the untriggered target rate, the clean model's ASR (where measured), the target class's CA, and, against the same seed's
   no-defense row, the CA and target-class CA lost and the training time's ratio; each seed's suspected labels."""
   tables = [{r["name"]: r for r in collect(w)} for w in workdirs]
   names = [n for n in tables[0] if all(t.get(n, {}).get("status") == "done" for t in tables)]
+  floor = any(t[n].get("floor_asr") is not None for t in tables for n in names)
   lines = [f"Mean over {len(workdirs)} seeds (min to max): {', '.join(workdirs)}", "",
-           "| Model | CA (%) | ASR (%) | ASR without the trigger (%) | target-class CA (%) | CA change (points) | "
-           "target-class CA change | training time (x no defense) | suspected labels (each seed) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| Model | CA (%) | ASR (%) | ASR without the trigger (%) | " + ("clean model's ASR (%) | " if floor else "")
+           + "target-class CA (%) | CA change (points) | target-class CA change | training time (x no defense) | "
+           "suspected labels (each seed) |",
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
   for name in names:
     rows = [t[name] for t in tables]
     base = [t.get(_baseline(name)) for t in tables]
@@ -243,7 +256,8 @@ def seeds_markdown(workdirs: list[str]) -> str:
     lines.append(f"| {rows[0]['label']} | {_spread([r['clean_accuracy'] for r in rows])} | "
                  f"{_spread([r['attack_success_rate'] for r in rows])} | "
                  f"{_spread([r.get('untriggered_target_rate') for r in rows])} | "
-                 f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} | "
+                 + (f"{_spread([r.get('floor_asr') for r in rows])} | " if floor else "")
+                 + f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} | "
                  f"{' / '.join(_cell(r, 'suspected_labels', 'labels') for r in rows)} |")
   for table in tables:
     lines += _other_data([r for r in table.values() if r["name"] in names])

@@ -1,4 +1,6 @@
 """The results-table sweep: every selected row of configs/table.py in WORKDIR/<row>, its pictures, the report.
+Each attack row's final evaluation also applies its trigger to the clean row's model, where that row has finished
+(config.attack.floor_model).
 
     table.run(config, workdir)   # skips finished rows, resumes an interrupted one, writes WORKDIR/report.md
 """
@@ -107,8 +109,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
     _write_plan(config, workdir)
   results: dict[str, Any] = {}
   failed: dict[str, str] = {}
+  clean = os.path.join(workdir, "clean")
   for i, name in enumerate(names):
     logging.info("table row %d/%d: %s", i + 1, len(names), name)
+    row = rows[name]
+    if row.attack.name != "none" and not row.attack.floor_model and os.path.exists(os.path.join(clean, "results.json")):
+      row.attack.floor_model = clean  # The clean model's ASR under this row's trigger: its ASR's floor.
     try:
       results[name] = experiment.train_and_evaluate(rows[name], os.path.join(workdir, name), overwrite=overwrite)
     except Exception as e:  # One failing row should not cost the others; the report shows it as unfinished.

@@ -223,6 +223,11 @@ def remove_outputs(workdir: str) -> list[str]:
   return names
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the run in `workdir` was made with (its config.json)."""
+  return ml_collections.ConfigDict(read_json(os.path.join(workdir, "config.json")))
+
+
 def check_same_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises WorkdirError naming the fields where `config` differs from the workdir's run."""
   saved = read_json(os.path.join(workdir, "config.json"))
@@ -269,9 +274,10 @@ def comparable(saved: dict[str, Any]) -> dict[str, Any]:
 def unused_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Config prefixes that cannot change this run: the process setup (a run may resume with another process
   count), the evaluation batch size (inference gives each example the same outputs in any batch: to the bit on
-  CPU, tested; to rounding on accelerators, as with another process count) and the abl group without ABL (a new
-  default there does not make a no-defense run another one)."""
-  always = ("config.distributed.", "config.train.eval_batch_size.")
+  CPU, tested; to rounding on accelerators, as with another process count), the model the final evaluation
+  compares with (attack.floor_model) and the abl group without ABL (a new default there does not make a
+  no-defense run another one)."""
+  always = ("config.distributed.", "config.train.eval_batch_size.", "config.attack.floor_model.")
   return always + ("config.abl.",) if config.defense.name == "none" else always
 
 

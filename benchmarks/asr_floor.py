@@ -5,7 +5,8 @@ classified as the target, for a model trained on clean data (the floor any defen
         [--config.attack.target_label=3 | --targets=all | --targets=3,5]
 
 --model: a finished run's workdir (its latest checkpoint); --config: the attack whose test-time trigger is
-applied (its data and seed must be the run's). Prints one JSON line per target class (the config's, or
+applied (its data and seed must be the run's). Within a run, `--config.attack.floor_model=<workdir>` measures the
+same at the final evaluation (results.json floor_asr; the results table sets its clean row). Prints one JSON line per target class (the config's, or
 --targets): the ASR under that trigger, and the share of the untriggered non-target images sent to the target.
 """
 from __future__ import annotations

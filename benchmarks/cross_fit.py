@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
-from abl_jax import abl, experiment, metrics, plots, schedule, train, workdir as wd  # noqa: E402
+from abl_jax import abl, experiment, metrics, schedule, train, workdir as wd  # noqa: E402
 from abl_jax.checkpoint import Checkpointer  # noqa: E402
 from benchmarks.flagged import auroc  # noqa: E402
 
@@ -65,7 +65,7 @@ def main() -> None:
   parser.add_argument("--out", required=True, help="a new or empty folder for the two gauges' checkpoints")
   parser.add_argument("--epochs_factor", type=int, default=1, help="each gauge trains gauge_epochs x this")
   args = parser.parse_args()
-  config = plots._config(args.workdir)  # pylint: disable=protected-access
+  config = wd.run_config(args.workdir)
   prep = experiment.prepare(config)
   wd.check_data(args.workdir, experiment.data_fingerprints(prep), write=False)
   if os.path.exists(args.out) and os.listdir(args.out):

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
 import jax  # noqa: E402
 
-from abl_jax import checkpoint, evaluate, experiment, plots, train, workdir as wd  # noqa: E402
+from abl_jax import checkpoint, evaluate, experiment, train, workdir as wd  # noqa: E402
 from benchmarks.flagged import auroc  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main() -> None:
                       help="also rank each flagged label's examples that train with their label along the "
                            "disowned-vs-rest direction")
   args = parser.parse_args()
-  config = plots._config(args.workdir)  # pylint: disable=protected-access
+  config = wd.run_config(args.workdir)
   prep = experiment.prepare(config)
   wd.check_data(args.workdir, experiment.data_fingerprints(prep), write=False)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access

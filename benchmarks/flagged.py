@@ -126,7 +126,7 @@ def main() -> None:
   if args.checkpoint is not None:
     import jax  # pylint: disable=import-outside-toplevel
     from abl_jax import checkpoint, experiment, plots, train  # pylint: disable=import-outside-toplevel
-    cfg = plots._config(args.workdir)  # pylint: disable=protected-access
+    cfg = workdir_lib.run_config(args.workdir)
     prep = experiment.prepare(cfg)
     model = experiment._model(cfg, prep.train)  # pylint: disable=protected-access
     variables = checkpoint.restore_variables(args.workdir, model, cfg, prep.train.images.shape[1:],

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax  # noqa: E402
 
-from abl_jax import abl, checkpoint, experiment, plots, train  # noqa: E402
+from abl_jax import abl, checkpoint, experiment, train, workdir  # noqa: E402
 
 
 def penultimate(model: nn.Module, variables: Any, images: np.ndarray, mean: Any, std: Any,
@@ -97,7 +97,7 @@ def main() -> None:
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, "config.json")):
     sys.exit(f"spectral.py: {args.workdir}/config.json is missing; give it a run's workdir")
-  config = plots._config(args.workdir)  # pylint: disable=protected-access
+  config = workdir.run_config(args.workdir)
   prep = experiment.prepare(config)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
   where = ("isolation_model", None) if args.checkpoint is None else ("checkpoints", args.checkpoint)

@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                             fields: add_clean_label, add_input_aware, add_wanet).
   c.attack.target_label = 0  # The class the backdoor points to.
   c.attack.poison_rate = 0.1  # Share of the WHOLE training set that is poisoned, for every attack.
+  c.attack.floor_model = ""  # A finished run's workdir (same test set; the clean-data run): the final evaluation
+  #                            also applies this run's trigger to its model, the ASR a model that never learned the
+  #                            backdoor shows (results.json floor_asr; the table sets its clean row). '' = none.
   c.attack.alpha = 0.2  # blend: weight of the pattern, at train and test time.
   c.attack.pattern = "noise"  # blend: 'noise' (uniform noise from pattern_seed) or an image path.
   c.attack.pattern_seed = 0  # blend: seed of the noise pattern.

@@ -55,6 +55,23 @@ def test_eval_mode_reproduces_results(runs):
     assert set(json.load(f)) >= set(METRICS) | {"isolation", "checkpoint"}
 
 
+def test_the_floor_model_is_evaluated_under_this_runs_trigger(runs, tmp_path):
+  root, none, _ = runs
+  # The no-defense run as the floor of the ABL run: under the same trigger and test set its numbers come back.
+  out = experiment.evaluate_checkpoint(smoke(attack__floor_model=str(root / "none")), str(root / "abl"))
+  assert out["floor_model"] == str(root / "none")
+  assert out["floor_asr"] == none["attack_success_rate"] and out["floor_asr"] > 0.5
+  assert out["floor_untriggered_target_rate"] == none["untriggered_target_rate"]
+  assert "floor_asr" not in none  # Not measured unless asked for.
+  with pytest.raises(ValueError, match=r"config\.attack\.floor_model='nowhere' holds no finished run"):
+    experiment.train_and_evaluate(smoke(attack__floor_model="nowhere"), str(tmp_path / "a"))
+  other = experiment.train_and_evaluate(smoke(defense__name="none", train__epochs=1, data__synthetic_test_size=128),
+                                        str(tmp_path / "other"))
+  assert other["num_test"] == 128
+  with pytest.raises(ValueError, match=r"config\.attack\.floor_model=.* was tested on another test set"):
+    experiment.evaluate_checkpoint(smoke(attack__floor_model=str(tmp_path / "other")), str(root / "abl"))
+
+
 def test_resume_equals_uninterrupted(runs, tmp_path):
   _, _, abl = runs
   assert experiment.train_and_evaluate(smoke(), str(tmp_path), max_epochs=3) is None  # Stops inside fine-tuning.

@@ -192,11 +192,14 @@ def test_sweep_runs_new_rows_skips_finished_ones_and_draws(runs, tmp_path, monke
   for key, value in smoke.PREVIOUS_DEFAULT.items():  # The fixture's ABL run is the previous default's.
     group, name = key.split("__")
     config.rows.badnets_abl[group][name] = value
-  prepared = []
-  real_prepare = experiment.prepare
+  prepared, floors = [], []
+  real_prepare, real_run = experiment.prepare, experiment.train_and_evaluate
   monkeypatch.setattr(experiment, "prepare", lambda c: prepared.append(c.attack.name) or real_prepare(c))
+  monkeypatch.setattr(experiment, "train_and_evaluate",
+                      lambda c, w, **k: floors.append(c.attack.floor_model) or real_run(c, w, **k))
   results = table.run(config, str(workdir))
   assert prepared == ["none"]  # Only the clean row trained; the finished badnets rows were not retrained.
+  assert floors == ["", str(workdir / "clean"), str(workdir / "clean")]  # The attack rows' floor: the clean model.
   assert set(results) == {"clean", "badnets_none", "badnets_abl"}
   for path in ("clean/curves.png", "badnets_none/curves.png", "badnets_abl/curves.png",
                "badnets_abl/isolation.png", "badnets_abl/gallery.png"):
@@ -228,6 +231,18 @@ def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, t
   assert undefended.split("|")[6].strip() == "–"
   assert cells[8] == "– / –"  # Each seed's verdict; the smoke run's defense (no gauge, no spectral test) has none.
   assert report.seeds_markdown([str(tmp_path / "s0")]).count("\n| Model trained") == 2
+
+
+def test_the_clean_models_asr_is_a_column_where_a_row_measured_it(tmp_path):
+  _fake_run(tmp_path, "clean", "none", "none", CLEAN)
+  _fake_run(tmp_path, "sig_abl", "sig", "abl", SIG_ABL)
+  assert "Clean model's ASR" not in report.write(str(tmp_path))
+  _fake_run(tmp_path, "sig_abl", "sig", "abl", {**SIG_ABL, "floor_asr": 0.021})
+  lines = report.write(str(tmp_path)).splitlines()
+  assert lines[0].startswith("| Model | Train acc. (%) | Test CA (%) | Test ASR (%) | Clean model's ASR (%) |")
+  assert lines[2].startswith("| Model trained with clean data | 99.0 | 95.0 | n/a | n/a |")
+  assert lines[3].startswith("| Model trained using ABL against SIG attack | 96.0 | 89.0 | 5.0 | 2.1 | 52.0 |")
+  assert "floor_asr" in json.loads((tmp_path / "report.json").read_text())["columns"]
 
 
 def test_a_pair_trained_on_different_data_is_named(tmp_path):
