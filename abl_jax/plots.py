@@ -10,15 +10,13 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import matplotlib
-import ml_collections
 import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from abl_jax import abl, checkpoint, metrics, models, train, workdir as wd  # noqa: E402
+from abl_jax import abl, checkpoint, metrics, train, workdir as wd  # noqa: E402
 
 DPI = 90
 

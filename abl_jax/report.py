@@ -159,7 +159,7 @@ def markdown(rows: list[dict[str, Any]], base: str = ".") -> str:
             "rows). CA: the whole clean test set. ASR: non-target-class test images with the trigger, classified "
             "as the target (n/a without an attack). " + (
                 "Clean model's ASR: the same, by the table's clean model (config.attack.floor_model), what a model "
-                "that never learned the backdoor shows. " if len(columns) == len(COLUMNS) else "") +
+                "that never learned the backdoor shows. " if "floor_asr" in (k for k, _, _ in columns) else "") +
             "Isolation P / R: precision and recall of ABL's isolated "
             "examples against the ground truth. Suspected labels: the labels the defense treated as attacked "
             "(spectral signatures, outlier labels), found without the ground truth; (target) marks the attack's "
@@ -189,7 +189,8 @@ def write(workdir: str) -> str:
   rows = collect(workdir)
   text = markdown(rows, workdir)
   workdir_files.write_text(os.path.join(workdir, "report.md"), text)
-  workdir_files.write_json(os.path.join(workdir, "report.json"), {"rows": rows, "columns": [k for k, _, _ in _columns(rows)]})
+  workdir_files.write_json(os.path.join(workdir, "report.json"),
+                           {"rows": rows, "columns": [k for k, _, _ in _columns(rows)]})
   return text
 
 
@@ -232,8 +233,9 @@ def _spread(values: list[float | None], scale: float = 100.0, signed: bool = Fal
 
 def seeds_markdown(workdirs: list[str]) -> str:
   """One line per row finished in every workdir (one workdir per seed, rows named alike): the mean and the range
-  over seeds of CA, ASR, the untriggered target rate, the clean model's ASR (where measured), the target class's CA, and, against the same seed's
-  no-defense row, the CA and target-class CA lost and the training time's ratio; each seed's suspected labels."""
+  over seeds of CA, ASR, the untriggered target rate, the clean model's ASR (where measured), the target class's
+  CA, and, against the same seed's no-defense row, the CA and target-class CA lost and the training time's ratio;
+  each seed's suspected labels."""
   tables = [{r["name"]: r for r in collect(w)} for w in workdirs]
   names = [n for n in tables[0] if all(t.get(n, {}).get("status") == "done" for t in tables)]
   floor = any(t[n].get("floor_asr") is not None for t in tables for n in names)
