@@ -248,7 +248,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     check_same_config(config, workdir)
     logging.warning("%s already holds a finished run; not training again (--overwrite starts over, "
                     "--mode=eval re-evaluates)", workdir)
-    return wd.read_json(results_path)
+    results = wd.read_json(results_path)
+    floor = config.attack.floor_model
+    if floor and config.attack.name != "none" and results.get("floor_model") != floor:
+      results = _add_floor(config, workdir, results)
+    return results
   if not overwrite and os.path.exists(os.path.join(workdir, "config.json")):
     check_same_config(config, workdir)
 
@@ -298,6 +302,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   if not distributed.is_primary():  # The same metrics; the primary's file also has its wall times.
     results = wd.read_json(results_path)
   logging.info("results: %s", _summary(results))
+  return results
+
+
+def _add_floor(config: ml_collections.ConfigDict, workdir: str, results: dict[str, Any]) -> dict[str, Any]:
+  """A finished run's results with config.attack.floor_model's ASR under its trigger added (results.json too)."""
+  prep = prepare(config)
+  fingerprints = data_fingerprints(prep)
+  wd.check_data(workdir, fingerprints, write=False)
+  results = {**results, **_floor(config.attack.floor_model, prep, fingerprints)}
+  if distributed.is_primary():
+    wd.write_json(os.path.join(workdir, "results.json"), results)
+  distributed.barrier("floor")
+  logging.info("%s: added the ASR of %s under this run's trigger to results.json: %.4f", workdir,
+               config.attack.floor_model, results["floor_asr"])
   return results
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from abl_jax import distributed, experiment, plots, report
+from abl_jax import distributed, experiment, plots, report, workdir as workdir_files
 
 
 def is_table(config: ml_collections.ConfigDict) -> bool:
@@ -101,6 +101,15 @@ def draw(workdir: str, names: list[str] | None = None) -> list[str]:
   return [p for p in written if p]
 
 
+def _same_test_set(row: ml_collections.ConfigDict, clean: str) -> bool:
+  """Whether the finished run in `clean` was tested on the data `row` describes (its data fields and seed)."""
+  if not os.path.exists(os.path.join(clean, "results.json")):
+    return False
+  theirs = workdir_files.read_json(os.path.join(clean, "config.json"))
+  mine = workdir_files.config_json(row)
+  return theirs.get("data") == mine["data"] and theirs.get("seed") == mine["seed"]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
   """Runs the selected rows one after another, then writes the report; returns {row: results or None}."""
   names = selected(config)
@@ -113,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
   for i, name in enumerate(names):
     logging.info("table row %d/%d: %s", i + 1, len(names), name)
     row = rows[name]
-    if row.attack.name != "none" and not row.attack.floor_model and os.path.exists(os.path.join(clean, "results.json")):
+    if row.attack.name != "none" and not row.attack.floor_model and _same_test_set(row, clean):
       row.attack.floor_model = clean  # The clean model's ASR under this row's trigger: its ASR's floor.
     try:
       results[name] = experiment.train_and_evaluate(rows[name], os.path.join(workdir, name), overwrite=overwrite)

@@ -188,7 +188,7 @@ def test_sweep_runs_new_rows_skips_finished_ones_and_draws(runs, tmp_path, monke
   config = table_config.get_config("smoke")
   config.table.only = "clean,badnets"
   clean = config.rows.clean
-  clean.train.epochs, clean.data.synthetic_train_size, clean.data.synthetic_test_size = 1, 128, 128
+  clean.train.epochs = 1
   for key, value in smoke.PREVIOUS_DEFAULT.items():  # The fixture's ABL run is the previous default's.
     group, name = key.split("__")
     config.rows.badnets_abl[group][name] = value
@@ -198,8 +198,14 @@ def test_sweep_runs_new_rows_skips_finished_ones_and_draws(runs, tmp_path, monke
   monkeypatch.setattr(experiment, "train_and_evaluate",
                       lambda c, w, **k: floors.append(c.attack.floor_model) or real_run(c, w, **k))
   results = table.run(config, str(workdir))
-  assert prepared == ["none"]  # Only the clean row trained; the finished badnets rows were not retrained.
+  # Only the clean row trained; the finished badnets rows were not retrained, only given the clean model's ASR
+  # under their trigger.
+  assert prepared == ["none", "badnets", "badnets"]
   assert floors == ["", str(workdir / "clean"), str(workdir / "clean")]  # The attack rows' floor: the clean model.
+  for name in ("badnets_none", "badnets_abl"):
+    saved = json.loads((workdir / name / "results.json").read_text())
+    assert saved["floor_model"] == str(workdir / "clean") and 0 <= saved["floor_asr"] <= 1
+    assert saved["clean_accuracy"] == results[name]["clean_accuracy"] and "floor_asr" in results[name]
   assert set(results) == {"clean", "badnets_none", "badnets_abl"}
   for path in ("clean/curves.png", "badnets_none/curves.png", "badnets_abl/curves.png",
                "badnets_abl/isolation.png", "badnets_abl/gallery.png"):
@@ -208,7 +214,18 @@ def test_sweep_runs_new_rows_skips_finished_ones_and_draws(runs, tmp_path, monke
   assert len(rows) == len(config.table.order) and rows["sig_abl"]["status"] == "missing"
   assert rows["badnets_abl"]["clean_accuracy"] == results["badnets_abl"]["clean_accuracy"]
   table.run(config, str(workdir))
-  assert prepared == ["none"]  # A second sweep retrains nothing.
+  assert prepared == ["none", "badnets", "badnets"]  # A second sweep retrains and re-evaluates nothing.
+
+
+def test_a_clean_row_on_other_data_is_no_rows_floor(tmp_path):
+  row = table_config.get_config("smoke").rows.badnets_abl
+  clean = tmp_path / "clean"
+  assert not table._same_test_set(row, str(clean))  # Not run yet.
+  _write(str(clean / "results.json"), CLEAN)
+  _write(str(clean / "config.json"), {"data": workdir.config_json(row)["data"], "seed": row.seed})
+  assert table._same_test_set(row, str(clean))
+  row.data.synthetic_test_size = 64
+  assert not table._same_test_set(row, str(clean))
 
 
 def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, tmp_path, capsys):
