@@ -185,12 +185,38 @@ def _columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
 
 
 def write(workdir: str) -> str:
-  """Writes WORKDIR/report.md and WORKDIR/report.json; returns the markdown."""
+  """Writes WORKDIR/report.md and WORKDIR/report.json (for a multi-seed sweep, the mean over its seeds' tables, each
+  seed's own report in WORKDIR/s<seed>/); returns the markdown."""
+  plan_path = os.path.join(workdir, "table.json")
+  plan = _json(plan_path) if os.path.exists(plan_path) else {}
+  if "seeds" in plan:
+    return _write_seeds(workdir, plan["seeds"])
   rows = collect(workdir)
   text = markdown(rows, workdir)
   workdir_files.write_text(os.path.join(workdir, "report.md"), text)
   workdir_files.write_json(os.path.join(workdir, "report.json"),
                            {"rows": rows, "columns": [k for k, _, _ in _columns(rows)]})
+  return text
+
+
+def _write_seeds(workdir: str, seed_list: list[int]) -> str:
+  """report.md / report.json of a multi-seed sweep: each seed's table's report, then the mean over the seeds."""
+  tables = [os.path.join(workdir, f"s{s}") for s in seed_list]
+  started = [t for t in tables if os.path.exists(os.path.join(t, "table.json"))]
+  for t in started:
+    write(t)
+  if not started:
+    text = f"No seed's table has started yet ({', '.join(tables)}); run the sweep first.\n"
+    summary, left_out = [], []
+  else:
+    text = seeds_markdown(started)
+    summary, left_out = seeds_summary(started)
+    missing = [t for t in tables if t not in started]
+    links = ", ".join(f"[{os.path.basename(t)}]({os.path.basename(t)}/report.md)" for t in started)
+    text += f"\nEach seed's table: {links}." + (f" Not started: {', '.join(missing)}." if missing else "") + "\n"
+  workdir_files.write_text(os.path.join(workdir, "report.md"), text)
+  workdir_files.write_json(os.path.join(workdir, "report.json"),
+                           {"seeds": seed_list, "tables": tables, "rows": summary, "left_out": left_out})
   return text
 
 
@@ -231,38 +257,70 @@ def _spread(values: list[float | None], scale: float = 100.0, signed: bool = Fal
   return mean if len(v) == 1 else f"{mean} ({fmt.format(min(v))} to {fmt.format(max(v))})"
 
 
-def seeds_markdown(workdirs: list[str]) -> str:
-  """One line per row finished in every workdir (one workdir per seed, rows named alike): the mean and the range
-  over seeds of CA, ASR, the untriggered target rate, the clean model's ASR (where measured), the target class's
-  CA, and, against the same seed's no-defense row, the CA and target-class CA lost and the training time's ratio;
-  each seed's suspected labels."""
+def seeds_summary(workdirs: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+  """The rows finished in every workdir (one workdir per seed, rows named alike), each with its per-seed values
+  (in workdir order) of CA, ASR, the untriggered target rate, the clean model's ASR, the target class's CA, and,
+  against the same seed's no-defense row, the CA and target-class CA change and the training time's ratio (None
+  where a seed lacks it); and a line for each row finished in some seeds only, naming the others and why, and one
+  naming the rows finished in none."""
   tables = [{r["name"]: r for r in collect(w)} for w in workdirs]
   names = [n for n in tables[0] if all(t.get(n, {}).get("status") == "done" for t in tables)]
-  floor = any(t[n].get("floor_asr") is not None for t in tables for n in names)
+  done_somewhere = [n for n in tables[0] if n not in names and any(t.get(n, {}).get("status") == "done" for t in tables)]
+  left_out = [f"{n}: " + "; ".join(f"{os.path.basename(os.path.normpath(w))}: {t[n]['detail'] if n in t else 'missing'}"
+                                   for w, t in zip(workdirs, tables) if t.get(n, {}).get("status") != "done")
+              for n in done_somewhere]
+  nowhere = [n for n in tables[0] if n not in names and n not in done_somewhere]
+  if nowhere:
+    left_out.append("not finished in any seed: " + ", ".join(nowhere))
+  summary = []
+  for name in names:
+    rows = [t[name] for t in tables]
+    base = [t.get(_baseline(name)) for t in tables]
+    paired = rows[0]["defense"] != "none" and all(b and b["status"] == "done" for b in base)
+    values = lambda key: [r.get(key) for r in rows]
+    def change(key: str) -> list[float | None] | None:
+      if not paired or all(r.get(key) is None for r in rows):
+        return None
+      return [None if r.get(key) is None or b.get(key) is None else r[key] - b[key] for r, b in zip(rows, base)]
+
+    summary.append({
+        "name": name, "label": rows[0]["label"], "workdirs": [r["workdir"] for r in rows],
+        **{k: values(k) for k in ("clean_accuracy", "attack_success_rate", "untriggered_target_rate", "floor_asr",
+                                  "target_class_accuracy", "suspected_labels")},
+        "clean_accuracy_change": change("clean_accuracy"),
+        "target_class_accuracy_change": change("target_class_accuracy"),
+        "training_time_ratio": ([_training_seconds(r) / _training_seconds(b) for r, b in zip(rows, base)]
+                                if paired else None),
+        "suspected_cells": [_cell(r, "suspected_labels", "labels") for r in rows]})
+  return summary, left_out
+
+
+def seeds_markdown(workdirs: list[str]) -> str:
+  """One line per row finished in every workdir (one workdir per seed): the mean and the range over seeds of
+  seeds_summary's values, each seed's suspected labels; the rows left out, and rows trained on other data."""
+  summary, left_out = seeds_summary(workdirs)
+  floor = any(v is not None for row in summary for v in row["floor_asr"])
   lines = [f"Mean over {len(workdirs)} seeds (min to max): {', '.join(workdirs)}", "",
            "| Model | CA (%) | ASR (%) | ASR without the trigger (%) | " + ("clean model's ASR (%) | " if floor else "")
            + "target-class CA (%) | CA change (points) | target-class CA change | training time (x no defense) | "
            "suspected labels (each seed) |",
            "|---|---|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
-  for name in names:
-    rows = [t[name] for t in tables]
-    base = [t.get(_baseline(name)) for t in tables]
-    paired = rows[0]["defense"] != "none" and all(b and b["status"] == "done" for b in base)
-    change = target_change = cost = "–"
-    if paired:
-      change = _spread([r["clean_accuracy"] - b["clean_accuracy"] for r, b in zip(rows, base)], signed=True)
-      if rows[0].get("target_class_accuracy") is not None and base[0].get("target_class_accuracy") is not None:
-        target_change = _spread([r["target_class_accuracy"] - b["target_class_accuracy"] for r, b in zip(rows, base)],
-                                signed=True)
-      cost = _spread([_training_seconds(r) / _training_seconds(b) for r, b in zip(rows, base)], scale=1.0)
-    lines.append(f"| {rows[0]['label']} | {_spread([r['clean_accuracy'] for r in rows])} | "
-                 f"{_spread([r['attack_success_rate'] for r in rows])} | "
-                 f"{_spread([r.get('untriggered_target_rate') for r in rows])} | "
-                 + (f"{_spread([r.get('floor_asr') for r in rows])} | " if floor else "")
-                 + f"{_spread([r.get('target_class_accuracy') for r in rows])} | {change} | {target_change} | {cost} | "
-                 f"{' / '.join(_cell(r, 'suspected_labels', 'labels') for r in rows)} |")
-  for table in tables:
-    lines += _other_data([r for r in table.values() if r["name"] in names])
+  for row in summary:
+    change, target_change, cost = (
+        "–" if row[k] is None else _spread(row[k], **kw)
+        for k, kw in (("clean_accuracy_change", {"signed": True}), ("target_class_accuracy_change", {"signed": True}),
+                      ("training_time_ratio", {"scale": 1.0})))
+    lines.append(f"| {row['label']} | {_spread(row['clean_accuracy'])} | {_spread(row['attack_success_rate'])} | "
+                 f"{_spread(row['untriggered_target_rate'])} | "
+                 + (f"{_spread(row['floor_asr'])} | " if floor else "")
+                 + f"{_spread(row['target_class_accuracy'])} | {change} | {target_change} | {cost} | "
+                 f"{' / '.join(row['suspected_cells'])} |")
+  if left_out:
+    lines += ["", "Not in the mean (not finished in every seed; each seed's report says how far a row got):",
+              *(f"- {line}" for line in left_out)]
+  names = {row["name"] for row in summary}
+  for w in workdirs:
+    lines += _other_data([r for r in collect(w) if r["name"] in names])
   return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
 """The results-table sweep: every selected row of configs/table.py in WORKDIR/<row>, its pictures, the report.
 Each attack row's final evaluation also applies its trigger to the clean row's model, where that row has finished
-(config.attack.floor_model).
+(config.attack.floor_model). With config.table.seeds ('0,1'), the whole table once per seed in WORKDIR/s<seed>/,
+and WORKDIR/report.md the mean and range over the seeds.
 
     table.run(config, workdir)   # skips finished rows, resumes an interrupted one, writes WORKDIR/report.md
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import json
 import os
 from typing import Any
 
@@ -45,6 +45,29 @@ def selected(config: ml_collections.ConfigDict) -> list[str]:
   return [n for n in order if n in wanted or pairs.get(n) in wanted]
 
 
+def seeds(config: ml_collections.ConfigDict) -> list[int]:
+  """The seeds config.table.seeds names ('0,1'), in order; [] where it is '' (the rows' own config.seed)."""
+  text = str(config.table.get("seeds", "")).strip()
+  if not text:
+    return []
+  allowed = "comma-separated distinct integers >= 0, e.g. '0,1', or '' for the rows' config.seed"
+  try:
+    out = [int(s) for s in text.split(",")]
+  except ValueError:
+    raise ValueError(f"config.table.seeds={text!r} is not a list of seeds; allowed: {allowed}") from None
+  if any(s < 0 for s in out) or len(set(out)) != len(out):
+    raise ValueError(f"config.table.seeds={text!r} repeats or has a negative seed; allowed: {allowed}")
+  if any(i.partition("=")[0].strip() == "seed" for i in config.table.set.split(";")):
+    raise ValueError(f"config.table.seeds={text!r} and config.table.set={config.table.set!r} both set the seed; "
+                     "keep one")
+  return out
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+  """Where one seed's table of a multi-seed sweep is (WORKDIR/s<seed>)."""
+  return os.path.join(workdir, f"s{seed}")
+
+
 def with_fields(row: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
   """A copy of `row` with 'group.field=value;...' set (values read as Python literals, else as strings)."""
   row = copy.deepcopy(row)
@@ -64,13 +87,16 @@ def with_fields(row: ml_collections.ConfigDict, spec: str) -> ml_collections.Con
   return row
 
 
-def _write_plan(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """WORKDIR/table.json: every row of the table (so the report shows rows not run yet as missing)."""
+def _write_plan(config: ml_collections.ConfigDict, workdir: str, seed_list: list[int] | None = None) -> None:
+  """WORKDIR/table.json: every row of the table (so the report shows rows not run yet as missing), and the seeds
+  where the sweep runs one table per seed."""
   rows = {n: {"attack": config.rows[n].attack.name, "defense": config.rows[n].defense.name,
               "poison_rate": config.rows[n].attack.poison_rate} for n in config.table.order}
+  plan = {"variant": config.table.variant, "order": list(config.table.order), "rows": rows}
+  if seed_list:
+    plan["seeds"] = seed_list
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "table.json"), "w") as f:
-    json.dump({"variant": config.table.variant, "order": list(config.table.order), "rows": rows}, f, indent=2)
+  workdir_files.write_json(os.path.join(workdir, "table.json"), plan)
 
 
 def _stale(picture: str, runs: list[str]) -> bool:
@@ -80,9 +106,13 @@ def _stale(picture: str, runs: list[str]) -> bool:
 
 
 def draw(workdir: str, names: list[str] | None = None) -> list[str]:
-  """Draws the finished rows' missing or outdated pictures (curves, isolation, each attack's gallery)."""
-  with open(os.path.join(workdir, "table.json")) as f:
-    plan = json.load(f)["rows"]
+  """Draws the finished rows' missing or outdated pictures (curves, isolation, each attack's gallery), in each
+  seed's table where the sweep has several."""
+  plan = workdir_files.read_json(os.path.join(workdir, "table.json"))
+  if "seeds" in plan:
+    tables = [seed_dir(workdir, s) for s in plan["seeds"]]
+    return [p for t in tables if os.path.exists(os.path.join(t, "table.json")) for p in draw(t, names)]
+  plan = plan["rows"]
   done = {n for n in plan if os.path.exists(os.path.join(workdir, n, "results.json"))}
   written = []
   for name in [n for n in (names or plan) if n in done]:
@@ -111,7 +141,11 @@ def _same_test_set(row: ml_collections.ConfigDict, clean: str) -> bool:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
-  """Runs the selected rows one after another, then writes the report; returns {row: results or None}."""
+  """Runs the selected rows one after another, then writes the report; returns {row: results or None}, or
+  {seed: that} where config.table.seeds names several."""
+  seed_list = seeds(config)
+  if seed_list:
+    return _run_seeds(config, workdir, seed_list, overwrite=overwrite)
   names = selected(config)
   rows = {n: with_fields(config.rows[n], config.table.set) for n in names}  # A bad field fails here, at once.
   if distributed.is_primary():  # Files once, by process 0 (docs/multihost.md); every process trains.
@@ -136,4 +170,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = Fa
     print(report.write(workdir))
   if failed:
     raise RuntimeError("table rows failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+  return results
+
+
+def _run_seeds(config: ml_collections.ConfigDict, workdir: str, seed_list: list[int], *,
+               overwrite: bool) -> dict[int, Any]:
+  """The table once per seed, in WORKDIR/s<seed>, then the report over the seeds."""
+  selected(config)  # A bad row name fails here, before any seed runs.
+  if distributed.is_primary():
+    _write_plan(config, workdir, seed_list)
+  results: dict[int, Any] = {}
+  failed: list[str] = []
+  for i, seed in enumerate(seed_list):
+    logging.info("table seed %d/%d: %d", i + 1, len(seed_list), seed)
+    one = copy.deepcopy(config)
+    one.table.seeds = ""
+    for name in one.rows:
+      one.rows[name].seed = seed
+    try:
+      results[seed] = run(one, seed_dir(workdir, seed), overwrite=overwrite)
+    except RuntimeError as e:  # Rows failed in this seed; the other seeds still run.
+      results[seed] = None
+      failed.append(f"seed {seed}: {e}")
+  if distributed.is_primary():
+    print(report.write(workdir))
+  if failed:
+    raise RuntimeError("; ".join(failed))
   return results

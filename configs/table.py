@@ -10,6 +10,7 @@ configs/abl_<attack>.py:<variant>; a finished row is skipped, an interrupted one
 Rows: --config.table.only=clean,sig_abl (row names, or pair names such as sig or wanet_1pct for both rows of
 the pair; '' = all).
 One row's field: --config.rows.sig_abl.abl.isolation_epochs=10; every row's: --config.table.set='abl.unlearning_epochs=5'.
+Several seeds: --config.table.seeds=0,1 (each seed's table in WORKDIR/s<seed>/, the report their mean and range).
 """
 import importlib
 
@@ -53,6 +54,8 @@ def get_config(variant: str = ""):
   c.table.variant = variant
   c.table.order = row_names()  # Row order of the sweep and the report.
   c.table.only = CPU_ROWS if variant in common.CPU_VARIANTS else ""  # Rows to run (names, attacks); '' = all.
+  c.table.seeds = ""  # Seeds, e.g. '0,1': the table once per seed in WORKDIR/s<seed>/, WORKDIR/report.md the
+  #                     mean and range over them; '' = once, with the rows' config.seed, in WORKDIR/<row>.
   c.table.set = ""  # Fields set in every row, e.g. the paper's unlearning:
   #                   'abl.unlearning_mode=ascent;abl.unlearning_loss=neg_ce;abl.joint_exclude_ratio=0.0'.
   c.table.plots = True  # Write each row's pictures (and each attack's gallery) once it is finished.

@@ -280,3 +280,60 @@ def test_runs_without_a_plan_are_ordered_clean_first_and_each_pair_together(tmp_
     _fake_run(tmp_path, name, attack, defense)
   assert [r["name"] for r in report.collect(str(tmp_path))] == [
       "clean", "badnets_none", "badnets_abl", "badnets_1pct_none", "badnets_1pct_abl", "sig_abl"]
+
+
+def test_table_seeds_are_read_and_bad_ones_refused_naming_the_field():
+  config = table_config.get_config("smoke")
+  assert table.seeds(config) == []
+  config.table.seeds = " 3,0 "
+  assert table.seeds(config) == [3, 0]
+  for bad in ("0,x", "1,1", "-1", "0,"):
+    config.table.seeds = bad
+    with pytest.raises(ValueError, match=r"config\.table\.seeds=.*allowed: comma-separated"):
+      table.seeds(config)
+  config.table.seeds, config.table.set = "0,1", "abl.gauge_epochs=2; seed=4"
+  with pytest.raises(ValueError, match=r"config\.table\.seeds='0,1' and config\.table\.set=.*keep one"):
+    table.seeds(config)
+
+
+def test_a_sweep_over_seeds_runs_each_seeds_table_and_reports_their_mean(tmp_path, monkeypatch):
+  ca = {("clean", 0): 0.60, ("clean", 1): 0.64, ("sig_none", 0): 0.62, ("sig_none", 1): 0.66,
+        ("sig_abl", 0): 0.61, ("sig_abl", 1): 0.63}
+  calls = []
+
+  def fake_run(c, run_dir, **kwargs):  # Writes what a finished run leaves, with CA by row and seed.
+    name = os.path.basename(run_dir)
+    calls.append((name, c.seed, c.attack.floor_model, run_dir))
+    if (name, c.seed) == ("sig_abl", 1) and [x[:2] for x in calls].count((name, 1)) == 1:
+      raise RuntimeError("no space left")  # The first try of one row fails; the sweep goes on.
+    _write(os.path.join(run_dir, "config.json"), workdir.config_json(c))
+    results = {**(SIG_ABL if c.defense.name == "abl" else CLEAN), "clean_accuracy": ca[name, c.seed],
+               "untriggered_target_rate": 0.03, "target_class_accuracy": 0.5 + c.seed / 10}
+    _write(os.path.join(run_dir, "results.json"), results)
+    return results
+
+  monkeypatch.setattr(experiment, "train_and_evaluate", fake_run)
+  config = table_config.get_config("smoke")
+  config.table.only, config.table.seeds, config.table.plots = "clean,sig", "0,1", False
+  root = tmp_path / "table"
+  with pytest.raises(RuntimeError, match="seed 1: table rows failed: sig_abl: RuntimeError: no space left"):
+    table.run(config, str(root))
+  assert [(n, s, f) for n, s, f, _ in calls] == [
+      ("clean", 0, ""), ("sig_none", 0, str(root / "s0" / "clean")), ("sig_abl", 0, str(root / "s0" / "clean")),
+      ("clean", 1, ""), ("sig_none", 1, str(root / "s1" / "clean")), ("sig_abl", 1, str(root / "s1" / "clean"))]
+  assert all(d == str(root / f"s{s}" / n) for n, s, _, d in calls)
+  text = (root / "report.md").read_text()
+  assert "Model trained using ABL against SIG attack" not in text  # Finished in one seed only: not in the mean,
+  assert f"- sig_abl: s1: missing: no run in {root / 's1' / 'sig_abl'}" in text  # and named with why,
+  assert "- not finished in any seed: badnets_none, badnets_abl, blend_none" in text  # the rows not selected too.
+  assert "| Model trained with SIG attack | 64.0 (62.0 to 66.0) |" in text
+  assert "[s0](s0/report.md), [s1](s1/report.md)" in text and (root / "s1" / "report.md").exists()
+  table.run(config, str(root))  # Every row again (experiment itself skips a finished run); the failed one finishes.
+  assert [c[:2] for c in calls[6:]] == [c[:2] for c in calls[:6]]
+  summary = json.loads((root / "report.json").read_text())
+  assert summary["seeds"] == [0, 1] and not [l for l in summary["left_out"] if "sig" in l]
+  abl_row = next(r for r in summary["rows"] if r["name"] == "sig_abl")
+  assert abl_row["clean_accuracy"] == [0.61, 0.63]
+  assert [round(x, 4) for x in abl_row["clean_accuracy_change"]] == [-0.01, -0.03]
+  assert [round(x, 4) for x in abl_row["target_class_accuracy_change"]] == [0.0, 0.0]
+  assert "| Model trained using ABL against SIG attack | 62.0 (61.0 to 63.0) |" in report.write(str(root))
