@@ -350,6 +350,40 @@ def two_means_split(projection: np.ndarray) -> float:
   return float((values[j] + values[j + 1]) / 2)
 
 
+def pursuit_direction(features: np.ndarray, dims: int, iterations: int = 100) -> tuple[np.ndarray, float]:
+  """Examples' `features` projected on the direction of largest skewness among their top `dims` principal
+  components, each scaled to unit variance (projection pursuit, started from each component), signed so that the
+  skewness is >= 0; and that skewness. Unlike the top singular direction it finds a minority whose shared feature
+  is not the label's largest spread."""
+  x = features.astype(np.float64) - features.mean(axis=0)
+  u, singular, _ = np.linalg.svd(x, full_matrices=False)
+  keep = int(min(dims, np.sum(singular > 1e-6 * max(singular[0], 1e-30))))
+  z = u[:, :keep] * np.sqrt(len(x))  # Whitened: every kept component has unit variance.
+  best, best_projection = 0.0, np.zeros(len(x))
+  for start in range(keep):
+    w = np.eye(keep)[start]
+    for _ in range(iterations):  # Fixed point of E[z (w.z)^2]: a stationary third moment (FastICA's update).
+      step = (z * ((z @ w) ** 2)[:, None]).mean(axis=0)
+      norm = np.linalg.norm(step)
+      if norm < 1e-12:
+        break
+      step /= norm
+      done = abs(step @ w) > 1 - 1e-10
+      w = step
+      if done:
+        break
+    projection = z @ w
+    skewness = float(np.mean(projection ** 3) / max(np.mean(projection ** 2), 1e-30) ** 1.5)
+    if abs(skewness) > abs(best):
+      best, best_projection = skewness, projection
+  return (best_projection if best >= 0 else -best_projection), abs(best)
+
+
+def within_rank(scores: np.ndarray) -> np.ndarray:
+  """Each score's rank among `scores` as a share in [0, 1): 0 for the lowest (stable for ties)."""
+  return np.argsort(np.argsort(scores, kind="stable"), kind="stable") / max(len(scores), 1)
+
+
 class Spectral(NamedTuple):
   """What abl.spectral_outliers found: flagged labels, the examples to disown, and every label's statistics."""
   flagged: np.ndarray  # Labels flagged by either test, ascending.
@@ -357,12 +391,17 @@ class Spectral(NamedTuple):
   skewness: np.ndarray  # [num_classes] size of the skewness of each label's top-direction projections.
   kurtosis: np.ndarray  # [num_classes] their kurtosis (0 for a label with fewer than 3 examples or no spread).
   bimodal: np.ndarray  # The flagged labels split in two (kurtosis test), ascending.
-  projection: np.ndarray  # [N] each example's projection on its label's top direction (long side positive).
+  projection: np.ndarray  # [N] each example's projection on its label's top direction (long side positive), or on
+  #                         the pursuit direction for a label the pursuit test flagged.
   cut: np.ndarray  # [num_classes] where a flagged label was cut (NaN elsewhere): suspects lie beyond it.
+  pursued: np.ndarray = np.zeros(0, np.int64)  # The flagged labels the pursuit test found, ascending.
+  pursuit_rank: np.ndarray = np.zeros(0)  # [num_classes] the pursuit tail's median loss rank in its label (NaN: not
+  #                                         run; the pursuit test off or the label flagged before it).
 
 
 def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarray, num_classes: int, skew: float,
-                      tail: float, kurtosis_below: float = 0.0) -> Spectral:
+                      tail: float, kurtosis_below: float = 0.0, pursuit_rank: float = 0.0,
+                      pursuit_dims: int = 16) -> Spectral:
   """Spectral signatures per label (Tran et al., 2018): each label's examples projected on the top singular
   direction of their centred `features`, two tests of that projection a label without poison passes, and the
   isolation losses `scores` to tell a backdoor, which the isolation model learns first, from hard examples.
@@ -375,12 +414,18 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
   suspected if their median score is below the rest of the label's (a clean label's long tail is its hardest
   examples; docs/defense.md).
 
+  Pursued (`pursuit_rank` > 0), for a label neither test flags: the same long tail along the most skewed direction
+  of its top `pursuit_dims` whitened principal components (`pursuit_direction`), suspected if the tail's median
+  loss rank within the label is below `pursuit_rank`: every label has a skewed direction, but a clean label's is
+  its hardest examples, and a trigger's minority is what the isolation model fits best.
+
   Two modes 4 standard deviations apart in equal shares give a kurtosis of 1.72, a normal 3; a minority of 3-20%
   3.5 standard deviations apart a skewness of about 0.9-1.2 (docs/defense.md has the labels measured without poison).
   """
   sizes, kurt, cuts = np.zeros(num_classes), np.zeros(num_classes), np.full(num_classes, np.nan)
+  ranks = np.full(num_classes, np.nan)
   projections = np.zeros(len(labels))
-  hits, flagged, bimodal = [], [], []
+  hits, flagged, bimodal, pursued = [], [], [], []
   for label in range(num_classes):
     mine = np.flatnonzero(labels == label)
     if len(mine) < 3:
@@ -395,20 +440,35 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
       if np.median(scores[mine[projection <= cut]]) < np.median(scores[mine[projection > cut]]):
         projection, cut = -projection, -cut  # The mode learned first on the positive side.
       bimodal.append(label)
-    elif skew > 0 and sizes[label] >= skew:
-      median = np.median(projection)
-      cut = median + tail * max(1.4826 * np.median(np.abs(projection - median)), 1e-12)
-      far = projection > cut
-      if not far.any() or far.all() or np.median(scores[mine[far]]) >= np.median(scores[mine[~far]]):
-        continue  # No tail, or one the isolation model fits worse than the rest: a clean label's hardest.
     else:
-      continue
+      cut = _tail_cut(projection, tail)
+      far = projection > cut
+      skewed = (skew > 0 and sizes[label] >= skew and far.any() and not far.all()
+                and np.median(scores[mine[far]]) < np.median(scores[mine[~far]]))  # Not a clean label's hardest.
+      if not skewed:
+        if pursuit_rank <= 0:
+          continue
+        projection, _ = pursuit_direction(features[mine], pursuit_dims)
+        cut = _tail_cut(projection, tail)
+        far = projection > cut
+        if not far.any() or far.all():
+          continue
+        ranks[label] = float(np.median(within_rank(scores[mine])[far]))
+        if ranks[label] >= pursuit_rank:
+          continue
+        pursued.append(label)
     projections[mine], cuts[label] = projection, cut
     hits.append(mine[projection > cut])
     flagged.append(label)
   suspected = np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
   return Spectral(np.asarray(flagged, np.int64), suspected, sizes, kurt, np.asarray(bimodal, np.int64), projections,
-                  cuts)
+                  cuts, np.asarray(pursued, np.int64), ranks)
+
+
+def _tail_cut(projection: np.ndarray, tail: float) -> float:
+  """`tail` robust standard deviations (1.4826 MAD) above the median of `projection`."""
+  median = np.median(projection)
+  return float(median + tail * max(1.4826 * np.median(np.abs(projection - median)), 1e-12))
 
 
 def lowest_rank(scores: list[np.ndarray]) -> np.ndarray:

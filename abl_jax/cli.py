@@ -147,8 +147,13 @@ _RULES = (
     ("config.abl.spectral_kurtosis", lambda c: not (_distills(c) and c.abl.kept_out == "distill"),
      "it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
      "abl.kept_out='distill'), which it disowns through"),
-    ("config.abl.spectral_tail", lambda c: not (_distills(c) and c.abl.kept_out == "distill" and c.abl.spectral_skew),
-     "it applies with abl.spectral_skew > 0 where every pool example trains toward the judge's probabilities"),
+    ("config.abl.spectral_pursuit", lambda c: not (_distills(c) and c.abl.kept_out == "distill"),
+     "it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
+     "abl.kept_out='distill'), which it disowns through"),
+    ("config.abl.spectral_tail", lambda c: not (_distills(c) and c.abl.kept_out == "distill"
+                                                and (c.abl.spectral_skew or c.abl.spectral_pursuit)),
+     "it applies with abl.spectral_skew or abl.spectral_pursuit > 0 where every pool example trains toward the "
+     "judge's probabilities"),
     ("config.abl.own_above", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),

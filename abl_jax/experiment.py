@@ -100,6 +100,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (config.abl.spectral_kurtosis == 0 or 1 < config.abl.spectral_kurtosis < 3):
     raise ValueError(f"config.abl.spectral_kurtosis={config.abl.spectral_kurtosis} must be 0 (off) or in (1, 3) "
                      "(two equal point masses give 1, a normal 3)")
+  if not 0 <= config.abl.spectral_pursuit < 1:
+    raise ValueError(f"config.abl.spectral_pursuit={config.abl.spectral_pursuit} must be 0 (off) or in (0, 1) "
+                     "(a median loss rank within the label)")
+  if not (isinstance(config.abl.spectral_pursuit_dims, int) and config.abl.spectral_pursuit_dims >= 2):
+    raise ValueError(f"config.abl.spectral_pursuit_dims={config.abl.spectral_pursuit_dims} must be an integer >= 2")
   if not config.abl.spectral_tail > 0:
     raise ValueError(f"config.abl.spectral_tail={config.abl.spectral_tail} must be > 0")
   if config.abl.finetune_init == "gauge" and not (config.abl.gauge_epochs and config.abl.return_rule == "agree"):

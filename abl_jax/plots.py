@@ -172,13 +172,16 @@ def plot_spectral(workdir: str, path: str) -> str | None:
       ax.axvline(cuts[label], color="black", ls="--", lw=1,
                  label=f"cut: {int(suspected[mine].sum())} suspects ({int((suspected & mask)[mine].sum())} poisoned)")
       ax.legend(fontsize=7)
+    ranks = saved["spectral_pursuit_rank"] if "spectral_pursuit_rank" in saved else np.full(len(cuts), np.nan)
+    pursued = "" if np.isnan(ranks[label]) else f", pursuit rank {ranks[label]:.2f}"
     ax.set_title(f"label {label}: skew {saved['spectral_skewness'][label]:.2f}, "
-                 f"kurt {saved['spectral_kurtosis'][label]:.2f}", fontsize=9, color="tab:red" if flagged else "black")
+                 f"kurt {saved['spectral_kurtosis'][label]:.2f}{pursued}", fontsize=9,
+                 color="tab:red" if flagged else "black")
     ax.set_yscale("log")
   for ax in axes.ravel()[len(classes):]:
     ax.axis("off")
-  fig.suptitle("isolation-model features on each label's top direction (flagged labels in red; suspects right of "
-               "the cut)", fontsize=10)
+  fig.suptitle("isolation-model features on each label's top direction (a label the pursuit test flagged: on its "
+               "most skewed whitened direction; flagged labels in red; suspects right of the cut)", fontsize=10)
   fig.tight_layout()
   return _save(fig, path)
 

@@ -300,7 +300,8 @@ def seeds_markdown(workdirs: list[str]) -> str:
   seeds_summary's values, each seed's suspected labels; the rows left out, and rows trained on other data."""
   summary, left_out = seeds_summary(workdirs)
   floor = any(v is not None for row in summary for v in row["floor_asr"])
-  lines = [f"Mean over {len(workdirs)} seeds (min to max): {', '.join(workdirs)}", "",
+  title = f"Mean over {len(workdirs)} seeds (min to max)" if len(workdirs) > 1 else "One seed"
+  lines = [f"{title}: {', '.join(workdirs)}", "",
            "| Model | CA (%) | ASR (%) | ASR without the trigger (%) | " + ("clean model's ASR (%) | " if floor else "")
            + "target-class CA (%) | CA change (points) | target-class CA change | training time (x no defense) | "
            "suspected labels (each seed) |",

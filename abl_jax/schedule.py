@@ -283,16 +283,19 @@ def isolate(run: Run) -> None:
     run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
     if _spectral(a):
       found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
-                                    a.spectral_tail, a.spectral_kurtosis)
+                                    a.spectral_tail, a.spectral_kurtosis, a.spectral_pursuit,
+                                    a.spectral_pursuit_dims)
   spectral = {}
   if _spectral(a):
     run.suspected = found.suspected
     spectral = {"suspected": run.suspected, "spectral_skewness": found.skewness,
                 "spectral_kurtosis": found.kurtosis, "spectral_projection": found.projection,
-                "spectral_cut": found.cut}
-    logging.info("spectral signatures: skewness by label %s, kurtosis %s; flagged %s (split in two: %s), %d examples "
-                 "to disown", np.round(found.skewness, 2).tolist(), np.round(found.kurtosis, 2).tolist(),
-                 found.flagged.tolist() or "none", found.bimodal.tolist() or "none", len(run.suspected))
+                "spectral_cut": found.cut, "spectral_pursuit_rank": found.pursuit_rank}
+    logging.info("spectral signatures: skewness by label %s, kurtosis %s%s; flagged %s (split in two: %s%s), %d "
+                 "examples to disown", np.round(found.skewness, 2).tolist(), np.round(found.kurtosis, 2).tolist(),
+                 f", pursuit tail's loss rank {np.round(found.pursuit_rank, 2).tolist()}" if a.spectral_pursuit else "",
+                 found.flagged.tolist() or "none", found.bimodal.tolist() or "none",
+                 f"; pursued: {found.pursued.tolist() or 'none'}" if a.spectral_pursuit else "", len(run.suspected))
   run.pool = _pool(run)
   isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
@@ -305,6 +308,7 @@ def isolate(run: Run) -> None:
   if spectral:
     stats.update({"spectral_labels": [int(k) for k in found.flagged],
                   "spectral_bimodal_labels": [int(k) for k in found.bimodal],
+                  "spectral_pursued_labels": [int(k) for k in found.pursued],
                   "spectral_skewness": [round(float(v), 3) for v in found.skewness],
                   "spectral_kurtosis": [round(float(v), 3) for v in found.kurtosis],
                   "spectral_suspected": len(run.suspected),
@@ -324,9 +328,10 @@ def isolate(run: Run) -> None:
 
 
 def _spectral(a: ml_collections.ConfigDict) -> bool:
-  """Whether spectral signatures (config.abl.spectral_skew, spectral_kurtosis) apply: their suspects are disowned
-  through a judge that distills the pool."""
-  return bool(a.spectral_skew or a.spectral_kurtosis) and a.return_rule != "none" and a.kept_out == "distill"
+  """Whether spectral signatures (config.abl.spectral_skew, spectral_kurtosis, spectral_pursuit) apply: their
+  suspects are disowned through a judge that distills the pool."""
+  return (bool(a.spectral_skew or a.spectral_kurtosis or a.spectral_pursuit) and a.return_rule != "none"
+          and a.kept_out == "distill")
 
 
 def _pool(run: Run) -> np.ndarray:

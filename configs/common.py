@@ -152,7 +152,17 @@ def base_config() -> ml_collections.ConfigDict:
   #                                modes 4 standard deviations apart give 1.72, a uniform 1.8, a normal 3; labels
   #                                without poison measured at least 2.33, half-poisoned ones 1.16-1.50 where the
   #                                trigger separates them (docs/defense.md, session 16).
-  c.abl.spectral_tail = 2.0  # spectral_skew: robust standard deviations (1.4826 MAD) beyond the median (> 0).
+  c.abl.spectral_pursuit = 0.0  # distill: > 0 (in (0, 1)) also tests each label neither test above flags along
+  #                               the most skewed direction of its features' top spectral_pursuit_dims principal
+  #                               components scaled to unit variance (projection pursuit): its examples beyond
+  #                               spectral_tail on the long side join the pool and are disowned if their median
+  #                               isolation-loss rank within the label is below this (a trigger's minority is
+  #                               fitted first, a clean label's tail there is its hardest examples); 0 = off.
+  #                               Measured: poisoned tails 0.07-0.18, labels without poison at least 0.26
+  #                               (docs/defense.md, session 28).
+  c.abl.spectral_pursuit_dims = 16  # spectral_pursuit: principal components searched (>= 2).
+  c.abl.spectral_tail = 2.0  # spectral_skew, spectral_pursuit: robust standard deviations (1.4826 MAD) beyond the
+  #                            median (> 0).
   c.abl.spectral_judged = False  # class_outlier_z: True treats a label spectral signatures flagged as an outlier
   #                                label too (its examples outside the pool the gauge rejects are disowned, a second
   #                                gauge judges again): the poison outside the suspects (docs/defense.md, session 17).

@@ -340,6 +340,31 @@ def test_spectral_outliers_flag_the_label_with_a_separate_minority_learned_first
   assert not len(found.flagged) and not len(found.suspected) and found.skewness[0] > 2.0
 
 
+def test_the_pursuit_test_finds_a_minority_off_the_top_direction_only_where_it_is_learned_first():
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0, 1], 1000)
+  features = rng.normal(size=(2000, 32)) * np.r_[6.0, 5.0, 4.0, np.ones(29)]  # Largest spread on units 0-2,
+  features[900:1000, 5] += 4.0  # and a tenth of label 0 shares a shift on a unit of small spread.
+  scores = rng.uniform(0.5, 2.0, size=2000)
+  scores[900:1000] = rng.uniform(0.0, 0.3, size=100)  # The isolation model fits that tenth first.
+  off = abl.spectral_outliers(features, labels, scores, 2, skew=0.8, tail=2.0, kurtosis_below=1.8)
+  assert not len(off.flagged) and off.skewness[0] < 0.3 and np.isnan(off.pursuit_rank).all()  # Top direction: blind.
+  found = abl.spectral_outliers(features, labels, scores, 2, skew=0.8, tail=2.0, kurtosis_below=1.8,
+                                pursuit_rank=0.2, pursuit_dims=16)
+  np.testing.assert_array_equal(found.flagged, [0])
+  np.testing.assert_array_equal(found.pursued, [0])
+  suspected = found.suspected
+  assert np.isin(suspected, np.arange(900, 1000)).sum() >= 85 and np.isin(suspected, np.arange(900)).sum() <= 15
+  np.testing.assert_array_equal(suspected, np.flatnonzero(found.projection[:1000] > found.cut[0]))  # Its direction.
+  assert found.pursuit_rank[0] < 0.1 and found.pursuit_rank[1] > 0.2 and np.isnan(found.cut[1])
+  _, skewness = abl.pursuit_direction(features[:1000], 16)
+  assert skewness > 1.0  # What the top direction's 0.3 misses.
+  scores[900:1000] = rng.uniform(2.0, 3.0, size=100)  # The same minority fitted worst: a clean label's hardest.
+  found = abl.spectral_outliers(features, labels, scores, 2, skew=0.8, tail=2.0, kurtosis_below=1.8,
+                                pursuit_rank=0.2, pursuit_dims=16)
+  assert not len(found.flagged) and found.pursuit_rank[0] > 0.9
+
+
 def test_spectral_outliers_split_a_label_in_two_and_suspect_the_half_learned_first():
   rng = np.random.default_rng(1)
   labels = np.repeat([0, 1, 2], 200)
@@ -673,6 +698,28 @@ def test_spectral_kurtosis_splits_labels_and_disowns_the_half_with_the_lower_iso
   assert not np.isin(suspected, saved["owned"]).any()
 
 
+def test_the_pursuit_test_disowns_its_suspects_and_records_each_labels_tail_rank(tmp_path):
+  # A rank cut-off of 0.45 flags the synthetic labels whose pursuit tail the isolation model fits better than most.
+  config = smoke.config(**{**SPECTRAL, "abl__spectral_skew": 0.0, "abl__spectral_pursuit": 0.45,
+                           "abl__spectral_pursuit_dims": 4})
+  experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)
+  iso = np.load(tmp_path / "isolation.npz")
+  suspected, scores, train_labels, ranks = iso["suspected"], iso["scores"], iso["labels"], iso["spectral_pursuit_rank"]
+  summary = json.loads((tmp_path / "isolation.json").read_text())
+  pursued = summary["spectral_pursued_labels"]
+  assert pursued and pursued == summary["spectral_labels"] and set(train_labels[suspected]) == set(pursued)
+  np.testing.assert_array_equal(np.flatnonzero(ranks < 0.45), pursued)  # Every label ranked; the low ones flagged.
+  for label in pursued:
+    mine = np.flatnonzero(train_labels == label)
+    tail = np.isin(mine, suspected)
+    np.testing.assert_array_equal(tail, iso["spectral_projection"][mine] > iso["spectral_cut"][label])
+    assert np.median(abl.within_rank(scores[mine])[tail]) == pytest.approx(ranks[label])
+  assert np.isin(suspected, iso["pool"]).all()
+  experiment.train_and_evaluate(config, str(tmp_path))
+  saved = np.load(tmp_path / "returned.npz")
+  np.testing.assert_array_equal(saved["spectral_disowned"], suspected)
+
+
 def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(tmp_path):
   config = smoke.config(**{**SPECTRAL, "abl__kept_out": "relabel"})
   experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)
@@ -684,6 +731,8 @@ def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(
     ("abl__spectral_skew", -0.5, r"config\.abl\.spectral_skew=-0\.5 must be 0 \(off\) or > 0"),
     ("abl__spectral_tail", 0.0, r"config\.abl\.spectral_tail=0\.0 must be > 0"),
     ("abl__spectral_kurtosis", 3.0, r"config\.abl\.spectral_kurtosis=3\.0 must be 0 \(off\) or in \(1, 3\)"),
+    ("abl__spectral_pursuit", 1.0, r"config\.abl\.spectral_pursuit=1\.0 must be 0 \(off\) or in \(0, 1\)"),
+    ("abl__spectral_pursuit_dims", 1, r"config\.abl\.spectral_pursuit_dims=1 must be an integer >= 2"),
 ])
 def test_spectral_fields_are_checked(field, value, message, tmp_path):
   with pytest.raises(ValueError, match=message):
