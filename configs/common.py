@@ -158,8 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                               spectral_tail on the long side join the pool and are disowned if their median
   #                               isolation-loss rank within the label is below this (a trigger's minority is
   #                               fitted first, a clean label's tail there is its hardest examples); 0 = off.
-  #                               Measured: poisoned tails 0.07-0.18, labels without poison at least 0.26
-  #                               (docs/defense.md, session 28).
+  #                               Measured (session 28): poisoned tails 0.09-0.18 where it finds them, labels
+  #                               without poison down to 0.22, and 0.06 and 0.14 on two of about 40 runs: an
+  #                               option, not the default (docs/defense.md).
   c.abl.spectral_pursuit_dims = 16  # spectral_pursuit: principal components searched (>= 2).
   c.abl.spectral_tail = 2.0  # spectral_skew, spectral_pursuit: robust standard deviations (1.4826 MAD) beyond the
   #                            median (> 0).
