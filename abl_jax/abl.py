@@ -441,7 +441,7 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
         projection, cut = -projection, -cut  # The mode learned first on the positive side.
       bimodal.append(label)
     else:
-      cut = _tail_cut(projection, tail)
+      cut = tail_cut(projection, tail)
       far = projection > cut
       skewed = (skew > 0 and sizes[label] >= skew and far.any() and not far.all()
                 and np.median(scores[mine[far]]) < np.median(scores[mine[~far]]))  # Not a clean label's hardest.
@@ -449,7 +449,7 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
         if pursuit_rank <= 0:
           continue
         projection, _ = pursuit_direction(features[mine], pursuit_dims)
-        cut = _tail_cut(projection, tail)
+        cut = tail_cut(projection, tail)
         far = projection > cut
         if not far.any() or far.all():
           continue
@@ -465,7 +465,7 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
                   cuts, np.asarray(pursued, np.int64), ranks)
 
 
-def _tail_cut(projection: np.ndarray, tail: float) -> float:
+def tail_cut(projection: np.ndarray, tail: float) -> float:
   """`tail` robust standard deviations (1.4826 MAD) above the median of `projection`."""
   median = np.median(projection)
   return float(median + tail * max(1.4826 * np.median(np.abs(projection - median)), 1e-12))

@@ -13,7 +13,9 @@ among the 1.5 x (poisoned count) examples with the largest squared projection (t
 `lda_auroc`: a linear discriminant fitted with the mask on half of the label, ranked on the other half (the most
 any linear reading of these features could separate). Also the
 long tail that `abl.spectral_outliers` would take (beyond 2 robust standard deviations on the long side) and the
-median rank of its examples' isolation losses within the label (WORKDIR/isolation.npz; 0 = fitted best).
+median rank of its examples' isolation losses within the label (WORKDIR/isolation.npz; 0 = fitted best), and the
+same along the pursuit direction (`abl.pursuit_direction`, `--pursuit_dims` whitened components; the rank
+`abl.spectral_pursuit` compares), with that tail's size, its poisoned examples, and the direction's skewness.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
-                scores: np.ndarray | None = None, tail: float = 2.0) -> list[dict[str, Any]]:
+                scores: np.ndarray | None = None, tail: float = 2.0, pursuit_dims: int = 16) -> list[dict[str, Any]]:
   """Per training label: the spectral statistics of its centred features (see the module docstring)."""
   rows = []
   for label in np.unique(labels):
@@ -57,6 +59,11 @@ def label_stats(features: np.ndarray, labels: np.ndarray, poisoned: np.ndarray,
            "sv1_over_sv2": float(singular[0] / singular[1]), "skewness": skewness,
            "kurtosis": abl.kurtosis(projection), "tail": None, "tail_loss_rank": None,
            "auroc": None, "recall_at_1.5x": None, "lda_auroc": None}
+    pursued, row["pursuit_skewness"] = abl.pursuit_direction(features[mine], pursuit_dims)
+    beyond = pursued > abl.tail_cut(pursued, tail)
+    row.update(pursuit_tail=int(beyond.sum()), pursuit_tail_poisoned=int(poisoned[mine][beyond].sum()),
+               pursuit_rank=(float(np.median(abl.within_rank(scores[mine])[beyond]))
+                             if scores is not None and beyond.any() else None))
     median = np.median(projection)
     far = projection - median > tail * 1.4826 * np.median(np.abs(projection - median))
     row["tail"] = int(far.sum())
@@ -94,6 +101,7 @@ def main() -> None:
   parser.add_argument("--checkpoint", type=int, default=None,
                       help="A step in WORKDIR/checkpoints (global epochs); default: WORKDIR/isolation_model.")
   parser.add_argument("--json", action="store_true", help="Print one JSON line instead of a markdown table.")
+  parser.add_argument("--pursuit_dims", type=int, default=16, help="Whitened principal components the pursuit searches.")
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, "config.json")):
     sys.exit(f"spectral.py: {args.workdir}/config.json is missing; give it a run's workdir")
@@ -106,7 +114,8 @@ def main() -> None:
                          config.train.eval_batch_size)
   iso = os.path.join(args.workdir, "isolation.npz")
   scores = np.load(iso)["scores"] if os.path.exists(iso) else None
-  rows = label_stats(features, prep.train.labels, np.asarray(prep.is_poisoned, bool), scores)
+  rows = label_stats(features, prep.train.labels, np.asarray(prep.is_poisoned, bool), scores,
+                     pursuit_dims=args.pursuit_dims)
   which = "isolation_model" if args.checkpoint is None else f"checkpoints/{args.checkpoint}"
   if args.json:
     print(json.dumps({"workdir": args.workdir, "model": which, "labels": rows}))

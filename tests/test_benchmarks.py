@@ -206,6 +206,8 @@ def test_spectral_stats_find_a_poisoned_cluster_and_features_feed_the_last_layer
   rows = {r["label"]: r for r in spectral.label_stats(features, labels, poisoned, scores)}
   assert rows[0]["tail"] == 10 and rows[0]["tail_loss_rank"] == pytest.approx(0.045)
   assert rows[1]["tail"] == 1 and rows[1]["tail_loss_rank"] == pytest.approx(0.19)
+  assert rows[0]["pursuit_tail_poisoned"] == 10 and rows[0]["pursuit_tail"] <= 12  # The shifted ten, fitted first,
+  assert rows[0]["pursuit_rank"] < 0.06 and rows[1]["pursuit_rank"] > 0.3  # and a clean label's tail of the rest.
   # On a real run, the captured features through the last Dense layer give the model's own probabilities.
   root, _, _ = runs
   config = smoke.config()
