@@ -420,3 +420,20 @@ def test_finetune_probe_keeps_the_frozen_units_out_of_the_last_layer_to_the_end(
   kernel = np.asarray(variables["params"]["Dense_0"]["kernel"])
   zero_rows = np.flatnonzero(~kernel.any(axis=1))
   assert sorted(zero_rows.tolist()) == sorted(units)  # Only those: the others trained on.
+
+
+def test_candidate_trigger_adds_the_tails_mean_image_and_counts_the_labels_predictions():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import candidate_trigger  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0, 1, 2], 300)
+  images = rng.integers(0, 100, size=(900, 4, 4, 3)).astype(np.uint8)
+  features = rng.normal(size=(900, 8))
+  features[:30, 3] += 6.0  # A tenth of label 0 apart in the features,
+  images[:30, 0, 0, :] = 255  # and carrying a bright corner pixel: the trigger.
+  predict = lambda x: np.where(x[:, 0, 0, 0] > 150, 0, 9)  # Learned the trigger: the corner means label 0.
+  rows = candidate_trigger.label_rises(predict, images, labels, features, 3, sample=400, dims=8)
+  assert set(range(30)) <= set(rows[0]["tail"].tolist()) and len(rows[0]["tail"]) <= 35
+  assert rows[0]["before"] == 0.0 and rows[0]["after"] == 1.0  # The tail's mean adds the corner: every image moves.
+  assert rows[1]["after"] == rows[1]["before"] == 0.0 and rows[2]["after"] == 0.0  # Other labels' tails add none.
+  assert rows[0]["change"] > rows[1]["change"]
