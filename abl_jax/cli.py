@@ -86,6 +86,15 @@ def _outliers(config):
 
 _DISTILLED = "it applies where the pool is distilled (abl.return_rule=agree, abl.kept_out=distill)"
 
+
+def _disowns(config):
+  """Whether every pool example trains toward the judge's probabilities: the spectral tests disown through it."""
+  return _distills(config) and config.abl.kept_out == "distill"
+
+
+_SPECTRAL = ("it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
+             "abl.kept_out='distill'), which it disowns through")
+
 # (field prefix, whether this run ignores it, what does apply instead).
 _RULES = (
     ("config.abl.", lambda c: c.defense.name == "none",
@@ -141,17 +150,9 @@ _RULES = (
      "it applies where a gauge distills the pool and outlier labels are looked for (abl.gauge_epochs > 0, "
      "abl.class_outlier_z > 0, abl.disown_below > 0), with abl.relearned_at > 0 and a fine-tuning epoch after the "
      "check (abl.finetune_epochs >= 2)"),
-    ("config.abl.spectral_skew", lambda c: not (_distills(c) and c.abl.kept_out == "distill"),
-     "it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
-     "abl.kept_out='distill'), which it disowns through"),
-    ("config.abl.spectral_kurtosis", lambda c: not (_distills(c) and c.abl.kept_out == "distill"),
-     "it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
-     "abl.kept_out='distill'), which it disowns through"),
-    ("config.abl.spectral_pursuit", lambda c: not (_distills(c) and c.abl.kept_out == "distill"),
-     "it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
-     "abl.kept_out='distill'), which it disowns through"),
-    ("config.abl.spectral_tail", lambda c: not (_distills(c) and c.abl.kept_out == "distill"
-                                                and (c.abl.spectral_skew or c.abl.spectral_pursuit)),
+    *((f"config.abl.{test}", lambda c: not _disowns(c), _SPECTRAL)
+      for test in ("spectral_skew", "spectral_kurtosis", "spectral_pursuit")),
+    ("config.abl.spectral_tail", lambda c: not (_disowns(c) and (c.abl.spectral_skew or c.abl.spectral_pursuit)),
      "it applies with abl.spectral_skew or abl.spectral_pursuit > 0 where every pool example trains toward the "
      "judge's probabilities"),
     ("config.abl.own_above", lambda c: not _distills(c),

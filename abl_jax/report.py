@@ -209,8 +209,8 @@ def _write_seeds(workdir: str, seed_list: list[int]) -> str:
     text = f"No seed's table has started yet ({', '.join(tables)}); run the sweep first.\n"
     summary, left_out = [], []
   else:
-    text = seeds_markdown(started)
-    summary, left_out = seeds_summary(started)
+    summary, left_out, other = seeds_summary(started)
+    text = _seeds_markdown(started, summary, left_out, other)
     missing = [t for t in tables if t not in started]
     links = ", ".join(f"[{os.path.basename(t)}]({os.path.basename(t)}/report.md)" for t in started)
     text += f"\nEach seed's table: {links}." + (f" Not started: {', '.join(missing)}." if missing else "") + "\n"
@@ -257,12 +257,12 @@ def _spread(values: list[float | None], scale: float = 100.0, signed: bool = Fal
   return mean if len(v) == 1 else f"{mean} ({fmt.format(min(v))} to {fmt.format(max(v))})"
 
 
-def seeds_summary(workdirs: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+def seeds_summary(workdirs: list[str]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
   """The rows finished in every workdir (one workdir per seed, rows named alike), each with its per-seed values
   (in workdir order) of CA, ASR, the untriggered target rate, the clean model's ASR, the target class's CA, and,
   against the same seed's no-defense row, the CA and target-class CA change and the training time's ratio (None
-  where a seed lacks it); and a line for each row finished in some seeds only, naming the others and why, and one
-  naming the rows finished in none."""
+  where a seed lacks it); a line for each row finished in some seeds only, naming the others and why, and one
+  naming the rows finished in none; and the warnings for those rows trained on other data than their baseline."""
   tables = [{r["name"]: r for r in collect(w)} for w in workdirs]
   names = [n for n in tables[0] if all(t.get(n, {}).get("status") == "done" for t in tables)]
   done_somewhere = [n for n in tables[0] if n not in names and any(t.get(n, {}).get("status") == "done" for t in tables)]
@@ -292,13 +292,17 @@ def seeds_summary(workdirs: list[str]) -> tuple[list[dict[str, Any]], list[str]]
         "training_time_ratio": ([_training_seconds(r) / _training_seconds(b) for r, b in zip(rows, base)]
                                 if paired else None),
         "suspected_cells": [_cell(r, "suspected_labels", "labels") for r in rows]})
-  return summary, left_out
+  other = [line for t in tables for line in _other_data([r for n, r in t.items() if n in names])]
+  return summary, left_out, other
 
 
 def seeds_markdown(workdirs: list[str]) -> str:
   """One line per row finished in every workdir (one workdir per seed): the mean and the range over seeds of
   seeds_summary's values, each seed's suspected labels; the rows left out, and rows trained on other data."""
-  summary, left_out = seeds_summary(workdirs)
+  return _seeds_markdown(workdirs, *seeds_summary(workdirs))
+
+
+def _seeds_markdown(workdirs: list[str], summary: list[dict[str, Any]], left_out: list[str], other: list[str]) -> str:
   floor = any(v is not None for row in summary for v in row["floor_asr"])
   title = f"Mean over {len(workdirs)} seeds (min to max)" if len(workdirs) > 1 else "One seed"
   lines = [f"{title}: {', '.join(workdirs)}", "",
@@ -319,10 +323,7 @@ def seeds_markdown(workdirs: list[str]) -> str:
   if left_out:
     lines += ["", "Not in the mean (not finished in every seed; each seed's report says how far a row got):",
               *(f"- {line}" for line in left_out)]
-  names = {row["name"] for row in summary}
-  for w in workdirs:
-    lines += _other_data([r for r in collect(w) if r["name"] in names])
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + other) + "\n"
 
 
 def unlearning_table(runs: dict[str, str]) -> str:

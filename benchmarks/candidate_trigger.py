@@ -22,7 +22,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
 import jax  # noqa: E402
 
-from abl_jax import abl, checkpoint, experiment, train, workdir  # noqa: E402
+from abl_jax import abl, train  # noqa: E402
+from benchmarks import spectral  # noqa: E402
 
 Predict = Callable[[np.ndarray], np.ndarray]  # uint8 images -> predicted classes.
 
@@ -55,11 +56,7 @@ def main() -> None:
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, "isolation_model")):
     sys.exit(f"candidate_trigger.py: {args.workdir}/isolation_model is missing; give it an ABL run's workdir")
-  config = workdir.run_config(args.workdir)
-  prep = experiment.prepare(config)
-  model = experiment._model(config, prep.train)  # pylint: disable=protected-access
-  variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:],
-                                           "isolation_model", None)
+  config, prep, model, variables = spectral.restored(args.workdir)
   run = train.predictor(model, variables, config.data.mean, config.data.std, config.train.eval_batch_size,
                         train.make_mesh(jax.local_devices()), features=True)
   images, labels = prep.train.images, prep.train.labels

@@ -41,6 +41,16 @@ def penultimate(model: nn.Module, variables: Any, images: np.ndarray, mean: Any,
   return predict(images, np.zeros(len(images), np.int32))[2]
 
 
+def restored(run_dir: str, where: tuple[str, int | None] = ("isolation_model", None)) -> tuple[Any, Any, Any, Any]:
+  """A finished run's config, prepared data, model and variables (`where`: WORKDIR/isolation_model, or
+  ("checkpoints", step))."""
+  config = workdir.run_config(run_dir)
+  prep = experiment.prepare(config)
+  model = experiment._model(config, prep.train)  # pylint: disable=protected-access
+  variables = checkpoint.restore_variables(run_dir, model, config, prep.train.images.shape[1:], *where)
+  return config, prep, model, variables
+
+
 def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
   """P(a positive scores above a negative), ties counted half."""
   above = (positive[:, None] > negative[None, :]).mean()
@@ -105,11 +115,8 @@ def main() -> None:
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, "config.json")):
     sys.exit(f"spectral.py: {args.workdir}/config.json is missing; give it a run's workdir")
-  config = workdir.run_config(args.workdir)
-  prep = experiment.prepare(config)
-  model = experiment._model(config, prep.train)  # pylint: disable=protected-access
   where = ("isolation_model", None) if args.checkpoint is None else ("checkpoints", args.checkpoint)
-  variables = checkpoint.restore_variables(args.workdir, model, config, prep.train.images.shape[1:], *where)
+  config, prep, model, variables = restored(args.workdir, where)
   features = penultimate(model, variables, prep.train.images, config.data.mean, config.data.std,
                          config.train.eval_batch_size)
   iso = os.path.join(args.workdir, "isolation.npz")
