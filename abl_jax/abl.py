@@ -379,6 +379,27 @@ def pursuit_direction(features: np.ndarray, dims: int, iterations: int = 100) ->
   return (best_projection if best >= 0 else -best_projection), abs(best)
 
 
+def candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np.ndarray, num_classes: int,
+                       tail: float, dims: int) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Per label, a candidate trigger: the mean image of its pursuit tail (`pursuit_direction` on the examples'
+  `features`, beyond `tail` robust standard deviations) minus the mean of the rest of the label's images
+  ([num_classes, H, W, C] float32, pixel units; zeros for a label with fewer than 3 examples), and each tail's
+  example indices. A trigger shared by a minority of a label is what such a minority's images have in common."""
+  deltas = np.zeros((num_classes,) + images.shape[1:], np.float32)
+  tails = []
+  for label in range(num_classes):
+    mine = np.flatnonzero(labels == label)
+    far = np.zeros(len(mine), bool)
+    if len(mine) >= 3:
+      projection, _ = pursuit_direction(features[mine], dims)
+      far = projection > tail_cut(projection, tail)
+    if far.any() and not far.all():
+      deltas[label] = (images[mine[far]].astype(np.float32).mean(0)
+                       - images[mine[~far]].astype(np.float32).mean(0))
+    tails.append(mine[far])
+  return deltas, tails
+
+
 def within_rank(scores: np.ndarray) -> np.ndarray:
   """Each score's rank among `scores` as a share in [0, 1): 0 for the lowest (stable for ties)."""
   return np.argsort(np.argsort(scores, kind="stable"), kind="stable") / max(len(scores), 1)

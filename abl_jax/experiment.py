@@ -105,6 +105,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "(a median loss rank within the label)")
   if not (isinstance(config.abl.spectral_pursuit_dims, int) and config.abl.spectral_pursuit_dims >= 2):
     raise ValueError(f"config.abl.spectral_pursuit_dims={config.abl.spectral_pursuit_dims} must be an integer >= 2")
+  if not 0 <= config.abl.candidate_triggers <= 1:
+    raise ValueError(f"config.abl.candidate_triggers={config.abl.candidate_triggers} must be 0 (off) or in (0, 1] "
+                     "(the share of each fine-tuning batch given another label's candidate trigger)")
   if not config.abl.spectral_tail > 0:
     raise ValueError(f"config.abl.spectral_tail={config.abl.spectral_tail} must be > 0")
   if config.abl.finetune_init == "gauge" and not (config.abl.gauge_epochs and config.abl.return_rule == "agree"):

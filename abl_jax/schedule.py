@@ -85,6 +85,7 @@ class Run:
   suspected: np.ndarray | None = None  # Examples the spectral rule adds to the pool, to be disowned (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
   logit_offset: np.ndarray | None = None  # Added to the final model's logits (config.abl.calibrate_flagged).
+  triggers: np.ndarray | None = None  # [classes, H, W, C] each label's candidate trigger (abl.candidate_triggers).
 
   def predict(self, probabilities: bool = False, features: bool = False) -> train.Predict:
     """The current model's (images, labels) -> (cross-entropy, prediction[, class probabilities][, features])."""
@@ -134,6 +135,8 @@ class Phase:
   mix_mode: str = "none"  # cutmix or mixup: each augmented image mixed with another of its batch (train.mix).
   mix_alpha: float = 1.0  # The mixing share's Beta(alpha, alpha).
   mix_epochs: int | None = None  # Mix in this many of the phase's first epochs only; None: in every one.
+  triggers: np.ndarray | None = None  # [classes, H, W, C]: candidate triggers added to other labels' images.
+  trigger_share: float = 0.0  # Each image's probability of getting one (train.add_triggers).
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -157,7 +160,8 @@ def run_phase(run: Run, phase: Phase) -> None:
     run.state = run.state.replace(tx=tx)
   step_fns = [train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
                                     bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
-                                    mix_mode=mode, mix_alpha=phase.mix_alpha, mesh=run.mesh)
+                                    mix_mode=mode, mix_alpha=phase.mix_alpha, triggers=phase.triggers,
+                                    trigger_share=phase.trigger_share, mesh=run.mesh)
                for mode in (phase.mix_mode, "none")]
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
@@ -273,22 +277,33 @@ def isolate(run: Run) -> None:
   if os.path.exists(path):  # Isolated before an interruption, or copied by config.abl.start_from.
     saved = wd.load_npz(path)
     run.scores, run.isolated, run.suspected = saved["scores"], saved["isolated"], saved.get("suspected")
+    run.triggers = saved.get("candidate_triggers")
+    if a.candidate_triggers and run.triggers is None:
+      raise wd.WorkdirError(f"{path} holds no candidate triggers but config.abl.candidate_triggers="
+                            f"{a.candidate_triggers}; use --overwrite to start over")
     run.pool = _pool(run)
     return
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
   t0 = time.perf_counter()
   with run.timed(SCORING):
-    scores, _, *features = run.predict(features=_spectral(a))(run.train.images, run.train.labels)
+    scores, _, *features = run.predict(features=_spectral(a) or bool(a.candidate_triggers))(run.train.images,
+                                                                                           run.train.labels)
     run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
+    if a.candidate_triggers:
+      run.triggers, tails = abl.candidate_triggers(run.train.images, run.train.labels, features[0],
+                                                   run.train.num_classes, a.spectral_tail, a.spectral_pursuit_dims)
     if _spectral(a):
       found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
                                     a.spectral_tail, a.spectral_kurtosis, a.spectral_pursuit,
                                     a.spectral_pursuit_dims)
-  spectral = {}
+  spectral = {} if run.triggers is None else {"candidate_triggers": run.triggers}
+  if a.candidate_triggers:
+    logging.info("candidate triggers (pursuit tails): %s examples by label, mean absolute change %s pixel levels",
+                 [len(t) for t in tails], np.round(np.abs(run.triggers).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
   if _spectral(a):
     run.suspected = found.suspected
-    spectral = {"suspected": run.suspected, "spectral_skewness": found.skewness,
+    spectral |= {"suspected": run.suspected, "spectral_skewness": found.skewness,
                 "spectral_kurtosis": found.kurtosis, "spectral_projection": found.projection,
                 "spectral_cut": found.cut, "spectral_pursuit_rank": found.pursuit_rank}
     logging.info("spectral signatures: skewness by label %s, kurtosis %s%s; flagged %s (split in two: %s%s), %d "
@@ -407,7 +422,8 @@ def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase
                t.batch_size, t.augment, eval_every=t.eval_every_epochs,
                fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels,
                label_smoothing=t.label_smoothing, mix_mode=a.finetune_mix, mix_alpha=a.finetune_mix_alpha,
-               mix_epochs=max(a.finetune_mix_epochs - first_epoch, 0) if a.finetune_mix_epochs else None)
+               mix_epochs=max(a.finetune_mix_epochs - first_epoch, 0) if a.finetune_mix_epochs else None,
+               triggers=run.triggers, trigger_share=a.candidate_triggers)
 
 
 def finetune(run: Run) -> None:

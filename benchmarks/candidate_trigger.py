@@ -4,11 +4,11 @@ other labels' training images; how often a finished run's model then predicts th
     python benchmarks/candidate_trigger.py runs/sig                  # the isolation model (WORKDIR/isolation_model)
     python benchmarks/candidate_trigger.py runs/sig --images=2000    # other labels' images tried per label
 
-A measurement, not part of the defense (docs/defense.md, session 28). The tail is the one `abl.spectral_pursuit`
-reads (`abl.pursuit_direction` on the model's penultimate features, `abl.tail_cut`); the defender could compute all
-of it. Per label: the share of the sampled images predicted as the label before and after, the tail's median
-isolation-loss rank within the label (WORKDIR/isolation.npz), its size, the mean absolute pixel change; the poison
-mask marks the attacked labels only (P).
+The candidate triggers are those `config.abl.candidate_triggers` adds in fine-tuning (`abl.candidate_triggers` on
+the model's penultimate features; docs/defense.md, sessions 28 and 29). Per label: the share of the sampled images
+predicted as the label before and after, the tail's median isolation-loss rank within the label
+(WORKDIR/isolation.npz), its size, the mean absolute pixel change; the poison mask marks the attacked labels only
+(P).
 """
 from __future__ import annotations
 
@@ -34,17 +34,14 @@ def label_rises(predict: Predict, images: np.ndarray, labels: np.ndarray, featur
   """Per label: its pursuit tail's mean image minus the rest of the label's, added (clipped, rounded) to `sample`
   images of other labels; the share predicted as the label before and after, the tail and its change's size."""
   rng = np.random.default_rng(seed)
+  deltas, tails = abl.candidate_triggers(images, labels, features, num_classes, tail, dims)
   rows = []
   for label in range(num_classes):
-    mine = np.flatnonzero(labels == label)
-    projection, _ = abl.pursuit_direction(features[mine], dims)
-    far = projection > abl.tail_cut(projection, tail)
-    delta = images[mine[far]].astype(np.float32).mean(0) - images[mine[~far]].astype(np.float32).mean(0)
     others = np.flatnonzero(labels != label)
     pick = rng.choice(others, min(sample, len(others)), replace=False)
-    moved = np.clip(images[pick].astype(np.float32) + delta, 0, 255).round().astype(np.uint8)
-    rows.append({"label": label, "tail": np.sort(mine[far]), "before": float(np.mean(predict(images[pick]) == label)),
-                 "after": float(np.mean(predict(moved) == label)), "change": float(np.abs(delta).mean())})
+    moved = np.clip(images[pick].astype(np.float32) + deltas[label], 0, 255).round().astype(np.uint8)
+    rows.append({"label": label, "tail": tails[label], "before": float(np.mean(predict(images[pick]) == label)),
+                 "after": float(np.mean(predict(moved) == label)), "change": float(np.abs(deltas[label]).mean())})
   return rows
 
 

@@ -1306,3 +1306,49 @@ def test_relearned_restart_resumes_like_an_uninterrupted_run(restarted, tmp_path
   # Stopped at the check (epoch 5, counted as 6), and once more inside the second fine-tuning.
   _assert_resumes_like(results, config, tmp_path, 5, saved="relearned.npz", unsaved="results.json")
   _assert_resumes_like(results, config, tmp_path / "again", 7, saved="relearned.npz", unsaved="results.json")
+
+
+def test_a_labels_candidate_trigger_is_what_its_pursuit_tail_shares():
+  rng = np.random.default_rng(2)
+  labels = np.repeat([0, 1], 500)
+  images = rng.integers(60, 200, size=(1000, 6, 6, 3)).astype(np.uint8)
+  features = rng.normal(size=(1000, 24)) * np.r_[6.0, 5.0, 4.0, np.ones(21)]
+  images[400:500, 4:, 4:] = 255  # A tenth of label 0 carries a white corner patch,
+  features[400:500, 7] += 5.0  # which its features show on a unit of small spread.
+  deltas, tails = abl.candidate_triggers(images, labels, features, 3, tail=2.0, dims=16)
+  assert deltas.shape == (3, 6, 6, 3) and deltas.dtype == np.float32
+  assert np.isin(tails[0], np.arange(400, 500)).sum() >= 85 and len(tails[0]) <= 115
+  patch = np.zeros((6, 6, 3), bool)
+  patch[4:, 4:] = True
+  assert deltas[0][patch].mean() > 80 and np.abs(deltas[0][~patch]).max() < 25  # The patch, not the rest.
+  assert np.abs(deltas[1]).mean() < 10 and np.all(deltas[1][patch] < 40)  # Label 1: noise.
+  assert not len(tails[2]) and not deltas[2].any()  # No examples: no trigger.
+
+
+def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_after_a_resume(tmp_path, monkeypatch):
+  from benchmarks import spectral  # pylint: disable=import-outside-toplevel
+  config = smoke.config(**{**SPECTRAL, "abl__candidate_triggers": 0.5, "abl__spectral_pursuit_dims": 4})
+  assert experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3) is None  # Stopped after isolation.
+  saved = np.load(tmp_path / "isolation.npz")["candidate_triggers"]
+  _, prep, model, variables = spectral.restored(str(tmp_path))
+  features = train.predictor(model, variables, config.data.mean, config.data.std, config.train.eval_batch_size,
+                             features=True)(prep.train.images, prep.train.labels)[2]
+  expected, _ = abl.candidate_triggers(prep.train.images, prep.train.labels, features, prep.train.num_classes,
+                                       config.abl.spectral_tail, config.abl.spectral_pursuit_dims)
+  np.testing.assert_allclose(saved, expected, atol=1e-3)
+  assert np.abs(saved).max() > 1
+  given = []
+  make = train.make_train_step
+  monkeypatch.setattr(train, "make_train_step",
+                      lambda *args, **kw: given.append((kw.get("triggers"), kw.get("trigger_share"))) or make(*args,
+                                                                                                                **kw))
+  experiment.train_and_evaluate(config, str(tmp_path))  # Resumed: fine-tuning reads them from isolation.npz.
+  shares = [share for triggers, share in given if triggers is not None]
+  assert shares and set(shares) == {0.5}
+  np.testing.assert_array_equal(next(t for t, _ in given if t is not None), saved)
+  assert any(t is None for t, _ in given)  # The gauge trains without them.
+
+
+def test_candidate_triggers_share_is_checked(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.candidate_triggers=1\.5 must be 0 \(off\) or in \(0, 1\]"):
+    experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_triggers": 1.5}), str(tmp_path))

@@ -229,3 +229,24 @@ def test_module_docstring_example_runs():
   state, summary = train.run_epoch(step, state, images, labels, order, key, log_every=50, describe="epoch 1")
   ce, pred = train.predictor(model, train.variables_of(state), mean, std, batch_size=8)(images, labels)
   assert ce.shape == pred.shape == (16,) and summary["images_per_s"] > 0 and int(train.to_host(state).step) == 2
+
+
+def test_add_triggers_gives_each_chosen_image_another_classes_trigger_and_keeps_the_rest():
+  classes, n = 4, 400
+  triggers = np.zeros((classes, 2, 2, 1), np.float32)
+  for k in range(classes):
+    triggers[k, 0, 0, 0] = 10.0 * (k + 1)  # Class k's trigger adds 10 (k + 1) to one pixel.
+  triggers[3, 1, 1, 0] = -50.0  # and class 3's also darkens another, clipped at 0.
+  images = np.full((n, 2, 2, 1), 20, np.uint8)
+  labels = np.arange(n, dtype=np.int32) % classes
+  keys = train.example_keys(jax.random.PRNGKey(0), n)
+  out = np.asarray(train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.5, keys))
+  changed = out[:, 0, 0, 0] != 20
+  added = (out[changed, 0, 0, 0] - 20) / 10 - 1  # The class whose trigger each changed image got.
+  assert 0.4 < changed.mean() < 0.6
+  assert np.all(added != labels[changed]) and set(added.astype(int)) == set(range(classes))  # Never its own.
+  np.testing.assert_array_equal(out[changed, 1, 1, 0], np.where(added == 3, 0, 20))
+  np.testing.assert_array_equal(out[~changed], images[~changed])
+  assert out.dtype == np.float32
+  none = train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.0, keys)
+  np.testing.assert_array_equal(none, images)
