@@ -95,7 +95,7 @@ def _disowns(config):
 _SPECTRAL = ("it applies where every pool example trains toward the judge's probabilities (abl.return_rule != 'none', "
              "abl.kept_out='distill'), which it disowns through")
 
-# (field prefix, whether this run ignores it, what does apply instead).
+# (field prefix, or a whole field ending in $; whether this run ignores it; what does apply instead).
 _RULES = (
     ("config.abl.", lambda c: c.defense.name == "none",
      "the abl group applies to ABL runs only (--config.defense.name=abl); this run trains train.epochs at "
@@ -150,11 +150,16 @@ _RULES = (
      "it applies where a gauge distills the pool and outlier labels are looked for (abl.gauge_epochs > 0, "
      "abl.class_outlier_z > 0, abl.disown_below > 0), with abl.relearned_at > 0 and a fine-tuning epoch after the "
      "check (abl.finetune_epochs >= 2)"),
-    *((f"config.abl.{test}", lambda c: not _disowns(c), _SPECTRAL)
+    *((f"config.abl.{test}$", lambda c: not _disowns(c), _SPECTRAL)
       for test in ("spectral_skew", "spectral_kurtosis", "spectral_pursuit")),
-    ("config.abl.spectral_tail", lambda c: not (_disowns(c) and (c.abl.spectral_skew or c.abl.spectral_pursuit)),
+    ("config.abl.spectral_tail", lambda c: not (_disowns(c) and (c.abl.spectral_skew or c.abl.spectral_pursuit)
+                                                or c.abl.candidate_triggers),
      "it applies with abl.spectral_skew or abl.spectral_pursuit > 0 where every pool example trains toward the "
-     "judge's probabilities"),
+     "judge's probabilities, or with abl.candidate_triggers > 0"),
+    ("config.abl.spectral_pursuit_dims", lambda c: not (_disowns(c) and c.abl.spectral_pursuit
+                                                        or c.abl.candidate_triggers),
+     "it applies with abl.spectral_pursuit > 0 where every pool example trains toward the judge's probabilities, "
+     "or with abl.candidate_triggers > 0"),
     ("config.abl.own_above", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),
@@ -180,7 +185,8 @@ def unused_overrides(config: ml_collections.ConfigDict, paths: Iterable[str]) ->
   out = []
   for path in paths:
     for prefix, ignored, instead in _RULES:
-      if path.startswith(prefix) and ignored(config):
+      matches = path == prefix[:-1] if prefix.endswith("$") else path.startswith(prefix)
+      if matches and ignored(config):
         if path == "config.attack.name" or path == "config.defense.name":
           continue
         out.append((path, instead))

@@ -94,6 +94,12 @@ def test_unused_overrides():
   assert cli.unused_overrides(spectral, fields) == []
   spectral.abl.spectral_skew = 0.0  # The tail belongs to the skewness test alone.
   assert [f for f, _ in cli.unused_overrides(spectral, fields)] == ["config.abl.spectral_tail"]
+  pursuit = ["config.abl.spectral_pursuit", "config.abl.spectral_pursuit_dims", "config.abl.spectral_tail"]
+  assert [f for f, _ in cli.unused_overrides(spectral, pursuit)] == pursuit[1:]  # The pursuit test is off.
+  spectral.abl.candidate_triggers = 0.5  # Candidate triggers are pursuit tails, whatever the tests.
+  assert cli.unused_overrides(spectral, pursuit) == []
+  relabel.abl.candidate_triggers = 0.5
+  assert [f for f, _ in cli.unused_overrides(relabel, pursuit)] == ["config.abl.spectral_pursuit"]
   relearned = ["config.abl.relearned_at", "config.abl.relearned_above"]
   assert cli.unused_overrides(abl_badnets.get_config("smoke"), relearned) == []
   off = abl_badnets.get_config("smoke")
