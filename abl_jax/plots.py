@@ -186,6 +186,38 @@ def plot_spectral(workdir: str, path: str) -> str | None:
   return _save(fig, path)
 
 
+def plot_candidates(workdir: str, path: str) -> str | None:
+  """Each label's candidate trigger (config.abl.candidate_triggers; mid-grey is no change, the colour scale
+  stretched to the largest change of all labels), with its tail's size and, where saved, how many of the tail
+  are poisoned; None for a run without them."""
+  saved = _isolation_arrays(workdir, "candidate_triggers")
+  if saved is None:
+    return None
+  deltas, labels = saved["candidate_triggers"].astype(np.float32), saved["labels"]
+  tail = saved["candidate_tail"].astype(bool) if "candidate_tail" in saved else None
+  mask = saved["is_poisoned"].astype(bool) if "is_poisoned" in saved else np.zeros(len(labels), bool)
+  scale = max(float(np.abs(deltas).max()), 1e-6)
+  rows = (len(deltas) + 4) // 5
+  fig, axes = plt.subplots(rows, 5, figsize=(10, 0.4 + 2.5 * rows), squeeze=False)
+  for label, ax in enumerate(axes.ravel()):
+    ax.axis("off")
+    if label >= len(deltas):
+      continue
+    image = np.clip(0.5 + 0.5 * deltas[label] / scale, 0, 1)
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+    mine, poisoned = labels == label, 0
+    title = f"label {label}"
+    if tail is not None:  # Runs before the tails were saved show the triggers alone.
+      poisoned = int((tail & mask & mine).sum())
+      title += f": tail {int((tail & mine).sum())}" + (f" ({poisoned} poisoned)" if mask.any() else "")
+    ax.set_title(f"{title}\nmean |change| {np.abs(deltas[label]).mean():.1f}", fontsize=8,
+                 color="tab:red" if poisoned else "black")
+  fig.suptitle(f"candidate triggers: each label's pursuit tail's mean image minus the rest's (grey = 0, "
+               f"+-{scale:.0f} levels at the ends)", fontsize=9)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def plot_judge(workdir: str, path: str) -> str | None:
   """Histogram of the gauge's probability of each pool example's training label, poisoned vs clean, with the
   run's disown_below and own_above splits (a run with config.abl.gauge_epochs); None otherwise."""
@@ -304,11 +336,12 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
 
 def write_run_plots(workdir: str) -> list[str]:
   """Writes the run's curves.png and (ABL) isolation.png, scores_per_class.png, (with spectral signatures)
-  spectral.png and (with a gauge) judge.png and rejected.png; returns the paths written."""
+  spectral.png, (with candidate triggers) candidates.png and (with a gauge) judge.png and rejected.png; returns the paths written."""
   written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
              plot_isolation(workdir, os.path.join(workdir, "isolation.png")),
              plot_scores_per_class(workdir, os.path.join(workdir, "scores_per_class.png")),
              plot_spectral(workdir, os.path.join(workdir, "spectral.png")),
+             plot_candidates(workdir, os.path.join(workdir, "candidates.png")),
              plot_judge(workdir, os.path.join(workdir, "judge.png")),
              plot_rejected(workdir, os.path.join(workdir, "rejected.png"))]
   return [p for p in written if p]

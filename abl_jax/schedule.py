@@ -297,8 +297,10 @@ def isolate(run: Run) -> None:
       found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
                                     a.spectral_tail, a.spectral_kurtosis, a.spectral_pursuit,
                                     a.spectral_pursuit_dims)
-  spectral = {} if run.triggers is None else {"candidate_triggers": run.triggers}
+  spectral = {}
   if a.candidate_triggers:
+    spectral = {"candidate_triggers": run.triggers,
+                "candidate_tail": np.isin(np.arange(len(run.train)), np.concatenate(tails))}
     logging.info("candidate triggers (pursuit tails): %s examples by label, mean absolute change %s pixel levels",
                  [len(t) for t in tails], np.round(np.abs(run.triggers).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
   if _spectral(a):

@@ -1333,9 +1333,11 @@ def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_afte
   _, prep, model, variables = spectral.restored(str(tmp_path))
   features = train.predictor(model, variables, config.data.mean, config.data.std, config.train.eval_batch_size,
                              features=True)(prep.train.images, prep.train.labels)[2]
-  expected, _ = abl.candidate_triggers(prep.train.images, prep.train.labels, features, prep.train.num_classes,
-                                       config.abl.spectral_tail, config.abl.spectral_pursuit_dims)
+  expected, tails = abl.candidate_triggers(prep.train.images, prep.train.labels, features, prep.train.num_classes,
+                                           config.abl.spectral_tail, config.abl.spectral_pursuit_dims)
   np.testing.assert_allclose(saved, expected, atol=1e-3)
+  np.testing.assert_array_equal(np.flatnonzero(np.load(tmp_path / "isolation.npz")["candidate_tail"]),
+                                np.sort(np.concatenate(tails)))
   assert np.abs(saved).max() > 1
   given = []
   make = train.make_train_step
@@ -1347,6 +1349,7 @@ def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_afte
   assert shares and set(shares) == {0.5}
   np.testing.assert_array_equal(next(t for t, _ in given if t is not None), saved)
   assert any(t is None for t, _ in given)  # The gauge trains without them.
+  assert str(tmp_path / "candidates.png") in plots.write_run_plots(str(tmp_path))
 
 
 def test_candidate_triggers_share_is_checked(tmp_path):

@@ -337,3 +337,27 @@ def test_a_sweep_over_seeds_runs_each_seeds_table_and_reports_their_mean(tmp_pat
   assert [round(x, 4) for x in abl_row["clean_accuracy_change"]] == [-0.01, -0.03]
   assert [round(x, 4) for x in abl_row["target_class_accuracy_change"]] == [0.0, 0.0]
   assert "| Model trained using ABL against SIG attack | 62.0 (61.0 to 63.0) |" in report.write(str(root))
+
+
+def test_candidates_plot_shows_each_labels_trigger_and_tail(tmp_path, monkeypatch):
+  run = _fake_run(tmp_path, "sig_abl", "sig", "abl")
+  deltas = np.zeros((3, 4, 4, 3), np.float32)
+  deltas[1, :, 2] = 40.0  # Label 1's candidate brightens a column; label 2's darkens a pixel by the same amount.
+  deltas[2, 0, 0] = -40.0
+  labels = np.repeat(np.arange(3), 10)
+  tail = np.isin(np.arange(30), [3, 11, 12, 13])
+  np.savez(os.path.join(run, "isolation.npz"), labels=labels, candidate_triggers=deltas, candidate_tail=tail,
+           is_poisoned=np.isin(np.arange(30), [11, 12, 14]))
+  monkeypatch.setattr(plots, "_save", lambda fig, path: fig)
+  fig = plots.plot_candidates(run, "candidates.png")
+  axes = fig.axes[:3]
+  assert [ax.get_title().split("\n")[0] for ax in axes] == ["label 0: tail 1 (0 poisoned)",
+                                                            "label 1: tail 3 (2 poisoned)",
+                                                            "label 2: tail 0 (0 poisoned)"]
+  assert axes[1].title.get_color() == "tab:red" and axes[0].title.get_color() == "black"
+  shown = axes[1].get_images()[0].get_array()
+  np.testing.assert_allclose(shown[:, 2], 1.0)
+  np.testing.assert_allclose(shown[:, 0], 0.5)
+  np.testing.assert_allclose(axes[2].get_images()[0].get_array()[0, 0], 0.0)
+  os.remove(os.path.join(run, "isolation.npz"))
+  assert plots.plot_candidates(run, "candidates.png") is None
