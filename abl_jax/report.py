@@ -199,9 +199,14 @@ def write(workdir: str) -> str:
   return text
 
 
+def seed_dir(workdir: str, seed: int) -> str:
+  """Where one seed's table of a multi-seed sweep is (WORKDIR/s<seed>)."""
+  return os.path.join(workdir, f"s{seed}")
+
+
 def _write_seeds(workdir: str, seed_list: list[int]) -> str:
   """report.md / report.json of a multi-seed sweep: each seed's table's report, then the mean over the seeds."""
-  tables = [os.path.join(workdir, f"s{s}") for s in seed_list]
+  tables = [seed_dir(workdir, s) for s in seed_list]
   started = [t for t in tables if os.path.exists(os.path.join(t, "table.json"))]
   for t in started:
     write(t)

@@ -63,11 +63,6 @@ def seeds(config: ml_collections.ConfigDict) -> list[int]:
   return out
 
 
-def seed_dir(workdir: str, seed: int) -> str:
-  """Where one seed's table of a multi-seed sweep is (WORKDIR/s<seed>)."""
-  return os.path.join(workdir, f"s{seed}")
-
-
 def with_fields(row: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
   """A copy of `row` with 'group.field=value;...' set (values read as Python literals, else as strings)."""
   row = copy.deepcopy(row)
@@ -110,7 +105,7 @@ def draw(workdir: str, names: list[str] | None = None) -> list[str]:
   seed's table where the sweep has several."""
   plan = workdir_files.read_json(os.path.join(workdir, "table.json"))
   if "seeds" in plan:
-    tables = [seed_dir(workdir, s) for s in plan["seeds"]]
+    tables = [report.seed_dir(workdir, s) for s in plan["seeds"]]
     return [p for t in tables if os.path.exists(os.path.join(t, "table.json")) for p in draw(t, names)]
   plan = plan["rows"]
   done = {n for n in plan if os.path.exists(os.path.join(workdir, n, "results.json"))}
@@ -188,7 +183,7 @@ def _run_seeds(config: ml_collections.ConfigDict, workdir: str, seed_list: list[
     for name in one.rows:
       one.rows[name].seed = seed
     try:
-      results[seed] = run(one, seed_dir(workdir, seed), overwrite=overwrite)
+      results[seed] = run(one, report.seed_dir(workdir, seed), overwrite=overwrite)
     except RuntimeError as e:  # Rows failed in this seed; the other seeds still run.
       results[seed] = None
       failed.append(f"seed {seed}: {e}")
