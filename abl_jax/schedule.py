@@ -297,17 +297,18 @@ def isolate(run: Run) -> None:
       found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
                                     a.spectral_tail, a.spectral_kurtosis, a.spectral_pursuit,
                                     a.spectral_pursuit_dims)
-  spectral = {}
+  arrays = {}  # isolation.npz's arrays beyond the scores and the pool.
   if a.candidate_triggers:
-    spectral = {"candidate_triggers": run.triggers,
-                "candidate_tail": np.isin(np.arange(len(run.train)), np.concatenate(tails))}
+    arrays = {"candidate_triggers": run.triggers,
+              "candidate_tail": np.isin(np.arange(len(run.train)), np.concatenate(tails))}
     logging.info("candidate triggers (pursuit tails): %s examples by label, mean absolute change %s pixel levels",
-                 [len(t) for t in tails], np.round(np.abs(run.triggers).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
+                 [len(t) for t in tails],
+                 np.round(np.abs(run.triggers).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
   if _spectral(a):
     run.suspected = found.suspected
-    spectral |= {"suspected": run.suspected, "spectral_skewness": found.skewness,
-                "spectral_kurtosis": found.kurtosis, "spectral_projection": found.projection,
-                "spectral_cut": found.cut, "spectral_pursuit_rank": found.pursuit_rank}
+    arrays |= {"suspected": run.suspected, "spectral_skewness": found.skewness,
+               "spectral_kurtosis": found.kurtosis, "spectral_projection": found.projection,
+               "spectral_cut": found.cut, "spectral_pursuit_rank": found.pursuit_rank}
     logging.info("spectral signatures: skewness by label %s, kurtosis %s%s; flagged %s (split in two: %s%s), %d "
                  "examples to disown", np.round(found.skewness, 2).tolist(), np.round(found.kurtosis, 2).tolist(),
                  f", pursuit tail's loss rank {np.round(found.pursuit_rank, 2).tolist()}" if a.spectral_pursuit else "",
@@ -322,7 +323,7 @@ def isolate(run: Run) -> None:
                 "pool_recall": pool_stats["recall"], "pool_threshold": float(np.max(scores[run.pool]))})
   share, label = abl.largest_label_share(run.pool, run.train.labels, run.train.num_classes)
   stats.update({"pool_largest_label_share": share, "pool_largest_label": label})
-  if spectral:
+  if _spectral(a):
     stats.update({"spectral_labels": [int(k) for k in found.flagged],
                   "spectral_bimodal_labels": [int(k) for k in found.bimodal],
                   "spectral_pursued_labels": [int(k) for k in found.pursued],
@@ -337,7 +338,7 @@ def isolate(run: Run) -> None:
       wd.write_npz(_epoch_scores_path(run), **_earlier_epoch_scores(run), **{_epoch_key(a.isolation_epochs): scores})
     # is_poisoned is saved for the report's histogram only; the steps read scores, isolated, pool and suspected.
     wd.write_npz(path, scores=scores, isolated=isolated, pool=run.pool, labels=run.train.labels,
-                 is_poisoned=run.evaluation.is_poisoned, **spectral)
+                 is_poisoned=run.evaluation.is_poisoned, **arrays)
     wd.write_json(os.path.join(run.workdir, "isolation.json"), stats)
   distributed.barrier("isolation")
   run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items() if k != "pool_rule"}, phase="isolate",

@@ -162,11 +162,14 @@ def base_config() -> ml_collections.ConfigDict:
   #                               without poison down to 0.22, and 0.06 and 0.14 on two of about 40 runs: an
   #                               option, not the default (docs/defense.md).
   c.abl.spectral_pursuit_dims = 16  # spectral_pursuit: principal components searched (>= 2).
-  c.abl.candidate_triggers = 0.0  # > 0 (in (0, 1]): in fine-tuning, each image gets, with this probability, the
+  c.abl.candidate_triggers = 0.5  # > 0 (in (0, 1]): in fine-tuning, each image gets, with this probability, the
   #                                 candidate trigger of a label other than its own added (its label kept): per
   #                                 label, the mean image of its pursuit tail (spectral_pursuit_dims, spectral_tail,
   #                                 on the isolation model's features) minus the rest of the label's, which is a
-  #                                 trigger's where a minority of the label shares one; 0 = off.
+  #                                 trigger's where a minority of the label shares one (SIG's sinusoid, BadNets'
+  #                                 patch), so the model learns that the trigger does not mean that label; a clean
+  #                                 label's is a blurred shift of colour, label-keeping augmentation. 0 = off
+  #                                 (before 2026-12-06, session 29; docs/defense.md).
   c.abl.spectral_tail = 2.0  # spectral_skew, spectral_pursuit: robust standard deviations (1.4826 MAD) beyond the
   #                            median (> 0).
   c.abl.spectral_judged = False  # class_outlier_z: True treats a label spectral signatures flagged as an outlier

@@ -132,10 +132,10 @@ def _fake_run(n, pool, **abl_fields):
       "abl": dict(finetune_epochs=2, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
                   finetune_init="scratch", finetune_balance=False, return_rule="none", gauge_epochs=0,
                   finetune_mix="none", finetune_mix_alpha=1.0, finetune_mix_epochs=0, flagged_doubted="keep",
-                  calibrate_flagged=False, **abl_fields),
+                  calibrate_flagged=False, candidate_triggers=0.0, **abl_fields),
       "train": dict(batch_size=8, augment=False, eval_every_epochs=1, label_smoothing=0.2)})
   return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, left_out=None, labels=None,
-                               train=np.zeros(n))
+                               triggers=None, train=np.zeros(n))
 
 
 def test_finetune_never_sees_the_pool_and_starts_from_fresh_weights(monkeypatch):
@@ -236,7 +236,7 @@ def test_pictures_show_the_pool_per_class(pooled):
   from abl_jax import plots
   out, _ = pooled
   written = [p.split("/")[-1] for p in plots.write_run_plots(str(out))]
-  assert written == ["curves.png", "isolation.png", "scores_per_class.png"]
+  assert written == ["curves.png", "isolation.png", "scores_per_class.png", "candidates.png"]
   with open(out / "scores_per_class.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
