@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   # those it rejects train toward "not this label", the rest stay out, while fine-tuning continues the isolation
   # model; no unlearning. The paper's ABL: score_epochs=1, pool_rule=isolated,
   # return_rule=none, finetune_schedule=step, finetune_balance=False, unlearning_epochs=5, unlearning_mode=ascent,
-  # unlearning_loss=neg_ce, joint_exclude_ratio=0 (docs/defense.md lists the flags of each defense the docs compare).
+  # unlearning_loss=neg_ce, joint_exclude_ratio=0, candidate_triggers=0 (docs/defense.md lists the flags of each
+  # defense the docs compare).
   c.abl.score_epochs = 3  # The pool ranks examples by their lowest rank over the losses after each of the
   #                         isolation phase's last score_epochs epochs (1: the last epoch's loss; >= 1).
   c.abl.pool_rule = "class_ratio"  # Which examples are suspicious (the pool): isolated (the isolated set
