@@ -336,7 +336,8 @@ def gallery(runs: list[tuple[str, str]], path: str, count: int = 9) -> str | Non
 
 def write_run_plots(workdir: str) -> list[str]:
   """Writes the run's curves.png and (ABL) isolation.png, scores_per_class.png, (with spectral signatures)
-  spectral.png, (with candidate triggers) candidates.png and (with a gauge) judge.png and rejected.png; returns the paths written."""
+  spectral.png, (with candidate triggers) candidates.png and (with a gauge) judge.png and rejected.png; returns the
+  paths written."""
   written = [plot_curves(workdir, os.path.join(workdir, "curves.png")),
              plot_isolation(workdir, os.path.join(workdir, "isolation.png")),
              plot_scores_per_class(workdir, os.path.join(workdir, "scores_per_class.png")),

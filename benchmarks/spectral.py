@@ -111,7 +111,8 @@ def main() -> None:
   parser.add_argument("--checkpoint", type=int, default=None,
                       help="A step in WORKDIR/checkpoints (global epochs); default: WORKDIR/isolation_model.")
   parser.add_argument("--json", action="store_true", help="Print one JSON line instead of a markdown table.")
-  parser.add_argument("--pursuit_dims", type=int, default=16, help="Whitened principal components the pursuit searches.")
+  parser.add_argument("--pursuit_dims", type=int, default=16,
+                      help="Whitened principal components the pursuit searches.")
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, "config.json")):
     sys.exit(f"spectral.py: {args.workdir}/config.json is missing; give it a run's workdir")
