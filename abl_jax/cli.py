@@ -160,6 +160,8 @@ _RULES = (
                                                         or c.abl.candidate_triggers),
      "it applies with abl.spectral_pursuit > 0 where every pool example trains toward the judge's probabilities, "
      "or with abl.candidate_triggers > 0"),
+    ("config.abl.candidate_scale", lambda c: not c.abl.candidate_triggers,
+     "it applies with abl.candidate_triggers > 0"),
     ("config.abl.own_above", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),

@@ -108,6 +108,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.abl.candidate_triggers <= 1:
     raise ValueError(f"config.abl.candidate_triggers={config.abl.candidate_triggers} must be 0 (off) or in (0, 1] "
                      "(the share of each fine-tuning batch given another label's candidate trigger)")
+  scale = tuple(config.abl.candidate_scale)
+  if not (len(scale) == 2 and all(isinstance(f, (int, float)) for f in scale) and 0 < scale[0] <= scale[1]):
+    raise ValueError(f"config.abl.candidate_scale={scale} must be two numbers (low, high) with 0 < low <= high "
+                     "(the range each candidate trigger's factor is drawn from)")
   if not config.abl.spectral_tail > 0:
     raise ValueError(f"config.abl.spectral_tail={config.abl.spectral_tail} must be > 0")
   if config.abl.finetune_init == "gauge" and not (config.abl.gauge_epochs and config.abl.return_rule == "agree"):

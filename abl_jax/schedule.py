@@ -137,6 +137,7 @@ class Phase:
   mix_epochs: int | None = None  # Mix in this many of the phase's first epochs only; None: in every one.
   triggers: np.ndarray | None = None  # [classes, H, W, C]: candidate triggers added to other labels' images.
   trigger_share: float = 0.0  # Each image's probability of getting one (train.add_triggers).
+  trigger_scale: tuple[float, float] = (1.0, 1.0)  # The range its factor is drawn from.
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
@@ -161,7 +162,8 @@ def run_phase(run: Run, phase: Phase) -> None:
   step_fns = [train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
                                     bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
                                     mix_mode=mode, mix_alpha=phase.mix_alpha, triggers=phase.triggers,
-                                    trigger_share=phase.trigger_share, mesh=run.mesh)
+                                    trigger_share=phase.trigger_share, trigger_scale=phase.trigger_scale,
+                                    mesh=run.mesh)
                for mode in (phase.mix_mode, "none")]
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
@@ -426,7 +428,8 @@ def _finetune_phase(run: Run, name: str, first_epoch: int, epochs: int) -> Phase
                fresh_weights=first_epoch == 0 and a.finetune_init == "scratch", labels=run.labels,
                label_smoothing=t.label_smoothing, mix_mode=a.finetune_mix, mix_alpha=a.finetune_mix_alpha,
                mix_epochs=max(a.finetune_mix_epochs - first_epoch, 0) if a.finetune_mix_epochs else None,
-               triggers=run.triggers, trigger_share=a.candidate_triggers)
+               triggers=run.triggers, trigger_share=a.candidate_triggers,
+               trigger_scale=tuple(float(f) for f in a.candidate_scale))
 
 
 def finetune(run: Run) -> None:

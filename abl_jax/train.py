@@ -233,15 +233,19 @@ def mix(images: jax.Array, keys: jax.Array, mode: str, alpha: float) -> tuple[ja
 
 
 def add_triggers(images: jax.Array, labels: jax.Array, triggers: jax.Array, share: float,
-                 keys: jax.Array) -> jax.Array:
+                 keys: jax.Array, scale: tuple[float, float] = (1.0, 1.0)) -> jax.Array:
   """Each image, with probability `share` (one key per image), plus the trigger of a class other than its label
-  drawn uniformly (`triggers` [classes, H, W, C], pixel units), clipped to 0..255 and rounded; float32."""
+  drawn uniformly (`triggers` [classes, H, W, C], pixel units) times a factor drawn uniformly from `scale`
+  (low, high), clipped to 0..255 and rounded; float32."""
   classes = triggers.shape[0]
+  low, high = (float(s) for s in scale)
 
   def one(img, label, key):
     k_apply, k_class = jax.random.split(key)
     other = (label + jax.random.randint(k_class, (), 1, classes)) % classes
-    moved = jnp.round(jnp.clip(img.astype(jnp.float32) + triggers[other], 0, 255))
+    # The factor's key is folded from the image's, so that a fixed factor leaves the other draws as they were.
+    factor = jax.random.uniform(jax.random.fold_in(key, 7), (), minval=low, maxval=high) if high > low else low
+    moved = jnp.round(jnp.clip(img.astype(jnp.float32) + factor * triggers[other], 0, 255))
     return jnp.where(jax.random.bernoulli(k_apply, share), moved, img.astype(jnp.float32))
 
   return jax.vmap(one)(images, labels, keys)
@@ -272,20 +276,22 @@ def hard_labels(labels: jax.Array, logits: jax.Array) -> jax.Array:
 def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[float], std: Sequence[float],
                     *, augment_data: bool, bn_train: bool = True, label_smoothing: float = 0.0,
                     mix_mode: str = "none", mix_alpha: float = 1.0, triggers: np.ndarray | None = None,
-                    trigger_share: float = 0.0, mesh: Mesh | None = None) -> Callable:
+                    trigger_share: float = 0.0, trigger_scale: tuple[float, float] = (1.0, 1.0),
+                    mesh: Mesh | None = None) -> Callable:
   """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device.
 
   `loss_fn` receives the per-example cross-entropy with `label_smoothing`; the metric `ce` is the plain one.
   `mix_mode` ("cutmix", "mixup"; see `mix`) mixes each augmented image with the next in the batch, and its
   cross-entropy with that one's label by their shares. `triggers` ([classes, H, W, C], pixel units): each image,
-  with probability `trigger_share`, first gets another class's one added (`add_triggers`), keeping its label.
+  with probability `trigger_share`, first gets another class's one added (`add_triggers`; times a factor drawn from
+  `trigger_scale`), keeping its label.
   """
   bank = None if triggers is None or not trigger_share else jnp.asarray(triggers, jnp.float32)
 
   def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array):
     if bank is not None:
       images = add_triggers(images, jnp.argmax(labels, -1) if labels.ndim == 2 else labels, bank,
-                            trigger_share, example_keys(jax.random.fold_in(key, 2), images.shape[0]))
+                            trigger_share, example_keys(jax.random.fold_in(key, 2), images.shape[0]), trigger_scale)
     if augment_data:
       images = augment(images, example_keys(key, images.shape[0]))
     if mix_mode != "none":

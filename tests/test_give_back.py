@@ -1355,3 +1355,8 @@ def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_afte
 def test_candidate_triggers_share_is_checked(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.candidate_triggers=1\.5 must be 0 \(off\) or in \(0, 1\]"):
     experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_triggers": 1.5}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"config\.abl\.candidate_scale=\(2\.0, 1\.0\) must be two numbers \(low, high\) "
+                                       r"with 0 < low <= high"):
+    experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_scale": (2.0, 1.0)}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"config\.abl\.candidate_scale=\(0\.0, 1\.0\) must be"):
+    experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_scale": (0.0, 1.0)}), str(tmp_path))

@@ -102,6 +102,9 @@ def test_unused_overrides():
   assert cli.unused_overrides(spectral, pursuit) == []
   relabel.abl.candidate_triggers = 0.5
   assert [f for f, _ in cli.unused_overrides(relabel, pursuit)] == ["config.abl.spectral_pursuit"]
+  assert cli.unused_overrides(relabel, ["config.abl.candidate_scale"]) == []
+  relabel.abl.candidate_triggers = 0.0
+  assert [f for f, _ in cli.unused_overrides(relabel, ["config.abl.candidate_scale"])] == ["config.abl.candidate_scale"]
   relearned = ["config.abl.relearned_at", "config.abl.relearned_above"]
   assert cli.unused_overrides(abl_badnets.get_config("smoke"), relearned) == []
   off = abl_badnets.get_config("smoke")

@@ -250,3 +250,25 @@ def test_add_triggers_gives_each_chosen_image_another_classes_trigger_and_keeps_
   assert out.dtype == np.float32
   none = train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.0, keys)
   np.testing.assert_array_equal(none, images)
+  fixed = train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.5, keys, (1.0, 1.0))
+  np.testing.assert_array_equal(fixed, out)
+
+
+def test_add_triggers_scales_each_added_trigger_by_a_factor_from_the_range():
+  classes, n = 2, 2000
+  triggers = np.zeros((classes, 1, 1, 1), np.float32)
+  triggers[:, 0, 0, 0] = 40.0  # Either class's trigger adds 40 times the factor to the single pixel.
+  images = np.full((n, 1, 1, 1), 100, np.uint8)
+  labels = np.arange(n, dtype=np.int32) % classes
+  keys = train.example_keys(jax.random.PRNGKey(1), n)
+  plain = np.asarray(train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.5, keys))
+  out = np.asarray(train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.5, keys,
+                                      (0.5, 2.0)))[:, 0, 0, 0]
+  changed = plain[:, 0, 0, 0] != 100
+  np.testing.assert_array_equal(out != 100, changed)  # The same images get one: the factor has a key of its own.
+  factors = (out[changed] - 100) / 40
+  assert factors.min() >= 0.5 - 1 / 80 and factors.max() <= 2.0 + 1 / 80  # Rounded to whole pixel levels.
+  assert factors.min() < 0.6 and factors.max() > 1.9 and abs(factors.mean() - 1.25) < 0.05  # Uniform over it.
+  doubled = np.asarray(train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.5,
+                                          keys, (2.0, 2.0)))[:, 0, 0, 0]
+  np.testing.assert_array_equal(doubled[changed], 180)
