@@ -60,7 +60,8 @@ def _fake_run(labels, pool, balance=False):
       "abl": dict(finetune_epochs=4, finetune_lr=0.1, finetune_schedule="cosine", finetune_lr_boundaries=(1,),
                   finetune_init="scratch", finetune_balance=balance, return_rule="agree", return_epoch=1,
                   gauge_epochs=0, finetune_mix="none", finetune_mix_alpha=1.0, finetune_mix_epochs=0,
-                  flagged_doubted="keep", calibrate_flagged=False, candidate_triggers=0.0),
+                  flagged_doubted="keep", calibrate_flagged=False, candidate_triggers=0.0,
+                  candidate_scale=(1.0, 1.0)),
       "train": dict(batch_size=8, augment=False, eval_every_epochs=1, label_smoothing=0.0)})
   return types.SimpleNamespace(config=c, pool=np.asarray(pool), returned=None, left_out=None, labels=None,
                                triggers=None, train=_Labels(labels))
