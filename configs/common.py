@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   #                                 patch), so the model learns that the trigger does not mean that label; a clean
   #                                 label's is a blurred shift of colour, label-keeping augmentation. 0 = off
   #                                 (before 2026-12-06, session 29; docs/defense.md).
-  c.abl.candidate_scale = (1.0, 3.0)  # candidate_triggers: each added candidate is multiplied by a factor drawn
+  c.abl.candidate_scale = (0.5, 2.0)  # candidate_triggers: each added candidate is multiplied by a factor drawn
   #                                     uniformly from (low, high), 0 < low <= high: a tail's mean holds a trigger
   #                                     diluted by the tail's clean images, and a test trigger may be stronger.
   c.abl.spectral_tail = 2.0  # spectral_skew, spectral_pursuit: robust standard deviations (1.4826 MAD) beyond the
