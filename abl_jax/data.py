@@ -64,6 +64,17 @@ class Dataset:
     return np.bincount(self.labels, minlength=self.num_classes)
 
 
+def downsample(images: np.ndarray, factor: int) -> np.ndarray:
+  """uint8 images [N, H, W, C] averaged over `factor` x `factor` blocks and rounded: [N, H/factor, W/factor, C]."""
+  if factor == 1:
+    return images
+  n, h, w, c = images.shape
+  if h % factor or w % factor:
+    raise ValueError(f"a downsampling factor of {factor} does not divide the image size {h}x{w}")
+  blocks = images.astype(np.float32).reshape(n, h // factor, factor, w // factor, factor, c)
+  return blocks.mean(axis=(2, 4)).round().astype(np.uint8)
+
+
 def fingerprint(*arrays: np.ndarray) -> str:
   """A 16-hex-digit hash of the arrays' dtypes, shapes and values: which data a run saw."""
   h = hashlib.sha1()

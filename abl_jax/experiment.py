@@ -112,6 +112,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (len(scale) == 2 and all(isinstance(f, (int, float)) for f in scale) and 0 < scale[0] <= scale[1]):
     raise ValueError(f"config.abl.candidate_scale={scale} must be two numbers (low, high) with 0 < low <= high "
                      "(the range each candidate trigger's factor is drawn from)")
+  if not (isinstance(config.abl.gauge_downsample, int) and config.abl.gauge_downsample >= 1):
+    raise ValueError(f"config.abl.gauge_downsample={config.abl.gauge_downsample} must be an integer >= 1 "
+                     "(1 = full resolution)")
   if not config.abl.spectral_tail > 0:
     raise ValueError(f"config.abl.spectral_tail={config.abl.spectral_tail} must be > 0")
   if config.abl.finetune_init == "gauge" and not (config.abl.gauge_epochs and config.abl.return_rule == "agree"):
@@ -272,6 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   fingerprints = data_fingerprints(prep)
   if config.defense.name == "abl":
     abl.num_isolated(len(prep.train), config.abl.isolation_ratio)  # Fail now, not after isolation training.
+    height, width = prep.train.images.shape[1:3]
+    factor = config.abl.gauge_downsample
+    if config.abl.gauge_epochs and (height % factor or width % factor):
+      raise ValueError(f"config.abl.gauge_downsample={factor} must divide the image size {height}x{width}")
     if config.abl.start_from:
       _check_start_from(config)
       wd.check_data(config.abl.start_from, fingerprints, write=False)

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from abl_jax import abl, distributed, evaluate, registry, train, workdir as wd
+from abl_jax import abl, data, distributed, evaluate, registry, train, workdir as wd
 from abl_jax.checkpoint import Checkpointer
 from abl_jax.data import Dataset
 from abl_jax.metrics import Writer
@@ -138,9 +138,17 @@ class Phase:
   triggers: np.ndarray | None = None  # [classes, H, W, C]: candidate triggers added to other labels' images.
   trigger_share: float = 0.0  # Each image's probability of getting one (train.add_triggers).
   trigger_scale: tuple[float, float] = (1.0, 1.0)  # The range its factor is drawn from.
+  downsample: int = 1  # Train (and evaluate) on the images averaged over blocks of this side (data.downsample).
 
   def steps_per_epoch(self) -> int:
     return -(-self.num_examples // self.batch_size)
+
+
+def _downsampled(predict: train.Predict, factor: int) -> train.Predict:
+  """`predict` on images averaged over blocks of side `factor` (data.downsample)."""
+  if factor == 1:
+    return predict
+  return lambda images, labels: predict(data.downsample(images, factor), labels)
 
 
 def run_phase(run: Run, phase: Phase) -> None:
@@ -159,6 +167,7 @@ def run_phase(run: Run, phase: Phase) -> None:
     run.state = train.replicate(train.with_optimizer(state, tx), run.mesh)
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
+  images = data.downsample(run.train.images, phase.downsample)
   step_fns = [train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
                                     bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
                                     mix_mode=mode, mix_alpha=phase.mix_alpha, triggers=phase.triggers,
@@ -177,7 +186,7 @@ def run_phase(run: Run, phase: Phase) -> None:
     labels = run.train.labels if phase.labels is None else phase.labels
     mixing = phase.mix_epochs is None or epoch < phase.mix_epochs
     run.state, summary = train.run_epoch(
-        step_fns[0 if mixing else 1], run.state, run.train.images, labels, order, aug_key, mesh=run.mesh,
+        step_fns[0 if mixing else 1], run.state, images, labels, order, aug_key, mesh=run.mesh,
         log_every=c.train.log_every_steps, describe=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
         eta_steps_after=(phase.epochs - epoch - 1) * steps,
         on_log=lambda m: run.writer.write(first + m.pop("step"), {f"train/{k}": v for k, v in m.items()}, **context))
@@ -186,7 +195,8 @@ def run_phase(run: Run, phase: Phase) -> None:
     run.done += 1
     record = {f"epoch/{k}": v for k, v in summary.items()}
     if phase.eval_every and ((epoch + 1) % phase.eval_every == 0 or epoch + 1 == phase.epochs):
-      record.update({f"eval/{k}": v for k, v in run.evaluation.test_metrics(run.predict(), full=False).items()})
+      predict = _downsampled(run.predict(), phase.downsample)
+      record.update({f"eval/{k}": v for k, v in run.evaluation.test_metrics(predict, full=False).items()})
     meta = {**context, "global_epoch": run.done, "global_step": run.step, "wall_time": run.wall}
     if phase.after_epoch is not None and phase.after_epoch(run, record) and epoch + 1 < phase.epochs:
       logging.info("%s stopped after epoch %d of %d", phase.name, epoch + 1, phase.epochs)
@@ -627,7 +637,7 @@ def _gauge_phase(run: Run, name: str, examples: np.ndarray, epochs: int) -> Phas
   return Phase(name, epochs, len(examples), _order(run, examples, None), abl.cross_entropy_loss,
                lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(epochs * steps, 1)),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
-               label_smoothing=t.label_smoothing)
+               label_smoothing=t.label_smoothing, downsample=a.gauge_downsample)
 
 
 def give_back(run: Run) -> None:
@@ -714,7 +724,7 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
            also: np.ndarray | None = None) -> None:
   a = run.config.abl
   pool, labels = run.pool, run.train.labels[run.pool]
-  loss, pred, probs = run.predict(probabilities=True)(run.train.images[pool], labels)
+  loss, pred, probs = _judging(run)(run.train.images[pool], labels)
   confidence = probs.max(axis=1)  # The judge's probability of its prediction.
   agree = abl.agreeing(pool, pred, labels)
   kept_out = np.setdiff1d(pool, agree)
@@ -795,6 +805,13 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
                    global_epoch=run.done)
 
 
+def _judging(run: Run) -> train.Predict:
+  """The judging model's (images, labels) -> (loss, prediction, probabilities): a gauge sees the images as it was
+  trained on them (config.abl.gauge_downsample)."""
+  a = run.config.abl
+  return _downsampled(run.predict(probabilities=True), a.gauge_downsample if a.gauge_epochs else 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class OutsideGauge:
   """The gauge's loss, prediction and probabilities on the examples outside the pool (`examples`), and its loss
@@ -810,7 +827,7 @@ class OutsideGauge:
 def _outside_gauge(run: Run) -> OutsideGauge:
   """The gauge's verdicts on the examples outside the pool, the ones it was trained on."""
   outside = np.setdiff1d(np.arange(len(run.train.labels)), run.pool)
-  loss, pred, probs = run.predict(probabilities=True)(run.train.images[outside], run.train.labels[outside])
+  loss, pred, probs = _judging(run)(run.train.images[outside], run.train.labels[outside])
   full_loss = np.full(len(run.train.labels), np.nan, np.float32)
   full_pred = np.full(len(run.train.labels), -1, np.int64)
   full_loss[outside], full_pred[outside] = loss, pred

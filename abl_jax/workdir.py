@@ -261,7 +261,7 @@ ADDED_FIELDS = {
     "config.abl.regauge_init": "fresh", "config.abl.finetune_mix": "none", "config.abl.finetune_mix_alpha": 1.0,
     "config.abl.finetune_mix_epochs": 0, "config.abl.calibrate_flagged": False,
     "config.abl.spectral_pursuit": 0.0, "config.abl.spectral_pursuit_dims": 16, "config.abl.candidate_triggers": 0.0,
-    "config.abl.candidate_scale": [1.0, 1.0],
+    "config.abl.candidate_scale": [1.0, 1.0], "config.abl.gauge_downsample": 1,
 }
 
 

@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                         [1, finetune_epochs); the fine-tuned model so far judges.
   c.abl.gauge_epochs = 20  # agree: > 0 trains a separate model this many epochs from fresh weights outside
   #                         the pool to judge it; fine-tuning then runs whole from finetune_init.
+  c.abl.gauge_downsample = 1  # gauge_epochs > 0: the gauges train on, and judge, the training images averaged
+  #                               over blocks of this side (an integer >= 1 dividing the image size; 2: 16x16 on
+  #                               CIFAR-10, about a quarter of the compute); 1: as they are.
   c.abl.kept_out = "distill"  # agree: the pool examples the judge disagrees with stay out (drop) or, where its
   #                          probability is at least relabel_confidence, train with its prediction (relabel);
   #                          distill: every pool example trains toward the judge's class probabilities.

@@ -224,3 +224,15 @@ def test_a_truncated_tar_is_named(tmp_path):
   with pytest.raises(data.DataError, match=r"config\.data\.path='.*imgs\.tar\.gz' is truncated or damaged .*"
                                            r"the last intact member imgs/.*copy or download the archive again"):
     data.load_folder(str(tmp_path / "imgs.tar.gz"), str(tmp_path / "cache"))
+
+
+def test_downsample_averages_each_block_and_rounds():
+  rows = [[0, 1, 10, 10], [2, 2, 10, 10], [255, 255, 3, 4], [255, 254, 4, 4]]
+  images = np.array([rows], np.uint8)[..., None]
+  out = data.downsample(images, 2)
+  assert out.dtype == np.uint8 and out.shape == (1, 2, 2, 1)
+  # Block means 1.25, 10, 254.75, 3.75, rounded.
+  np.testing.assert_array_equal(out[0, :, :, 0], [[1, 10], [255, 4]])
+  assert data.downsample(images, 1) is images
+  with pytest.raises(ValueError, match=r"a downsampling factor of 3 does not divide the image size 4x4"):
+    data.downsample(images, 3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import smoke
-from abl_jax import abl, checkpoint, experiment, plots, schedule, train, workdir
+from abl_jax import abl, checkpoint, data, experiment, plots, schedule, train, workdir
 from abl_jax.checkpoint import Checkpointer
 
 AGREE = dict(abl__pool_rule="ratio", abl__pool_ratio=0.2, abl__finetune_init="scratch",
@@ -460,7 +460,8 @@ def test_contradicted_examples_outside_the_pool_train_toward_the_gauge():
   probs[np.arange(5), gauge_pred] = 0.8
   run = types.SimpleNamespace(
       train=types.SimpleNamespace(labels=labels, images=np.arange(6)), pool=np.array([0]), scores=scores,
-      config=ml_collections.ConfigDict({"abl": {"contradict_factor": 10.0}}),
+      config=ml_collections.ConfigDict({"abl": {"contradict_factor": 10.0, "gauge_epochs": 1,
+                                                "gauge_downsample": 1}}),
       labels=np.eye(3, dtype=np.float32)[labels],
       predict=lambda probabilities: lambda images, labels: (gauge_loss, gauge_pred, probs))
   # 1 and 4: another prediction and 3.0 - 0.1 >= log(10); 2: the label predicted; 3: the isolation model did
@@ -539,7 +540,8 @@ def _four_label_run(own: np.ndarray, suspected: np.ndarray | None):
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
                                                 "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown",
-                                                "spectral_judged": False}}),
+                                                "spectral_judged": False, "gauge_epochs": 1,
+                                                "gauge_downsample": 1}}),
       suspected=suspected, labels=np.eye(4, dtype=np.float32)[labels],
       predict=lambda probabilities: lambda images, lab: (-np.log(own[images]), probs[images].argmax(1),
                                                           probs[images]))
@@ -967,6 +969,41 @@ def test_the_second_gauge_goes_on_from_the_first(tmp_path, monkeypatch):
   # Fine-tuning still starts from the isolation model.
   isolation = Checkpointer(str(tmp_path / "isolation_model"), 1).restore_latest(like)[1]
   assert same(starts["finetune"][0].params, isolation.params)
+
+
+def test_gauge_downsample_trains_and_judges_the_gauges_on_block_averaged_images(tmp_path, monkeypatch):
+  shapes = []
+  run_epoch = train.run_epoch
+
+  def spy(step, state, images, *args, describe="", **kwargs):
+    shapes.append((describe.split(" epoch")[0], images.shape[1:3]))
+    return run_epoch(step, state, images, *args, describe=describe, **kwargs)
+
+  monkeypatch.setattr(train, "run_epoch", spy)
+  config = smoke.config(**{**REGAUGE, "abl__gauge_downsample": 2, "train__keep_checkpoints": 10})
+  experiment.train_and_evaluate(config, str(tmp_path))
+  assert dict(shapes) == {"isolation": (32, 32), "gauge": (16, 16), "regauge": (16, 16), "finetune": (32, 32)}
+  # The first judgement is the first gauge's (checkpoint 4: 2 isolation + 2 gauge epochs) on 16x16 images.
+  prep = experiment.prepare(config)
+  model = experiment._model(config, prep.train)  # pylint: disable=protected-access
+  variables = checkpoint.restore_variables(str(tmp_path), model, config, prep.train.images.shape[1:],
+                                           "checkpoints", 4)
+  predict = train.predictor(model, variables, config.data.mean, config.data.std, config.train.eval_batch_size)
+  first, pool = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")["pool"]
+  outside = np.setdiff1d(np.arange(len(prep.train)), pool)
+  loss, _ = predict(data.downsample(prep.train.images[outside], 2), prep.train.labels[outside])
+  np.testing.assert_allclose(first["outside_gauge_loss"][outside], loss, rtol=1e-5, atol=1e-6)
+  loss, _ = predict(prep.train.images[outside], prep.train.labels[outside])
+  assert not np.allclose(first["outside_gauge_loss"][outside], loss, rtol=1e-3)
+
+
+@pytest.mark.parametrize("factor, message", [
+    (0, r"config\.abl\.gauge_downsample=0 must be an integer >= 1"),
+    (3, r"config\.abl\.gauge_downsample=3 must divide the image size 32x32"),
+])
+def test_gauge_downsample_is_checked(factor, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__gauge_downsample": factor}), str(tmp_path))
 
 
 def test_regauge_init_name_is_checked(tmp_path):

@@ -105,6 +105,10 @@ def test_unused_overrides():
   assert cli.unused_overrides(relabel, ["config.abl.candidate_scale"]) == []
   relabel.abl.candidate_triggers = 0.0
   assert [f for f, _ in cli.unused_overrides(relabel, ["config.abl.candidate_scale"])] == ["config.abl.candidate_scale"]
+  gauged = abl_badnets.get_config("smoke")
+  assert cli.unused_overrides(gauged, ["config.abl.gauge_downsample"]) == []
+  gauged.abl.gauge_epochs = 0
+  assert [f for f, _ in cli.unused_overrides(gauged, ["config.abl.gauge_downsample"])] == ["config.abl.gauge_downsample"]
   relearned = ["config.abl.relearned_at", "config.abl.relearned_above"]
   assert cli.unused_overrides(abl_badnets.get_config("smoke"), relearned) == []
   off = abl_badnets.get_config("smoke")
