@@ -3,6 +3,7 @@ direction of a model's penultimate features separates that label's poisoned exam
 
     python benchmarks/spectral.py runs/sig                     # the isolation model (WORKDIR/isolation_model)
     python benchmarks/spectral.py runs/sig --checkpoint=8      # WORKDIR/checkpoints/8, e.g. the gauge's last epoch
+    python benchmarks/spectral.py runs/sig --checkpoint=8 --downsample=2  # a gauge trained at gauge_downsample=2
     python benchmarks/spectral.py runs/sig --json              # one JSON line instead of a markdown table
 
 A measurement, not part of the defense: it reads the poison mask. Per training label: its examples and poisoned
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import flax.linen as nn  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax  # noqa: E402
 
-from abl_jax import abl, checkpoint, experiment, train, workdir  # noqa: E402
+from abl_jax import abl, checkpoint, data, experiment, train, workdir  # noqa: E402
 
 
 def penultimate(model: nn.Module, variables: Any, images: np.ndarray, mean: Any, std: Any,
@@ -110,15 +111,21 @@ def main() -> None:
   parser.add_argument("workdir", help="A finished run's workdir.")
   parser.add_argument("--checkpoint", type=int, default=None,
                       help="A step in WORKDIR/checkpoints (global epochs); default: WORKDIR/isolation_model.")
+  parser.add_argument("--downsample", type=int, default=1,
+                      help="Average the images over blocks of this side first (data.downsample): a gauge's "
+                           "checkpoint from a run with abl.gauge_downsample=F saw images at F.")
   parser.add_argument("--json", action="store_true", help="Print one JSON line instead of a markdown table.")
   parser.add_argument("--pursuit_dims", type=int, default=16,
                       help="Whitened principal components the pursuit searches.")
   args = parser.parse_args()
   if not os.path.exists(os.path.join(args.workdir, "config.json")):
     sys.exit(f"spectral.py: {args.workdir}/config.json is missing; give it a run's workdir")
+  if args.downsample < 1:
+    sys.exit(f"spectral.py: --downsample={args.downsample} must be an integer >= 1")
   where = ("isolation_model", None) if args.checkpoint is None else ("checkpoints", args.checkpoint)
   config, prep, model, variables = restored(args.workdir, where)
-  features = penultimate(model, variables, prep.train.images, config.data.mean, config.data.std,
+  images = data.downsample(prep.train.images, args.downsample)
+  features = penultimate(model, variables, images, config.data.mean, config.data.std,
                          config.train.eval_batch_size)
   iso = os.path.join(args.workdir, "isolation.npz")
   scores = np.load(iso)["scores"] if os.path.exists(iso) else None

@@ -437,3 +437,43 @@ def test_candidate_trigger_adds_the_tails_mean_image_and_counts_the_labels_predi
   assert rows[0]["before"] == 0.0 and rows[0]["after"] == 1.0  # The tail's mean adds the corner: every image moves.
   assert rows[1]["after"] == rows[1]["before"] == 0.0 and rows[2]["after"] == 0.0  # Other labels' tails add none.
   assert rows[0]["change"] > rows[1]["change"]
+
+
+def _fake_run(path, defense, phases, files=(), downsample=1):
+  """A finished run's files as benchmarks/work.py reads them: `phases` [(phase, last global step), ...]."""
+  path.mkdir()
+  config = {"defense": {"name": defense}, "train": {"batch_size": 10},
+            "abl": {"unlearning_batch_size": 5, "score_epochs": 2, "gauge_downsample": downsample}}
+  (path / "config.json").write_text(json.dumps(config))
+  (path / "results.json").write_text(json.dumps({"num_train": 100}))
+  writer = metrics.Writer(str(path))
+  for phase, step in phases:
+    writer.write(step - 1, {"train/loss": 1.0}, phase=phase, epoch=1)
+    writer.write(step, {"epoch/loss": 1.0}, phase=phase, epoch=1)
+  writer.write(phases[-1][1], {"isolation/pool_size": 20}, phase="give_back")
+  writer.close()
+  np.savez(path / "isolation.npz", pool=np.arange(20))
+  for name in files:
+    np.savez(path / name, x=np.zeros(1))
+  return str(path)
+
+
+def test_work_counts_training_steps_gauges_and_passes(tmp_path):
+  from benchmarks import work  # pylint: disable=import-outside-toplevel
+  none = _fake_run(tmp_path / "none", "none", [("train", 40)])
+  phases = [("isolation", 20), ("gauge", 36), ("regauge", 40), ("finetune", 50), ("finetune_relearned", 66)]
+  full = _fake_run(tmp_path / "full", "abl", phases, ("returned.npz", "regauged.npz", "relearned.npz"))
+  small = _fake_run(tmp_path / "small", "abl", phases, ("returned.npz",), downsample=2)
+  assert work.phase_steps(full) == {"isolation": 20, "gauge": 16, "regauge": 4, "finetune": 10,
+                                    "finetune_relearned": 16}
+  out = work.main([full, none, "--gauge_step=0.5", "--pass_image=0.1"])
+  # Training: (20 + 16 + 4 + 10 + 16) x 10 images; passes: 2 scorings + 2 judgements of 100, 80 outside the pool.
+  assert out["defended"]["pass_images"] == 480 and out["none"]["total"] == 400
+  assert out["ratio"] == pytest.approx((660 + 48) / 400)
+  out = work.main([small, none, "--gauge_step=0.5", "--pass_image=0.1"])
+  # The gauges' 20 steps at half a step, one judgement at half a pass.
+  assert out["defended"]["training"] == {"isolation": 200, "gauge": 80, "regauge": 20, "finetune": 100,
+                                         "finetune_relearned": 160}
+  assert out["ratio"] == pytest.approx((560 + 0.1 * (200 + 50)) / 400)
+  with pytest.raises(SystemExit):
+    work.main([full, str(tmp_path / "missing")])
