@@ -42,8 +42,9 @@ def phase_steps(run_dir: str) -> dict[str, int]:
 
 def _batch(config: dict[str, Any], phase: str) -> int:
   """The batch size `phase` trains with."""
-  if phase.startswith("unlearning"):
-    return int(config["abl"]["unlearning_batch_size"])
+  if phase.startswith("unlearning"):  # Joint unlearning pairs each step's isolated examples with retained ones.
+    a = config["abl"]
+    return int(a["unlearning_batch_size"]) + (int(a["joint_batch_size"]) if a["unlearning_mode"] == "joint" else 0)
   return int(config["train"]["batch_size"])
 
 

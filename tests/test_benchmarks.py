@@ -477,3 +477,9 @@ def test_work_counts_training_steps_gauges_and_passes(tmp_path):
   assert out["ratio"] == pytest.approx((560 + 0.1 * (200 + 50)) / 400)
   with pytest.raises(SystemExit):
     work.main([full, str(tmp_path / "missing")])
+  # Joint unlearning's steps carry the retained examples' batch on top of the isolated ones'.
+  batch = work._batch  # pylint: disable=protected-access
+  sizes = {"unlearning_batch_size": 5, "joint_batch_size": 7}
+  assert batch({"abl": {**sizes, "unlearning_mode": "joint"}}, "unlearning") == 12
+  assert batch({"abl": {**sizes, "unlearning_mode": "ascent"}}, "unlearning") == 5
+  assert batch({"train": {"batch_size": 10}}, "finetune") == 10
