@@ -523,3 +523,23 @@ def flagged_offsets(probabilities: np.ndarray, labels: np.ndarray, flagged: np.n
         share = np.mean(np.exp(shifted[:, k]) / np.exp(shifted).sum(axis=1))
         low, high = (offsets[k], high) if share < target else (low, offsets[k])
   return offsets
+
+
+
+def stamped(images: np.ndarray, delta: np.ndarray) -> np.ndarray:
+  """uint8 `images` with `delta` (float, pixel units) added, rounded and clipped to [0, 255]."""
+  return np.clip(np.rint(images.astype(np.float32) + delta), 0, 255).astype(np.uint8)
+
+
+def transfer_shares(predict: Callable[[np.ndarray, np.ndarray], tuple], images: np.ndarray, deltas: np.ndarray,
+                    label: int) -> np.ndarray:
+  """Per delta ([G, *image shape], pixel units), the share of uint8 `images` a model's `predict` (images, labels)
+  -> (loss, class, ...) sends to `label` with it added, less the share it sends there without."""
+  dummy = np.zeros(len(images), np.int32)
+  before = np.mean(np.asarray(predict(images, dummy)[1]) == label)
+  return np.array([np.mean(np.asarray(predict(stamped(images, d), dummy)[1]) == label) - before for d in deltas])
+
+
+def transfer_z(observed: float, null: np.ndarray, count: int) -> float:
+  """`observed`'s z-score among `null` (shares of `count` images), their spread at least one image's share."""
+  return float((observed - np.mean(null)) / max(np.std(null), 1.0 / count)) if len(null) else float("nan")

@@ -92,7 +92,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"which does not run here (config.abl.relearned_at={a.relearned_at}, "
                      f"config.abl.finetune_epochs={a.finetune_epochs}): set relearned_at in (0, 1) with "
                      "finetune_epochs >= 2, or flagged_doubted='drop'")
-  for field in ("gauge_epochs", "regauge_epochs"):
+  for field in ("gauge_epochs", "regauge_epochs", "relearned_draws"):
     if config.abl[field] < 0:
       raise ValueError(f"config.abl.{field}={config.abl[field]} must be >= 0")
   if config.abl.spectral_skew < 0:

@@ -31,7 +31,7 @@ from abl_jax.checkpoint import Checkpointer
 from abl_jax.data import Dataset
 from abl_jax.metrics import Writer
 
-PURPOSES = ("poison", "init", "data", "augment")  # One PRNG key each, folded from config.seed.
+PURPOSES = ("poison", "init", "data", "augment", "check")  # One PRNG key each, folded from config.seed.
 
 
 def key_for(config: ml_collections.ConfigDict, purpose: str) -> jax.Array:
@@ -506,6 +506,32 @@ def _coherence_text(coherence: np.ndarray) -> str:
                    for k in np.flatnonzero(~np.isnan(coherence[0]))) or "none"
 
 
+TRANSFER_IMAGES = 500  # Other labels' images the relearned check stamps (evenly spaced among those eligible).
+
+
+def _transfer(run: Run, outside: np.ndarray, mine: np.ndarray, learned: np.ndarray, rejected: np.ndarray,
+              own: np.ndarray, predicted: np.ndarray, label: int) -> tuple[float, float]:
+  """The relearned check's trigger transfer of `label` (abl.transfer_shares: its learned rejected examples' mean
+  image, less its unrejected examples', added to other labels' judge-backed, correctly predicted images outside
+  the pool), and its z-score among config.abl.relearned_draws random groups of as many unrejected examples; NaN
+  where there is nothing to stamp or compare with. Masks and `own` (the judge's probability of the label) and
+  `predicted` (the model's class) are over `outside`."""
+  base = np.flatnonzero(mine & ~rejected)
+  group = np.flatnonzero(mine & learned)
+  others = np.flatnonzero(~mine & (own >= run.config.abl.own_above) & (predicted == run.train.labels[outside]))
+  if not len(base) or not len(group) or not len(others):
+    return float("nan"), float("nan")
+  others = others[np.linspace(0, len(others) - 1, min(len(others), TRANSFER_IMAGES)).astype(int)]
+  images = lambda rows: run.train.images[outside[rows]].astype(np.float32)
+  centre = images(base).mean(axis=0)
+  key = jax.random.fold_in(key_for(run.config, "check"), label)
+  draws = [np.asarray(jax.random.choice(jax.random.fold_in(key, d), base, (min(len(group), len(base)),),
+                                        replace=False)) for d in range(run.config.abl.relearned_draws)]
+  deltas = np.stack([images(rows).mean(axis=0) - centre for rows in [group, *draws]])
+  shares = abl.transfer_shares(run.predict(), run.train.images[outside[others]], deltas, label)
+  return float(shares[0]), abl.transfer_z(shares[0], shares[1:], len(others))
+
+
 def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
   """Disowns, for the rest of fine-tuning, the judge's rejected examples of each label whose share of them the
   model being fine-tuned has learned stands out (an improbable count at the labels' pooled rate too), and whose
@@ -569,14 +595,23 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     improbable = abl.improbable_counts(np.bincount(labels[learned], minlength=run.train.num_classes), counts,
                                        a.class_outlier_z)
     aligned = (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & (coherence[0] > coherence[2])
-    flagged = np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned)
+    # A trigger is an image feature: the mean image of a backdoor's learned examples, less the label's other
+    # examples', carries it and sends other labels' images to the label; a clean label's hard examples' does no
+    # more than as many of its other examples' (docs/defense.md, session 33).
+    transfer = np.full((2, run.train.num_classes), np.nan)
+    if a.relearned_draws:
+      for k in np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned):
+        transfer[:, k] = _transfer(run, outside, labels[outside] == k, np.isin(outside, learned),
+                                   np.isin(outside, candidates), own, np.asarray(probs).argmax(axis=1), int(k))
+    transferred = ~(transfer[1] <= a.class_outlier_z)  # NaN (not measured) passes.
+    flagged = np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned & transferred)
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
              "relearned_improbable": improbable, "relearned_coherence": coherence,
              "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],
              "relearned_dropped": outside[:0], "relearned_candidates": candidates,
              "relearned_probability": probability, "relearned_raw_probability": np.asarray(probs)[rows,
                                                                                                labels[candidates]],
-             "relearned_bias": bias}
+             "relearned_bias": bias, "relearned_transfer": transfer}
     if a.flagged_doubted == "return" and "class_doubted" in judged:  # Left out so far: those it backs rejoin.
       doubted = judged["class_doubted"]
       saved["relearned_returned"] = doubted[adjusted[np.searchsorted(outside, doubted), labels[doubted]]
@@ -591,14 +626,18 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
       saved["relearned_dropped"] = doubted[doubted_probability >= a.relearned_above]
     logging.info("relearned check: fine-tuning has learned %s of each label's examples outside the pool that the "
                  "judge rejected; outlier scores %s (coherence of the learned, of the other rejected, of the "
-                 "typical, where above the cut-off: %s); flagged %s, %d examples %s, %d left out",
+                 "typical, where above the cut-off: %s; trigger transfer and its z-score where measured: %s); "
+                 "flagged %s, %d examples %s, %d left out",
                  np.round(shares, 3).tolist(), np.round(scores, 1).tolist(), _coherence_text(coherence),
+                 ", ".join(f"{k}: {transfer[0, k]:.3f}, {transfer[1, k]:.1f}"
+                           for k in np.flatnonzero(~np.isnan(transfer[0]))) or "none",
                  flagged.tolist() or "none",
                  len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected == "disown"
                  else "left out", len(saved["relearned_dropped"]))
     stats = {"relearned_labels": [int(k) for k in flagged],
              "relearned_scores": [round(float(v), 2) for v in scores],
-             "relearned_coherence": [[None if np.isnan(v) else round(float(v), 3) for v in row] for row in coherence]}
+             "relearned_coherence": [[None if np.isnan(v) else round(float(v), 3) for v in row] for row in coherence],
+             "relearned_transfer": [[None if np.isnan(v) else round(float(v), 3) for v in row] for row in transfer]}
     for name in ("relearned_learned", "relearned_rejected", "relearned_dropped", "relearned_returned"):
       if name not in saved:
         continue

@@ -207,6 +207,11 @@ def base_config() -> ml_collections.ConfigDict:
   #                            outlier test missed, which fine-tuning is learning (docs/defense.md, sessions 18-19).
   c.abl.relearned_above = 0.8  # relearned_at: the fine-tuned model's probability of the label that counts as
   #                              learned, in (0, 1].
+  c.abl.relearned_draws = 20  # relearned_at: a label passing the check's tests is flagged only where the mean
+  #                             image of its learned rejected examples, less its unrejected examples', added to
+  #                             other labels' images sends more of them to it than that of as many of its
+  #                             unrejected examples does (z-score > class_outlier_z among this many random groups;
+  #                             >= 0, 0 = off): a trigger, not hard examples (docs/defense.md, session 33).
   c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects
   #                                  (disown_below to own_above) that fine-tuning has learned (relearned_above)
   #                                  keep training with their label (keep) or are left out for the rest (drop).

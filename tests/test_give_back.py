@@ -1011,9 +1011,10 @@ def test_regauge_init_name_is_checked(tmp_path):
     experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__regauge_init": "first"}), str(tmp_path))
 
 
-def test_regauge_epochs_must_not_be_negative(tmp_path):
-  with pytest.raises(ValueError, match=r"config\.abl\.regauge_epochs=-1 must be >= 0"):
-    experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__regauge_epochs": -1}), str(tmp_path))
+@pytest.mark.parametrize("field", ["regauge_epochs", "relearned_draws"])
+def test_epoch_and_draw_counts_must_not_be_negative(field, tmp_path):
+  with pytest.raises(ValueError, match=rf"config\.abl\.{field}=-1 must be >= 0"):
+    experiment.train_and_evaluate(smoke.config(**{**REGAUGE, f"abl__{field}": -1}), str(tmp_path))
 
 
 def test_regauge_does_nothing_without_an_outlier_label(tmp_path):
@@ -1057,6 +1058,7 @@ def _relearned_run(workdir, learned, extra=(), rows=None):
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.4, "relearned_above": 0.8, "own_above": 0.5,
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
+                                                "relearned_draws": 0,
                                                 "flagged_rejected": "disown", "flagged_doubted": "keep"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
       predict=lambda probabilities=False, features=False: lambda images, lab: (
@@ -1398,3 +1400,75 @@ def test_candidate_triggers_share_is_checked(tmp_path):
     experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_scale": (2.0, 1.0)}), str(tmp_path))
   with pytest.raises(ValueError, match=r"config\.abl\.candidate_scale=\(0\.0, 1\.0\) must be"):
     experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_scale": (0.0, 1.0)}), str(tmp_path))
+
+
+def test_stamped_adds_a_delta_rounded_and_clipped():
+  images = np.array([[[[10, 250, 0]]]], np.uint8)
+  np.testing.assert_array_equal(abl.stamped(images, np.array([[[2.6, 10.0, -3.0]]])), [[[[13, 255, 0]]]])
+
+
+
+def test_transfer_shares_are_the_shares_each_delta_sends_to_the_label_less_the_share_without():
+  # A model that predicts label 1 where the first pixel is above 100, else 0. Of 4 images, one is there already.
+  def predict(images, labels):
+    return np.zeros(len(images)), (images[:, 0, 0, 0] > 100).astype(int)
+  images = np.zeros((4, 2, 2, 1), np.uint8)
+  images[0, 0, 0, 0] = 150
+  deltas = np.zeros((3, 2, 2, 1))
+  deltas[0, 0, 0, 0] = 200.0  # Every image goes to 1: 3 of 4 more.
+  deltas[2, 0, 0, 0] = -100.0  # The one there leaves.
+  np.testing.assert_allclose(abl.transfer_shares(predict, images, deltas, 1), [0.75, 0.0, -0.25])
+  np.testing.assert_allclose(abl.transfer_shares(predict, images, deltas, 0), [-0.75, 0.0, 0.25])
+
+
+def test_transfer_z_is_a_z_score_whose_spread_is_at_least_one_images_share():
+  assert abl.transfer_z(0.5, np.array([0.1, 0.3]), 100) == pytest.approx(3.0)  # Mean 0.2, spread 0.1.
+  assert abl.transfer_z(0.05, np.array([0.01, 0.01]), 100) == pytest.approx(4.0)  # Spread 0: one image, 0.01.
+  assert np.isnan(abl.transfer_z(0.5, np.zeros(0), 100))
+
+
+def _transfer_run(label_pixel):
+  """4 labels x 10 examples of 2x2 images, all outside the pool; a model that predicts 2 where the top-left pixel is
+  above 100, else 0. Label 2's examples 21-23 carry 255 there (a trigger), and with `label_pixel` so do its others."""
+  labels = np.repeat(np.arange(4), 10)
+  images = np.zeros((40, 2, 2, 1), np.uint8)
+  images[20:30, 0, 0, 0] = 255 if label_pixel else 0
+  images[21:24, 0, 0, 0] = 255
+  model = lambda x, y: (np.zeros(len(x)), np.where(x[:, 0, 0, 0] > 100, 2, 0))
+  return types.SimpleNamespace(
+      train=types.SimpleNamespace(images=images, labels=labels),
+      config=ml_collections.ConfigDict({"seed": 0, "abl": {"own_above": 0.5, "relearned_draws": 10}}),
+      predict=lambda probabilities=False, features=False: model), labels
+
+
+@pytest.mark.parametrize("label_pixel, share, z", [(False, 1.0, 30.0), (True, 0.0, 0.0)])
+def test_relearned_transfer_sends_other_labels_images_to_a_label_by_its_learned_examples_trigger(label_pixel, share,
+                                                                                                 z):
+  # Label 2's learned rejected examples 21-23 carry a pixel the model sends to 2: their mean image less its
+  # unrejected examples' (20, 25-29) sends all 30 other labels' images there, as many random unrejected examples'
+  # none (spread 0: one image's share, 1/30). Where every label-2 example carries it, it is the class's own look:
+  # the difference, and the transfer, are 0.
+  run, labels = _transfer_run(label_pixel)
+  rejected = np.isin(np.arange(40), [21, 22, 23, 24])
+  got = schedule._transfer(run, np.arange(40), labels == 2, np.isin(np.arange(40), [21, 22, 23]), rejected,
+                           np.full(40, 0.9), labels, 2)
+  assert got == pytest.approx((share, z))
+
+
+@pytest.mark.parametrize("transfer, flagged", [((0.3, 10.0), [2]), ((0.05, 1.0), [])])
+def test_relearned_check_flags_a_label_only_where_its_learned_examples_transfer_a_trigger(transfer, flagged,
+                                                                                          tmp_path, monkeypatch):
+  learned = np.full(40, 0.5)
+  learned[[21, 22, 23]] = 0.97
+  learned[[27, 28, 29]] = 0.97  # Typical examples, pointing anywhere: the coherence test passes.
+  run, _, _ = _relearned_run(tmp_path, learned)
+  run.config.abl.relearned_draws = 20
+  calls = []
+  monkeypatch.setattr(schedule, "_transfer", lambda run, outside, mine, *rest: calls.append(rest[-1]) or transfer)
+  schedule._relearned(run, {})
+  saved = np.load(tmp_path / "relearned.npz")
+  assert calls == [2]  # Measured only for the label the other tests flag.
+  np.testing.assert_array_equal(saved["relearned_labels"], flagged)
+  np.testing.assert_allclose(saved["relearned_transfer"][:, 2], transfer)
+  assert np.isnan(saved["relearned_transfer"][:, [0, 1, 3]]).all()
+  assert json.loads((tmp_path / "isolation.json").read_text())["relearned_transfer"][1][2] == transfer[1]
