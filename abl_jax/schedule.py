@@ -510,17 +510,17 @@ TRANSFER_IMAGES = 500  # Other labels' images the relearned check stamps (evenly
 
 
 def _transfer(run: Run, outside: np.ndarray, mine: np.ndarray, learned: np.ndarray, rejected: np.ndarray,
-              own: np.ndarray, predicted: np.ndarray, label: int) -> tuple[float, float]:
+              own: np.ndarray, predicted: np.ndarray, label: int) -> tuple[float, float, int]:
   """The relearned check's trigger transfer of `label` (abl.transfer_shares: its learned rejected examples' mean
   image, less its unrejected examples', added to other labels' judge-backed, correctly predicted images outside
-  the pool), and its z-score among config.abl.relearned_draws random groups of as many unrejected examples; NaN
-  where there is nothing to stamp or compare with. Masks and `own` (the judge's probability of the label) and
-  `predicted` (the model's class) are over `outside`."""
+  the pool), its z-score among config.abl.relearned_draws random groups of as many unrejected examples (both NaN
+  where there is nothing to stamp or compare with), and the images the model predicted for them. Masks and `own`
+  (the judge's probability of the label) and `predicted` (the model's class) are over `outside`."""
   base = np.flatnonzero(mine & ~rejected)
   group = np.flatnonzero(mine & learned)
   others = np.flatnonzero(~mine & (own >= run.config.abl.own_above) & (predicted == run.train.labels[outside]))
   if not len(base) or not len(group) or not len(others):
-    return float("nan"), float("nan")
+    return float("nan"), float("nan"), 0
   others = others[np.linspace(0, len(others) - 1, min(len(others), TRANSFER_IMAGES)).astype(int)]
   images = lambda rows: run.train.images[outside[rows]].astype(np.float32)
   centre = images(base).mean(axis=0)
@@ -529,7 +529,7 @@ def _transfer(run: Run, outside: np.ndarray, mine: np.ndarray, learned: np.ndarr
                                         replace=False)) for d in range(run.config.abl.relearned_draws)]
   deltas = np.stack([images(rows).mean(axis=0) - centre for rows in [group, *draws]])
   shares = abl.transfer_shares(run.predict(), run.train.images[outside[others]], deltas, label)
-  return float(shares[0]), abl.transfer_z(shares[0], shares[1:], len(others))
+  return float(shares[0]), abl.transfer_z(shares[0], shares[1:], len(others)), len(others) * (len(deltas) + 1)
 
 
 def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
@@ -598,11 +598,14 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     # A trigger is an image feature: the mean image of a backdoor's learned examples, less the label's other
     # examples', carries it and sends other labels' images to the label; a clean label's hard examples' does no
     # more than as many of its other examples' (docs/defense.md, session 33).
-    transfer = np.full((2, run.train.num_classes), np.nan)
+    transfer, stamped = np.full((2, run.train.num_classes), np.nan), 0
     if a.relearned_draws:
       for k in np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned):
-        transfer[:, k] = _transfer(run, outside, labels[outside] == k, np.isin(outside, learned),
-                                   np.isin(outside, candidates), own, np.asarray(probs).argmax(axis=1), int(k))
+        with run.timed(SCORING):
+          *transfer[:, k], count = _transfer(run, outside, labels[outside] == k, np.isin(outside, learned),
+                                             np.isin(outside, candidates), own, np.asarray(probs).argmax(axis=1),
+                                             int(k))
+        stamped += count
     transferred = ~(transfer[1] <= a.class_outlier_z)  # NaN (not measured) passes.
     flagged = np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned & transferred)
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
@@ -611,7 +614,7 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
              "relearned_dropped": outside[:0], "relearned_candidates": candidates,
              "relearned_probability": probability, "relearned_raw_probability": np.asarray(probs)[rows,
                                                                                                labels[candidates]],
-             "relearned_bias": bias, "relearned_transfer": transfer}
+             "relearned_bias": bias, "relearned_transfer": transfer, "relearned_transfer_images": stamped}
     if a.flagged_doubted == "return" and "class_doubted" in judged:  # Left out so far: those it backs rejoin.
       doubted = judged["class_doubted"]
       saved["relearned_returned"] = doubted[adjusted[np.searchsorted(outside, doubted), labels[doubted]]

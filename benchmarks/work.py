@@ -9,7 +9,8 @@ phase's) times its batch size; a gauge's steps (`gauge`, `regauge`) count `--gau
 run trained them on downsampled images (`abl.gauge_downsample` > 1; a 16x16 step took a quarter to a third of a
 32x32 one's time on 2 CPU cores, session 31). Passes over the training set: the isolation model's scoring
 (`abl.score_epochs` of them), each gauge's judgement (`returned.npz`, `regauged.npz`; at `--gauge_step` where
-downsampled) and the relearned check (`relearned.npz`: the examples outside the pool), each pass image at
+downsampled) and the relearned check (`relearned.npz`: the examples outside the pool, and the images its trigger
+transfer test stamped, `relearned_transfer_images`), each pass image at
 `--pass_image` of a training image (1 / 4.2, measured in session 24). Wall time on a shared machine moves a pair's
 ratio by more than the bar's margin (session 24); this count does not.
 """
@@ -65,6 +66,7 @@ def work(run_dir: str, gauge_step: float, pass_image: float) -> dict[str, Any]:
         passes += n * (gauge_step if small else 1.0)
     if os.path.exists(os.path.join(run_dir, "relearned.npz")):
       passes += n - len(wd.load_npz(os.path.join(run_dir, "isolation.npz"))["pool"])
+      passes += int(wd.load_npz(os.path.join(run_dir, "relearned.npz")).get("relearned_transfer_images", 0))
   total = sum(training.values()) + passes * pass_image
   return {"workdir": run_dir, "training": {p: round(v) for p, v in training.items()},
           "pass_images": round(passes), "total": total}

@@ -470,6 +470,8 @@ def test_work_counts_training_steps_gauges_and_passes(tmp_path):
   # Training: (20 + 16 + 4 + 10 + 16) x 10 images; passes: 2 scorings + 2 judgements of 100, 80 outside the pool.
   assert out["defended"]["pass_images"] == 480 and out["none"]["total"] == 400
   assert out["ratio"] == pytest.approx((660 + 48) / 400)
+  np.savez(tmp_path / "full" / "relearned.npz", relearned_transfer_images=30)  # The check's transfer test.
+  assert work.main([full, none, "--gauge_step=0.5", "--pass_image=0.1"])["defended"]["pass_images"] == 510
   out = work.main([small, none, "--gauge_step=0.5", "--pass_image=0.1"])
   # The gauges' 20 steps at half a step, one judgement at half a pass.
   assert out["defended"]["training"] == {"isolation": 200, "gauge": 80, "regauge": 20, "finetune": 100,

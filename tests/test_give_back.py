@@ -1452,10 +1452,10 @@ def test_relearned_transfer_sends_other_labels_images_to_a_label_by_its_learned_
   rejected = np.isin(np.arange(40), [21, 22, 23, 24])
   got = schedule._transfer(run, np.arange(40), labels == 2, np.isin(np.arange(40), [21, 22, 23]), rejected,
                            np.full(40, 0.9), labels, 2)
-  assert got == pytest.approx((share, z))
+  assert got == pytest.approx((share, z, 30 * 12))  # Unstamped, the learned group's, 10 random groups'.
 
 
-@pytest.mark.parametrize("transfer, flagged", [((0.3, 10.0), [2]), ((0.05, 1.0), [])])
+@pytest.mark.parametrize("transfer, flagged", [((0.3, 10.0, 99), [2]), ((0.05, 1.0, 99), [])])
 def test_relearned_check_flags_a_label_only_where_its_learned_examples_transfer_a_trigger(transfer, flagged,
                                                                                           tmp_path, monkeypatch):
   learned = np.full(40, 0.5)
@@ -1469,6 +1469,7 @@ def test_relearned_check_flags_a_label_only_where_its_learned_examples_transfer_
   saved = np.load(tmp_path / "relearned.npz")
   assert calls == [2]  # Measured only for the label the other tests flag.
   np.testing.assert_array_equal(saved["relearned_labels"], flagged)
-  np.testing.assert_allclose(saved["relearned_transfer"][:, 2], transfer)
+  np.testing.assert_allclose(saved["relearned_transfer"][:, 2], transfer[:2])
+  assert saved["relearned_transfer_images"] == 99
   assert np.isnan(saved["relearned_transfer"][:, [0, 1, 3]]).all()
   assert json.loads((tmp_path / "isolation.json").read_text())["relearned_transfer"][1][2] == transfer[1]
