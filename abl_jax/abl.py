@@ -525,7 +525,6 @@ def flagged_offsets(probabilities: np.ndarray, labels: np.ndarray, flagged: np.n
   return offsets
 
 
-
 def stamped(images: np.ndarray, delta: np.ndarray) -> np.ndarray:
   """uint8 `images` with `delta` (float, pixel units) added, rounded and clipped to [0, 255]."""
   return np.clip(np.rint(images.astype(np.float32) + delta), 0, 255).astype(np.uint8)

@@ -47,7 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
                 "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.finetune_mix", "abl.return_rule",
                 "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted",
-                "abl.relearned_doubted", "abl.relearned_then", "abl.regauge_init"):
+                "abl.relearned_doubted", "abl.relearned_then", "abl.relearned_tested", "abl.regauge_init"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
@@ -95,6 +95,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("gauge_epochs", "regauge_epochs", "relearned_draws"):
     if config.abl[field] < 0:
       raise ValueError(f"config.abl.{field}={config.abl[field]} must be >= 0")
+  if config.abl.relearned_tested == "learned" and not config.abl.relearned_draws:
+    raise ValueError("config.abl.relearned_tested='learned' flags labels on the transfer test alone, which "
+                     "config.abl.relearned_draws=0 turns off: set relearned_draws > 0 or relearned_tested='outliers'")
   if config.abl.spectral_skew < 0:
     raise ValueError(f"config.abl.spectral_skew={config.abl.spectral_skew} must be 0 (off) or > 0")
   if not (config.abl.spectral_kurtosis == 0 or 1 < config.abl.spectral_kurtosis < 3):

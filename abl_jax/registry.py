@@ -29,6 +29,7 @@ FLAGGED_REJECTED = ("disown", "drop")  # config.abl.flagged_rejected
 FLAGGED_DOUBTED = ("keep", "drop", "return")  # config.abl.flagged_doubted
 RELEARNED_DOUBTED = ("keep", "drop")  # config.abl.relearned_doubted
 RELEARNED_THEN = ("continue", "restart")  # config.abl.relearned_then
+RELEARNED_TESTED = ("outliers", "learned")  # config.abl.relearned_tested
 REGAUGE_INITS = ("fresh", "gauge")  # config.abl.regauge_init
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
@@ -55,6 +56,7 @@ FIELDS = {
     "config.abl.flagged_doubted": FLAGGED_DOUBTED,
     "config.abl.relearned_doubted": RELEARNED_DOUBTED,
     "config.abl.relearned_then": RELEARNED_THEN,
+    "config.abl.relearned_tested": RELEARNED_TESTED,
     "config.abl.regauge_init": REGAUGE_INITS,
     "config.distributed.initialize": INIT_MODES,
 }

@@ -599,15 +599,18 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     # examples', carries it and sends other labels' images to the label; a clean label's hard examples' does no
     # more than as many of its other examples' (docs/defense.md, session 33).
     transfer, stamped = np.full((2, run.train.num_classes), np.nan), 0
+    learned_counts = np.bincount(labels[learned], minlength=run.train.num_classes)
+    tested = ((scores > a.class_outlier_z) & improbable & aligned if a.relearned_tested == "outliers"
+              else learned_counts >= 2)
     if a.relearned_draws:
-      for k in np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned):
+      for k in np.flatnonzero(tested):
         with run.timed(SCORING):
           *transfer[:, k], count = _transfer(run, outside, labels[outside] == k, np.isin(outside, learned),
                                              np.isin(outside, candidates), own, np.asarray(probs).argmax(axis=1),
                                              int(k))
         stamped += count
     transferred = ~(transfer[1] <= a.class_outlier_z)  # NaN (not measured) passes.
-    flagged = np.flatnonzero((scores > a.class_outlier_z) & improbable & aligned & transferred)
+    flagged = np.flatnonzero(tested & transferred)
     saved = {"relearned_labels": flagged, "relearned_shares": shares, "relearned_scores": scores,
              "relearned_improbable": improbable, "relearned_coherence": coherence,
              "relearned_learned": learned, "relearned_rejected": candidates[np.isin(labels[candidates], flagged)],

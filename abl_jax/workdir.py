@@ -257,7 +257,7 @@ ADDED_FIELDS = {
     "config.abl.flagged_rejected": "disown", "config.abl.spectral_skew": 0.0, "config.abl.spectral_tail": 2.0,
     "config.abl.spectral_kurtosis": 0.0, "config.abl.regauge_epochs": 0, "config.abl.flagged_doubted": "keep",
     "config.abl.spectral_judged": False, "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
-    "config.abl.relearned_draws": 0,
+    "config.abl.relearned_draws": 0, "config.abl.relearned_tested": "outliers",
     "config.abl.relearned_doubted": "keep", "config.abl.relearned_then": "continue", "config.abl.pool_outlier_z": 0.0,
     "config.abl.regauge_init": "fresh", "config.abl.finetune_mix": "none", "config.abl.finetune_mix_alpha": 1.0,
     "config.abl.finetune_mix_epochs": 0, "config.abl.calibrate_flagged": False,

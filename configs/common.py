@@ -212,6 +212,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                             other labels' images sends more of them to it than that of as many of its
   #                             unrejected examples does (z-score > class_outlier_z among this many random groups;
   #                             >= 0, 0 = off): a trigger, not hard examples (docs/defense.md, session 33).
+  c.abl.relearned_tested = "outliers"  # relearned_draws: the labels whose transfer is tested: those the check's
+  #                                      other tests flag (outliers), or every label with at least 2 learned
+  #                                      rejected examples, flagged on the transfer test alone (learned; 0.03x of
+  #                                      the no-defense training's work per label tested on the cpu table).
   c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects
   #                                  (disown_below to own_above) that fine-tuning has learned (relearned_above)
   #                                  keep training with their label (keep) or are left out for the rest (drop).

@@ -1058,7 +1058,7 @@ def _relearned_run(workdir, learned, extra=(), rows=None):
       train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.4, "relearned_above": 0.8, "own_above": 0.5,
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
-                                                "relearned_draws": 0,
+                                                "relearned_draws": 0, "relearned_tested": "outliers",
                                                 "flagged_rejected": "disown", "flagged_doubted": "keep"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
       predict=lambda probabilities=False, features=False: lambda images, lab: (
@@ -1473,3 +1473,26 @@ def test_relearned_check_flags_a_label_only_where_its_learned_examples_transfer_
   assert saved["relearned_transfer_images"] == 99
   assert np.isnan(saved["relearned_transfer"][:, [0, 1, 3]]).all()
   assert json.loads((tmp_path / "isolation.json").read_text())["relearned_transfer"][1][2] == transfer[1]
+
+
+def test_relearned_tested_learned_flags_every_label_with_two_learned_examples_on_its_transfer_alone(tmp_path,
+                                                                                                    monkeypatch):
+  # Label 1 has 2 learned rejected examples (11, 12), label 2 has 3 (21-23), label 0 one (1): labels 1 and 2 are
+  # tested whatever their outlier scores, and label 1's transfer stands out.
+  learned = np.full(40, 0.5)
+  learned[[1, 11, 12, 21, 22, 23]] = 0.97
+  run, _, _ = _relearned_run(tmp_path, learned)
+  run.config.abl.update({"relearned_draws": 20, "relearned_tested": "learned"})
+  z = {1: 10.0, 2: 0.0}
+  calls = []
+  monkeypatch.setattr(schedule, "_transfer",
+                      lambda run, outside, mine, *rest: calls.append(rest[-1]) or (0.1, z[rest[-1]], 99))
+  schedule._relearned(run, {})
+  assert calls == [1, 2]
+  np.testing.assert_array_equal(np.load(tmp_path / "relearned.npz")["relearned_labels"], [1])
+
+
+def test_relearned_tested_learned_needs_the_transfer_test(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.relearned_tested='learned' .* config\.abl\.relearned_draws=0"):
+    experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__relearned_draws": 0,
+                                                  "abl__relearned_tested": "learned"}), str(tmp_path))
