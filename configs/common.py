@@ -215,7 +215,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.relearned_tested = "outliers"  # relearned_draws: the labels whose transfer is tested: those the check's
   #                                      other tests flag (outliers), or every label with at least 2 learned
   #                                      rejected examples, flagged on the transfer test alone (learned; 0.03x of
-  #                                      the no-defense training's work per label tested on the cpu table).
+  #                                      the no-defense training's work per label tested on the cpu table; it
+  #                                      flagged clean labels on 2 of 7 runs, docs/defense.md, session 33).
   c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects
   #                                  (disown_below to own_above) that fine-tuning has learned (relearned_above)
   #                                  keep training with their label (keep) or are left out for the rest (drop).
