@@ -571,7 +571,8 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     probability = adjusted[rows, labels[candidates]]
     learned = candidates[probability >= a.relearned_above]
     counts = np.bincount(labels[outside], minlength=run.train.num_classes)
-    shares = np.bincount(labels[learned], minlength=run.train.num_classes) / np.maximum(counts, 1)
+    learned_counts = np.bincount(labels[learned], minlength=run.train.num_classes)
+    shares = learned_counts / np.maximum(counts, 1)
     scores = abl.outlier_scores(shares, counts, sampling=True)
     # Per label: its learned rejected examples, the rest of its rejected, and its typical examples (the judge
     # backs them, own_above, and fine-tuning has learned them).
@@ -592,22 +593,20 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     # rejected examples (fine-tuning learned them all) there is nothing against one (session 21).
     # A handful of learned examples in one label against none elsewhere is no outlier, whatever the normal
     # approximation of the score says: the count must be improbable at the pooled rate.
-    improbable = abl.improbable_counts(np.bincount(labels[learned], minlength=run.train.num_classes), counts,
-                                       a.class_outlier_z)
+    improbable = abl.improbable_counts(learned_counts, counts, a.class_outlier_z)
     aligned = (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & (coherence[0] > coherence[2])
     # A trigger is an image feature: the mean image of a backdoor's learned examples, less the label's other
     # examples', carries it and sends other labels' images to the label; a clean label's hard examples' does no
     # more than as many of its other examples' (docs/defense.md, session 33).
     transfer, stamped = np.full((2, run.train.num_classes), np.nan), 0
-    learned_counts = np.bincount(labels[learned], minlength=run.train.num_classes)
     tested = ((scores > a.class_outlier_z) & improbable & aligned if a.relearned_tested == "outliers"
               else learned_counts >= 2)
     if a.relearned_draws:
+      predicted = np.asarray(probs).argmax(axis=1)
       for k in np.flatnonzero(tested):
         with run.timed(SCORING):
           *transfer[:, k], count = _transfer(run, outside, labels[outside] == k, np.isin(outside, learned),
-                                             np.isin(outside, candidates), own, np.asarray(probs).argmax(axis=1),
-                                             int(k))
+                                             np.isin(outside, candidates), own, predicted, int(k))
         stamped += count
     transferred = ~(transfer[1] <= a.class_outlier_z)  # NaN (not measured) passes.
     flagged = np.flatnonzero(tested & transferred)
