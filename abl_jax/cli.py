@@ -129,6 +129,9 @@ _RULES = (
     ("config.abl.flagged_doubted", lambda c: not _outliers(c),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
+    ("config.abl.flagged_unsure", lambda c: not (_outliers(c) and c.abl.unsure == "drop"),
+     "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
+     "that distills the pool) and the pool's unsure examples stay out (abl.unsure='drop')"),
     ("config.abl.calibrate_flagged", lambda c: not (_outliers(c) and c.abl.gauge_epochs),
      "it applies where a gauge looks for outlier labels (abl.gauge_epochs > 0, abl.class_outlier_z > 0, "
      "abl.disown_below > 0, a gauge that distills the pool)"),

@@ -47,6 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
                 "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.finetune_mix", "abl.return_rule",
                 "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted",
+                "abl.flagged_unsure",
                 "abl.relearned_doubted", "abl.relearned_then", "abl.relearned_tested", "abl.regauge_init"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])

@@ -27,6 +27,7 @@ KEPT_OUT = ("drop", "relabel", "distill", "distill_disagreeing")  # config.abl.k
 UNSURE = ("distill", "drop")  # config.abl.unsure
 FLAGGED_REJECTED = ("disown", "drop")  # config.abl.flagged_rejected
 FLAGGED_DOUBTED = ("keep", "drop", "return")  # config.abl.flagged_doubted
+FLAGGED_UNSURE = ("drop", "keep")  # config.abl.flagged_unsure
 RELEARNED_DOUBTED = ("keep", "drop")  # config.abl.relearned_doubted
 RELEARNED_THEN = ("continue", "restart")  # config.abl.relearned_then
 RELEARNED_TESTED = ("outliers", "learned")  # config.abl.relearned_tested
@@ -54,6 +55,7 @@ FIELDS = {
     "config.abl.unsure": UNSURE,
     "config.abl.flagged_rejected": FLAGGED_REJECTED,
     "config.abl.flagged_doubted": FLAGGED_DOUBTED,
+    "config.abl.flagged_unsure": FLAGGED_UNSURE,
     "config.abl.relearned_doubted": RELEARNED_DOUBTED,
     "config.abl.relearned_then": RELEARNED_THEN,
     "config.abl.relearned_tested": RELEARNED_TESTED,

@@ -822,6 +822,10 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     if a.unsure == "drop":  # The pool examples the gauge neither backs nor rejects stay out.
       sure = np.union1d(extra.get("owned", soft[:0]), extra.get("disowned", soft[:0]))
       kept_out = np.setdiff1d(soft, sure)
+      if a.flagged_unsure == "keep" and len(extra.get("outlier_labels", ())):  # Like its doubted ones outside.
+        flagged = kept_out[np.isin(run.train.labels[kept_out], extra["outlier_labels"])]
+        extra["flagged_unsure"] = abl.owned(run.labels, run.train.labels, flagged, 0.0)
+        kept_out = np.setdiff1d(kept_out, flagged)
       run.returned = np.setdiff1d(pool, kept_out)
   stats = {f"kept_out_{k}": v for k, v in run.evaluation.isolation_metrics(kept_out).items()
            if k in ("precision", "recall")}  # Metrics only.
@@ -833,7 +837,7 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     stats["pool_outlier_labels"] = [int(k) for k in extra["pool_outlier_labels"]]
     stats["pool_outlier_scores"] = [round(float(v), 2) for v in extra["pool_outlier_scores"]]
   counted = ("contradicted", "class_rejected", "class_doubted", "left_out", "owned", "disowned", "spectral_disowned",
-             "relabelled")
+             "relabelled", "flagged_unsure")
   for name, examples in [("returned", agree)] + [(k, extra[k]) for k in counted if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
