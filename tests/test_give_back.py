@@ -786,6 +786,33 @@ def test_flagged_doubted_drop_leaves_out_a_flagged_labels_examples_the_gauge_nei
   assert summary["class_doubted"] == summary["left_out"] == len(doubted)
 
 
+def test_flagged_unsure_keep_gives_a_flagged_labels_unsure_pool_examples_their_label(tmp_path):
+  # own_above 0.9, unsure=drop: the pool's examples the gauge gives 0.1-0.9 stay out, but a flagged label's train
+  # with their label, as its doubted examples outside the pool do (flagged_doubted=keep).
+  base = {**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.9, "abl__unsure": "drop",
+          "abl__pool_rule": "class_ratio"}
+  experiment.train_and_evaluate(smoke.config(**base), str(tmp_path / "drop"))
+  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="keep"), str(tmp_path / "keep"))
+  dropped, kept = np.load(tmp_path / "drop" / "returned.npz"), np.load(tmp_path / "keep" / "returned.npz")
+  iso = np.load(tmp_path / "keep" / "isolation.npz")
+  pool, train_labels = iso["pool"], iso["labels"]
+  own = np.exp(-kept["judge_loss"].astype(np.float64))  # The gauge's probability of each pool example's label.
+  unsure = pool[(own >= 0.1) & (own < 0.9) & np.isin(train_labels[pool], kept["outlier_labels"])]
+  assert len(unsure) and len(dropped["kept_out"]) > len(unsure)
+  np.testing.assert_array_equal(kept["flagged_unsure"], unsure)
+  np.testing.assert_array_equal(dropped["kept_out"], np.union1d(kept["kept_out"], unsure))
+  assert not np.isin(train_labels[kept["kept_out"]], kept["outlier_labels"]).any()
+  assert np.isin(unsure, kept["returned"]).all()
+  np.testing.assert_array_equal(kept["labels"][unsure], np.eye(10)[train_labels[unsure]])
+  summary = json.loads((tmp_path / "keep" / "isolation.json").read_text())
+  assert summary["flagged_unsure"] == len(unsure) and summary["kept_out_size"] == len(kept["kept_out"])
+
+
+def test_flagged_unsure_is_checked(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.flagged_unsure='back' is unknown; allowed: drop, keep"):
+    experiment.train_and_evaluate(smoke.config(**{**DROP, "abl__flagged_unsure": "back"}), str(tmp_path))
+
+
 # own_above 0.3: on the smoke data the model being fine-tuned backs none of the doubted examples at 0.5 after its
 # first epoch.
 RETURN = {**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.3, "abl__flagged_doubted": "return",
