@@ -307,6 +307,23 @@ def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: f
   return hit
 
 
+def rejected_shares(pool_rejected: np.ndarray, pool_labels: np.ndarray, outside_rejected: np.ndarray,
+                    outside_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """[2, len(labels)]: for each of `labels`, the share of its pool examples and of its examples outside the pool
+  that a gauge rejects (`*_rejected`, per example); NaN where it has none there.
+
+  Where a label holds a backdoor, each share follows the share of its examples there that are poisoned: a pool
+  share under the outside one says isolation did not gather the label's poison in the pool (docs/defense.md).
+  """
+  shares = np.full((2, len(labels)), np.nan)
+  for i, label in enumerate(np.asarray(labels)):
+    for row, (rejected, of) in enumerate(((pool_rejected, pool_labels), (outside_rejected, outside_labels))):
+      mine = np.asarray(rejected, bool)[np.asarray(of) == label]
+      if len(mine):
+        shares[row, i] = float(np.mean(mine))
+  return shares
+
+
 def owned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, above: float) -> np.ndarray:
   """Of `rows` (examples training toward a gauge's probabilities `targets`), those whose label the gauge gives at
   least `above`; their targets become their label, one-hot (in place).

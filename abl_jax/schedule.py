@@ -822,8 +822,9 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     if a.unsure == "drop":  # The pool examples the gauge neither backs nor rejects stay out.
       sure = np.union1d(extra.get("owned", soft[:0]), extra.get("disowned", soft[:0]))
       kept_out = np.setdiff1d(soft, sure)
-      if a.flagged_unsure == "keep" and len(extra.get("outlier_labels", ())):  # Like its doubted ones outside.
-        flagged = kept_out[np.isin(run.train.labels[kept_out], extra["outlier_labels"])]
+      if a.flagged_unsure != "drop" and len(extra.get("outlier_labels", ())):  # Like its doubted ones outside.
+        kept = _unsure_kept(run, extra, probs[np.arange(len(pool)), labels])
+        flagged = kept_out[np.isin(run.train.labels[kept_out], kept)]
         extra["flagged_unsure"] = abl.owned(run.labels, run.train.labels, flagged, 0.0)
         kept_out = np.setdiff1d(kept_out, flagged)
       run.returned = np.setdiff1d(pool, kept_out)
@@ -851,6 +852,22 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   distributed.barrier("give_back")
   run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase=prefix + "give_back",
                    global_epoch=run.done)
+
+
+def _unsure_kept(run: Run, extra: dict[str, np.ndarray], pool_own: np.ndarray) -> np.ndarray:
+  """The flagged labels whose unsure pool examples train with their label (config.abl.flagged_unsure): every one
+  (keep), or those whose pool examples the gauge rejects in a smaller share than their examples outside the pool
+  (auto); the shares go to `extra` (flagged_rejected_shares: pool, outside)."""
+  a, flagged = run.config.abl, extra["outlier_labels"]
+  outside = np.setdiff1d(np.arange(len(run.train.labels)), run.pool)
+  shares = abl.rejected_shares(pool_own < a.disown_below, run.train.labels[run.pool],
+                               np.isin(outside, extra["class_rejected"]), run.train.labels[outside], flagged)
+  extra["flagged_rejected_shares"] = shares
+  kept = flagged if a.flagged_unsure == "keep" else flagged[shares[0] < shares[1]]
+  logging.info("flagged labels %s: the gauge rejects %s of their pool examples, %s of those outside it; the unsure "
+               "pool examples of %s train with their label", flagged.tolist(), np.round(shares[0], 3).tolist(),
+               np.round(shares[1], 3).tolist(), kept.tolist() or "none")
+  return kept
 
 
 def _judging(run: Run) -> train.Predict:

@@ -136,9 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
   #                               stay out until the relearned check (relearned_at), where those the model being
   #                               fine-tuned backs (prior-adjusted probability of their label >= own_above) rejoin
   #                               (return; it needs the check: relearned_at > 0, finetune_epochs >= 2).
-  c.abl.flagged_unsure = "drop"  # class_outlier_z with unsure=drop: a flagged label's pool examples that the gauge
+  c.abl.flagged_unsure = "auto"  # class_outlier_z with unsure=drop: a flagged label's pool examples that the gauge
   #                               neither backs nor rejects stay out of fine-tuning, as every label's do (drop), or
-  #                               train with their label, as its doubted examples outside the pool do (keep).
+  #                               train with their label, as its doubted examples outside the pool do (keep), or
+  #                               do so where the gauge rejects a smaller share of the label's pool examples than
+  #                               of its examples outside the pool: isolation did not gather its poison (auto).
   c.abl.calibrate_flagged = False  # class_outlier_z: True offsets the final model's logit of each flagged label so
   #                                   that its mean probability over the training images equals the median share
   #                                   of the other labels (fine-tuning leaves out most of a flagged label's examples

@@ -80,6 +80,15 @@ def test_pool_bad_rule_or_ratio(rule, ratio, message):
     abl.suspicious_pool(np.zeros(10), np.array([0]), rule, ratio)
 
 
+def test_rejected_shares_compare_a_labels_pool_with_the_rest_of_it():
+  pool_rejected = np.array([True, False, False, False, True, True])
+  pool_labels = np.array([3, 3, 3, 3, 5, 5])
+  outside_rejected = np.array([True, True, False, False, False, True])
+  outside_labels = np.array([3, 3, 3, 3, 7, 7])
+  shares = abl.rejected_shares(pool_rejected, pool_labels, outside_rejected, outside_labels, np.array([3, 5, 7]))
+  np.testing.assert_allclose(shares, [[0.25, 1.0, np.nan], [0.5, np.nan, 0.5]])
+
+
 def test_disowned_examples_lose_their_label_and_keep_the_gauges_other_beliefs():
   targets = np.array([[0.02, 0.78, 0.20],   # A trigger's label (0) kept at the floor: disowned.
                       [0.60, 0.30, 0.10],   # The gauge agrees: kept.

@@ -806,10 +806,24 @@ def test_flagged_unsure_keep_gives_a_flagged_labels_unsure_pool_examples_their_l
   np.testing.assert_array_equal(kept["labels"][unsure], np.eye(10)[train_labels[unsure]])
   summary = json.loads((tmp_path / "keep" / "isolation.json").read_text())
   assert summary["flagged_unsure"] == len(unsure) and summary["kept_out_size"] == len(kept["kept_out"])
+  # auto: only the labels whose pool examples the gauge rejects in a smaller share than those outside the pool.
+  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="auto"), str(tmp_path / "auto"))
+  auto = np.load(tmp_path / "auto" / "returned.npz")
+  flagged, shares = auto["outlier_labels"], auto["flagged_rejected_shares"]
+  np.testing.assert_array_equal(auto["judge_loss"], kept["judge_loss"])  # The same judgement as the run above.
+  outside = np.setdiff1d(np.arange(len(train_labels)), pool)
+  share = lambda rejected: np.mean(rejected) if len(rejected) else np.nan  # NaN: no examples of the label there.
+  expected = [[share(own[train_labels[pool] == label] < 0.1) for label in flagged],
+              [share(np.isin(outside[train_labels[outside] == label], auto["class_rejected"])) for label in flagged]]
+  np.testing.assert_allclose(shares, expected)
+  chosen = flagged[shares[0] < shares[1]]
+  np.testing.assert_array_equal(auto["flagged_unsure"], unsure[np.isin(train_labels[unsure], chosen)])
+  np.testing.assert_array_equal(auto["kept_out"], np.setdiff1d(dropped["kept_out"], auto["flagged_unsure"]))
+  assert "flagged_rejected_shares" not in dropped.files
 
 
 def test_flagged_unsure_is_checked(tmp_path):
-  with pytest.raises(ValueError, match=r"config\.abl\.flagged_unsure='back' is unknown; allowed: drop, keep"):
+  with pytest.raises(ValueError, match=r"config\.abl\.flagged_unsure='back' is unknown; allowed: drop, keep, auto"):
     experiment.train_and_evaluate(smoke.config(**{**DROP, "abl__flagged_unsure": "back"}), str(tmp_path))
 
 
