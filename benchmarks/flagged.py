@@ -8,7 +8,8 @@ from its clean ones: a finished run where the gauge flagged an outlier label (do
     python benchmarks/flagged.py runs/badnets --label=6        # a label nothing flagged (the attack's target)
 
 A measurement, not part of the defense: it reads the poison mask. Per flagged label: its clean and poisoned
-examples by fate (disowned, left out, kept with their label); then, over its examples outside the pool and over
+examples by fate (disowned, left out, kept with their label), the share of its examples in the pool and outside it
+that the gauge rejects, and its unsure pool examples (abl.flagged_unsure); then, over its examples outside the pool and over
 the kept ones alone, the AUROC of poisoned against clean of the gauge's probability of the label (low =
 poisoned), of the isolation loss after each scored epoch (low = poisoned, as isolation assumes), and, with
 --checkpoint, of that model's probability of the label. 0.5 is chance; below 0.5 the signal points the other way.
@@ -55,7 +56,8 @@ def judgement(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
 
 def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, judged: dict[str, np.ndarray],
                  epoch_scores: dict[str, np.ndarray], disown_below: float,
-                 model_probability: np.ndarray | None = None, which: list[int] | None = None) -> list[dict[str, Any]]:
+                 model_probability: np.ndarray | None = None, which: list[int] | None = None,
+                 own_above: float = 0.5) -> list[dict[str, Any]]:
   """One row per flagged label of `judged` (a returned.npz / regauged.npz), or per label of `which`: fates and
   AUROCs (module docstring)."""
   n = len(labels)
@@ -73,6 +75,14 @@ def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, jud
       fates[fate] = {"clean": int((mine & where & ~poisoned).sum()), "poisoned": int((mine & where & poisoned).sum())}
     row: dict[str, Any] = {"label": int(label), "examples": int(mine.sum()), "poisoned": int((mine & poisoned).sum()),
                            "poisoned_in_pool": int((mine & poisoned & in_pool).sum()), **fates}
+    if "judge_loss" in judged:  # The gauge's rejected share in the pool and outside it (abl.flagged_unsure=auto).
+      pool_own = np.exp(-judged["judge_loss"].astype(np.float64))[labels[pool] == label]
+      unsure = pool[labels[pool] == label][(pool_own >= disown_below) & (pool_own < own_above)]
+      outside = mine & ~in_pool
+      row["rejected_share"] = {"pool": float(np.mean(pool_own < disown_below)) if len(pool_own) else None,
+                               "outside": float(np.mean(outside & mark(judged.get("class_rejected", [])))
+                                                / max(outside.mean(), 1e-12))}
+      row["pool_unsure"] = {"clean": int((~poisoned[unsure]).sum()), "poisoned": int(poisoned[unsure].sum())}
     for group, where in (("outside", mine & ~in_pool), ("kept", mine & ~in_pool & (gauge >= disown_below))):
       signals = {"gauge_probability": gauge, **{f"isolation_loss_{k}": v for k, v in sorted(epoch_scores.items())}}
       if model_probability is not None:
@@ -135,7 +145,7 @@ def main() -> None:
                               train.make_mesh(jax.local_devices()))
     model_probability = np.exp(-np.asarray(predict(prep.train.images, labels)[0], np.float64))
   rows = label_report(labels, poisoned, pool, judged, epoch_scores, config["abl"]["disown_below"], model_probability,
-                      args.label)
+                      args.label, own_above=config["abl"]["own_above"])
   rescored = {}
   if name == "regauged.npz":
     levels = tuple(config["abl"]["class_outlier_below"]) or (config["abl"]["disown_below"],)
@@ -153,6 +163,11 @@ def main() -> None:
   for r in rows:
     print(f"# {args.workdir} ({name}), label {r['label']}: {r['examples']} examples, {r['poisoned']} poisoned "
           f"({r['poisoned_in_pool']} in the pool)\n")
+    if "rejected_share" in r:
+      share, unsure = r["rejected_share"], r["pool_unsure"]
+      pool_share = "none" if share["pool"] is None else f"{share['pool']:.3f}"
+      print(f"The gauge rejects {pool_share} of its pool examples and {share['outside']:.3f} of those outside the "
+            f"pool; its unsure pool examples: {unsure['clean']} clean, {unsure['poisoned']} poisoned\n")
     print("| fate | clean | poisoned |\n|---|---|---|")
     for fate in ("disowned", "left_out", "kept"):
       print(f"| {fate} | {r[fate]['clean']} | {r[fate]['poisoned']} |")

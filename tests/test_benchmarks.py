@@ -235,12 +235,16 @@ def test_flagged_report_counts_each_fate_and_ranks_each_signal():
   pool = np.array([3, 7])  # In the pool: no gauge probability outside it.
   gauge = np.array([0.9, 0.6, 0.3, np.nan, 0.05, 0.02, 0.7, np.nan, 0.8])
   judged = {"outlier_labels": np.array([0]), "outside_gauge_loss": -np.log(gauge), "disowned": np.array([4, 5]),
-            "kept_out": np.array([7]), "left_out": np.array([2])}
+            "kept_out": np.array([7]), "left_out": np.array([2]), "class_rejected": np.array([4, 5]),
+            "judge_loss": -np.log(np.array([0.3, 0.05]))}  # The pool's: 3 unsure, 7 rejected.
   scores = {"epoch_5": np.array([0.5, 0.6, 0.7, 0.8, 0.1, 0.2, 0.9, 0.3, 0.4])}
   row, = flagged.label_report(labels, poisoned, pool, judged, scores, disown_below=0.1)
   assert (row["examples"], row["poisoned"], row["poisoned_in_pool"]) == (8, 4, 1)
   assert row["disowned"] == {"clean": 0, "poisoned": 2} and row["left_out"] == {"clean": 1, "poisoned": 1}
   assert row["kept"] == {"clean": 3, "poisoned": 1}
+  # Rejected: 7 of the pool's 3 and 7; 4 and 5 of the six outside it. Unsure in the pool: 3, clean.
+  assert row["rejected_share"] == {"pool": 0.5, "outside": pytest.approx(2 / 6)}
+  assert row["pool_unsure"] == {"clean": 1, "poisoned": 0}
   # Outside the pool: clean 0-2, poisoned 4-6. Gauge: the poisoned 0.05, 0.02 under each of the clean 0.9, 0.6,
   # 0.3, and 0.7 under 0.9 alone: 7 of 9 pairs. Isolation loss: poisoned 0.1, 0.2, 0.9 against 0.5, 0.6, 0.7: 6 of 9.
   assert row["auroc_outside"]["gauge_probability"] == pytest.approx(7 / 9)
