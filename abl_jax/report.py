@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Any
 
-from abl_jax import metrics, workdir as workdir_files
+from abl_jax import cost, metrics, workdir as workdir_files
 
 ATTACK_NAMES = {"badnets": "BadNets", "blend": "Blend", "sig": "SIG", "clean_label": "clean-label",
                 "input_aware": "input-aware", "wanet": "WaNet"}
@@ -253,11 +253,11 @@ def _training_seconds(row: dict[str, Any]) -> float:
   return sum(v for k, v in row["wall_time"].items() if k not in ("poison", "evaluate"))
 
 
-def _spread(values: list[float | None], scale: float = 100.0, signed: bool = False) -> str:
+def _spread(values: list[float | None], scale: float = 100.0, signed: bool = False, digits: int = 1) -> str:
   if any(v is None for v in values):
     return "n/a"
   v = [scale * x for x in values]
-  fmt = "{:+.1f}" if signed else "{:.1f}"
+  fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
   mean = fmt.format(sum(v) / len(v))
   return mean if len(v) == 1 else f"{mean} ({fmt.format(min(v))} to {fmt.format(max(v))})"
 
@@ -296,6 +296,7 @@ def seeds_summary(workdirs: list[str]) -> tuple[list[dict[str, Any]], list[str],
         "target_class_accuracy_change": change("target_class_accuracy"),
         "training_time_ratio": ([_training_seconds(r) / _training_seconds(b) for r, b in zip(rows, base)]
                                 if paired else None),
+        "work_ratio": [cost.ratio(r["workdir"], b["workdir"]) for r, b in zip(rows, base)] if paired else None,
         "suspected_cells": [_cell(r, "suspected_labels", "labels") for r in rows]})
   other = [line for t in tables for line in _other_data([r for n, r in t.items() if n in names])]
   return summary, left_out, other
@@ -313,17 +314,17 @@ def _seeds_markdown(workdirs: list[str], summary: list[dict[str, Any]], left_out
   lines = [f"{title}: {', '.join(workdirs)}", "",
            "| Model | CA (%) | ASR (%) | ASR without the trigger (%) | " + ("clean model's ASR (%) | " if floor else "")
            + "target-class CA (%) | CA change (points) | target-class CA change | training time (x no defense) | "
-           "suspected labels (each seed) |",
-           "|---|---|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
+           "work (x no defense) | suspected labels (each seed) |",
+           "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
   for row in summary:
-    change, target_change, cost = (
+    change, target_change, time, work = (
         "–" if row[k] is None else _spread(row[k], **kw)
         for k, kw in (("clean_accuracy_change", {"signed": True}), ("target_class_accuracy_change", {"signed": True}),
-                      ("training_time_ratio", {"scale": 1.0})))
+                      ("training_time_ratio", {"scale": 1.0}), ("work_ratio", {"scale": 1.0, "digits": 2})))
     lines.append(f"| {row['label']} | {_spread(row['clean_accuracy'])} | {_spread(row['attack_success_rate'])} | "
                  f"{_spread(row['untriggered_target_rate'])} | "
                  + (f"{_spread(row['floor_asr'])} | " if floor else "")
-                 + f"{_spread(row['target_class_accuracy'])} | {change} | {target_change} | {cost} | "
+                 + f"{_spread(row['target_class_accuracy'])} | {change} | {target_change} | {time} | {work} | "
                  f"{' / '.join(row['suspected_cells'])} |")
   if left_out:
     lines += ["", "Not in the mean (not finished in every seed; each seed's report says how far a row got):",

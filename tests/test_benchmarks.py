@@ -464,16 +464,18 @@ def _fake_run(path, defense, phases, files=(), downsample=1):
 
 def test_work_counts_training_steps_gauges_and_passes(tmp_path):
   from benchmarks import work  # pylint: disable=import-outside-toplevel
+  from abl_jax import cost  # pylint: disable=import-outside-toplevel
   none = _fake_run(tmp_path / "none", "none", [("train", 40)])
   phases = [("isolation", 20), ("gauge", 36), ("regauge", 40), ("finetune", 50), ("finetune_relearned", 66)]
   full = _fake_run(tmp_path / "full", "abl", phases, ("returned.npz", "regauged.npz", "relearned.npz"))
   small = _fake_run(tmp_path / "small", "abl", phases, ("returned.npz",), downsample=2)
-  assert work.phase_steps(full) == {"isolation": 20, "gauge": 16, "regauge": 4, "finetune": 10,
+  assert cost.phase_steps(full) == {"isolation": 20, "gauge": 16, "regauge": 4, "finetune": 10,
                                     "finetune_relearned": 16}
   out = work.main([full, none, "--gauge_step=0.5", "--pass_image=0.1"])
   # Training: (20 + 16 + 4 + 10 + 16) x 10 images; passes: 2 scorings + 2 judgements of 100, 80 outside the pool.
   assert out["defended"]["pass_images"] == 480 and out["none"]["total"] == 400
   assert out["ratio"] == pytest.approx((660 + 48) / 400)
+  assert cost.ratio(full, none, 0.5, 0.1) == out["ratio"]
   np.savez(tmp_path / "full" / "relearned.npz", relearned_transfer_images=30)  # The check's transfer test.
   assert work.main([full, none, "--gauge_step=0.5", "--pass_image=0.1"])["defended"]["pass_images"] == 510
   out = work.main([small, none, "--gauge_step=0.5", "--pass_image=0.1"])
@@ -484,7 +486,7 @@ def test_work_counts_training_steps_gauges_and_passes(tmp_path):
   with pytest.raises(SystemExit):
     work.main([full, str(tmp_path / "missing")])
   # Joint unlearning's steps carry the retained examples' batch on top of the isolated ones'.
-  batch = work._batch  # pylint: disable=protected-access
+  batch = cost.batch_size
   sizes = {"unlearning_batch_size": 5, "joint_batch_size": 7}
   assert batch({"abl": {**sizes, "unlearning_mode": "joint"}}, "unlearning") == 12
   assert batch({"abl": {**sizes, "unlearning_mode": "ascent"}}, "unlearning") == 5

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from abl_jax import abl, experiment, plots, report, table, workdir
+from abl_jax import abl, cost, experiment, plots, report, table, workdir
 from configs import table as table_config
 import smoke
 
@@ -246,7 +246,8 @@ def test_seed_summary_gives_mean_range_and_the_change_against_no_defense(runs, t
   assert cells[7] == same(f"{trained(abl) / trained(none):.1f}")
   undefended = next(l for l in lines if l.startswith("| Model trained with BadNets attack"))
   assert undefended.split("|")[6].strip() == "–"
-  assert cells[8] == "– / –"  # Each seed's verdict; the smoke run's defense (no gauge, no spectral test) has none.
+  assert cells[8] == same(f"{cost.ratio(str(root / 'abl'), str(root / 'none')):.2f}")  # Work, counted.
+  assert cells[9] == "– / –"  # Each seed's verdict; the smoke run's defense (no gauge, no spectral test) has none.
   assert report.seeds_markdown([str(tmp_path / "s0")]).count("\n| Model trained") == 2
 
 
