@@ -791,7 +791,7 @@ def test_flagged_unsure_keep_gives_a_flagged_labels_unsure_pool_examples_their_l
   # with their label, as its doubted examples outside the pool do (flagged_doubted=keep).
   base = {**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.9, "abl__unsure": "drop",
           "abl__pool_rule": "class_ratio"}
-  experiment.train_and_evaluate(smoke.config(**base), str(tmp_path / "drop"))
+  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="drop"), str(tmp_path / "drop"))
   experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="keep"), str(tmp_path / "keep"))
   dropped, kept = np.load(tmp_path / "drop" / "returned.npz"), np.load(tmp_path / "keep" / "returned.npz")
   iso = np.load(tmp_path / "keep" / "isolation.npz")
