@@ -253,6 +253,14 @@ def _training_seconds(row: dict[str, Any]) -> float:
   return sum(v for k, v in row["wall_time"].items() if k not in ("poison", "evaluate"))
 
 
+def _work_ratio(row: dict[str, Any], base: dict[str, Any]) -> float | None:
+  """The defended run's work over its no-defense run's (abl_jax/cost.py); None where a file it counts is missing."""
+  try:
+    return cost.ratio(row["workdir"], base["workdir"])
+  except (OSError, KeyError):  # A run made before results.json kept num_train, or without its metrics.jsonl.
+    return None
+
+
 def _spread(values: list[float | None], scale: float = 100.0, signed: bool = False, digits: int = 1) -> str:
   if any(v is None for v in values):
     return "n/a"
@@ -296,7 +304,7 @@ def seeds_summary(workdirs: list[str]) -> tuple[list[dict[str, Any]], list[str],
         "target_class_accuracy_change": change("target_class_accuracy"),
         "training_time_ratio": ([_training_seconds(r) / _training_seconds(b) for r, b in zip(rows, base)]
                                 if paired else None),
-        "work_ratio": [cost.ratio(r["workdir"], b["workdir"]) for r, b in zip(rows, base)] if paired else None,
+        "work_ratio": [_work_ratio(r, b) for r, b in zip(rows, base)] if paired else None,
         "suspected_cells": [_cell(r, "suspected_labels", "labels") for r in rows]})
   other = [line for t in tables for line in _other_data([r for n, r in t.items() if n in names])]
   return summary, left_out, other
