@@ -9,8 +9,8 @@ from its clean ones: a finished run where the gauge flagged an outlier label (do
 
 A measurement, not part of the defense: it reads the poison mask. Per flagged label: its clean and poisoned
 examples by fate (disowned, left out, kept with their label), the share of its examples in the pool and outside it
-that the gauge rejects, and its unsure pool examples (abl.flagged_unsure); then, over its examples outside the pool and over
-the kept ones alone, the AUROC of poisoned against clean of the gauge's probability of the label (low =
+that the gauge rejects, and its unsure pool examples (abl.flagged_unsure); then, over its examples outside the pool
+and over the kept ones alone, the AUROC of poisoned against clean of the gauge's probability of the label (low =
 poisoned), of the isolation loss after each scored epoch (low = poisoned, as isolation assumes), and, with
 --checkpoint, of that model's probability of the label. 0.5 is chance; below 0.5 the signal points the other way.
 Where a second gauge judged: each flagged label's outlier score by the first gauge, by the second as the defense
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
 
-from abl_jax import workdir as workdir_lib  # pylint: disable=wrong-import-position
+from abl_jax import abl, workdir as workdir_lib  # pylint: disable=wrong-import-position
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
@@ -76,12 +76,12 @@ def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, jud
     row: dict[str, Any] = {"label": int(label), "examples": int(mine.sum()), "poisoned": int((mine & poisoned).sum()),
                            "poisoned_in_pool": int((mine & poisoned & in_pool).sum()), **fates}
     if "judge_loss" in judged:  # The gauge's rejected share in the pool and outside it (abl.flagged_unsure=auto).
-      pool_own = np.exp(-judged["judge_loss"].astype(np.float64))[labels[pool] == label]
-      unsure = pool[labels[pool] == label][(pool_own >= disown_below) & (pool_own < own_above)]
-      outside = mine & ~in_pool
-      row["rejected_share"] = {"pool": float(np.mean(pool_own < disown_below)) if len(pool_own) else None,
-                               "outside": float(np.mean(outside & mark(judged.get("class_rejected", [])))
-                                                / max(outside.mean(), 1e-12))}
+      pool_own = np.exp(-judged["judge_loss"].astype(np.float64))
+      outside = np.flatnonzero(~in_pool)
+      shares = abl.rejected_shares(pool_own < disown_below, labels[pool],
+                                   np.isin(outside, judged.get("class_rejected", [])), labels[outside], [label])[:, 0]
+      row["rejected_share"] = {"pool": None if np.isnan(shares[0]) else float(shares[0]), "outside": float(shares[1])}
+      unsure = pool[(labels[pool] == label) & (pool_own >= disown_below) & (pool_own < own_above)]
       row["pool_unsure"] = {"clean": int((~poisoned[unsure]).sum()), "poisoned": int(poisoned[unsure].sum())}
     for group, where in (("outside", mine & ~in_pool), ("kept", mine & ~in_pool & (gauge >= disown_below))):
       signals = {"gauge_probability": gauge, **{f"isolation_loss_{k}": v for k, v in sorted(epoch_scores.items())}}
@@ -98,7 +98,6 @@ def regauge_scores(labels: np.ndarray, first: dict[str, np.ndarray], second: dic
   """Per label the first gauge flagged: its outlier score (the highest over `levels`) by the first gauge, by the
   second as the defense computes it (every example outside the pool), and by the second over the examples it was
   trained on (without those the first rejected, which it never saw)."""
-  from abl_jax import abl  # pylint: disable=import-outside-toplevel
 
   def score(judged: dict[str, np.ndarray], drop: np.ndarray) -> np.ndarray:
     own = np.exp(-judged["outside_gauge_loss"].astype(np.float64))
