@@ -4,6 +4,8 @@ from its clean ones: a finished run where the gauge flagged an outlier label (do
     python benchmarks/flagged.py runs/wanet                    # the judgement fine-tuning followed (regauged.npz
                                                                # where a second gauge judged, else returned.npz)
     python benchmarks/flagged.py runs/wanet --checkpoint=15    # also: the model of WORKDIR/checkpoints/15 as a judge
+    python benchmarks/flagged.py runs/wanet --knn=30           # also: the label's share of each example's 30 nearest
+                                                               # training examples in the isolation model's features
     python benchmarks/flagged.py runs/wanet --json             # one JSON line
     python benchmarks/flagged.py runs/badnets --label=6        # a label nothing flagged (the attack's target)
 
@@ -11,8 +13,9 @@ A measurement, not part of the defense: it reads the poison mask. Per flagged la
 examples by fate (disowned, left out, kept with their label), the share of its examples in the pool and outside it
 that the gauge rejects, and its unsure pool examples (abl.flagged_unsure); then, over its examples outside the pool
 and over the kept ones alone, the AUROC of poisoned against clean of the gauge's probability of the label (low =
-poisoned), of the isolation loss after each scored epoch (low = poisoned, as isolation assumes), and, with
---checkpoint, of that model's probability of the label. 0.5 is chance; below 0.5 the signal points the other way.
+poisoned), of the isolation loss after each scored epoch (low = poisoned, as isolation assumes), with
+--checkpoint, of that model's probability of the label, and with --knn, of the share of each example's nearest
+neighbours (cosine, the isolation model's penultimate features, every training example) that carry the label. 0.5 is chance; below 0.5 the signal points the other way.
 Where a second gauge judged: each flagged label's outlier score by the first gauge, by the second as the defense
 computes it, and by the second over the examples it trained on (the first's rejected ones left out).
 """
@@ -54,10 +57,20 @@ def judgement(workdir: str) -> tuple[str, dict[str, np.ndarray]]:
   return os.path.basename(path), judgement_of(workdir, os.path.basename(path))
 
 
+def knn_share(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+  """For each example of `rows`: the share of its `k` nearest other examples (cosine similarity of `features`) whose
+  label is its own."""
+  unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+  similarity = unit[rows] @ unit.T
+  similarity[np.arange(len(rows)), rows] = -np.inf  # Not its own neighbour.
+  nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+  return (labels[nearest] == labels[rows][:, None]).mean(axis=1)
+
+
 def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, judged: dict[str, np.ndarray],
                  epoch_scores: dict[str, np.ndarray], disown_below: float,
                  model_probability: np.ndarray | None = None, which: list[int] | None = None,
-                 own_above: float = 0.5) -> list[dict[str, Any]]:
+                 own_above: float = 0.5, knn: np.ndarray | None = None) -> list[dict[str, Any]]:
   """One row per flagged label of `judged` (a returned.npz / regauged.npz), or per label of `which`: fates and
   AUROCs (module docstring)."""
   n = len(labels)
@@ -87,6 +100,8 @@ def label_report(labels: np.ndarray, poisoned: np.ndarray, pool: np.ndarray, jud
       signals = {"gauge_probability": gauge, **{f"isolation_loss_{k}": v for k, v in sorted(epoch_scores.items())}}
       if model_probability is not None:
         signals["model_probability"] = model_probability
+      if knn is not None:
+        signals["knn_share"] = knn
       row[f"auroc_{group}"] = {k: auroc(-v[where & poisoned], -v[where & ~poisoned]) for k, v in signals.items()}
       row[f"{group}_examples"] = {"clean": int((where & ~poisoned).sum()), "poisoned": int((where & poisoned).sum())}
     out.append(row)
@@ -115,6 +130,8 @@ def main() -> None:
   parser.add_argument("workdir", help="A finished run's workdir.")
   parser.add_argument("--checkpoint", type=int, default=None,
                       help="A step in WORKDIR/checkpoints whose model also judges (its probability of the label).")
+  parser.add_argument("--knn", type=int, default=None,
+                      help="Also rank by the label's share of each example's K nearest neighbours (isolation model).")
   parser.add_argument("--label", type=int, action="append", default=None,
                       help="Report this label (repeatable) instead of the flagged ones, e.g. a target nothing flagged.")
   parser.add_argument("--json", action="store_true", help="Print one JSON line instead of tables.")
@@ -131,20 +148,31 @@ def main() -> None:
   epoch_scores = dict(np.load(scores_path)) if os.path.exists(scores_path) else {}
   with open(os.path.join(args.workdir, "config.json")) as f:
     config = json.load(f)
-  model_probability = None
-  if args.checkpoint is not None:
+  if args.knn is not None and args.knn < 1:
+    sys.exit(f"flagged.py: --knn={args.knn}; allowed: an integer >= 1")
+  model_probability = knn = None
+  if args.checkpoint is not None or args.knn is not None:
     import jax  # pylint: disable=import-outside-toplevel
-    from abl_jax import checkpoint, experiment, plots, train  # pylint: disable=import-outside-toplevel
+    from abl_jax import checkpoint, experiment, train  # pylint: disable=import-outside-toplevel
     cfg = workdir_lib.run_config(args.workdir)
     prep = experiment.prepare(cfg)
     model = experiment._model(cfg, prep.train)  # pylint: disable=protected-access
-    variables = checkpoint.restore_variables(args.workdir, model, cfg, prep.train.images.shape[1:],
-                                             step=args.checkpoint)
-    predict = train.predictor(model, variables, cfg.data.mean, cfg.data.std, cfg.train.eval_batch_size,
-                              train.make_mesh(jax.local_devices()))
-    model_probability = np.exp(-np.asarray(predict(prep.train.images, labels)[0], np.float64))
+    mesh = train.make_mesh(jax.local_devices())
+    shape = prep.train.images.shape[1:]
+    if args.checkpoint is not None:
+      variables = checkpoint.restore_variables(args.workdir, model, cfg, shape, step=args.checkpoint)
+      predict = train.predictor(model, variables, cfg.data.mean, cfg.data.std, cfg.train.eval_batch_size, mesh)
+      model_probability = np.exp(-np.asarray(predict(prep.train.images, labels)[0], np.float64))
+    if args.knn is not None:
+      variables = checkpoint.restore_variables(args.workdir, model, cfg, shape, "isolation_model")
+      predict = train.predictor(model, variables, cfg.data.mean, cfg.data.std, cfg.train.eval_batch_size, mesh,
+                                features=True)
+      features = np.asarray(predict(prep.train.images, labels)[2], np.float64)
+      reported = np.flatnonzero(np.isin(labels, judged["outlier_labels"] if args.label is None else args.label))
+      knn = np.full(len(labels), np.nan)
+      knn[reported] = knn_share(features, labels, reported, args.knn)
   rows = label_report(labels, poisoned, pool, judged, epoch_scores, config["abl"]["disown_below"], model_probability,
-                      args.label, own_above=config["abl"]["own_above"])
+                      args.label, own_above=config["abl"]["own_above"], knn=knn)
   rescored = {}
   if name == "regauged.npz":
     levels = tuple(config["abl"]["class_outlier_below"]) or (config["abl"]["disown_below"],)

@@ -258,6 +258,22 @@ def test_flagged_report_counts_each_fate_and_ranks_each_signal():
   other, = flagged.label_report(labels, poisoned, pool, judged, scores, disown_below=0.1, which=[1])
   assert other["label"] == 1 and other["kept"] == {"clean": 1, "poisoned": 0}
   assert other["auroc_outside"]["gauge_probability"] is None
+  # A nearest-neighbour share as one more signal: the poisoned examples' (0.0) under every clean one's outside the pool.
+  knn = np.array([1.0, 0.5, 0.5, np.nan, 0.0, 0.0, 0.0, np.nan, np.nan])
+  row, = flagged.label_report(labels, poisoned, pool, judged, scores, disown_below=0.1, knn=knn)
+  assert row["auroc_outside"]["knn_share"] == 1.0 and row["auroc_kept"]["knn_share"] == 1.0
+
+
+def test_knn_share_counts_the_own_label_among_the_nearest_others():
+  from benchmarks import flagged  # pylint: disable=import-outside-toplevel
+  # Two directions: examples 0-2 along x (labels 0, 0, 1), examples 3-4 along y (labels 0, 1); lengths differ.
+  features = np.array([[1.0, 0.0], [2.0, 0.05], [3.0, -0.3], [0.0, 1.0], [0.1, 5.0]])
+  labels = np.array([0, 0, 1, 0, 1])
+  # Example 0's two nearest others are 1 and 2 (labels 0, 1); example 3's are 4 and one of x's (label 1, then 0).
+  shares = flagged.knn_share(features, labels, np.array([0, 3]), k=2)
+  assert shares[0] == 0.5 and shares[1] == 0.5
+  # k=1: example 0's nearest is 1 (its label), example 3's is 4 (not its label); never itself.
+  assert flagged.knn_share(features, labels, np.array([0, 3]), k=1).tolist() == [1.0, 0.0]
 
 
 def test_flagged_regauge_scores_show_the_held_out_rejections_behind_the_second_gauges_score():
