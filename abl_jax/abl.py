@@ -439,7 +439,7 @@ class Spectral(NamedTuple):
 
 def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarray, num_classes: int, skew: float,
                       tail: float, kurtosis_below: float = 0.0, pursuit_rank: float = 0.0,
-                      pursuit_dims: int = 16) -> Spectral:
+                      pursuit_dims: int = 16, bimodality: float = 0.0) -> Spectral:
   """Spectral signatures per label (Tran et al., 2018): each label's examples projected on the top singular
   direction of their centred `features`, two tests of that projection a label without poison passes, and the
   isolation losses `scores` to tell a backdoor, which the isolation model learns first, from hard examples.
@@ -447,7 +447,11 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
   Split in two (`kurtosis_below` > 0 and the kurtosis at most that): a trigger on about half of a label's examples
   (a dirty-label backdoor's target, a clean-label attack on half of its class) gives two separate modes; the
   projection is cut where two groups have the least within-group variance and the group with the lower median
-  score is suspected. Otherwise skewed (size at least `skew` > 0): a minority sharing a feature the rest lack; its
+  score is suspected. Split in two as well (`bimodality` > 0), a label too little skewed for the next test (size
+  under `skew`) whose bimodality coefficient (skewness squared + 1) / kurtosis (Sarle's; 1/3 for a normal, 5/9 for a
+  uniform) is at least `bimodality`: two modes in unequal shares, a trigger on a third of the label, which is too
+  skewed for the kurtosis cut and too little for the skewness one. Otherwise skewed (size at least `skew` > 0): a
+  minority sharing a feature the rest lack; its
   examples more than `tail` robust standard deviations (1.4826 MAD) beyond the median on the long side are
   suspected if their median score is below the rest of the label's (a clean label's long tail is its hardest
   examples; docs/defense.md).
@@ -473,7 +477,9 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
     if np.ptp(projection) <= 1e-12 * max(np.abs(projection).max(), 1.0):
       continue  # Features identical within the label: nothing to test.
     kurt[label] = kurtosis(projection)
-    if kurtosis_below > 0 and kurt[label] <= kurtosis_below:
+    unequal = (bimodality > 0 and (skew <= 0 or sizes[label] < skew)
+               and (sizes[label] ** 2 + 1) / kurt[label] >= bimodality)
+    if kurtosis_below > 0 and kurt[label] <= kurtosis_below or unequal:
       cut = two_means_split(projection)
       if np.median(scores[mine[projection <= cut]]) < np.median(scores[mine[projection > cut]]):
         projection, cut = -projection, -cut  # The mode learned first on the positive side.

@@ -154,7 +154,7 @@ _RULES = (
      "abl.class_outlier_z > 0, abl.disown_below > 0), with abl.relearned_at > 0 and a fine-tuning epoch after the "
      "check (abl.finetune_epochs >= 2)"),
     *((f"config.abl.{test}$", lambda c: not _disowns(c), _SPECTRAL)
-      for test in ("spectral_skew", "spectral_kurtosis", "spectral_pursuit")),
+      for test in ("spectral_skew", "spectral_kurtosis", "spectral_bimodality", "spectral_pursuit")),
     ("config.abl.spectral_tail", lambda c: not (_disowns(c) and (c.abl.spectral_skew or c.abl.spectral_pursuit)
                                                 or c.abl.candidate_triggers),
      "it applies with abl.spectral_skew or abl.spectral_pursuit > 0 where every pool example trains toward the "

@@ -104,6 +104,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (config.abl.spectral_kurtosis == 0 or 1 < config.abl.spectral_kurtosis < 3):
     raise ValueError(f"config.abl.spectral_kurtosis={config.abl.spectral_kurtosis} must be 0 (off) or in (1, 3) "
                      "(two equal point masses give 1, a normal 3)")
+  if not (config.abl.spectral_bimodality == 0 or 1 / 3 < config.abl.spectral_bimodality <= 1):
+    raise ValueError(f"config.abl.spectral_bimodality={config.abl.spectral_bimodality} must be 0 (off) or in "
+                     "(1/3, 1] (a normal gives 1/3, a uniform 5/9, two equal point masses 1)")
   if not 0 <= config.abl.spectral_pursuit < 1:
     raise ValueError(f"config.abl.spectral_pursuit={config.abl.spectral_pursuit} must be 0 (off) or in (0, 1) "
                      "(a median loss rank within the label)")

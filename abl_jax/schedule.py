@@ -308,7 +308,7 @@ def isolate(run: Run) -> None:
     if _spectral(a):
       found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
                                     a.spectral_tail, a.spectral_kurtosis, a.spectral_pursuit,
-                                    a.spectral_pursuit_dims)
+                                    a.spectral_pursuit_dims, a.spectral_bimodality)
   arrays = {}  # isolation.npz's arrays beyond the scores and the pool.
   if a.candidate_triggers:
     arrays = {"candidate_triggers": run.triggers,
@@ -358,9 +358,10 @@ def isolate(run: Run) -> None:
 
 
 def _spectral(a: ml_collections.ConfigDict) -> bool:
-  """Whether spectral signatures (config.abl.spectral_skew, spectral_kurtosis, spectral_pursuit) apply: their
-  suspects are disowned through a judge that distills the pool."""
-  return (bool(a.spectral_skew or a.spectral_kurtosis or a.spectral_pursuit) and a.return_rule != "none"
+  """Whether spectral signatures (config.abl.spectral_skew, spectral_kurtosis, spectral_bimodality,
+  spectral_pursuit) apply: their suspects are disowned through a judge that distills the pool."""
+  return (bool(a.spectral_skew or a.spectral_kurtosis or a.spectral_bimodality or a.spectral_pursuit)
+          and a.return_rule != "none"
           and a.kept_out == "distill")
 
 
@@ -379,7 +380,8 @@ def _pool(run: Run) -> np.ndarray:
     pool = np.union1d(pool, run.suspected)
     if len(pool) >= len(run.scores):
       raise ValueError(f"the spectral suspects (config.abl.spectral_skew={a.spectral_skew}, spectral_kurtosis="
-                       f"{a.spectral_kurtosis}) and the pool leave no example to fine-tune on; set them to 0 or "
+                       f"{a.spectral_kurtosis}, spectral_bimodality={a.spectral_bimodality}) and the pool leave no "
+                       "example to fine-tune on; set them to 0 or "
                        "use a smaller config.abl.pool_ratio")
   return pool
 

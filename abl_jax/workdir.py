@@ -255,7 +255,7 @@ ADDED_FIELDS = {
     "config.abl.unsure": "distill", "config.abl.class_outlier_z": 0.0,
     "config.abl.regauge": False, "config.abl.class_outlier_below": [],
     "config.abl.flagged_rejected": "disown", "config.abl.spectral_skew": 0.0, "config.abl.spectral_tail": 2.0,
-    "config.abl.spectral_kurtosis": 0.0, "config.abl.regauge_epochs": 0, "config.abl.flagged_doubted": "keep",
+    "config.abl.spectral_kurtosis": 0.0, "config.abl.spectral_bimodality": 0.0, "config.abl.regauge_epochs": 0, "config.abl.flagged_doubted": "keep",
     "config.abl.flagged_unsure": "drop",
     "config.abl.spectral_judged": False, "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
     "config.abl.relearned_draws": 0, "config.abl.relearned_tested": "outliers",

@@ -161,6 +161,12 @@ def base_config() -> ml_collections.ConfigDict:
   #                                modes 4 standard deviations apart give 1.72, a uniform 1.8, a normal 3; labels
   #                                without poison measured at least 2.33, half-poisoned ones 1.16-1.50 where the
   #                                trigger separates them (docs/defense.md, session 16).
+  c.abl.spectral_bimodality = 0.0  # distill: > 0 (in (1/3, 1]) also splits in two, as spectral_kurtosis does, a
+  #                                  label skewed less than spectral_skew whose bimodality coefficient (skewness^2 +
+  #                                  1) / kurtosis is at least this: two modes in unequal shares (a trigger on a
+  #                                  third of the label), between the two tests above. 5/9 is a uniform's, 1/3 a
+  #                                  normal's; labels without poison measured at most 0.49 (docs/defense.md, session
+  #                                  35); 0 = off.
   c.abl.spectral_pursuit = 0.0  # distill: > 0 (in (0, 1)) also tests each label neither test above flags along
   #                               the most skewed direction of its features' top spectral_pursuit_dims principal
   #                               components scaled to unit variance (projection pursuit): its examples beyond

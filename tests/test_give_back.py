@@ -390,6 +390,33 @@ def test_spectral_outliers_split_a_label_in_two_and_suspect_the_half_learned_fir
   assert 2 not in found.flagged and found.kurtosis[2] == 0.0 and found.skewness[2] == 0.0
 
 
+def test_spectral_bimodality_splits_a_label_a_third_triggered_that_neither_other_test_flags():
+  rng = np.random.default_rng(2)
+  labels = np.repeat([0, 1, 2], 300)
+  features = rng.normal(size=(900, 8))
+  features[200:300, 5] += 4.0  # A third of label 0 carries a trigger: two modes in unequal shares.
+  scores = rng.uniform(1.0, 2.0, size=900)
+  scores[200:300] = rng.uniform(0.0, 0.1, size=100)  # The isolation model fits the triggered third first.
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0, kurtosis_below=1.8)
+  coefficient = (found.skewness ** 2 + 1) / found.kurtosis
+  # Too skewed for the kurtosis cut, too little for the skewness one: nothing flagged without the coefficient.
+  assert found.kurtosis[0] > 1.8 and found.skewness[0] < 0.8 and not len(found.flagged)
+  assert coefficient[0] > 5 / 9 and (coefficient[1:] < 0.45).all()
+  found = abl.spectral_outliers(features, labels, scores, 3, skew=0.8, tail=3.0, kurtosis_below=1.8,
+                                bimodality=5 / 9)
+  np.testing.assert_array_equal(found.flagged, [0])
+  np.testing.assert_array_equal(found.bimodal, [0])
+  # The two-means cut between modes 4 standard deviations apart: 99 of the 100 triggered and 5 of the 200 others.
+  assert np.isin(np.arange(200, 300), found.suspected).sum() == 99 and (found.suspected < 200).sum() == 5
+  assert (found.suspected < 300).all()
+  # A label skewed past spectral_skew is the skewness test's, whatever its coefficient: at skew=0.4 the
+  # coefficient changes nothing.
+  skewed = [abl.spectral_outliers(features, labels, scores, 3, skew=0.4, tail=1.5, kurtosis_below=1.8,
+                                  bimodality=b) for b in (0.0, 5 / 9)]
+  assert 0 in skewed[1].flagged and 0 not in skewed[1].bimodal
+  np.testing.assert_array_equal(skewed[0].suspected, skewed[1].suspected)
+
+
 def test_kurtosis_and_the_two_means_split_on_known_values():
   assert abl.kurtosis(np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(1.0)  # Two equal point masses.
   assert abl.kurtosis(np.linspace(0.0, 1.0, 100001)) == pytest.approx(1.8, abs=1e-3)  # Uniform.
@@ -734,6 +761,7 @@ def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(
     ("abl__spectral_skew", -0.5, r"config\.abl\.spectral_skew=-0\.5 must be 0 \(off\) or > 0"),
     ("abl__spectral_tail", 0.0, r"config\.abl\.spectral_tail=0\.0 must be > 0"),
     ("abl__spectral_kurtosis", 3.0, r"config\.abl\.spectral_kurtosis=3\.0 must be 0 \(off\) or in \(1, 3\)"),
+    ("abl__spectral_bimodality", 0.3, r"config\.abl\.spectral_bimodality=0\.3 must be 0 \(off\) or in \(1/3, 1\]"),
     ("abl__spectral_pursuit", 1.0, r"config\.abl\.spectral_pursuit=1\.0 must be 0 \(off\) or in \(0, 1\)"),
     ("abl__spectral_pursuit_dims", 1, r"config\.abl\.spectral_pursuit_dims=1 must be an integer >= 2"),
 ])
