@@ -451,8 +451,8 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
   under `skew`) whose bimodality coefficient (skewness squared + 1) / kurtosis (Sarle's; 1/3 for a normal, 5/9 for a
   uniform) is at least `bimodality`: two modes in unequal shares, a trigger on a third of the label, which is too
   skewed for the kurtosis cut and too little for the skewness one. Otherwise skewed (size at least `skew` > 0): a
-  minority sharing a feature the rest lack; its
-  examples more than `tail` robust standard deviations (1.4826 MAD) beyond the median on the long side are
+  minority sharing a feature the rest lack; its examples more than `tail` robust standard deviations (1.4826 MAD)
+  beyond the median on the long side are
   suspected if their median score is below the rest of the label's (a clean label's long tail is its hardest
   examples; docs/defense.md).
 

@@ -361,8 +361,7 @@ def _spectral(a: ml_collections.ConfigDict) -> bool:
   """Whether spectral signatures (config.abl.spectral_skew, spectral_kurtosis, spectral_bimodality,
   spectral_pursuit) apply: their suspects are disowned through a judge that distills the pool."""
   return (bool(a.spectral_skew or a.spectral_kurtosis or a.spectral_bimodality or a.spectral_pursuit)
-          and a.return_rule != "none"
-          and a.kept_out == "distill")
+          and a.return_rule != "none" and a.kept_out == "distill")
 
 
 def _pool(run: Run) -> np.ndarray:
@@ -381,8 +380,7 @@ def _pool(run: Run) -> np.ndarray:
     if len(pool) >= len(run.scores):
       raise ValueError(f"the spectral suspects (config.abl.spectral_skew={a.spectral_skew}, spectral_kurtosis="
                        f"{a.spectral_kurtosis}, spectral_bimodality={a.spectral_bimodality}) and the pool leave no "
-                       "example to fine-tune on; set them to 0 or "
-                       "use a smaller config.abl.pool_ratio")
+                       "example to fine-tune on; set them to 0 or use a smaller config.abl.pool_ratio")
   return pool
 
 

@@ -15,7 +15,8 @@ that the gauge rejects, and its unsure pool examples (abl.flagged_unsure); then,
 and over the kept ones alone, the AUROC of poisoned against clean of the gauge's probability of the label (low =
 poisoned), of the isolation loss after each scored epoch (low = poisoned, as isolation assumes), with
 --checkpoint, of that model's probability of the label, and with --knn, of the share of each example's nearest
-neighbours (cosine, the isolation model's penultimate features, every training example) that carry the label. 0.5 is chance; below 0.5 the signal points the other way.
+neighbours (cosine, the isolation model's penultimate features, every training example) that carry the label.
+0.5 is chance; below 0.5 the signal points the other way.
 Where a second gauge judged: each flagged label's outlier score by the first gauge, by the second as the defense
 computes it, and by the second over the examples it trained on (the first's rejected ones left out).
 """
@@ -164,10 +165,10 @@ def main() -> None:
       predict = train.predictor(model, variables, cfg.data.mean, cfg.data.std, cfg.train.eval_batch_size, mesh)
       model_probability = np.exp(-np.asarray(predict(prep.train.images, labels)[0], np.float64))
     if args.knn is not None:
+      from benchmarks import spectral  # pylint: disable=import-outside-toplevel
       variables = checkpoint.restore_variables(args.workdir, model, cfg, shape, "isolation_model")
-      predict = train.predictor(model, variables, cfg.data.mean, cfg.data.std, cfg.train.eval_batch_size, mesh,
-                                features=True)
-      features = np.asarray(predict(prep.train.images, labels)[2], np.float64)
+      features = np.asarray(spectral.penultimate(model, variables, prep.train.images, cfg.data.mean, cfg.data.std,
+                                                 cfg.train.eval_batch_size), np.float64)
       reported = np.flatnonzero(np.isin(labels, judged["outlier_labels"] if args.label is None else args.label))
       knn = np.full(len(labels), np.nan)
       knn[reported] = knn_share(features, labels, reported, args.knn)

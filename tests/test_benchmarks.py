@@ -258,7 +258,7 @@ def test_flagged_report_counts_each_fate_and_ranks_each_signal():
   other, = flagged.label_report(labels, poisoned, pool, judged, scores, disown_below=0.1, which=[1])
   assert other["label"] == 1 and other["kept"] == {"clean": 1, "poisoned": 0}
   assert other["auroc_outside"]["gauge_probability"] is None
-  # A nearest-neighbour share as one more signal: the poisoned examples' (0.0) under every clean one's outside the pool.
+  # A nearest-neighbour share as one more signal: the poisoned examples' (0.0) under every clean one's.
   knn = np.array([1.0, 0.5, 0.5, np.nan, 0.0, 0.0, 0.0, np.nan, np.nan])
   row, = flagged.label_report(labels, poisoned, pool, judged, scores, disown_below=0.1, knn=knn)
   assert row["auroc_outside"]["knn_share"] == 1.0 and row["auroc_kept"]["knn_share"] == 1.0

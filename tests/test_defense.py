@@ -173,7 +173,8 @@ def test_pool_leaving_nothing_to_fine_tune_on_names_the_field(monkeypatch):
   monkeypatch.setattr(abl, "suspicious_pool", lambda ranking, isolated, rule, ratio: np.arange(5))
   run.config.abl.update({"spectral_skew": 0.8, "spectral_kurtosis": 1.8, "spectral_bimodality": 0.5})
   run.suspected = np.arange(5, 10)
-  message = r"spectral suspects \(config\.abl\.spectral_skew=0\.8, spectral_kurtosis=1\.8, spectral_bimodality=0\.5\)"
+  message = (r"spectral suspects \(config\.abl\.spectral_skew=0\.8, spectral_kurtosis=1\.8, "
+             r"spectral_bimodality=0\.5\)")
   with pytest.raises(ValueError, match=message):
     schedule._pool(run)
   run.suspected = np.arange(4, 8)
