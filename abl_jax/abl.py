@@ -435,11 +435,14 @@ class Spectral(NamedTuple):
   pursued: np.ndarray = np.zeros(0, np.int64)  # The flagged labels the pursuit test found, ascending.
   pursuit_rank: np.ndarray = np.zeros(0)  # [num_classes] the pursuit tail's median loss rank in its label (NaN: not
   #                                         run; the pursuit test off or the label flagged before it).
+  deferred: np.ndarray = np.zeros(0, np.int64)  # Labels split in two for a gauge to choose the suspected mode (the
+  #                                               kurtosis outlier test), ascending; cut in `cut`, none suspected.
+  kurtosis_scores: np.ndarray = np.zeros(0)  # [num_classes] each label's kurtosis outlier score (low side).
 
 
 def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarray, num_classes: int, skew: float,
                       tail: float, kurtosis_below: float = 0.0, pursuit_rank: float = 0.0,
-                      pursuit_dims: int = 16, bimodality: float = 0.0) -> Spectral:
+                      pursuit_dims: int = 16, bimodality: float = 0.0, kurtosis_z: float = 0.0) -> Spectral:
   """Spectral signatures per label (Tran et al., 2018): each label's examples projected on the top singular
   direction of their centred `features`, two tests of that projection a label without poison passes, and the
   isolation losses `scores` to tell a backdoor, which the isolation model learns first, from hard examples.
@@ -460,6 +463,11 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
   of its top `pursuit_dims` whitened principal components (`pursuit_direction`), suspected if the tail's median
   loss rank within the label is below `pursuit_rank`: every label has a skewed direction, but a clean label's is
   its hardest examples, and a trigger's minority is what the isolation model fits best.
+
+  Deferred (`kurtosis_z` > 0), a label no test above flags whose kurtosis is a low outlier among the labels'
+  (outlier_scores of minus the kurtosis above `kurtosis_z`): two modes too close or too unequal for the kurtosis
+  cut, where the isolation model need not have fitted the poisoned mode first (input-aware); its projection is cut
+  as the kurtosis test cuts it, and a gauge judges the sides later (`judged_side`, `side_outlier_scores`).
 
   Two modes 4 standard deviations apart in equal shares give a kurtosis of 1.72, a normal 3; a minority of 3-20%
   3.5 standard deviations apart a skewness of about 0.9-1.2 (docs/defense.md has the labels measured without poison).
@@ -505,8 +513,32 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
     hits.append(mine[projection > cut])
     flagged.append(label)
   suspected = np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
+  counts = np.bincount(labels, minlength=num_classes) * (kurt > 0)  # Labels without a kurtosis are not compared.
+  kurtosis_scores = outlier_scores(-kurt, counts) if counts.any() else np.zeros(num_classes)
+  deferred = [label for label in range(num_classes) if kurtosis_z > 0 and kurtosis_scores[label] > kurtosis_z
+              and label not in flagged]
+  for label in deferred:
+    cuts[label] = two_means_split(projections[labels == label])
   return Spectral(np.asarray(flagged, np.int64), suspected, sizes, kurt, np.asarray(bimodal, np.int64), projections,
-                  cuts, np.asarray(pursued, np.int64), ranks)
+                  cuts, np.asarray(pursued, np.int64), ranks, np.asarray(deferred, np.int64), kurtosis_scores)
+
+
+def side_outlier_scores(label_probability: np.ndarray, labels: np.ndarray, side: np.ndarray, label: int,
+                        num_classes: int, levels: tuple[float, ...]) -> np.ndarray:
+  """[len(levels)] `label`'s outlier_scores (with the binomial spread) among the labels' shares of examples given
+  their label less than each level, where its examples are those in `side` (a boolean mask over all) alone: the
+  outlier label test on the part of a label its features single out, which holds its poison where it has any."""
+  keep = (np.asarray(labels) != label) | np.asarray(side, bool)
+  return outlier_labels(np.asarray(label_probability)[keep], np.asarray(labels)[keep], num_classes, np.inf,
+                        levels)[2][:, label]
+
+
+def judged_side(projection: np.ndarray, cut: float, own: np.ndarray) -> bool:
+  """Whether a deferred label's examples above `cut` (their `projection`) are the mode a gauge gives the label
+  less on average (`own`, its probability of the label, for the same examples): a dirty-label backdoor's mode holds
+  other classes' images, which a gauge that has not fully learned the trigger rejects more often."""
+  above = np.asarray(projection) > cut
+  return bool(np.mean(own[above]) < np.mean(own[~above]))
 
 
 def tail_cut(projection: np.ndarray, tail: float) -> float:

@@ -155,6 +155,9 @@ _RULES = (
      "check (abl.finetune_epochs >= 2)"),
     *((f"config.abl.{test}$", lambda c: not _disowns(c), _SPECTRAL)
       for test in ("spectral_skew", "spectral_kurtosis", "spectral_bimodality", "spectral_pursuit")),
+    ("config.abl.spectral_kurtosis_z", lambda c: not (_disowns(c) and _outliers(c) and c.abl.gauge_epochs),
+     "it applies where a gauge (abl.gauge_epochs > 0) judges a pool whose every example trains toward its "
+     "probabilities and looks for outlier labels (abl.class_outlier_z > 0, abl.disown_below > 0)"),
     ("config.abl.spectral_tail", lambda c: not (_disowns(c) and (c.abl.spectral_skew or c.abl.spectral_pursuit)
                                                 or c.abl.candidate_triggers),
      "it applies with abl.spectral_skew or abl.spectral_pursuit > 0 where every pool example trains toward the "

@@ -308,7 +308,8 @@ def isolate(run: Run) -> None:
     if _spectral(a):
       found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
                                     a.spectral_tail, a.spectral_kurtosis, a.spectral_pursuit,
-                                    a.spectral_pursuit_dims, a.spectral_bimodality)
+                                    a.spectral_pursuit_dims, a.spectral_bimodality,
+                                    a.spectral_kurtosis_z if _defers(a) else 0.0)
   arrays = {}  # isolation.npz's arrays beyond the scores and the pool.
   if a.candidate_triggers:
     arrays = {"candidate_triggers": run.triggers,
@@ -320,12 +321,16 @@ def isolate(run: Run) -> None:
     run.suspected = found.suspected
     arrays |= {"suspected": run.suspected, "spectral_skewness": found.skewness,
                "spectral_kurtosis": found.kurtosis, "spectral_projection": found.projection,
-               "spectral_cut": found.cut, "spectral_pursuit_rank": found.pursuit_rank}
+               "spectral_cut": found.cut, "spectral_pursuit_rank": found.pursuit_rank,
+               "spectral_deferred": found.deferred, "spectral_kurtosis_scores": found.kurtosis_scores}
     logging.info("spectral signatures: skewness by label %s, kurtosis %s%s; flagged %s (split in two: %s%s), %d "
                  "examples to disown", np.round(found.skewness, 2).tolist(), np.round(found.kurtosis, 2).tolist(),
                  f", pursuit tail's loss rank {np.round(found.pursuit_rank, 2).tolist()}" if a.spectral_pursuit else "",
                  found.flagged.tolist() or "none", found.bimodal.tolist() or "none",
                  f"; pursued: {found.pursued.tolist() or 'none'}" if a.spectral_pursuit else "", len(run.suspected))
+    if _defers(a):
+      logging.info("spectral signatures: kurtosis outlier scores %s; split in two for the gauge to judge: %s",
+                   np.round(found.kurtosis_scores, 2).tolist(), found.deferred.tolist() or "none")
   run.pool = _pool(run)
   isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
@@ -339,6 +344,7 @@ def isolate(run: Run) -> None:
     stats.update({"spectral_labels": [int(k) for k in found.flagged],
                   "spectral_bimodal_labels": [int(k) for k in found.bimodal],
                   "spectral_pursued_labels": [int(k) for k in found.pursued],
+                  "spectral_deferred_labels": [int(k) for k in found.deferred],
                   "spectral_skewness": [round(float(v), 3) for v in found.skewness],
                   "spectral_kurtosis": [round(float(v), 3) for v in found.kurtosis],
                   "spectral_suspected": len(run.suspected),
@@ -360,8 +366,14 @@ def isolate(run: Run) -> None:
 def _spectral(a: ml_collections.ConfigDict) -> bool:
   """Whether spectral signatures (config.abl.spectral_skew, spectral_kurtosis, spectral_bimodality,
   spectral_pursuit) apply: their suspects are disowned through a judge that distills the pool."""
-  return (bool(a.spectral_skew or a.spectral_kurtosis or a.spectral_bimodality or a.spectral_pursuit)
+  return (bool(a.spectral_skew or a.spectral_kurtosis or a.spectral_bimodality or a.spectral_pursuit or _defers(a))
           and a.return_rule != "none" and a.kept_out == "distill")
+
+
+def _defers(a: ml_collections.ConfigDict) -> bool:
+  """Whether the kurtosis outlier test (config.abl.spectral_kurtosis_z) applies: a gauge judges its splits with the
+  outlier label test."""
+  return bool(a.spectral_kurtosis_z and a.gauge_epochs and registry.looks_for_outlier_labels(a))
 
 
 def _pool(run: Run) -> np.ndarray:
@@ -693,6 +705,8 @@ def give_back(run: Run) -> None:
     saved = wd.load_npz(path)
     run.returned, run.labels = saved["returned"], saved["labels"] if "labels" in saved else None
     run.left_out = saved.get("left_out")
+    if "split_suspected" in saved:
+      run.suspected = np.union1d(run.suspected, saved["split_suspected"])
   elif run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past it; use --overwrite to start over")
   else:
@@ -734,7 +748,8 @@ def regauge(run: Run) -> None:
   first = wd.load_npz(os.path.join(run.workdir, "returned.npz"))
   if not a.regauge or "outlier_labels" not in first or not len(first["outlier_labels"]):
     return
-  excluded = np.union1d(run.pool, first["class_rejected"])
+  excluded = functools.reduce(np.union1d, (run.pool, first["class_rejected"],
+                                           first.get("split_suspected", run.pool[:0])))
   retained = np.setdiff1d(np.arange(len(run.train)), excluded)
   phase = _gauge_phase(run, "regauge", retained, regauge_epochs(a))
   if a.regauge_init == "gauge":
@@ -790,7 +805,8 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     run.returned = pool
     kept_out = pool[:0]
     extra["labels"] = run.labels
-    if a.contradict_factor or (a.class_outlier_z and a.disown_below):
+    deferred = _deferred(run) if flag_among is None else None
+    if a.contradict_factor or (a.class_outlier_z and a.disown_below) or deferred is not None:
       outside = _outside_gauge(run)
       extra["outside_gauge_loss"], extra["outside_gauge_prediction"] = outside.full_loss, outside.full_prediction
       own = outside.probabilities[np.arange(len(outside.examples)), run.train.labels[outside.examples]]
@@ -802,6 +818,13 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
         if flag_among is None:  # The first gauge: the pool's outlier labels (the second judges them again).
           also = _pool_outliers(run, labels, probs[np.arange(len(pool)), labels], extra)
         extra.update(_class_rejected(run, outside, flag_among, also))
+      if deferred is not None:
+        extra["split_suspected"], extra["split_scores"] = _judged_split(run, outside, *deferred,
+                                                                        extra.get("outlier_labels", []))
+        run.suspected = np.union1d(run.suspected, extra["split_suspected"])
+      if run.suspected is not None:  # Suspects outside the pool (a judged split) train toward this gauge's beliefs.
+        hit = np.isin(outside.examples, run.suspected)
+        run.labels[outside.examples[hit]] = outside.probabilities[hit]
     suspected = run.suspected if run.suspected is not None else soft[:0]
     if a.own_above < 1.0:  # The spectral rule's suspects are disowned below, never owned.
       extra["owned"] = abl.owned(run.labels, run.train.labels, np.setdiff1d(soft, suspected) if len(suspected)
@@ -834,11 +857,13 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   if "outlier_labels" in extra:
     stats["outlier_labels"] = [int(k) for k in extra["outlier_labels"]]
     stats["outlier_scores"] = [round(float(v), 2) for v in extra["outlier_scores"].max(axis=0)]  # Highest level's.
+  if "split_suspected" in extra:
+    stats["split_labels"] = sorted({int(k) for k in run.train.labels[extra["split_suspected"]]})
   if "pool_outlier_labels" in extra:
     stats["pool_outlier_labels"] = [int(k) for k in extra["pool_outlier_labels"]]
     stats["pool_outlier_scores"] = [round(float(v), 2) for v in extra["pool_outlier_scores"]]
   counted = ("contradicted", "class_rejected", "class_doubted", "left_out", "owned", "disowned", "spectral_disowned",
-             "relabelled", "flagged_unsure")
+             "relabelled", "flagged_unsure", "split_suspected")
   for name, examples in [("returned", agree)] + [(k, extra[k]) for k in counted if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
@@ -852,6 +877,55 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   distributed.barrier("give_back")
   run.writer.write(run.step, {f"isolation/{k}": v for k, v in stats.items()}, phase=prefix + "give_back",
                    global_epoch=run.done)
+
+
+def _deferred(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """The labels the kurtosis outlier test split in two for the gauge to judge (config.abl.spectral_kurtosis_z),
+  with every example's projection and each label's cut, from isolation.npz; None where there are none, or where
+  outlier labels are not looked for (their test judges the sides)."""
+  if not _defers(run.config.abl):
+    return None
+  saved = wd.load_npz(os.path.join(run.workdir, "isolation.npz"))
+  labels = saved.get("spectral_deferred", np.zeros(0, np.int64))
+  return (labels, saved["spectral_projection"], saved["spectral_cut"]) if len(labels) else None
+
+
+def _judged_split(run: Run, outside: OutsideGauge, labels: np.ndarray, projection: np.ndarray,
+                  cuts: np.ndarray, flagged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The examples of each deferred label on the side of its cut that the gauge gives the label less on average
+  (over the label's examples outside the pool, which it trained on), where that side's share of examples the gauge
+  rejects is an outlier among the labels' (at any level of class_outlier_below, as the outlier label test scores a
+  label): suspects, disowned whatever the gauge says. A label the outlier test flagged (`flagged`) is left to it.
+  Also each label's side scores, [levels, num_classes] (NaN where no side was judged)."""
+  a = run.config.abl
+  outside_labels = run.train.labels[outside.examples]
+  own = outside.probabilities[np.arange(len(outside.examples)), outside_labels]
+  levels = tuple(a.class_outlier_below) or (a.disown_below,)
+  picked, side_scores = [], np.full((len(levels), run.train.num_classes), np.nan)
+  for label in labels:
+    if label in flagged:
+      logging.info("label %d split in two: an outlier label, judged as one", label)
+      continue
+    mine = np.flatnonzero(run.train.labels == label)
+    rows = np.flatnonzero(outside_labels == label)
+    seen = projection[outside.examples[rows]] > cuts[label]
+    if seen.all() or not seen.any():
+      logging.info("label %d: one side of its split holds none of the examples the gauge trained on; not judged",
+                   label)
+      continue
+    above = abl.judged_side(projection[outside.examples[rows]], cuts[label], own[rows])
+    side = np.zeros(len(outside.examples), bool)
+    side[rows[seen == above]] = True
+    scores = side_scores[:, label] = abl.side_outlier_scores(own, outside_labels, side, label,
+                                                             run.train.num_classes, levels)
+    suspected = bool((scores > a.class_outlier_z).any())
+    logging.info("label %d split in two: the gauge gives the label %.3f on average %s its cut, %.3f on the other "
+                 "side; that side's outlier scores %s: %s", label, own[rows][seen == above].mean(),
+                 "above" if above else "below", own[rows][seen != above].mean(), np.round(scores, 2).tolist(),
+                 "suspected" if suspected else "not suspected")
+    if suspected:
+      picked.append(mine[(projection[mine] > cuts[label]) == above])
+  return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64), side_scores
 
 
 def _unsure_kept(run: Run, extra: dict[str, np.ndarray], pool_own: np.ndarray) -> np.ndarray:

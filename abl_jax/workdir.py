@@ -255,7 +255,8 @@ ADDED_FIELDS = {
     "config.abl.unsure": "distill", "config.abl.class_outlier_z": 0.0,
     "config.abl.regauge": False, "config.abl.class_outlier_below": [],
     "config.abl.flagged_rejected": "disown", "config.abl.spectral_skew": 0.0, "config.abl.spectral_tail": 2.0,
-    "config.abl.spectral_kurtosis": 0.0, "config.abl.spectral_bimodality": 0.0, "config.abl.regauge_epochs": 0,
+    "config.abl.spectral_kurtosis": 0.0, "config.abl.spectral_bimodality": 0.0, "config.abl.spectral_kurtosis_z": 0.0,
+    "config.abl.regauge_epochs": 0,
     "config.abl.flagged_doubted": "keep", "config.abl.flagged_unsure": "drop",
     "config.abl.spectral_judged": False, "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
     "config.abl.relearned_draws": 0, "config.abl.relearned_tested": "outliers",
@@ -407,12 +408,12 @@ def followed_judgement(workdir: str) -> str | None:
 
 def suspected_labels(summary: dict[str, Any]) -> list[int] | None:
   """The labels the defense treated as attacked, from a run's isolation.json: those spectral signatures flagged,
-  the outlier labels of the judgement fine-tuning followed (the second gauge's where one judged) and those the
-  relearned check flagged. None where none of these tests ran."""
+  the outlier labels of the judgement fine-tuning followed (the second gauge's where one judged), those whose split
+  the gauge judged (split_labels) and those the relearned check flagged. None where none of these tests ran."""
   if not {"spectral_labels", "outlier_labels", "relearned_labels"} & set(summary):
     return None
   outliers = summary.get("regauge_outlier_labels", summary.get("outlier_labels", []))
-  return sorted({int(k) for k in [*summary.get("spectral_labels", []), *outliers,
+  return sorted({int(k) for k in [*summary.get("spectral_labels", []), *outliers, *summary.get("split_labels", []),
                                   *summary.get("relearned_labels", [])]})
 
 

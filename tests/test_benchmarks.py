@@ -507,3 +507,41 @@ def test_work_counts_training_steps_gauges_and_passes(tmp_path):
   assert batch({"abl": {**sizes, "unlearning_mode": "joint"}}, "unlearning") == 12
   assert batch({"abl": {**sizes, "unlearning_mode": "ascent"}}, "unlearning") == 5
   assert batch({"train": {"batch_size": 10}}, "finetune") == 10
+
+
+def _isolation_file(workdir, kurtosis, poisoned_label=None, cut_labels=(), deferred=None):
+  """A run folder whose isolation.npz holds only what benchmarks/kurtosis.py reads: 4 labels x 5 examples."""
+  workdir.mkdir(parents=True)
+  labels = np.repeat(np.arange(4), 5)
+  cut = np.full(4, np.nan)
+  cut[list(cut_labels)] = 0.0
+  extra = {} if deferred is None else {"spectral_deferred": np.asarray(deferred, np.int64)}
+  np.savez(workdir / "isolation.npz", spectral_kurtosis=np.asarray(kurtosis, np.float64), labels=labels,
+           is_poisoned=labels == poisoned_label, spectral_cut=cut, **extra)
+  return str(workdir)
+
+
+def test_kurtosis_scores_each_label_and_names_what_the_test_defers(tmp_path, capsys):
+  from benchmarks import kurtosis  # pylint: disable=import-outside-toplevel
+  attacked = _isolation_file(tmp_path / "a" / "ia", [2.0, 3.0, 2.9, 3.1], poisoned_label=0, deferred=[0])
+  _isolation_file(tmp_path / "a" / "ia_again", [2.0, 3.0, 2.9, 3.1], poisoned_label=0)  # The same isolation.
+  flagged = _isolation_file(tmp_path / "b", [1.2, 3.0, 2.9, 3.1], poisoned_label=0, cut_labels=[0])
+  clean = _isolation_file(tmp_path / "c", [2.8, 3.0, 2.6, 3.1])
+  rows = kurtosis.main([str(tmp_path / "a"), flagged, clean])
+  assert [r["workdir"] for r in rows] == [attacked, flagged, clean]  # One line per isolation model.
+  # Minus the kurtosis: median -2.95, MAD 0.1, so label 0 scores 0.6745 x 0.95 / 0.1.
+  np.testing.assert_allclose(rows[0]["scores"], np.round(abl_scores([2.0, 3.0, 2.9, 3.1]), 2))
+  assert rows[0]["scores"][0] == pytest.approx(6.41) and rows[0]["deferred"] == [0] and rows[0]["attacked"] == [0]
+  assert rows[1]["flagged"] == [0] and rows[1]["deferred"] == []  # Flagged by a spectral test: not deferred.
+  assert rows[2]["attacked"] == [] and rows[2]["deferred"] == [] and rows[2]["highest_clean"] == 2
+  assert rows[0]["flagged"] == []  # A deferred label's cut is not a flag.
+  out = capsys.readouterr().out
+  assert "3 isolation models; 10 labels without poison" in out
+  with pytest.raises(SystemExit):
+    kurtosis.main([clean, "--cutoff=0"])
+
+
+def abl_scores(kurtosis):
+  """The defense's kurtosis outlier scores for 4 labels of 5 examples."""
+  from abl_jax import abl  # pylint: disable=import-outside-toplevel
+  return abl.outlier_scores(-np.asarray(kurtosis), np.full(4, 5))

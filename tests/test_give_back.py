@@ -417,6 +417,83 @@ def test_spectral_bimodality_splits_a_label_a_third_triggered_that_neither_other
   np.testing.assert_array_equal(skewed[0].suspected, skewed[1].suspected)
 
 
+def test_the_kurtosis_outlier_test_defers_a_label_whose_modes_are_too_close_for_the_kurtosis_cut():
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(6), 1000)
+  features = rng.normal(size=(6000, 8))
+  features[500:1000, 5] += 3.0  # Half of label 0 carries a trigger 3 standard deviations off: kurtosis near 2.
+  scores = rng.uniform(1.0, 2.0, size=6000)  # The isolation model fits neither half first.
+  found = abl.spectral_outliers(features, labels, scores, 6, skew=0.8, tail=3.0, kurtosis_below=1.8, kurtosis_z=3.5)
+  assert 1.8 < found.kurtosis[0] < 2.2 and (found.kurtosis[1:] > 2.5).all()
+  assert found.kurtosis_scores[0] > 3.5 and (found.kurtosis_scores[1:] < 3.5).all()
+  np.testing.assert_array_equal(found.deferred, [0])
+  assert not len(found.flagged) and not len(found.suspected)  # The gauge chooses the side, later.
+  above = found.projection[:1000] > found.cut[0]
+  assert np.isnan(found.cut[1:]).all()
+  # The two-means cut between the modes: 471 of the 500 triggered on one side with 29 of the others.
+  assert {above[500:].sum(), above[:500].sum()} == {29, 471}
+  assert not len(abl.spectral_outliers(features, labels, scores, 6, skew=0.8, tail=3.0,
+                                       kurtosis_below=1.8).deferred)  # Off by default.
+  # A label the kurtosis cut flags is split there, by the isolation losses, not deferred.
+  found = abl.spectral_outliers(features, labels, scores, 6, skew=0.8, tail=3.0, kurtosis_below=2.5, kurtosis_z=3.5)
+  np.testing.assert_array_equal(found.flagged, [0])
+  assert not len(found.deferred) and len(found.suspected)
+
+
+def test_judged_side_is_the_side_of_the_cut_the_gauge_gives_the_label_less():
+  projection = np.array([-2.0, -1.0, 1.0, 2.0, 3.0])
+  assert abl.judged_side(projection, 0.0, np.array([0.9, 0.7, 0.1, 0.3, 0.8]))  # 0.4 above, 0.8 below.
+  assert not abl.judged_side(projection, 0.0, np.array([0.1, 0.3, 0.5, 0.6, 0.7]))
+  assert not abl.judged_side(projection, 1.5, np.array([0.1, 0.3, 0.5, 0.6, 0.7]))  # 0.3 below 1.5, 0.65 above.
+
+
+def test_side_outlier_scores_score_a_label_by_the_examples_of_one_side():
+  # 4 labels x 10 examples; the gauge rejects (under 0.1) 1 of each label's 10, and 4 of label 2's 5 on one side.
+  labels = np.repeat(np.arange(4), 10)
+  own = np.full(40, 0.6)
+  own[[0, 10, 20, 30]] = 0.05
+  own[[21, 22, 23, 24]] = 0.05
+  side = np.zeros(40, bool)
+  side[20:25] = True
+  scores = abl.side_outlier_scores(own, labels, side, 2, 4, (0.1,))
+  np.testing.assert_allclose(scores, abl.outlier_labels(own[(labels != 2) | side], labels[(labels != 2) | side], 4,
+                                                        3.5, (0.1,))[2][:, 2])
+  _, shares, whole = abl.outlier_labels(own, labels, 4, 3.5, (0.1,))
+  assert shares[0, 2] == 0.5 and scores[0] > whole[0, 2]  # 5 of 5 on the side against 5 of 10 in the label.
+  assert (abl.side_outlier_scores(own, labels, ~side & (labels == 2), 2, 4, (0.1,)) < 0).all()  # The other side.
+
+
+def test_a_deferred_split_suspects_the_side_the_gauge_rejects_where_the_side_is_an_outlier():
+  own = np.full(40, 0.6, np.float32)
+  own[[1, 11, 31]] = 0.05  # One rejected example in each other label.
+  own[25:30] = [0.05, 0.02, 0.05, 0.01, 0.5]  # Label 2's examples 25-29: the gauge rejects 4 of them.
+  run, _ = _four_label_run(own, suspected=np.zeros(0, np.int64))
+  run.pool = np.array([0, 29])  # Example 29 is in the pool, on the rejected side: suspected with its side.
+  projection = np.zeros(40)
+  projection[20:30] = np.r_[-np.arange(1.0, 6.0), np.arange(1.0, 6.0)]
+  cuts = np.full(4, np.nan)
+  cuts[2] = 0.0
+  split, scores = schedule._judged_split(run, schedule._outside_gauge(run), np.array([2]), projection, cuts,
+                                         np.zeros(0))
+  np.testing.assert_array_equal(split, np.arange(25, 30))
+  assert (scores[:, 2] > 3.5).any() and np.isnan(np.delete(scores, 2, axis=1)).all()
+  # Left to the outlier label test where it flagged the label.
+  assert not len(schedule._judged_split(run, schedule._outside_gauge(run), np.array([2]), projection, cuts,
+                                        np.array([2]))[0])
+  own[20:25], own[25:30] = own[25:30].copy(), 0.6  # Now the side below the cut is the one rejected.
+  run, _ = _four_label_run(own, suspected=np.zeros(0, np.int64))
+  np.testing.assert_array_equal(schedule._judged_split(run, schedule._outside_gauge(run), np.array([2]), projection,
+                                                       cuts, np.zeros(0))[0], np.arange(20, 25))
+  own[20:25] = [0.3, 0.4, 0.05, 0.4, 0.3]  # Given less on average, but rejected no more often than elsewhere.
+  run, _ = _four_label_run(own, suspected=np.zeros(0, np.int64))
+  assert not len(schedule._judged_split(run, schedule._outside_gauge(run), np.array([2]), projection, cuts,
+                                        np.zeros(0))[0])
+  projection[20:25] = 1.0  # Every example outside the pool on one side: nothing to compare, nothing suspected.
+  projection[25:29] = 2.0
+  assert not len(schedule._judged_split(run, schedule._outside_gauge(run), np.array([2]), projection, cuts,
+                                        np.zeros(0))[0])
+
+
 def test_kurtosis_and_the_two_means_split_on_known_values():
   assert abl.kurtosis(np.array([0.0, 0.0, 1.0, 1.0])) == pytest.approx(1.0)  # Two equal point masses.
   assert abl.kurtosis(np.linspace(0.0, 1.0, 100001)) == pytest.approx(1.8, abs=1e-3)  # Uniform.
@@ -750,6 +827,64 @@ def test_the_pursuit_test_disowns_its_suspects_and_records_each_labels_tail_rank
   np.testing.assert_array_equal(saved["spectral_disowned"], suspected)
 
 
+DEFERRED = {**SPECTRAL, "abl__spectral_skew": 0.0, "abl__spectral_kurtosis_z": 0.01, "abl__class_outlier_z": 2.0}
+
+
+def _every_side_an_outlier(label_probability, labels, side, label, num_classes, levels):
+  """abl.side_outlier_scores for a synthetic set too small for a side to stand out: every judged side does."""
+  return np.full(len(levels), 10.0)
+
+
+@pytest.fixture(scope="module")
+def deferred(tmp_path_factory):
+  """A smoke run whose kurtosis outlier test (at a low cut-off) splits labels for the gauge to judge, where every
+  side judged stands out (the test of a side's score is above)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(abl, "side_outlier_scores", _every_side_an_outlier)
+    return _trained(tmp_path_factory, "deferred", DEFERRED)
+
+
+def test_a_deferred_label_loses_the_side_of_its_cut_the_gauge_gives_it_less(deferred):
+  out, _ = deferred
+  iso, saved = np.load(out / "isolation.npz"), np.load(out / "returned.npz")
+  summary = json.loads((out / "isolation.json").read_text())
+  labels, projection, cut = iso["labels"], iso["spectral_projection"], iso["spectral_cut"]
+  split, scores = saved["split_suspected"], saved["split_scores"]
+  deferred_labels = summary["spectral_deferred_labels"]
+  np.testing.assert_array_equal(deferred_labels, np.flatnonzero(iso["spectral_kurtosis_scores"] > 0.01))
+  assert not len(iso["suspected"]) and np.isfinite(cut[deferred_labels]).all()
+  judged = np.flatnonzero(np.isfinite(scores).all(axis=0))
+  outliers = summary["outlier_labels"]
+  # The outlier test's labels are left to it; the others are judged where both sides hold examples outside the pool.
+  assert len(judged) and outliers and set(judged) <= set(deferred_labels) - set(outliers)
+  assert summary["split_labels"] == sorted(set(labels[split].tolist())) == judged.tolist()
+  own = np.exp(-saved["outside_gauge_loss"])  # NaN in the pool.
+  for label in judged:
+    mine = np.flatnonzero(labels == label)
+    side = np.isin(mine, split)
+    above = projection[mine] > cut[label]
+    assert (side == above).all() or (side == ~above).all()  # One whole side of the cut,
+    seen = ~np.isnan(own[mine])
+    assert np.mean(own[mine][seen & side]) < np.mean(own[mine][seen & ~side])  # the one the gauge gives less.
+  assert summary["split_suspected"] == len(split)
+  np.testing.assert_array_equal(saved["spectral_disowned"], split)  # Disowned whatever the gauge says,
+  np.testing.assert_array_equal(saved["labels"][split, labels[split]], 0.0)
+  assert not np.isin(split, saved["owned"]).any()
+  outside = np.setdiff1d(split, iso["pool"])  # those outside the pool toward the gauge's other beliefs.
+  assert len(outside)
+  np.testing.assert_allclose(saved["labels"][outside].sum(axis=1), 1.0, rtol=1e-5)
+  assert set(judged) <= set(json.loads((out / "results.json").read_text())["suspected_labels"])
+  regauged = np.load(out / "regauged.npz")  # The second gauge (outlier labels flagged) disowns the same split.
+  np.testing.assert_array_equal(regauged["spectral_disowned"], split)
+
+
+def test_a_deferred_split_resumes_like_an_uninterrupted_run(deferred, tmp_path, monkeypatch):
+  _, results = deferred
+  monkeypatch.setattr(abl, "side_outlier_scores", _every_side_an_outlier)
+  # 2 isolation + 2 gauge epochs + 1 of fine-tuning: stops after the give-back.
+  _assert_resumes_like(results, smoke.config(**DEFERRED), tmp_path, 5, saved="returned.npz", unsaved="results.json")
+
+
 def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(tmp_path):
   config = smoke.config(**{**SPECTRAL, "abl__kept_out": "relabel"})
   experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3)
@@ -763,6 +898,7 @@ def test_spectral_skew_is_not_applied_where_the_judge_does_not_distill_the_pool(
     ("abl__spectral_kurtosis", 3.0, r"config\.abl\.spectral_kurtosis=3\.0 must be 0 \(off\) or in \(1, 3\)"),
     ("abl__spectral_bimodality", 0.3, r"config\.abl\.spectral_bimodality=0\.3 must be 0 \(off\) or in \(1/3, 1\]"),
     ("abl__spectral_pursuit", 1.0, r"config\.abl\.spectral_pursuit=1\.0 must be 0 \(off\) or in \(0, 1\)"),
+    ("abl__spectral_kurtosis_z", -1.0, r"config\.abl\.spectral_kurtosis_z=-1\.0 must be 0 \(off\) or > 0"),
     ("abl__spectral_pursuit_dims", 1, r"config\.abl\.spectral_pursuit_dims=1 must be an integer >= 2"),
 ])
 def test_spectral_fields_are_checked(field, value, message, tmp_path):

@@ -67,6 +67,7 @@ def test_suspected_labels_are_the_spectral_and_the_followed_judgements_outlier_l
   summary = {"spectral_labels": [0], "outlier_labels": [4], "regauge_outlier_labels": []}
   assert workdir.suspected_labels(summary) == [0]
   assert workdir.suspected_labels({"spectral_labels": [], "outlier_labels": [4, 2]}) == [2, 4]
+  assert workdir.suspected_labels({"spectral_labels": [], "outlier_labels": [], "split_labels": [8]}) == [8]
   assert workdir.suspected_labels({"precision": 1.0}) is None  # Neither test ran (the paper's ABL).
   # A results.json written before the field: the report reads the verdict from its isolation summary and marks
   # the attack's target; a run that names it carries it as written.
