@@ -45,7 +45,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects bad names and ranges before any work, with one line naming the field."""
   for field in ("data.source", "model.name", "attack.name", "defense.name", "train.schedule", "train.dtype",
                 "abl.loss", "abl.unlearning_mode", "abl.unlearning_loss", "abl.unlearning_bn", "abl.unlearning_stop",
-                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.finetune_mix", "abl.return_rule",
+                "abl.pool_rule", "abl.finetune_init", "abl.finetune_schedule", "abl.finetune_mix", "abl.gauge_mix",
+                "abl.return_rule",
                 "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted",
                 "abl.flagged_unsure",
                 "abl.relearned_doubted", "abl.relearned_then", "abl.relearned_tested", "abl.regauge_init"):

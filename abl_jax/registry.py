@@ -50,6 +50,7 @@ FIELDS = {
     "config.abl.finetune_init": FINETUNE_INITS,
     "config.abl.finetune_schedule": FINETUNE_SCHEDULES,
     "config.abl.finetune_mix": FINETUNE_MIXES,
+    "config.abl.gauge_mix": FINETUNE_MIXES,
     "config.abl.return_rule": RETURN_RULES,
     "config.abl.kept_out": KEPT_OUT,
     "config.abl.unsure": UNSURE,

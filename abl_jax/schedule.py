@@ -693,7 +693,8 @@ def _gauge_phase(run: Run, name: str, examples: np.ndarray, epochs: int) -> Phas
   return Phase(name, epochs, len(examples), _order(run, examples, None), abl.cross_entropy_loss,
                lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(epochs * steps, 1)),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
-               label_smoothing=t.label_smoothing, downsample=a.gauge_downsample)
+               label_smoothing=t.label_smoothing, downsample=a.gauge_downsample, mix_mode=a.gauge_mix,
+               mix_alpha=a.finetune_mix_alpha)
 
 
 def give_back(run: Run) -> None:

@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.finetune_lr_boundaries = (40, 60)  # step: epochs (within fine-tuning) where the lr drops 10x.
   c.abl.finetune_mix = "none"  # none, cutmix or mixup: each fine-tuning image mixed with another of its batch, the
   #                               loss split between their labels by their shares (train.mix).
+  c.abl.gauge_mix = "none"  # none, cutmix or mixup: the gauges' images mixed as finetune_mix mixes fine-tuning's
+  #                          (finetune_mix_alpha), in every gauge epoch: a trigger that must match its image (the
+  #                          input-aware attack's) is then harder for a gauge to learn from the poison outside the
+  #                          pool.
   c.abl.finetune_mix_alpha = 1.0  # finetune_mix: the mixing share is drawn from Beta(alpha, alpha) (> 0).
   c.abl.finetune_mix_epochs = 0  # finetune_mix: mix in this many of fine-tuning's first epochs only (0 = in all).
   c.abl.finetune_balance = True  # Draw fine-tuning (and gauge) batches class-balanced by training label (the

@@ -117,6 +117,7 @@ def test_disowned_examples_lose_their_label_and_keep_the_gauges_other_beliefs():
      r"config\.abl\.finetune_init='random' is unknown; allowed: isolation, scratch, gauge"),
     ("abl__finetune_schedule", "linear", r"config\.abl\.finetune_schedule='linear' is unknown; allowed: step, cosine"),
     ("abl__finetune_mix", "cutout", r"config\.abl\.finetune_mix='cutout' is unknown; allowed: none, cutmix, mixup"),
+    ("abl__gauge_mix", "cutout", r"config\.abl\.gauge_mix='cutout' is unknown; allowed: none, cutmix, mixup"),
     ("abl__finetune_mix_alpha", 0.0, r"config\.abl\.finetune_mix_alpha=0\.0 must be > 0"),
     ("abl__finetune_mix_epochs", -1, r"config\.abl\.finetune_mix_epochs=-1 must be >= 0 \(0 = every epoch\)"),
 ])

@@ -197,6 +197,16 @@ def test_gauge_resumes_like_an_uninterrupted_run(judged, tmp_path):
   _assert_resumes_like(results, smoke.config(**GAUGE), tmp_path, 3, saved="isolation_model", unsaved="returned.npz")
 
 
+def test_gauge_mix_mixes_both_gauges_images_and_not_the_isolation_models():
+  run = types.SimpleNamespace(config=smoke.config(abl__gauge_mix="cutmix", abl__finetune_mix_alpha=0.4,
+                                                  abl__gauge_downsample=2))
+  for name in ("gauge", "regauge"):
+    phase = schedule._gauge_phase(run, name, np.arange(10), 2)
+    assert (phase.mix_mode, phase.mix_alpha, phase.mix_epochs, phase.downsample) == ("cutmix", 0.4, None, 2)
+  assert schedule._gauge_phase(types.SimpleNamespace(config=smoke.config()), "gauge", np.arange(10),
+                               2).mix_mode == "none"
+
+
 def test_gauge_epochs_must_not_be_negative(tmp_path):
   with pytest.raises(ValueError, match=r"config\.abl\.gauge_epochs=-1 must be >= 0"):
     experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__gauge_epochs": -1}), str(tmp_path))
