@@ -171,14 +171,16 @@ def base_config() -> ml_collections.ConfigDict:
   #                                  third of the label), between the two tests above. 5/9 is a uniform's, 1/3 a
   #                                  normal's; labels without poison measured at most 0.49 (docs/defense.md, session
   #                                  35); 0 = off.
-  c.abl.spectral_kurtosis_z = 0.0  # class_outlier_z with a gauge: > 0 also splits in two, as spectral_kurtosis
+  c.abl.spectral_kurtosis_z = 3.5  # class_outlier_z with a gauge: > 0 also splits in two, as spectral_kurtosis
   #                                  cuts, a label no spectral test flags whose kurtosis is a low outlier among the
   #                                  labels' (modified z-score of minus the kurtosis above this; 3.5 is Iglewicz and
   #                                  Hoaglin's cut-off); where the gauge's outlier test does not flag the label, the
   #                                  side the gauge gives the label less on average (its examples outside the pool)
   #                                  is disowned if that side's share of rejected examples is an outlier among the
   #                                  labels' (class_outlier_z, class_outlier_below): a backdoor on about half of a
-  #                                  label that the isolation model need not fit first (input-aware); 0 = off.
+  #                                  label that the isolation model need not fit first (input-aware); 0 = off
+  #                                  (before session 36). Labels without poison measured up to 3.67, input-aware's
+  #                                  target 4.2-6.0 where its poison splits the label (docs/defense.md, session 36).
   c.abl.spectral_pursuit = 0.0  # distill: > 0 (in (0, 1)) also tests each label neither test above flags along
   #                               the most skewed direction of its features' top spectral_pursuit_dims principal
   #                               components scaled to unit variance (projection pursuit): its examples beyond
