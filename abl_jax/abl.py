@@ -513,14 +513,20 @@ def spectral_outliers(features: np.ndarray, labels: np.ndarray, scores: np.ndarr
     hits.append(mine[projection > cut])
     flagged.append(label)
   suspected = np.sort(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
-  counts = np.bincount(labels, minlength=num_classes) * (kurt > 0)  # Labels without a kurtosis are not compared.
-  kurtosis_scores = outlier_scores(-kurt, counts) if counts.any() else np.zeros(num_classes)
+  kurtosis_scores = kurtosis_outlier_scores(kurt, np.bincount(labels, minlength=num_classes))
   deferred = [label for label in range(num_classes) if kurtosis_z > 0 and kurtosis_scores[label] > kurtosis_z
               and label not in flagged]
   for label in deferred:
     cuts[label] = two_means_split(projections[labels == label])
   return Spectral(np.asarray(flagged, np.int64), suspected, sizes, kurt, np.asarray(bimodal, np.int64), projections,
                   cuts, np.asarray(pursued, np.int64), ranks, np.asarray(deferred, np.int64), kurtosis_scores)
+
+
+def kurtosis_outlier_scores(kurt: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """Each label's outlier_scores of minus its kurtosis (`kurt`; 0 for a label without one, which is not compared),
+  `counts` its examples: high where a label's projection is flatter than the others', two modes."""
+  present = np.asarray(counts) * (np.asarray(kurt) > 0)
+  return outlier_scores(-np.asarray(kurt), present) if present.any() else np.zeros(len(kurt))
 
 
 def side_outlier_scores(label_probability: np.ndarray, labels: np.ndarray, side: np.ndarray, label: int,

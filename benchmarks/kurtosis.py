@@ -26,12 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from abl_jax import abl  # pylint: disable=wrong-import-position
 
 
-def label_scores(kurtosis: np.ndarray, counts: np.ndarray) -> np.ndarray:
-  """Each label's outlier score of minus its kurtosis, as abl.spectral_outliers scores it (0 where none)."""
-  present = counts * (kurtosis > 0)
-  return abl.outlier_scores(-kurtosis, present) if present.any() else np.zeros(len(kurtosis))
-
-
 def run_row(workdir: str, cutoff: float) -> dict[str, Any] | None:
   """One run's labels, scores and verdict at `cutoff`; None where its isolation.npz has no spectral statistics."""
   path = os.path.join(workdir, "isolation.npz")
@@ -44,7 +38,7 @@ def run_row(workdir: str, cutoff: float) -> dict[str, Any] | None:
     cut = np.isfinite(saved["spectral_cut"])  # Flagged labels, and those deferred where the test ran.
     deferred = saved["spectral_deferred"] if "spectral_deferred" in saved.files else np.zeros(0, np.int64)
   counts = np.bincount(labels, minlength=len(kurtosis))
-  scores = label_scores(kurtosis, counts)
+  scores = abl.kurtosis_outlier_scores(kurtosis, counts)
   attacked = sorted({int(k) for k in labels[poisoned]})
   flagged = np.setdiff1d(np.flatnonzero(cut), deferred)
   clean = [k for k in range(len(kurtosis)) if k not in attacked]
