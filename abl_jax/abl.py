@@ -26,6 +26,15 @@ def cross_entropy_loss(ce: jax.Array) -> jax.Array:
   return jnp.mean(ce)
 
 
+def small_loss(ce: jax.Array, drop: float) -> jax.Array:
+  """The mean cross-entropy of the batch's examples but its `drop` share with the highest (ties kept)."""
+  n = ce.shape[0]
+  keep = max(n - int(drop * n), 1)
+  threshold = jnp.sort(jax.lax.stop_gradient(ce))[keep - 1]
+  kept = (jax.lax.stop_gradient(ce) <= threshold).astype(ce.dtype)
+  return jnp.sum(ce * kept) / jnp.sum(kept)
+
+
 def lga_loss(ce: jax.Array, gamma: float) -> jax.Array:
   """Local gradient ascent: sign(CE - gamma) * CE on the batch-mean cross-entropy."""
   sign = jnp.sign(jax.lax.stop_gradient(jnp.mean(ce)) - gamma)

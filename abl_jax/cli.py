@@ -168,8 +168,9 @@ _RULES = (
      "or with abl.candidate_triggers > 0"),
     ("config.abl.candidate_scale", lambda c: not c.abl.candidate_triggers,
      "it applies with abl.candidate_triggers > 0"),
-    ("config.abl.gauge_downsample", lambda c: not (c.abl.gauge_epochs and c.abl.return_rule == "agree"),
-     "it applies with a gauge (abl.gauge_epochs > 0, abl.return_rule='agree')"),
+    *((f"config.abl.gauge_{field}", lambda c: not (c.abl.gauge_epochs and c.abl.return_rule == "agree"),
+       "it applies with a gauge (abl.gauge_epochs > 0, abl.return_rule='agree')")
+      for field in ("downsample", "drop", "mix")),
     ("config.abl.own_above", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),

@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                          (finetune_mix_alpha), in every gauge epoch: a trigger that must match its image (the
   #                          input-aware attack's) is then harder for a gauge to learn from the poison outside the
   #                          pool.
+  c.abl.gauge_drop = 0.0  # In [0, 1): each gauge step trains on its batch but this share of the highest-loss
+  #                         examples (the small-loss selection of learning with noisy labels), so that poison
+  #                         isolation left outside the pool, which looks mislabelled until its trigger is learned,
+  #                         teaches the gauges less of the trigger. 0 = off.
   c.abl.finetune_mix_alpha = 1.0  # finetune_mix: the mixing share is drawn from Beta(alpha, alpha) (> 0).
   c.abl.finetune_mix_epochs = 0  # finetune_mix: mix in this many of fine-tuning's first epochs only (0 = in all).
   c.abl.finetune_balance = True  # Draw fine-tuning (and gauge) batches class-balanced by training label (the

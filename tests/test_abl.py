@@ -31,6 +31,24 @@ def test_lga_sign_uses_global_batch_mean_when_the_batch_is_split_over_devices():
   assert float(loss) == pytest.approx(-0.45, rel=1e-6)  # One sign for the whole batch: ascent.
 
 
+def test_small_loss_leaves_out_the_highest_share_of_the_batch():
+  ce = jnp.array([0.5, 3.0, 1.0, 2.0, 0.1])
+  assert abl.small_loss(ce, 0.4) == pytest.approx((0.5 + 1.0 + 0.1) / 3)  # 3.0 and 2.0 out.
+  np.testing.assert_allclose(jax.grad(abl.small_loss)(ce, 0.4), [1 / 3, 0, 1 / 3, 0, 1 / 3], rtol=1e-6)
+  assert abl.small_loss(ce, 0.0) == pytest.approx(float(jnp.mean(ce)))
+  assert abl.small_loss(ce, 0.99) == pytest.approx(0.1)  # At least one example trains.
+  assert abl.small_loss(jnp.array([1.0, 1.0, 2.0]), 0.5) == pytest.approx(1.0)  # Ties at the cut are kept.
+
+
+def test_small_loss_cuts_the_global_batch_when_it_is_split_over_devices():
+  assert jax.local_device_count() >= 2
+  ce = jnp.array([0.1, 0.2, 5.0, 6.0])  # The two highest on one device: both left out, not one per device.
+  mesh = train.make_mesh(jax.local_devices()[:2])
+  sharded = jax.device_put(ce, train.batch_sharding(mesh))
+  loss = jax.jit(lambda c: abl.small_loss(c, 0.5), out_shardings=train.replicated(mesh))(sharded)
+  assert float(loss) == pytest.approx(0.15, rel=1e-6)
+
+
 def test_neg_ce_loss_is_negative_mean_ce():
   assert abl.neg_ce_loss(jnp.array([1.0, 3.0])) == pytest.approx(-2.0)
 

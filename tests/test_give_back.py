@@ -5,6 +5,7 @@ import os
 import types
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -205,6 +206,21 @@ def test_gauge_mix_mixes_both_gauges_images_and_not_the_isolation_models():
     assert (phase.mix_mode, phase.mix_alpha, phase.mix_epochs, phase.downsample) == ("cutmix", 0.4, None, 2)
   assert schedule._gauge_phase(types.SimpleNamespace(config=smoke.config()), "gauge", np.arange(10),
                                2).mix_mode == "none"
+
+
+def test_gauge_drop_trains_both_gauges_on_the_small_loss_share_and_nothing_else():
+  ce = jnp.array([0.5, 3.0, 1.0, 2.0])
+  run = types.SimpleNamespace(config=smoke.config(abl__gauge_drop=0.5))
+  for name in ("gauge", "regauge"):
+    assert schedule._gauge_phase(run, name, np.arange(10), 2).loss_fn(ce) == pytest.approx(0.75)
+  plain = types.SimpleNamespace(config=smoke.config())
+  assert schedule._gauge_phase(plain, "gauge", np.arange(10), 2).loss_fn(ce) == pytest.approx(1.625)
+
+
+@pytest.mark.parametrize("drop", [-0.1, 1.0])
+def test_gauge_drop_is_checked(drop, tmp_path):
+  with pytest.raises(ValueError, match=rf"config\.abl\.gauge_drop={drop} must be in \[0, 1\) \(0 = off\)"):
+    experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__gauge_drop": drop}), str(tmp_path))
 
 
 def test_gauge_epochs_must_not_be_negative(tmp_path):

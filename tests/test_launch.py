@@ -106,9 +106,10 @@ def test_unused_overrides():
   relabel.abl.candidate_triggers = 0.0
   assert [f for f, _ in cli.unused_overrides(relabel, ["config.abl.candidate_scale"])] == ["config.abl.candidate_scale"]
   gauged = abl_badnets.get_config("smoke")
-  assert cli.unused_overrides(gauged, ["config.abl.gauge_downsample"]) == []
+  gauge_fields = ["config.abl.gauge_downsample", "config.abl.gauge_drop", "config.abl.gauge_mix"]
+  assert cli.unused_overrides(gauged, gauge_fields) == []
   gauged.abl.gauge_epochs = 0
-  assert [f for f, _ in cli.unused_overrides(gauged, ["config.abl.gauge_downsample"])] == ["config.abl.gauge_downsample"]
+  assert [f for f, _ in cli.unused_overrides(gauged, gauge_fields + ["config.abl.gauge_epochs"])] == gauge_fields
   relearned = ["config.abl.relearned_at", "config.abl.relearned_above"]
   assert cli.unused_overrides(abl_badnets.get_config("smoke"), relearned) == []
   off = abl_badnets.get_config("smoke")
