@@ -7,6 +7,7 @@ Every function here sees losses, images and labels only, never the ground-truth 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple
 
@@ -26,13 +27,23 @@ def cross_entropy_loss(ce: jax.Array) -> jax.Array:
   return jnp.mean(ce)
 
 
-def small_loss(ce: jax.Array, drop: float) -> jax.Array:
-  """The mean cross-entropy of the batch's examples but its `drop` share with the highest (ties kept)."""
-  n = ce.shape[0]
-  keep = max(n - int(drop * n), 1)
-  threshold = jnp.sort(jax.lax.stop_gradient(ce))[keep - 1]
-  kept = (jax.lax.stop_gradient(ce) <= threshold).astype(ce.dtype)
-  return jnp.sum(ce * kept) / jnp.sum(kept)
+@dataclasses.dataclass(frozen=True)
+class SmallLoss:
+  """The mean cross-entropy of the batch but its `drop` share with the highest, of which at most `label_cap` of
+  any label's examples (of equal losses, the later one goes first): a loss the train step calls with the batch's
+  (hard) labels too. The cap keeps a class the model has not learned yet from being left out altogether."""
+  drop: float
+  label_cap: float = 0.5
+
+  def __call__(self, ce: jax.Array, labels: jax.Array) -> jax.Array:
+    fixed = jax.lax.stop_gradient(ce)
+    order = jnp.arange(ce.shape[0])
+    higher = (fixed[None, :] > fixed[:, None]) | ((fixed[None, :] == fixed[:, None]) & (order[None, :] > order[:, None]))
+    same = labels[:, None] == labels[None, :]
+    top = jnp.sum(higher, axis=1) < math.floor(self.drop * ce.shape[0])  # Among the batch's highest.
+    label_top = jnp.sum(same & higher, axis=1) < jnp.floor(self.label_cap * jnp.sum(same, axis=1))
+    kept = 1.0 - (top & label_top).astype(ce.dtype)
+    return jnp.sum(ce * kept) / jnp.maximum(jnp.sum(kept), 1.0)
 
 
 def lga_loss(ce: jax.Array, gamma: float) -> jax.Array:

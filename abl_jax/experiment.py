@@ -108,8 +108,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (config.abl.spectral_bimodality == 0 or 1 / 3 < config.abl.spectral_bimodality <= 1):
     raise ValueError(f"config.abl.spectral_bimodality={config.abl.spectral_bimodality} must be 0 (off) or in "
                      "(1/3, 1] (a normal gives 1/3, a uniform 5/9, two equal point masses 1)")
-  if not 0 <= config.abl.gauge_drop < 1:
-    raise ValueError(f"config.abl.gauge_drop={config.abl.gauge_drop} must be in [0, 1) (0 = off)")
+  if not 0 <= config.abl.gauge_drop <= 1:
+    raise ValueError(f"config.abl.gauge_drop={config.abl.gauge_drop} must be in [0, 1] (0 = off)")
+  if not 0 < config.abl.gauge_drop_cap <= 1:
+    raise ValueError(f"config.abl.gauge_drop_cap={config.abl.gauge_drop_cap} must be in (0, 1]")
+  if config.abl.gauge_drop == 1 and config.abl.gauge_drop_cap == 1:
+    raise ValueError("config.abl.gauge_drop=1 with config.abl.gauge_drop_cap=1 leaves every example out of the "
+                     "gauges' training; lower one of them")
   if config.abl.spectral_kurtosis_z < 0:
     raise ValueError(f"config.abl.spectral_kurtosis_z={config.abl.spectral_kurtosis_z} must be 0 (off) or > 0 "
                      "(an outlier score; 3.5 is the usual cut-off)")

@@ -690,7 +690,7 @@ def gauge_training(run: Run) -> None:
 def _gauge_phase(run: Run, name: str, examples: np.ndarray, epochs: int) -> Phase:
   """A gauge: `epochs` from fresh weights on `examples` (their labels), cosine from finetune_lr."""
   a, t = run.config.abl, run.config.train
-  loss = (lambda ce: abl.small_loss(ce, a.gauge_drop)) if a.gauge_drop else abl.cross_entropy_loss
+  loss = abl.SmallLoss(a.gauge_drop, a.gauge_drop_cap) if a.gauge_drop else abl.cross_entropy_loss
   return Phase(name, epochs, len(examples), _order(run, examples, None), loss,
                lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(epochs * steps, 1)),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,

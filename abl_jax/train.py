@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH = "batch"  # The mesh axis that batches are split along.
 
-from abl_jax.abl import LossFn
+from abl_jax.abl import LossFn, SmallLoss
 
 # (uint8 images [N, H, W, C], labels [N]) -> (per-example cross-entropy [N], predicted class [N]), on the host.
 Predict = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -313,6 +313,8 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
         logits, batch_stats = model.apply(variables, x, train=False), state.batch_stats
       ce = mixed_ce(logits)
       smoothed = mixed_ce(logits, label_smoothing) if label_smoothing else ce
+      if isinstance(loss_fn, SmallLoss):
+        return loss_fn(smoothed, hard_labels(labels, logits)), (logits, ce, batch_stats)
       return loss_fn(smoothed), (logits, ce, batch_stats)
 
     (loss, (logits, ce, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)

@@ -96,10 +96,13 @@ def base_config() -> ml_collections.ConfigDict:
   #                          (finetune_mix_alpha), in every gauge epoch: a trigger that must match its image (the
   #                          input-aware attack's) is then harder for a gauge to learn from the poison outside the
   #                          pool.
-  c.abl.gauge_drop = 0.0  # In [0, 1): each gauge step trains on its batch but this share of the highest-loss
-  #                         examples (the small-loss selection of learning with noisy labels), so that poison
-  #                         isolation left outside the pool, which looks mislabelled until its trigger is learned,
-  #                         teaches the gauges less of the trigger. 0 = off.
+  c.abl.gauge_drop = 0.0  # In [0, 1]: each gauge step trains on its batch but this share of the examples with the
+  #                         highest loss (the small-loss selection of learning with noisy labels): poison isolation
+  #                         left outside the pool looks mislabelled until its trigger is learned, so the gauges
+  #                         learn less of the trigger. 0 = off.
+  c.abl.gauge_drop_cap = 0.5  # gauge_drop: at most this share (in (0, 1]) of any label's examples in a batch is
+  #                             left out, so that a class the gauge has not learned yet is not left out altogether
+  #                             (gauge_drop=1: each label's highest share this large, whatever the others').
   c.abl.finetune_mix_alpha = 1.0  # finetune_mix: the mixing share is drawn from Beta(alpha, alpha) (> 0).
   c.abl.finetune_mix_epochs = 0  # finetune_mix: mix in this many of fine-tuning's first epochs only (0 = in all).
   c.abl.finetune_balance = True  # Draw fine-tuning (and gauge) batches class-balanced by training label (the

@@ -31,21 +31,33 @@ def test_lga_sign_uses_global_batch_mean_when_the_batch_is_split_over_devices():
   assert float(loss) == pytest.approx(-0.45, rel=1e-6)  # One sign for the whole batch: ascent.
 
 
-def test_small_loss_leaves_out_the_highest_share_of_the_batch():
-  ce = jnp.array([0.5, 3.0, 1.0, 2.0, 0.1])
-  assert abl.small_loss(ce, 0.4) == pytest.approx((0.5 + 1.0 + 0.1) / 3)  # 3.0 and 2.0 out.
-  np.testing.assert_allclose(jax.grad(abl.small_loss)(ce, 0.4), [1 / 3, 0, 1 / 3, 0, 1 / 3], rtol=1e-6)
-  assert abl.small_loss(ce, 0.0) == pytest.approx(float(jnp.mean(ce)))
-  assert abl.small_loss(ce, 0.99) == pytest.approx(0.1)  # At least one example trains.
-  assert abl.small_loss(jnp.array([1.0, 1.0, 2.0]), 0.5) == pytest.approx(1.0)  # Ties at the cut are kept.
+def test_small_loss_leaves_out_the_batchs_highest_share():
+  ce = jnp.array([1.0, 2.0, 3.0, 4.0, 0.5, 9.0, 7.0])
+  labels = jnp.array([0, 0, 0, 0, 1, 1, 2])
+  loss = abl.SmallLoss(0.5)
+  # The highest 3 are 9.0, 7.0 and 4.0; 7.0 stays: it is all of its label, and the cap leaves it half at least.
+  assert loss(ce, labels) == pytest.approx((1.0 + 2.0 + 3.0 + 0.5 + 7.0) / 5)
+  np.testing.assert_allclose(jax.grad(loss)(ce, labels), [0.2, 0.2, 0.2, 0, 0.2, 0, 0.2], rtol=1e-6)
+  assert abl.SmallLoss(0.0)(ce, labels) == pytest.approx(float(jnp.mean(ce)))
+  assert loss(jnp.array([1.0, 1.0, 1.0, 2.0]), jnp.zeros(4, int)) == pytest.approx(1.0)  # One of 3 ties out.
+
+
+def test_small_loss_leaves_a_label_the_model_has_not_learned_half_its_examples():
+  ce = jnp.array([5.0, 6.0, 7.0, 8.0, 0.1, 0.2, 0.3, 0.4])
+  labels = jnp.array([0, 0, 0, 0, 1, 1, 1, 1])
+  assert abl.SmallLoss(0.5)(ce, labels) == pytest.approx((5.0 + 6.0 + 1.0) / 6)  # 8.0 and 7.0 out, not 5.0 and 6.0.
+  assert abl.SmallLoss(0.5, label_cap=1.0)(ce, labels) == pytest.approx(0.25)
+  # drop=1: each label's highest label_cap share, whatever the others'.
+  assert abl.SmallLoss(1.0, label_cap=0.25)(ce, labels) == pytest.approx((5.0 + 6.0 + 7.0 + 0.1 + 0.2 + 0.3) / 6)
 
 
 def test_small_loss_cuts_the_global_batch_when_it_is_split_over_devices():
   assert jax.local_device_count() >= 2
   ce = jnp.array([0.1, 0.2, 5.0, 6.0])  # The two highest on one device: both left out, not one per device.
+  labels = jnp.array([0, 1, 2, 3])
   mesh = train.make_mesh(jax.local_devices()[:2])
-  sharded = jax.device_put(ce, train.batch_sharding(mesh))
-  loss = jax.jit(lambda c: abl.small_loss(c, 0.5), out_shardings=train.replicated(mesh))(sharded)
+  sharded = [jax.device_put(x, train.batch_sharding(mesh)) for x in (ce, labels)]
+  loss = jax.jit(abl.SmallLoss(0.5, label_cap=1.0), out_shardings=train.replicated(mesh))(*sharded)
   assert float(loss) == pytest.approx(0.15, rel=1e-6)
 
 

@@ -545,3 +545,21 @@ def abl_scores(kurtosis):
   """The defense's kurtosis outlier scores for 4 labels of 5 examples."""
   from abl_jax import abl  # pylint: disable=import-outside-toplevel
   return abl.outlier_scores(-np.asarray(kurtosis), np.full(4, 5))
+
+
+def test_gauge_epochs_scores_every_label_and_counts_the_attacked_labels_rejections():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from benchmarks import gauge_epochs  # pylint: disable=import-outside-toplevel
+  labels = np.repeat(np.arange(5), 100)
+  own = np.full(500, 0.9)
+  own[::10] = 0.05  # Every label's hard examples: 10 of 100 rejected.
+  poisoned = np.zeros(500, bool)
+  poisoned[400:450] = True  # Label 4: half poisoned, 48 of those 50 rejected, and one clean one more.
+  own[400:448] = 0.01
+  own[455] = 0.01
+  row = gauge_epochs.judged(own, labels, poisoned, 5, (0.1, 0.02), 3.5, 0.1)
+  assert row["target"] == 4 and row["flagged"] == [4]
+  assert row["poisoned_rejected"] == "48 / 50" and row["clean_rejected"] == "6 / 50"  # 450, 455, 460, ..., 490.
+  assert row["target_scores"][0] > 3.5 and row["highest_other"] < 3.5
+  clean = gauge_epochs.judged(own, labels, np.zeros(500, bool), 5, (0.1,), 3.5, 0.1)
+  assert "target" not in clean and len(clean["scores"][0]) == 5

@@ -209,18 +209,22 @@ def test_gauge_mix_mixes_both_gauges_images_and_not_the_isolation_models():
 
 
 def test_gauge_drop_trains_both_gauges_on_the_small_loss_share_and_nothing_else():
-  ce = jnp.array([0.5, 3.0, 1.0, 2.0])
-  run = types.SimpleNamespace(config=smoke.config(abl__gauge_drop=0.5))
+  run = types.SimpleNamespace(config=smoke.config(abl__gauge_drop=0.5, abl__gauge_drop_cap=0.25))
   for name in ("gauge", "regauge"):
-    assert schedule._gauge_phase(run, name, np.arange(10), 2).loss_fn(ce) == pytest.approx(0.75)
+    assert schedule._gauge_phase(run, name, np.arange(10), 2).loss_fn == abl.SmallLoss(0.5, 0.25)
   plain = types.SimpleNamespace(config=smoke.config())
-  assert schedule._gauge_phase(plain, "gauge", np.arange(10), 2).loss_fn(ce) == pytest.approx(1.625)
+  assert schedule._gauge_phase(plain, "gauge", np.arange(10), 2).loss_fn is abl.cross_entropy_loss
 
 
-@pytest.mark.parametrize("drop", [-0.1, 1.0])
-def test_gauge_drop_is_checked(drop, tmp_path):
-  with pytest.raises(ValueError, match=rf"config\.abl\.gauge_drop={drop} must be in \[0, 1\) \(0 = off\)"):
-    experiment.train_and_evaluate(smoke.config(**{**GAUGE, "abl__gauge_drop": drop}), str(tmp_path))
+@pytest.mark.parametrize("fields, message", [
+    ({"abl__gauge_drop": -0.1}, r"config\.abl\.gauge_drop=-0\.1 must be in \[0, 1\] \(0 = off\)"),
+    ({"abl__gauge_drop": 0.2, "abl__gauge_drop_cap": 0.0}, r"config\.abl\.gauge_drop_cap=0\.0 must be in \(0, 1\]"),
+    ({"abl__gauge_drop": 1.0, "abl__gauge_drop_cap": 1.0},
+     r"config\.abl\.gauge_drop=1 with config\.abl\.gauge_drop_cap=1 leaves every example out"),
+])
+def test_gauge_drop_is_checked(fields, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    experiment.train_and_evaluate(smoke.config(**{**GAUGE, **fields}), str(tmp_path))
 
 
 def test_gauge_epochs_must_not_be_negative(tmp_path):

@@ -110,6 +110,10 @@ def test_unused_overrides():
   assert cli.unused_overrides(gauged, gauge_fields) == []
   gauged.abl.gauge_epochs = 0
   assert [f for f, _ in cli.unused_overrides(gauged, gauge_fields + ["config.abl.gauge_epochs"])] == gauge_fields
+  gauged.abl.gauge_epochs = 6
+  assert [f for f, _ in cli.unused_overrides(gauged, ["config.abl.gauge_drop_cap"])] == ["config.abl.gauge_drop_cap"]
+  gauged.abl.gauge_drop = 0.2
+  assert cli.unused_overrides(gauged, ["config.abl.gauge_drop_cap"]) == []
   relearned = ["config.abl.relearned_at", "config.abl.relearned_above"]
   assert cli.unused_overrides(abl_badnets.get_config("smoke"), relearned) == []
   off = abl_badnets.get_config("smoke")

@@ -112,6 +112,21 @@ def test_a_mixed_step_splits_the_loss_between_both_labels():
   assert not np.isclose(unmixed["loss"], expected)
 
 
+def test_a_small_loss_step_trains_on_the_lower_losses_of_the_batch():
+  images, labels = _data(n=8)
+  state, key = _state(), jax.random.PRNGKey(4)
+  logits, _ = Tiny().apply(train.variables_of(state), train.preprocess(jnp.asarray(images), MEAN, STD), train=True,
+                           mutable=["batch_stats"])
+  ce = -np.asarray(jax.nn.log_softmax(logits))[np.arange(8), labels]
+  step = train.make_train_step(Tiny(), abl.SmallLoss(0.25, label_cap=1.0), MEAN, STD, augment_data=False)
+  _, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  np.testing.assert_allclose(metrics["loss"], np.sort(ce)[:6].mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["ce"], ce.mean(), rtol=1e-5)
+  capped = train.make_train_step(Tiny(), abl.SmallLoss(0.25, label_cap=0.0), MEAN, STD, augment_data=False)
+  _, metrics = capped(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  np.testing.assert_allclose(metrics["loss"], ce.mean(), rtol=1e-5)  # The labels reach the loss.
+
+
 def test_epoch_order_covers_every_example_in_whole_batches():
   order = train.epoch_order(10, 4, jax.random.PRNGKey(0))
   assert order.shape == (3, 4)
