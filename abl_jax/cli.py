@@ -171,9 +171,10 @@ _RULES = (
     *((f"config.abl.gauge_{field}$", lambda c: not (c.abl.gauge_epochs and c.abl.return_rule == "agree"),
        "it applies with a gauge (abl.gauge_epochs > 0, abl.return_rule='agree')")
       for field in ("downsample", "drop", "mix")),
-    ("config.abl.gauge_drop_cap$",
-     lambda c: not (c.abl.gauge_epochs and c.abl.return_rule == "agree" and c.abl.gauge_drop),
-     "it applies with abl.gauge_drop > 0 and a gauge (abl.gauge_epochs > 0, abl.return_rule='agree')"),
+    *((f"config.abl.gauge_drop_{field}$",
+       lambda c: not (c.abl.gauge_epochs and c.abl.return_rule == "agree" and c.abl.gauge_drop),
+       "it applies with abl.gauge_drop > 0 and a gauge (abl.gauge_epochs > 0, abl.return_rule='agree')")
+      for field in ("cap", "epochs")),
     ("config.abl.own_above", lambda c: not _distills(c),
      _DISTILLED),
     ("config.abl.unsure", lambda c: not _distills(c),

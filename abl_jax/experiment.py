@@ -112,6 +112,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.abl.gauge_drop={config.abl.gauge_drop} must be in [0, 1] (0 = off)")
   if not 0 < config.abl.gauge_drop_cap <= 1:
     raise ValueError(f"config.abl.gauge_drop_cap={config.abl.gauge_drop_cap} must be in (0, 1]")
+  if not (isinstance(config.abl.gauge_drop_epochs, int) and config.abl.gauge_drop_epochs >= 0):
+    raise ValueError(f"config.abl.gauge_drop_epochs={config.abl.gauge_drop_epochs} must be an integer >= 0 "
+                     "(0 = every gauge epoch)")
   if config.abl.gauge_drop == 1 and config.abl.gauge_drop_cap == 1:
     raise ValueError("config.abl.gauge_drop=1 with config.abl.gauge_drop_cap=1 leaves every example out of the "
                      "gauges' training; lower one of them")

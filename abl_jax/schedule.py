@@ -135,6 +135,8 @@ class Phase:
   mix_mode: str = "none"  # cutmix or mixup: each augmented image mixed with another of its batch (train.mix).
   mix_alpha: float = 1.0  # The mixing share's Beta(alpha, alpha).
   mix_epochs: int | None = None  # Mix in this many of the phase's first epochs only; None: in every one.
+  loss_epochs: int | None = None  # loss_fn in this many of the phase's first epochs, then the batch-mean
+  #                                 cross-entropy; None: loss_fn in every one.
   triggers: np.ndarray | None = None  # [classes, H, W, C]: candidate triggers added to other labels' images.
   trigger_share: float = 0.0  # Each image's probability of getting one (train.add_triggers).
   trigger_scale: tuple[float, float] = (1.0, 1.0)  # The range its factor is drawn from.
@@ -168,12 +170,17 @@ def run_phase(run: Run, phase: Phase) -> None:
   else:  # Resumed inside the phase: the checkpoint holds this phase's optimizer state.
     run.state = run.state.replace(tx=tx)
   images = data.downsample(run.train.images, phase.downsample)
-  step_fns = [train.make_train_step(run.model, phase.loss_fn, c.data.mean, c.data.std, augment_data=phase.augment,
-                                    bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
-                                    mix_mode=mode, mix_alpha=phase.mix_alpha, triggers=phase.triggers,
-                                    trigger_share=phase.trigger_share, trigger_scale=phase.trigger_scale,
-                                    mesh=run.mesh)
-               for mode in (phase.mix_mode, "none")]
+  step_fns: dict[tuple[bool, bool], Callable] = {}
+
+  def step_fn(mixing: bool, early: bool) -> Callable:
+    if (mixing, early) not in step_fns:
+      step_fns[mixing, early] = train.make_train_step(
+          run.model, phase.loss_fn if early else abl.cross_entropy_loss, c.data.mean, c.data.std,
+          augment_data=phase.augment, bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
+          mix_mode=phase.mix_mode if mixing else "none", mix_alpha=phase.mix_alpha, triggers=phase.triggers,
+          trigger_share=phase.trigger_share, trigger_scale=phase.trigger_scale, mesh=run.mesh)
+    return step_fns[mixing, early]
+
   logging.info("phase %s: %d epochs on %d examples (%d steps of %d)", phase.name, phase.epochs, phase.num_examples,
                steps, phase.batch_size)
   for epoch in range(run.done - start, phase.epochs):
@@ -185,8 +192,9 @@ def run_phase(run: Run, phase: Phase) -> None:
     first = run.step
     labels = run.train.labels if phase.labels is None else phase.labels
     mixing = phase.mix_epochs is None or epoch < phase.mix_epochs
+    early = phase.loss_epochs is None or epoch < phase.loss_epochs
     run.state, summary = train.run_epoch(
-        step_fns[0 if mixing else 1], run.state, images, labels, order, aug_key, mesh=run.mesh,
+        step_fn(mixing, early), run.state, images, labels, order, aug_key, mesh=run.mesh,
         log_every=c.train.log_every_steps, describe=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
         eta_steps_after=(phase.epochs - epoch - 1) * steps,
         on_log=lambda m: run.writer.write(first + m.pop("step"), {f"train/{k}": v for k, v in m.items()}, **context))
@@ -691,11 +699,15 @@ def _gauge_phase(run: Run, name: str, examples: np.ndarray, epochs: int) -> Phas
   """A gauge: `epochs` from fresh weights on `examples` (their labels), cosine from finetune_lr."""
   a, t = run.config.abl, run.config.train
   loss = abl.SmallLoss(a.gauge_drop, a.gauge_drop_cap) if a.gauge_drop else abl.cross_entropy_loss
+  loss_epochs = None
+  if a.gauge_drop and a.gauge_drop_epochs:  # A second gauge that goes on from the first goes on after its epochs.
+    loss_epochs = max(a.gauge_drop_epochs - (a.gauge_epochs if name == "regauge" and a.regauge_init == "gauge" else 0),
+                      0)
   return Phase(name, epochs, len(examples), _order(run, examples, None), loss,
                lambda steps: optax.cosine_decay_schedule(a.finetune_lr, max(epochs * steps, 1)),
                t.batch_size, t.augment, eval_every=t.eval_every_epochs, fresh_weights=True,
                label_smoothing=t.label_smoothing, downsample=a.gauge_downsample, mix_mode=a.gauge_mix,
-               mix_alpha=a.finetune_mix_alpha)
+               mix_alpha=a.finetune_mix_alpha, loss_epochs=loss_epochs)
 
 
 def give_back(run: Run) -> None:

@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   #                         highest loss (the small-loss selection of learning with noisy labels): poison isolation
   #                         left outside the pool looks mislabelled until its trigger is learned, so the gauges
   #                         learn less of the trigger. 0 = off.
+  c.abl.gauge_drop_epochs = 0  # gauge_drop: in this many of the gauge's first epochs only, then every example
+  #                              (0 = in every epoch); a second gauge that goes on from the first
+  #                              (regauge_init=gauge) counts on from the first's epochs.
   c.abl.gauge_drop_cap = 0.5  # gauge_drop: at most this share (in (0, 1]) of any label's examples in a batch is
   #                             left out, so that a class the gauge has not learned yet is not left out altogether
   #                             (gauge_drop=1: each label's highest share this large, whatever the others').

@@ -214,11 +214,18 @@ def test_gauge_drop_trains_both_gauges_on_the_small_loss_share_and_nothing_else(
     assert schedule._gauge_phase(run, name, np.arange(10), 2).loss_fn == abl.SmallLoss(0.5, 0.25)
   plain = types.SimpleNamespace(config=smoke.config())
   assert schedule._gauge_phase(plain, "gauge", np.arange(10), 2).loss_fn is abl.cross_entropy_loss
+  early = types.SimpleNamespace(config=smoke.config(abl__gauge_drop=0.5, abl__gauge_drop_epochs=3,
+                                                    abl__gauge_epochs=2, abl__regauge_init="fresh"))
+  assert [schedule._gauge_phase(early, name, np.arange(10), 2).loss_epochs for name in ("gauge", "regauge")] == [3, 3]
+  early.config.abl.regauge_init = "gauge"  # Goes on after the first gauge's 2 epochs: in its first epoch only.
+  assert [schedule._gauge_phase(early, name, np.arange(10), 2).loss_epochs for name in ("gauge", "regauge")] == [3, 1]
 
 
 @pytest.mark.parametrize("fields, message", [
     ({"abl__gauge_drop": -0.1}, r"config\.abl\.gauge_drop=-0\.1 must be in \[0, 1\] \(0 = off\)"),
     ({"abl__gauge_drop": 0.2, "abl__gauge_drop_cap": 0.0}, r"config\.abl\.gauge_drop_cap=0\.0 must be in \(0, 1\]"),
+    ({"abl__gauge_drop": 0.2, "abl__gauge_drop_epochs": -1},
+     r"config\.abl\.gauge_drop_epochs=-1 must be an integer >= 0 \(0 = every gauge epoch\)"),
     ({"abl__gauge_drop": 1.0, "abl__gauge_drop_cap": 1.0},
      r"config\.abl\.gauge_drop=1 with config\.abl\.gauge_drop_cap=1 leaves every example out"),
 ])
@@ -1207,17 +1214,30 @@ def test_the_second_gauge_goes_on_from_the_first(tmp_path, monkeypatch):
 
 
 def test_gauge_downsample_trains_and_judges_the_gauges_on_block_averaged_images(tmp_path, monkeypatch):
-  shapes = []
-  run_epoch = train.run_epoch
+  shapes, losses, step_losses = [], [], {}
+  run_epoch, make_train_step = train.run_epoch, train.make_train_step
 
   def spy(step, state, images, *args, describe="", **kwargs):
     shapes.append((describe.split(" epoch")[0], images.shape[1:3]))
+    losses.append((describe, step_losses[id(step)]))
     return run_epoch(step, state, images, *args, describe=describe, **kwargs)
 
+  def spy_make(model, loss_fn, *args, **kwargs):
+    step = make_train_step(model, loss_fn, *args, **kwargs)
+    step_losses[id(step)] = loss_fn
+    return step
+
   monkeypatch.setattr(train, "run_epoch", spy)
-  config = smoke.config(**{**REGAUGE, "abl__gauge_downsample": 2, "train__keep_checkpoints": 10})
+  monkeypatch.setattr(train, "make_train_step", spy_make)
+  # With the small-loss gauge in its first epoch only (abl.gauge_drop_epochs).
+  config = smoke.config(**{**REGAUGE, "abl__gauge_downsample": 2, "train__keep_checkpoints": 10,
+                           "abl__gauge_drop": 0.25, "abl__gauge_drop_epochs": 1})
   experiment.train_and_evaluate(config, str(tmp_path))
   assert dict(shapes) == {"isolation": (32, 32), "gauge": (16, 16), "regauge": (16, 16), "finetune": (32, 32)}
+  small = {d for d, loss in losses if isinstance(loss, abl.SmallLoss)}
+  assert small == {"gauge epoch 1/2"}  # The second gauge goes on after the first's 2 epochs: every example.
+  assert {loss for d, loss in losses if d.startswith("gauge epoch 2") or d.startswith("regauge")} == {
+      abl.cross_entropy_loss}
   # The first judgement is the first gauge's (checkpoint 4: 2 isolation + 2 gauge epochs) on 16x16 images.
   prep = experiment.prepare(config)
   model = experiment._model(config, prep.train)  # pylint: disable=protected-access
