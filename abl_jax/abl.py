@@ -38,7 +38,8 @@ class SmallLoss:
   def __call__(self, ce: jax.Array, labels: jax.Array) -> jax.Array:
     fixed = jax.lax.stop_gradient(ce)
     order = jnp.arange(ce.shape[0])
-    higher = (fixed[None, :] > fixed[:, None]) | ((fixed[None, :] == fixed[:, None]) & (order[None, :] > order[:, None]))
+    tied_later = (fixed[None, :] == fixed[:, None]) & (order[None, :] > order[:, None])
+    higher = (fixed[None, :] > fixed[:, None]) | tied_later  # [i, j]: j ranks above i.
     same = labels[:, None] == labels[None, :]
     top = jnp.sum(higher, axis=1) < math.floor(self.drop * ce.shape[0])  # Among the batch's highest.
     label_top = jnp.sum(same & higher, axis=1) < jnp.floor(self.label_cap * jnp.sum(same, axis=1))
