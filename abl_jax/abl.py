@@ -8,6 +8,7 @@ Every function here sees losses, images and labels only, never the ground-truth 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -86,6 +87,7 @@ def joint_unlearning_loss(ce: jax.Array, num_isolated: int, weight: float,
   return forget(ce[:num_isolated]) + weight * jnp.mean(ce[num_isolated:])
 
 
+@functools.lru_cache(maxsize=None)  # One function per setting: steps built for it are reused (train).
 def unlearning_step_loss(mode: str, num_isolated: int, weight: float, loss: str = "neg_ce") -> LossFn:
   """The unlearning loss of `config.abl.unlearning_mode` and `unlearning_loss`.
 
@@ -123,6 +125,7 @@ def stop_unlearning(isolated_predictions: np.ndarray, isolated_labels: np.ndarra
   raise AssertionError(rule)
 
 
+@functools.lru_cache(maxsize=None)  # One function per setting: steps built for it are reused (train).
 def isolation_loss(name: str, gamma: float) -> LossFn:
   """The isolation-phase loss named by `config.abl.loss`."""
   if name == "lga":

@@ -161,7 +161,7 @@ def run_phase(run: Run, phase: Phase) -> None:
   if run.done >= end:
     return
   steps = phase.steps_per_epoch()
-  tx = train.sgd(phase.lr(steps), c.train.momentum, c.train.weight_decay)
+  tx, rate = train.sgd(0.0, c.train.momentum, c.train.weight_decay), phase.lr(steps)  # The step takes the rate.
   if run.done == start:  # A new phase: fresh optimizer state, step 0.
     state = train.to_host(run.state)
     if phase.fresh_weights:
@@ -176,7 +176,8 @@ def run_phase(run: Run, phase: Phase) -> None:
     if (mixing, early) not in step_fns:
       step_fns[mixing, early] = train.make_train_step(
           run.model, phase.loss_fn if early else abl.cross_entropy_loss, c.data.mean, c.data.std,
-          augment_data=phase.augment, bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
+          momentum=c.train.momentum, weight_decay=c.train.weight_decay, augment_data=phase.augment,
+          bn_train=phase.bn_train, label_smoothing=phase.label_smoothing,
           mix_mode=phase.mix_mode if mixing else "none", mix_alpha=phase.mix_alpha, triggers=phase.triggers,
           trigger_share=phase.trigger_share, trigger_scale=phase.trigger_scale, mesh=run.mesh)
     return step_fns[mixing, early]
@@ -194,7 +195,7 @@ def run_phase(run: Run, phase: Phase) -> None:
     mixing = phase.mix_epochs is None or epoch < phase.mix_epochs
     early = phase.loss_epochs is None or epoch < phase.loss_epochs
     run.state, summary = train.run_epoch(
-        step_fn(mixing, early), run.state, images, labels, order, aug_key, mesh=run.mesh,
+        step_fn(mixing, early), run.state, images, labels, order, aug_key, learning_rate=rate, mesh=run.mesh,
         log_every=c.train.log_every_steps, describe=f"{phase.name} epoch {epoch + 1}/{phase.epochs}",
         eta_steps_after=(phase.epochs - epoch - 1) * steps,
         on_log=lambda m: run.writer.write(first + m.pop("step"), {f"train/{k}": v for k, v in m.items()}, **context))

@@ -2,8 +2,10 @@
 
     mesh = train.make_mesh()                        # every device of every process, one batch axis
     state = train.replicate(create_train_state(model, tx, key, image_shape), mesh)
-    step = make_train_step(model, abl.cross_entropy_loss, mean, std, augment_data=True, mesh=mesh)
-    state, summary = run_epoch(step, state, images, labels, order, key, log_every=50, describe="epoch 1")
+    step = make_train_step(model, abl.cross_entropy_loss, mean, std, momentum=0.9, weight_decay=5e-4,
+                           augment_data=True, mesh=mesh)
+    state, summary = run_epoch(step, state, images, labels, order, key, learning_rate=schedule, log_every=50,
+                               describe="epoch 1")
     ce, pred = predictor(model, variables_of(state), mean, std, batch_size=500)(images, labels)
 
 Data parallelism lives here alone. Every step is one `jax.jit` over a `Mesh` of all devices: batches are
@@ -45,9 +47,16 @@ class TrainState(train_state.TrainState):
 
 def sgd(schedule: optax.Schedule | float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
   """PyTorch-style SGD: L2 weight decay added to the gradient, then momentum."""
-  if not callable(schedule):  # Always a schedule, so every phase's optimizer state has one structure.
-    schedule = optax.constant_schedule(schedule)
+  if not callable(schedule):
+    return _constant_sgd(float(schedule), float(momentum), float(weight_decay))
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
+
+
+@functools.lru_cache(maxsize=16)
+def _constant_sgd(lr: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+  # Always a schedule, so every phase's optimizer state has one structure; one object per rate, so train states
+  # (the optimizer is part of their static structure) of different runs reuse the steps compiled for them.
+  return sgd(optax.constant_schedule(lr), momentum, weight_decay)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -61,7 +70,9 @@ def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformatio
                        image_shape: Sequence[int]) -> TrainState:
   """Initialises parameters and BatchNorm statistics for images of `image_shape` (H, W, C)."""
   variables = _init_variables(model, key, tuple(image_shape))
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+  # No apply_fn: the steps hold the model, and a bound method (a new one per model object) would make every
+  # run's state a new static structure to compile steps for.
+  return TrainState.create(apply_fn=None, params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
 
 
@@ -273,12 +284,32 @@ def hard_labels(labels: jax.Array, logits: jax.Array) -> jax.Array:
   return jnp.argmax(labels, -1) if labels.ndim == logits.ndim else labels
 
 
+def learning_rates(schedule: optax.Schedule | float, first: int, steps: int) -> np.ndarray:
+  """`schedule`'s rates (float32) for the optimizer counts first .. first + steps - 1, computed on the host CPU."""
+  if not callable(schedule):
+    return np.full(steps, schedule, np.float32)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    rates = schedule(np.arange(first, first + steps))
+  return np.broadcast_to(np.asarray(rates, np.float32), (steps,))
+
+
+def apply_gradients(state: TrainState, grads: Any, lr: jax.Array, batch_stats: Any, momentum: float,
+                    weight_decay: float) -> TrainState:
+  """`state` after one `sgd` update at learning rate `lr`, with new BatchNorm statistics."""
+  updates, opt_state = sgd(1.0, momentum, weight_decay).update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: u * lr.astype(u.dtype), updates)  # Equals sgd(lr)'s update: x * 1.0 is exact.
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                       batch_stats=batch_stats)
+
+
 def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[float], std: Sequence[float],
-                    *, augment_data: bool, bn_train: bool = True, label_smoothing: float = 0.0,
-                    mix_mode: str = "none", mix_alpha: float = 1.0, triggers: np.ndarray | None = None,
-                    trigger_share: float = 0.0, trigger_scale: tuple[float, float] = (1.0, 1.0),
-                    mesh: Mesh | None = None) -> Callable:
-  """A data-parallel step (state, images uint8, labels, key) -> (state, metrics); metrics stay on device.
+                    *, momentum: float, weight_decay: float, augment_data: bool, bn_train: bool = True,
+                    label_smoothing: float = 0.0, mix_mode: str = "none", mix_alpha: float = 1.0,
+                    triggers: np.ndarray | None = None, trigger_share: float = 0.0,
+                    trigger_scale: tuple[float, float] = (1.0, 1.0), mesh: Mesh | None = None) -> Callable:
+  """A data-parallel step (state, images uint8, labels, key, learning rate) -> (state, metrics); metrics stay on
+  device. It updates the weights by `sgd` with `momentum` and `weight_decay` (the state's optimizer state has its
+  structure; `state.tx` is not used): the rate is an argument, so one compilation serves every schedule.
 
   `loss_fn` receives the per-example cross-entropy with `label_smoothing`; the metric `ce` is the plain one.
   `mix_mode` ("cutmix", "mixup"; see `mix`) mixes each augmented image with the next in the batch, and its
@@ -286,9 +317,21 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
   with probability `trigger_share`, first gets another class's one added (`add_triggers`; times a factor drawn from
   `trigger_scale`), keeping its label.
   """
-  bank = None if triggers is None or not trigger_share else jnp.asarray(triggers, jnp.float32)
+  settings = (model, loss_fn, tuple(mean), tuple(std), float(momentum), float(weight_decay), bool(augment_data),
+              bool(bn_train), float(label_smoothing), mix_mode, float(mix_alpha), float(trigger_share),
+              tuple(trigger_scale), mesh)
+  if triggers is not None and trigger_share:
+    return _train_step(*settings, bank=jnp.asarray(triggers, jnp.float32))
+  try:
+    return _cached_train_step(*settings)
+  except TypeError:  # An unhashable setting (a model holding arrays): a step of its own.
+    return _train_step(*settings)
 
-  def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array):
+
+def _train_step(model, loss_fn, mean, std, momentum, weight_decay, augment_data, bn_train, label_smoothing, mix_mode,
+                mix_alpha, trigger_share, trigger_scale, mesh, bank=None) -> Callable:
+
+  def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, lr: jax.Array):
     if bank is not None:
       images = add_triggers(images, jnp.argmax(labels, -1) if labels.ndim == 2 else labels, bank,
                             trigger_share, example_keys(jax.random.fold_in(key, 2), images.shape[0]), trigger_scale)
@@ -318,7 +361,7 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
       return loss_fn(smoothed), (logits, ce, batch_stats)
 
     (loss, (logits, ce, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    new_state = apply_gradients(state, grads, lr, batch_stats, momentum, weight_decay)
     metrics = {
         "loss": loss,
         "ce": jnp.mean(ce),
@@ -326,7 +369,11 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
     }
     return new_state, metrics
 
-  return data_parallel(step, mesh, batch_args=(1, 2), num_args=4, donate_argnums=(0,))
+  return data_parallel(step, mesh, batch_args=(1, 2), num_args=5, donate_argnums=(0,))
+
+
+# One step per settings in a process: the runs of one process (tests, sweeps) reuse its tracing and compilation.
+_cached_train_step = functools.lru_cache(maxsize=64)(_train_step)
 
 
 @functools.lru_cache(maxsize=32)
@@ -426,16 +473,21 @@ def device_batches(images: np.ndarray, labels: np.ndarray, order: np.ndarray, me
 
 
 def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: np.ndarray, order: np.ndarray,
-              key: jax.Array, *, log_every: int, describe: str, eta_steps_after: int = 0,
+              key: jax.Array, *, log_every: int, describe: str,
+              learning_rate: optax.Schedule | float | None = None, eta_steps_after: int = 0,
               on_log: Callable[[dict[str, float]], None] | None = None,
               mesh: Mesh | None = None) -> tuple[TrainState, dict[str, float]]:
   """One epoch over `order` (a [steps, batch] index array) with a state replicated on `mesh`.
+
+  A `make_train_step` step gets the rates `learning_rate` gives the optimizer's counts (the state's step:
+  `with_optimizer` starts both at 0); with None, `step_fn` takes (state, images, labels, key) only.
 
   Logs loss, images/s and an ETA every `log_every` steps; raises FloatingPointError on a NaN loss.
   The summary adds images/s and data_wait_share, the share of the epoch spent waiting for the next batch.
   `eta_steps_after` is the number of steps still to come after this epoch (for the ETA).
   """
   steps, batch = order.shape
+  rates = None if learning_rate is None else learning_rates(learning_rate, int(to_host(state.step)), steps)
   pending, logged = [], []
   t0 = time.perf_counter()
   tick, tick_step = t0, 0
@@ -444,7 +496,8 @@ def run_epoch(step_fn: Callable, state: TrainState, images: np.ndarray, labels: 
     t_wait = time.perf_counter()
     x, y = next(batches)  # Host time not spent dispatching steps: gathering and copying to the devices.
     waited += time.perf_counter() - t_wait
-    state, metrics = step_fn(state, x, y, replicate(jax.random.fold_in(key, i), mesh))
+    rate = () if rates is None else (replicate(rates[i], mesh),)
+    state, metrics = step_fn(state, x, y, replicate(jax.random.fold_in(key, i), mesh), *rate)
     pending.append(metrics)
     if i == 0:  # The first step includes compilation: start the rate clock after it.
       jax.block_until_ready(metrics)

@@ -80,7 +80,7 @@ def _leave_out_direction(run: schedule.Run) -> None:
 
 def _patch() -> None:
   restore, finetune, run_phase = schedule._restore_isolation_model, schedule.finetune, schedule.run_phase  # pylint: disable=protected-access
-  apply_gradients = train.TrainState.apply_gradients
+  apply_gradients = train.apply_gradients
 
   def restored(run: schedule.Run) -> None:
     restore(run)
@@ -93,17 +93,18 @@ def _patch() -> None:
     finetune(run)
 
   def phase(run: schedule.Run, p: schedule.Phase) -> None:
-    _ACTIVE["phase"] = p.name  # Read when the phase's step is traced.
+    _ACTIVE["phase"] = p.name  # Read when the phase's step is traced: every phase traces its own.
+    train._cached_train_step.cache_clear()  # pylint: disable=protected-access
     run_phase(run, p)
 
-  def masked(self, *, grads, **kwargs):
+  def masked(state, grads, *args):
     if _ACTIVE["mask"] is not None and _ACTIVE["phase"].startswith("finetune"):
       grads = jax.tree.map(lambda g, m: g * m, grads, _ACTIVE["mask"])
-    return apply_gradients(self, grads=grads, **kwargs)
+    return apply_gradients(state, grads, *args)
 
   schedule._restore_isolation_model = restored  # pylint: disable=protected-access
   schedule.finetune, schedule.run_phase = finetuned, phase
-  train.TrainState.apply_gradients = masked
+  train.apply_gradients = masked
 
 
 if __name__ == "__main__":

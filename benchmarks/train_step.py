@@ -100,15 +100,16 @@ def jax_runner(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray)
       fn = train._infer_step(model, MEAN, STD, mesh)  # What train.predictor runs per batch.
       state = {"params": state.params, "batch_stats": state.batch_stats}
     elif args.part == "step":
-      fn = train.make_train_step(model, abl.cross_entropy_loss, MEAN, STD, augment_data=args.augment, mesh=mesh)
+      fn = train.make_train_step(model, abl.cross_entropy_loss, MEAN, STD, momentum=MOMENTUM,
+                                 weight_decay=WEIGHT_DECAY, augment_data=args.augment, mesh=mesh)
     else:
       raise ValueError("--part=grad needs --impl=jit")
     state = train.replicate(state, mesh)
     x, y = train.put_batch(images, mesh), train.put_batch(labels, mesh)
-    keys = train.replicate(key, mesh)
+    keys = (train.replicate(key, mesh), train.replicate(np.float32(LR), mesh))  # The step's key and rate.
   else:
     fn = _jit_fn(model, args.part, args.augment)
-    x, y, keys = jax.device_put(images), jax.device_put(labels), key
+    x, y, keys = jax.device_put(images), jax.device_put(labels), (key,)
 
   holder = {"state": state}
 
@@ -118,10 +119,10 @@ def jax_runner(args: argparse.Namespace, images: np.ndarray, labels: np.ndarray)
       if args.part in ("forward", "grad"):
         out = fn(holder["state"], x, y)
       else:
-        holder["state"], out = fn(holder["state"], x, y, keys)
+        holder["state"], out = fn(holder["state"], x, y, *keys)
     jax.block_until_ready((out, holder["state"]))
 
-  run.lower = lambda: fn.lower(holder["state"], x, y, *(() if args.part in ("forward", "grad") else (keys,)))
+  run.lower = lambda: fn.lower(holder["state"], x, y, *(() if args.part in ("forward", "grad") else keys))
   return run, info
 
 

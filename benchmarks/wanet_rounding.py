@@ -82,14 +82,16 @@ def run_mode(config, mode: str, clean_train, test, poisoned) -> dict:
   state = train.create_train_state(model, train.sgd(schedule, t.momentum, t.weight_decay),
                                    schedule_lib.key_for(config, "init"), images.shape[1:])
   step_fn = train.make_train_step(model, abl.cross_entropy_loss, config.data.mean, config.data.std,
-                                  augment_data=t.augment)
+                                  momentum=t.momentum, weight_decay=t.weight_decay, augment_data=t.augment)
+  rates = train.learning_rates(schedule, 0, t.epochs * steps)
   state = train.replicate(state)
   t0 = time.perf_counter()
   for epoch in range(t.epochs):
     order = train.epoch_order(len(images), t.batch_size, jax.random.fold_in(schedule_lib.key_for(config, "data"), epoch))
     key = jax.random.fold_in(schedule_lib.key_for(config, "augment"), epoch)
     for i, (x, y) in enumerate(_batches(images, labels, order, mode, cfg, field, key)):
-      state, _ = step_fn(state, train.put_batch(x), train.put_batch(y), train.replicate(jax.random.fold_in(key, i)))
+      state, _ = step_fn(state, train.put_batch(x), train.put_batch(y), train.replicate(jax.random.fold_in(key, i)),
+                         train.replicate(rates[epoch * steps + i]))
     logging.info("%s: epoch %d/%d done", mode, epoch + 1, t.epochs)
   seconds = time.perf_counter() - t0
   keep = test.labels != cfg.target_label

@@ -26,3 +26,11 @@ def runs(tmp_path_factory):
   none = experiment.train_and_evaluate(smoke.config(defense__name="none"), str(root / "none"))
   abl = experiment.train_and_evaluate(smoke.config(), str(root / "abl"))
   return root, none, abl
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+  """The BadNets smoke config with the default defense (a gauge judges), trained once per session: (its workdir,
+  its results). Tests read it, or copy it to change it."""
+  root = tmp_path_factory.mktemp("default")
+  return root / "abl", experiment.train_and_evaluate(smoke.default(), str(root / "abl"))

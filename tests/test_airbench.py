@@ -88,9 +88,10 @@ def test_a_training_step_keeps_the_filters_and_smooths_only_the_loss():
   before = jax.device_get(state)
   x = train.preprocess(jnp.asarray(images), mean, std)
   logits, _ = model.apply(train.variables_of(state), x, train=True, mutable=["batch_stats"])
-  step = train.make_train_step(model, abl.cross_entropy_loss, mean, std, augment_data=False, label_smoothing=0.2)
+  step = train.make_train_step(model, abl.cross_entropy_loss, mean, std, momentum=0.9, weight_decay=1e-3,
+                               augment_data=False, label_smoothing=0.2)
   state, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels),
-                        train.replicate(jax.random.PRNGKey(1)))
+                        train.replicate(jax.random.PRNGKey(1)), train.replicate(np.float32(0.1)))
   np.testing.assert_allclose(metrics["loss"], np.mean(train.cross_entropy(logits, labels, 0.2)), rtol=1e-5)
   np.testing.assert_allclose(metrics["ce"], np.mean(train.cross_entropy(logits, labels)), rtol=1e-5)
   assert not np.isclose(metrics["loss"], metrics["ce"])

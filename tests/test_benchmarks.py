@@ -313,13 +313,9 @@ def test_relearned_rescores_the_check_at_other_cut_offs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def judged_run(tmp_path_factory):
-  """A smoke run of the default defense (a gauge judges), trained once for this module."""
-  import smoke  # pylint: disable=import-outside-toplevel
-  from abl_jax import experiment  # pylint: disable=import-outside-toplevel
-  root = tmp_path_factory.mktemp("judged")
-  experiment.train_and_evaluate(smoke.default(), str(root / "abl"))
-  return root / "abl"
+def judged_run(default_run):
+  """A smoke run of the default defense (a gauge judges): conftest's, read only."""
+  return default_run[0]
 
 
 def test_cross_fit_halves_split_each_label_and_the_gauges_judge_every_poisoned_example(judged_run, tmp_path, capsys,
@@ -429,9 +425,11 @@ def test_finetune_probe_keeps_the_frozen_units_out_of_the_last_layer_to_the_end(
   import smoke  # pylint: disable=import-outside-toplevel
   from abl_jax import checkpoint, experiment  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",  # The tests' steps.
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   proc = subprocess.run([sys.executable, "benchmarks/finetune_probes.py", "--probe=frozen_units", "--units=2",
                          "--config=configs/abl_badnets.py:smoke", f"--workdir={tmp_path / 'run'}"],
-                        cwd=root, capture_output=True, text=True, timeout=600, check=True)
+                        cwd=root, env=env, capture_output=True, text=True, timeout=600, check=True)
   units = [int(u) for u in re.search(r"probe: units \[(\d+), (\d+)\]", proc.stdout).groups()]
   config = smoke.default()
   prep = experiment.prepare(config)

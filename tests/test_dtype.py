@@ -22,13 +22,14 @@ def test_auto_is_bfloat16_on_accelerators_and_float32_on_cpu():
 def test_bfloat16_step_computes_in_bfloat16_and_keeps_float32_state():
   model = models.create_model("small_cnn", 10, 4, dtype=jnp.bfloat16)
   state = train.create_train_state(model, train.sgd(0.1, 0.9, 5e-4), jax.random.PRNGKey(0), (8, 8, 3))
-  step = train.make_train_step(model, abl.cross_entropy_loss, (0.5,) * 3, (0.25,) * 3, augment_data=False)
+  step = train.make_train_step(model, abl.cross_entropy_loss, (0.5,) * 3, (0.25,) * 3, momentum=0.9,
+                               weight_decay=5e-4, augment_data=False)
   n = jax.local_device_count()
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4 * n, 8, 8, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, (4 * n,)).astype(np.int32)
   args = (train.replicate(state), train.put_batch(images), train.put_batch(labels),
-          train.replicate(jax.random.PRNGKey(0)))
+          train.replicate(jax.random.PRNGKey(0)), train.replicate(np.float32(0.1)))
   hlo = step.lower(*args).as_text()
   assert "bf16" in hlo and "convolution" in hlo
   new, metrics = step(*args)

@@ -16,7 +16,6 @@ import pytest
 
 from abl_jax import distributed, experiment
 from smoke import config as smoke
-from smoke import default as smoke_default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("clean_accuracy", "attack_success_rate", "clean_test_loss", "poisoned_test_loss", "train_accuracy",
@@ -67,34 +66,27 @@ def _lines(path) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-  """The BadNets smoke config with the default defense (the gauge) on 1 process x 2 devices."""
-  root = tmp_path_factory.mktemp("default")
-  return root, experiment.train_and_evaluate(smoke_default(), str(root / "abl"))
-
-
 def test_two_processes_match_one_process(default_run, tmp_path):
-  root, one = default_run
+  one_dir, one = default_run  # 1 process x 2 devices.
   _launch_two(str(tmp_path / "two"))
   with open(tmp_path / "two" / "results.json") as f:
     two = json.load(f)
   assert two["versions"]["processes"] == 2 and two["versions"]["global_devices"] == 2
-  one_iso, two_iso = np.load(root / "abl" / "isolation.npz"), np.load(tmp_path / "two" / "isolation.npz")
+  one_iso, two_iso = np.load(one_dir / "isolation.npz"), np.load(tmp_path / "two" / "isolation.npz")
   np.testing.assert_array_equal(two_iso["isolated"], one_iso["isolated"])  # The global lowest losses.
   np.testing.assert_allclose(two_iso["scores"], one_iso["scores"], atol=1e-4)
   np.testing.assert_array_equal(two_iso["is_poisoned"], one_iso["is_poisoned"])  # The same poisoning.
   for field in METRICS:
     assert two[field] == pytest.approx(one[field], abs=1e-3), field
   # Written once: as many metric records as the 1-process run (a second writer would double them).
-  assert len(_lines(tmp_path / "two" / "metrics.jsonl")) == len(_lines(root / "abl" / "metrics.jsonl"))
+  assert len(_lines(tmp_path / "two" / "metrics.jsonl")) == len(_lines(one_dir / "metrics.jsonl"))
   assert two["config"]["distributed"]["num_processes"] == 2
 
 
 def test_one_process_run_resumes_on_two(default_run, tmp_path):
-  root, one = default_run
+  one_dir, one = default_run
   work = tmp_path / "resumed"
-  shutil.copytree(root / "abl", work)
+  shutil.copytree(one_dir, work)
   os.remove(work / "results.json")  # Interrupted after its last epoch: only the final evaluation is left.
   _launch_two(str(work), via_env=True)
   with open(work / "results.json") as f:

@@ -33,16 +33,24 @@ def _state(model=None, lr=0.1):
   return train.create_train_state(model, train.sgd(lr, 0.9, 5e-4), jax.random.PRNGKey(0), (8, 8, 3))
 
 
+def _make(loss_fn, **kwargs):
+  """A train step of the tiny model with _state()'s optimizer."""
+  return train.make_train_step(Tiny(), loss_fn, MEAN, STD, momentum=0.9, weight_decay=5e-4, **kwargs)
+
+
+LR = np.float32(0.1)  # The learning rate of _state()'s optimizer, a step's last argument.
+
+
 def _steps(num_devices, loss_fn, augment_data, steps=3, mix_mode="none"):
   """Runs `steps` training steps with the global batch split over `num_devices` devices."""
   mesh = train.make_mesh(jax.local_devices()[:num_devices])
-  step = train.make_train_step(Tiny(), loss_fn, MEAN, STD, augment_data=augment_data, mix_mode=mix_mode, mesh=mesh)
+  step = _make(loss_fn, augment_data=augment_data, mix_mode=mix_mode, mesh=mesh)
   images, labels = _data()
   state = train.replicate(_state(), mesh)
   for i in range(steps):
     x, y = train.put_batch(images, mesh), train.put_batch(labels, mesh)
     assert len(x.sharding.device_set) == num_devices
-    state, metrics = step(state, x, y, train.replicate(jax.random.PRNGKey(i), mesh))
+    state, metrics = step(state, x, y, train.replicate(jax.random.PRNGKey(i), mesh), train.replicate(LR, mesh))
   return train.to_host(state), train.to_host(metrics)
 
 
@@ -104,11 +112,11 @@ def test_a_mixed_step_splits_the_loss_between_both_labels():
                            mutable=["batch_stats"])
   log_p = np.asarray(jax.nn.log_softmax(logits))
   expected = -np.mean(lam * log_p[np.arange(8), labels] + (1 - lam) * log_p[np.arange(8), np.roll(labels, -1)])
-  step = train.make_train_step(Tiny(), abl.cross_entropy_loss, MEAN, STD, augment_data=False, mix_mode="cutmix")
-  _, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  step = _make(abl.cross_entropy_loss, augment_data=False, mix_mode="cutmix")
+  _, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels), train.replicate(key), LR)
   np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
-  plain = train.make_train_step(Tiny(), abl.cross_entropy_loss, MEAN, STD, augment_data=False)
-  _, unmixed = plain(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  plain = _make(abl.cross_entropy_loss, augment_data=False)
+  _, unmixed = plain(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key), LR)
   assert not np.isclose(unmixed["loss"], expected)
 
 
@@ -118,12 +126,12 @@ def test_a_small_loss_step_trains_on_the_lower_losses_of_the_batch():
   logits, _ = Tiny().apply(train.variables_of(state), train.preprocess(jnp.asarray(images), MEAN, STD), train=True,
                            mutable=["batch_stats"])
   ce = -np.asarray(jax.nn.log_softmax(logits))[np.arange(8), labels]
-  step = train.make_train_step(Tiny(), abl.SmallLoss(0.25, label_cap=1.0), MEAN, STD, augment_data=False)
-  _, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  step = _make(abl.SmallLoss(0.25, label_cap=1.0), augment_data=False)
+  _, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels), train.replicate(key), LR)
   np.testing.assert_allclose(metrics["loss"], np.sort(ce)[:6].mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["ce"], ce.mean(), rtol=1e-5)
-  capped = train.make_train_step(Tiny(), abl.SmallLoss(0.25, label_cap=0.0), MEAN, STD, augment_data=False)
-  _, metrics = capped(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key))
+  capped = _make(abl.SmallLoss(0.25, label_cap=0.0), augment_data=False)
+  _, metrics = capped(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key), LR)
   np.testing.assert_allclose(metrics["loss"], ce.mean(), rtol=1e-5)  # The labels reach the loss.
 
 
@@ -172,10 +180,10 @@ def test_inference_program_holds_no_collective():
 def test_nan_loss_stops_with_a_clear_message():
   images, labels = _data()
   nan_loss = lambda ce: jnp.mean(ce) * jnp.nan
-  step = train.make_train_step(Tiny(), nan_loss, MEAN, STD, augment_data=False)
+  step = _make(nan_loss, augment_data=False)
   with pytest.raises(FloatingPointError, match="isolation epoch 1: loss became nan at step 1"):
     train.run_epoch(step, train.replicate(_state()), images, labels, train.epoch_order(16, 8, jax.random.PRNGKey(0)),
-                    jax.random.PRNGKey(1), log_every=1, describe="isolation epoch 1")
+                    jax.random.PRNGKey(1), learning_rate=0.1, log_every=1, describe="isolation epoch 1")
 
 
 def test_batch_size_must_split_over_devices():
@@ -234,14 +242,42 @@ def test_every_phase_optimizer_has_one_state_structure():
   assert len(structures) == 1
 
 
+def test_the_step_takes_the_rate_and_run_epoch_gives_it_the_schedules_rate_at_the_optimizers_count():
+  images, labels = _data()
+  step = _make(abl.cross_entropy_loss, augment_data=False)
+  args = (train.put_batch(images), train.put_batch(labels), train.replicate(jax.random.PRNGKey(0)))
+  before = jax.device_get(_state())  # Host copies: the step donates its state.
+  moved = {lr: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
+                            train.to_host(step(train.replicate(before), *args, np.float32(lr))[0]).params, before.params)
+           for lr in (0.1, 0.2)}
+  for a, b in zip(jax.tree.leaves(moved[0.1]), jax.tree.leaves(moved[0.2])):  # sgd's first step: -lr (g + wd w).
+    np.testing.assert_allclose(2 * a, b, rtol=1e-4, atol=2e-7)  # Float32 weights minus their old values.
+  assert any(np.abs(a).max() > 0 for a in jax.tree.leaves(moved[0.1]))
+  schedule = lambda count: jnp.where(jnp.asarray(count) >= 5, 0.1, 0.0)  # A step moves from count 5 on.
+  np.testing.assert_array_equal(train.learning_rates(schedule, 3, 4), np.float32([0, 0, 0.1, 0.1]))
+  np.testing.assert_array_equal(train.learning_rates(0.5, 7, 2), np.float32([0.5, 0.5]))
+  order = train.epoch_order(16, 8, jax.random.PRNGKey(0))  # Two steps.
+  for count, moves in ((3, False), (4, True)):
+    state = train.replicate(before.replace(step=jnp.int32(count)))
+    after, _ = train.run_epoch(step, state, images, labels, order, jax.random.PRNGKey(1), learning_rate=schedule,
+                               log_every=2, describe="epoch")
+    after = train.to_host(after)
+    assert int(after.step) == count + 2
+    changed = any(np.any(a != b) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params)))
+    assert changed == moves, count
+
+
 def test_module_docstring_example_runs():
   model, (images, labels) = Tiny(), _data()
   tx, key, image_shape, mean, std = train.sgd(0.1, 0.9, 5e-4), jax.random.PRNGKey(0), (8, 8, 3), MEAN, STD
   order = train.epoch_order(len(images), 8, key)
   mesh = train.make_mesh()
   state = train.replicate(train.create_train_state(model, tx, key, image_shape), mesh)
-  step = train.make_train_step(model, abl.cross_entropy_loss, mean, std, augment_data=True, mesh=mesh)
-  state, summary = train.run_epoch(step, state, images, labels, order, key, log_every=50, describe="epoch 1")
+  schedule = optax.cosine_decay_schedule(0.1, 2)
+  step = train.make_train_step(model, abl.cross_entropy_loss, mean, std, momentum=0.9, weight_decay=5e-4,
+                               augment_data=True, mesh=mesh)
+  state, summary = train.run_epoch(step, state, images, labels, order, key, learning_rate=schedule, log_every=50,
+                                   describe="epoch 1")
   ce, pred = train.predictor(model, train.variables_of(state), mean, std, batch_size=8)(images, labels)
   assert ce.shape == pred.shape == (16,) and summary["images_per_s"] > 0 and int(train.to_host(state).step) == 2
 

@@ -58,14 +58,14 @@ def test_retained_accuracy_rule_compares_with_ordinary_examples_of_the_same_labe
 def test_frozen_batchnorm_keeps_statistics(bn_train):
   model = models.create_model("small_cnn", 10, 4)
   state = train.create_train_state(model, train.sgd(0.1, 0.9, 0.0), jax.random.PRNGKey(0), (8, 8, 3))
-  step = train.make_train_step(model, abl.neg_ce_loss, (0.5,) * 3, (0.25,) * 3, augment_data=False,
-                               bn_train=bn_train)
+  step = train.make_train_step(model, abl.neg_ce_loss, (0.5,) * 3, (0.25,) * 3, momentum=0.9, weight_decay=0.0,
+                               augment_data=False, bn_train=bn_train)
   n = jax.local_device_count()
   images = np.random.default_rng(0).integers(0, 256, (4 * n, 8, 8, 3), dtype=np.uint8)
   labels = np.zeros((4 * n,), np.int32)
   before = jax.device_get(state.batch_stats)
   new, _ = step(train.replicate(state), train.put_batch(images), train.put_batch(labels),
-                train.replicate(jax.random.PRNGKey(1)))
+                train.replicate(jax.random.PRNGKey(1)), train.replicate(np.float32(0.1)))
   after = train.to_host(new).batch_stats
   same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), before, after))
   assert all(same) != bn_train  # Frozen: every statistic unchanged; train mode: they move.

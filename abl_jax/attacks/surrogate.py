@@ -82,23 +82,25 @@ def train_surrogate(config: ml_collections.ConfigDict, model, train_set: Dataset
   s = config.attack.surrogate
   k_init, k_data, k_aug = jax.random.split(key, 3)
   steps = -(-len(train_set) // s.batch_size)
-  tx = train.sgd(optax.cosine_decay_schedule(s.lr, max(s.epochs * steps, 1)), config.train.momentum, s.weight_decay)
-  state = train.create_train_state(model, tx, k_init, train_set.images.shape[1:])
+  rate = optax.cosine_decay_schedule(s.lr, max(s.epochs * steps, 1))
+  state = train.create_train_state(model, train.sgd(rate, config.train.momentum, s.weight_decay), k_init,
+                                   train_set.images.shape[1:])
   step = train.make_train_step(model, abl.cross_entropy_loss, config.data.mean, config.data.std,
-                               augment_data=s.augment)
+                               momentum=config.train.momentum, weight_decay=s.weight_decay, augment_data=s.augment)
   if s.adversarial:
     attack = pgd.make_pgd(model, config.data.mean, config.data.std, norm="linf", eps=float(s.adv_eps),
                           step=float(s.adv_step), steps=int(s.adv_steps), random_start=True)
     zero, clean_step = train.replicate(np.int32(0)), step
 
-    def step(state, x, y, k):  # Each batch replaced by PGD examples against the current weights.
-      return clean_step(state, attack(train.variables_of(state), x, y, k, zero), y, k)
+    def step(state, x, y, k, lr):  # Each batch replaced by PGD examples against the current weights.
+      return clean_step(state, attack(train.variables_of(state), x, y, k, zero), y, k, lr)
 
   state = train.replicate(state)
   for epoch in range(s.epochs):
     order = train.epoch_order(len(train_set), s.batch_size, jax.random.fold_in(k_data, epoch))
     state, _ = train.run_epoch(step, state, train_set.images, train_set.labels, order,
-                               jax.random.fold_in(k_aug, epoch), log_every=config.train.log_every_steps,
+                               jax.random.fold_in(k_aug, epoch), learning_rate=rate,
+                               log_every=config.train.log_every_steps,
                                describe=f"surrogate epoch {epoch + 1}/{s.epochs}",
                                eta_steps_after=(s.epochs - epoch - 1) * steps)
   return train.to_host(train.variables_of(state))
