@@ -116,7 +116,8 @@ def test_a_mixed_step_splits_the_loss_between_both_labels():
   _, metrics = step(train.replicate(state), train.put_batch(images), train.put_batch(labels), train.replicate(key), LR)
   np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
   plain = _make(abl.cross_entropy_loss, augment_data=False)
-  _, unmixed = plain(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key), LR)
+  _, unmixed = plain(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key),
+                     LR)
   assert not np.isclose(unmixed["loss"], expected)
 
 
@@ -131,7 +132,8 @@ def test_a_small_loss_step_trains_on_the_lower_losses_of_the_batch():
   np.testing.assert_allclose(metrics["loss"], np.sort(ce)[:6].mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["ce"], ce.mean(), rtol=1e-5)
   capped = _make(abl.SmallLoss(0.25, label_cap=0.0), augment_data=False)
-  _, metrics = capped(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key), LR)
+  _, metrics = capped(train.replicate(_state()), train.put_batch(images), train.put_batch(labels), train.replicate(key),
+                      LR)
   np.testing.assert_allclose(metrics["loss"], ce.mean(), rtol=1e-5)  # The labels reach the loss.
 
 
@@ -247,9 +249,9 @@ def test_the_step_takes_the_rate_and_run_epoch_gives_it_the_schedules_rate_at_th
   step = _make(abl.cross_entropy_loss, augment_data=False)
   args = (train.put_batch(images), train.put_batch(labels), train.replicate(jax.random.PRNGKey(0)))
   before = jax.device_get(_state())  # Host copies: the step donates its state.
-  moved = {lr: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b),
-                            train.to_host(step(train.replicate(before), *args, np.float32(lr))[0]).params, before.params)
-           for lr in (0.1, 0.2)}
+  stepped = {lr: train.to_host(step(train.replicate(before), *args, np.float32(lr))[0]) for lr in (0.1, 0.2)}
+  moved = {lr: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), s.params, before.params)
+           for lr, s in stepped.items()}
   for a, b in zip(jax.tree.leaves(moved[0.1]), jax.tree.leaves(moved[0.2])):  # sgd's first step: -lr (g + wd w).
     np.testing.assert_allclose(2 * a, b, rtol=1e-4, atol=2e-7)  # Float32 weights minus their old values.
   assert any(np.abs(a).max() > 0 for a in jax.tree.leaves(moved[0.1]))
