@@ -79,7 +79,7 @@ def run_mode(config, mode: str, clean_train, test, poisoned) -> dict:
   t = config.train
   steps = -(-len(images) // t.batch_size)
   schedule = optax.cosine_decay_schedule(t.learning_rate, max(t.epochs * steps, 1))
-  state = train.create_train_state(model, train.sgd(schedule, t.momentum, t.weight_decay),
+  state = train.create_train_state(model, train.sgd(0.0, t.momentum, t.weight_decay),  # The step takes the rate.
                                    schedule_lib.key_for(config, "init"), images.shape[1:])
   step_fn = train.make_train_step(model, abl.cross_entropy_loss, config.data.mean, config.data.std,
                                   momentum=t.momentum, weight_decay=t.weight_decay, augment_data=t.augment)

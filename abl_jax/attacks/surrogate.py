@@ -83,8 +83,8 @@ def train_surrogate(config: ml_collections.ConfigDict, model, train_set: Dataset
   k_init, k_data, k_aug = jax.random.split(key, 3)
   steps = -(-len(train_set) // s.batch_size)
   rate = optax.cosine_decay_schedule(s.lr, max(s.epochs * steps, 1))
-  state = train.create_train_state(model, train.sgd(rate, config.train.momentum, s.weight_decay), k_init,
-                                   train_set.images.shape[1:])
+  state = train.create_train_state(model, train.sgd(0.0, config.train.momentum, s.weight_decay), k_init,
+                                   train_set.images.shape[1:])  # The step takes the rate.
   step = train.make_train_step(model, abl.cross_entropy_loss, config.data.mean, config.data.std,
                                momentum=config.train.momentum, weight_decay=s.weight_decay, augment_data=s.augment)
   if s.adversarial:
