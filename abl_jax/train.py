@@ -320,18 +320,23 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
   settings = (model, loss_fn, tuple(mean), tuple(std), float(momentum), float(weight_decay), bool(augment_data),
               bool(bn_train), float(label_smoothing), mix_mode, float(mix_alpha), float(trigger_share),
               tuple(trigger_scale), mesh)
-  if triggers is not None and trigger_share:
-    return _train_step(*settings, bank=jnp.asarray(triggers, jnp.float32))
+  with_bank = triggers is not None and bool(trigger_share)
   try:
-    return _cached_train_step(*settings)
+    step = _cached_train_step(*settings, with_bank)
   except TypeError:  # An unhashable setting (a model holding arrays): a step of its own.
-    return _train_step(*settings)
+    step = _train_step(*settings, with_bank)
+  if not with_bank:
+    return step
+  # The bank is an argument, not a constant of the program: runs with other triggers reuse the compiled step.
+  bank = replicate(np.asarray(triggers, np.float32), mesh)
+  return lambda state, images, labels, key, lr: step(state, images, labels, key, lr, bank)
 
 
 def _train_step(model, loss_fn, mean, std, momentum, weight_decay, augment_data, bn_train, label_smoothing, mix_mode,
-                mix_alpha, trigger_share, trigger_scale, mesh, bank=None) -> Callable:
+                mix_alpha, trigger_share, trigger_scale, mesh, with_bank=False) -> Callable:
 
-  def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, lr: jax.Array):
+  def step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, lr: jax.Array,
+           bank: jax.Array | None = None):
     if bank is not None:
       images = add_triggers(images, jnp.argmax(labels, -1) if labels.ndim == 2 else labels, bank,
                             trigger_share, example_keys(jax.random.fold_in(key, 2), images.shape[0]), trigger_scale)
@@ -369,7 +374,7 @@ def _train_step(model, loss_fn, mean, std, momentum, weight_decay, augment_data,
     }
     return new_state, metrics
 
-  return data_parallel(step, mesh, batch_args=(1, 2), num_args=5, donate_argnums=(0,))
+  return data_parallel(step, mesh, batch_args=(1, 2), num_args=6 if with_bank else 5, donate_argnums=(0,))
 
 
 # One step per settings in a process: the runs of one process (tests, sweeps) reuse its tracing and compilation.

@@ -1,8 +1,12 @@
-"""Test setup: two simulated CPU devices, and one compilation cache for the whole session."""
+"""Test setup: two simulated CPU devices, quicker compilation, and one compilation cache for the whole session."""
 import os
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# LLVM at its level 1 (XLA's default is 3): the smoke runs' programs compile faster, which is most of their
+# time; the tests compare runs made under the same flags (subprocesses inherit them).
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
 from abl_jax import xla_flags  # noqa: E402
 
 xla_flags.prefer_xla_cpu_convolutions()  # The kernels launch.py uses.
