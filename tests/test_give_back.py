@@ -992,8 +992,9 @@ def test_flagged_unsure_keep_gives_a_flagged_labels_unsure_pool_examples_their_l
   # with their label, as its doubted examples outside the pool do (flagged_doubted=keep).
   base = {**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.9, "abl__unsure": "drop",
           "abl__pool_rule": "class_ratio"}
-  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="drop"), str(tmp_path / "drop"))
-  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="keep"), str(tmp_path / "keep"))
+  judged = 2 + 2 + 1  # Stopped one epoch after isolation and the gauge: their judgement (returned.npz) is written.
+  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="drop"), str(tmp_path / "drop"), max_epochs=judged)
+  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="keep"), str(tmp_path / "keep"), max_epochs=judged)
   dropped, kept = np.load(tmp_path / "drop" / "returned.npz"), np.load(tmp_path / "keep" / "returned.npz")
   iso = np.load(tmp_path / "keep" / "isolation.npz")
   pool, train_labels = iso["pool"], iso["labels"]
@@ -1008,7 +1009,7 @@ def test_flagged_unsure_keep_gives_a_flagged_labels_unsure_pool_examples_their_l
   summary = json.loads((tmp_path / "keep" / "isolation.json").read_text())
   assert summary["flagged_unsure"] == len(unsure) and summary["kept_out_size"] == len(kept["kept_out"])
   # auto: only the labels whose pool examples the gauge rejects in a smaller share than those outside the pool.
-  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="auto"), str(tmp_path / "auto"))
+  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="auto"), str(tmp_path / "auto"), max_epochs=judged)
   auto = np.load(tmp_path / "auto" / "returned.npz")
   flagged, shares = auto["outlier_labels"], auto["flagged_rejected_shares"]
   np.testing.assert_array_equal(auto["judge_loss"], kept["judge_loss"])  # The same judgement as the run above.
