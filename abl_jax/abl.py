@@ -441,6 +441,27 @@ def candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np.ndar
   return deltas, tails
 
 
+def pool_candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np.ndarray, pool: np.ndarray,
+                            num_classes: int, tail: float) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Per label, a candidate trigger from its examples in `pool`: the mean image of those beyond `tail` robust
+  standard deviations along their top feature direction (`top_direction`, long side) minus the mean of the rest
+  ([num_classes, H, W, C] float32, pixel units; zeros where the label has fewer than 3 pool examples or no tail),
+  and each tail's example indices."""
+  deltas = np.zeros((num_classes,) + images.shape[1:], np.float32)
+  tails = []
+  for label in range(num_classes):
+    mine = np.sort(np.asarray(pool)[labels[pool] == label])
+    far = np.zeros(len(mine), bool)
+    if len(mine) >= 3:
+      projection, _, _ = top_direction(features[mine])
+      far = projection > tail_cut(projection, tail)
+    if far.any() and not far.all():
+      deltas[label] = (images[mine[far]].astype(np.float32).mean(0)
+                       - images[mine[~far]].astype(np.float32).mean(0))
+    tails.append(mine[far])
+  return deltas, tails
+
+
 def within_rank(scores: np.ndarray) -> np.ndarray:
   """Each score's rank among `scores` as a share in [0, 1): 0 for the lowest (stable for ties)."""
   return np.argsort(np.argsort(scores, kind="stable"), kind="stable") / max(len(scores), 1)

@@ -85,7 +85,7 @@ class Run:
   suspected: np.ndarray | None = None  # Examples the spectral rule adds to the pool, to be disowned (ABL).
   max_epochs: int | None = None  # Stop (checkpointed) after this many global epochs.
   logit_offset: np.ndarray | None = None  # Added to the final model's logits (config.abl.calibrate_flagged).
-  triggers: np.ndarray | None = None  # [classes, H, W, C] each label's candidate trigger (abl.candidate_triggers).
+  triggers: np.ndarray | None = None  # [[2,] classes, H, W, C] each label's candidate trigger(s) (abl.candidate_*).
 
   def predict(self, probabilities: bool = False, features: bool = False) -> train.Predict:
     """The current model's (images, labels) -> (cross-entropy, prediction[, class probabilities][, features])."""
@@ -303,6 +303,11 @@ def isolate(run: Run) -> None:
       raise wd.WorkdirError(f"{path} holds no candidate triggers but config.abl.candidate_triggers="
                             f"{a.candidate_triggers}; use --overwrite to start over")
     run.pool = _pool(run)
+    if a.candidate_triggers and a.candidate_pool:
+      if "candidate_pool_triggers" not in saved:
+        raise wd.WorkdirError(f"{path} holds no pool candidate triggers but config.abl.candidate_pool=True; use "
+                              "--overwrite to start over")
+      run.triggers = np.stack([run.triggers, saved["candidate_pool_triggers"]])
     return
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
@@ -341,6 +346,15 @@ def isolate(run: Run) -> None:
       logging.info("spectral signatures: kurtosis outlier scores %s; split in two for the gauge to judge: %s",
                    np.round(found.kurtosis_scores, 2).tolist(), found.deferred.tolist() or "none")
   run.pool = _pool(run)
+  if a.candidate_triggers and a.candidate_pool:
+    pooled, pool_tails = abl.pool_candidate_triggers(run.train.images, run.train.labels, features[0], run.pool,
+                                                     run.train.num_classes, a.spectral_tail)
+    arrays |= {"candidate_pool_triggers": pooled,
+               "candidate_pool_tail": np.isin(np.arange(len(run.train)), np.concatenate(pool_tails))}
+    logging.info("candidate triggers from the pool (top-direction tails): %s examples by label, mean absolute "
+                 "change %s pixel levels", [len(t) for t in pool_tails],
+                 np.round(np.abs(pooled).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
+    run.triggers = np.stack([run.triggers, pooled])
   isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
   stats["threshold"] = float(scores[isolated[-1]])

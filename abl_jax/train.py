@@ -246,9 +246,9 @@ def mix(images: jax.Array, keys: jax.Array, mode: str, alpha: float) -> tuple[ja
 def add_triggers(images: jax.Array, labels: jax.Array, triggers: jax.Array, share: float,
                  keys: jax.Array, scale: tuple[float, float] = (1.0, 1.0)) -> jax.Array:
   """Each image, with probability `share` (one key per image), plus the trigger of a class other than its label
-  drawn uniformly (`triggers` [classes, H, W, C], pixel units) times a factor drawn uniformly from `scale`
-  (low, high), clipped to 0..255 and rounded; float32."""
-  classes = triggers.shape[0]
+  drawn uniformly (`triggers` [classes, H, W, C], pixel units; or [k, classes, H, W, C], k candidates per class, one
+  drawn uniformly) times a factor drawn uniformly from `scale` (low, high), clipped to 0..255 and rounded; float32."""
+  classes = triggers.shape[-4]
   low, high = (float(s) for s in scale)
 
   def one(img, label, key):
@@ -256,7 +256,11 @@ def add_triggers(images: jax.Array, labels: jax.Array, triggers: jax.Array, shar
     other = (label + jax.random.randint(k_class, (), 1, classes)) % classes
     # The factor's key is folded from the image's, so that a fixed factor leaves the other draws as they were.
     factor = jax.random.uniform(jax.random.fold_in(key, 7), (), minval=low, maxval=high) if high > low else low
-    moved = jnp.round(jnp.clip(img.astype(jnp.float32) + factor * triggers[other], 0, 255))
+    if triggers.ndim == 5:
+      trigger = triggers[jax.random.randint(jax.random.fold_in(key, 11), (), 0, triggers.shape[0]), other]
+    else:
+      trigger = triggers[other]
+    moved = jnp.round(jnp.clip(img.astype(jnp.float32) + factor * trigger, 0, 255))
     return jnp.where(jax.random.bernoulli(k_apply, share), moved, img.astype(jnp.float32))
 
   return jax.vmap(one)(images, labels, keys)
@@ -313,7 +317,7 @@ def make_train_step(model: flax.linen.Module, loss_fn: LossFn, mean: Sequence[fl
 
   `loss_fn` receives the per-example cross-entropy with `label_smoothing`; the metric `ce` is the plain one.
   `mix_mode` ("cutmix", "mixup"; see `mix`) mixes each augmented image with the next in the batch, and its
-  cross-entropy with that one's label by their shares. `triggers` ([classes, H, W, C], pixel units): each image,
+  cross-entropy with that one's label by their shares. `triggers` ([[k,] classes, H, W, C], pixel units): each image,
   with probability `trigger_share`, first gets another class's one added (`add_triggers`; times a factor drawn from
   `trigger_scale`), keeping its label.
   """

@@ -263,6 +263,7 @@ ADDED_FIELDS = {
     "config.abl.relearned_doubted": "keep", "config.abl.relearned_then": "continue", "config.abl.pool_outlier_z": 0.0,
     "config.abl.regauge_init": "fresh", "config.abl.finetune_mix": "none", "config.abl.gauge_mix": "none",
     "config.abl.gauge_drop": 0.0, "config.abl.gauge_drop_cap": 0.5, "config.abl.gauge_drop_epochs": 0,
+    "config.abl.candidate_pool": False,
     "config.abl.finetune_mix_alpha": 1.0,
     "config.abl.finetune_mix_epochs": 0, "config.abl.calibrate_flagged": False,
     "config.abl.spectral_pursuit": 0.0, "config.abl.spectral_pursuit_dims": 16, "config.abl.candidate_triggers": 0.0,

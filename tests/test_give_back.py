@@ -1623,7 +1623,9 @@ def test_a_labels_candidate_trigger_is_what_its_pursuit_tail_shares():
 
 def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_after_a_resume(tmp_path, monkeypatch):
   from benchmarks import spectral  # pylint: disable=import-outside-toplevel
-  config = smoke.config(**{**SPECTRAL, "abl__candidate_triggers": 0.5, "abl__spectral_pursuit_dims": 4})
+  # With the pool's candidates too (abl.candidate_pool): fine-tuning gets both per label.
+  config = smoke.config(**{**SPECTRAL, "abl__candidate_triggers": 0.5, "abl__spectral_pursuit_dims": 4,
+                           "abl__candidate_pool": True})
   assert experiment.train_and_evaluate(config, str(tmp_path), max_epochs=3) is None  # Stopped after isolation.
   saved = np.load(tmp_path / "isolation.npz")["candidate_triggers"]
   _, prep, model, variables = spectral.restored(str(tmp_path))
@@ -1635,6 +1637,11 @@ def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_afte
   np.testing.assert_array_equal(np.flatnonzero(np.load(tmp_path / "isolation.npz")["candidate_tail"]),
                                 np.sort(np.concatenate(tails)))
   assert np.abs(saved).max() > 1
+  isolation = np.load(tmp_path / "isolation.npz")
+  pooled, pool_tails = abl.pool_candidate_triggers(prep.train.images, prep.train.labels, features, isolation["pool"],
+                                                   prep.train.num_classes, config.abl.spectral_tail)
+  np.testing.assert_allclose(isolation["candidate_pool_triggers"], pooled, atol=1e-3)
+  np.testing.assert_array_equal(np.flatnonzero(isolation["candidate_pool_tail"]), np.sort(np.concatenate(pool_tails)))
   given = []
   make = train.make_train_step
   monkeypatch.setattr(train, "make_train_step",
@@ -1643,9 +1650,28 @@ def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_afte
   experiment.train_and_evaluate(config, str(tmp_path))  # Resumed: fine-tuning reads them from isolation.npz.
   shares = [share for triggers, share in given if triggers is not None]
   assert shares and set(shares) == {0.5}
-  np.testing.assert_array_equal(next(t for t, _ in given if t is not None), saved)
+  np.testing.assert_array_equal(next(t for t, _ in given if t is not None),
+                                np.stack([saved, isolation["candidate_pool_triggers"]]))
   assert any(t is None for t, _ in given)  # The gauge trains without them.
   assert str(tmp_path / "candidates.png") in plots.write_run_plots(str(tmp_path))
+
+
+def test_a_labels_pool_candidate_is_what_the_top_direction_tail_of_its_pool_examples_shares():
+  rng = np.random.default_rng(4)
+  labels = np.repeat([0, 1, 2], 300)
+  images = rng.integers(60, 200, size=(900, 6, 6, 3)).astype(np.uint8)
+  features = rng.normal(size=(900, 8))
+  images[:30, :2, :2] = 250  # 30 of label 0, all in its pool, carry a patch
+  features[:30, 3] += 8.0  # and a feature far from the rest of its pool.
+  pool = np.r_[0:150, 300:450, 600:602]  # Half of labels 0 and 1, two of label 2.
+  deltas, tails = abl.pool_candidate_triggers(images, labels, features, pool, 3, tail=2.0)
+  assert np.isin(np.arange(30), tails[0]).all() and len(tails[0]) <= 33 and np.all(tails[0] < 150)
+  rest = np.setdiff1d(np.arange(150), tails[0])
+  expected = images[tails[0]].astype(np.float32).mean(0) - images[rest].astype(np.float32).mean(0)
+  np.testing.assert_allclose(deltas[0], expected, atol=1e-4)  # Its pool's tail against the rest of its pool.
+  assert deltas[0][:2, :2].min() > 40 and np.abs(deltas[0][2:]).max() < 25  # The patch.
+  assert np.all(tails[1] < 450) and np.all(tails[1] >= 300)  # Label 1's tail, from its pool examples only.
+  assert not len(tails[2]) and not deltas[2].any()  # Fewer than 3 pool examples: none.
 
 
 def test_candidate_triggers_share_is_checked(tmp_path):

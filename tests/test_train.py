@@ -307,6 +307,28 @@ def test_add_triggers_gives_each_chosen_image_another_classes_trigger_and_keeps_
   np.testing.assert_array_equal(fixed, out)
 
 
+def test_add_triggers_with_two_candidates_per_class_draws_either_of_another_classes():
+  classes, n = 3, 600
+  triggers = np.zeros((2, classes, 1, 1, 1), np.float32)
+  for j in range(2):
+    for k in range(classes):
+      triggers[j, k, 0, 0, 0] = 10.0 * (k + 1) + 40.0 * j  # Candidate j of class k adds 10 (k + 1) + 40 j.
+  images = np.full((n, 1, 1, 1), 50, np.uint8)
+  labels = np.arange(n, dtype=np.int32) % classes
+  keys = train.example_keys(jax.random.PRNGKey(3), n)
+  out = np.asarray(train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers), 0.5,
+                                      keys, (1.0, 1.0)))[:, 0, 0, 0]
+  changed = out != 50
+  added = out[changed] - 50
+  which, owner = (added > 35).astype(int), ((added - 40 * (added > 35)) / 10 - 1).astype(int)
+  assert 0.4 < changed.mean() < 0.6 and 0.4 < which.mean() < 0.6  # Either candidate, about equally often.
+  assert np.all(owner != labels[changed]) and set(owner) == set(range(classes))
+  single = np.asarray(train.add_triggers(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(triggers[0]), 0.5,
+                                         keys, (1.0, 1.0)))[:, 0, 0, 0]
+  np.testing.assert_array_equal(single != 50, changed)  # The same images and classes: the pick has its own key.
+  np.testing.assert_array_equal(single[changed], out[changed] - 40 * which)
+
+
 def test_add_triggers_scales_each_added_trigger_by_a_factor_from_the_range():
   classes, n = 2, 2000
   triggers = np.zeros((classes, 1, 1, 1), np.float32)
