@@ -133,6 +133,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (len(scale) == 2 and all(isinstance(f, (int, float)) for f in scale) and 0 < scale[0] <= scale[1]):
     raise ValueError(f"config.abl.candidate_scale={scale} must be two numbers (low, high) with 0 < low <= high "
                      "(the range each candidate trigger's factor is drawn from)")
+  if config.abl.candidate_pool and not config.abl.candidate_triggers:
+    raise ValueError("config.abl.candidate_pool=True adds candidate triggers to fine-tuning, but "
+                     "config.abl.candidate_triggers=0 adds none; set candidate_triggers in (0, 1] or "
+                     "candidate_pool=False")
   if not (isinstance(config.abl.gauge_downsample, int) and config.abl.gauge_downsample >= 1):
     raise ValueError(f"config.abl.gauge_downsample={config.abl.gauge_downsample} must be an integer >= 1 "
                      "(1 = full resolution)")

@@ -993,8 +993,9 @@ def test_flagged_unsure_keep_gives_a_flagged_labels_unsure_pool_examples_their_l
   base = {**DROP, "abl__flagged_rejected": "disown", "abl__own_above": 0.9, "abl__unsure": "drop",
           "abl__pool_rule": "class_ratio"}
   judged = 2 + 2 + 1  # Stopped one epoch after isolation and the gauge: their judgement (returned.npz) is written.
-  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="drop"), str(tmp_path / "drop"), max_epochs=judged)
-  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="keep"), str(tmp_path / "keep"), max_epochs=judged)
+  for unsure in ("drop", "keep"):
+    experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure=unsure), str(tmp_path / unsure),
+                                  max_epochs=judged)
   dropped, kept = np.load(tmp_path / "drop" / "returned.npz"), np.load(tmp_path / "keep" / "returned.npz")
   iso = np.load(tmp_path / "keep" / "isolation.npz")
   pool, train_labels = iso["pool"], iso["labels"]
@@ -1009,7 +1010,8 @@ def test_flagged_unsure_keep_gives_a_flagged_labels_unsure_pool_examples_their_l
   summary = json.loads((tmp_path / "keep" / "isolation.json").read_text())
   assert summary["flagged_unsure"] == len(unsure) and summary["kept_out_size"] == len(kept["kept_out"])
   # auto: only the labels whose pool examples the gauge rejects in a smaller share than those outside the pool.
-  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="auto"), str(tmp_path / "auto"), max_epochs=judged)
+  experiment.train_and_evaluate(smoke.config(**base, abl__flagged_unsure="auto"), str(tmp_path / "auto"),
+                                max_epochs=judged)
   auto = np.load(tmp_path / "auto" / "returned.npz")
   flagged, shares = auto["outlier_labels"], auto["flagged_rejected_shares"]
   np.testing.assert_array_equal(auto["judge_loss"], kept["judge_loss"])  # The same judgement as the run above.
@@ -1682,6 +1684,9 @@ def test_candidate_triggers_share_is_checked(tmp_path):
     experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_scale": (2.0, 1.0)}), str(tmp_path))
   with pytest.raises(ValueError, match=r"config\.abl\.candidate_scale=\(0\.0, 1\.0\) must be"):
     experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_scale": (0.0, 1.0)}), str(tmp_path))
+  with pytest.raises(ValueError, match=r"config\.abl\.candidate_pool=True .* config\.abl\.candidate_triggers=0 adds"):
+    experiment.train_and_evaluate(smoke.config(**{**SPECTRAL, "abl__candidate_triggers": 0.0,
+                                                  "abl__candidate_pool": True}), str(tmp_path))
 
 
 def test_stamped_adds_a_delta_rounded_and_clipped():
