@@ -86,8 +86,11 @@ def main() -> None:
   for name, examples in (("gauge_a", first), ("gauge_b", second)):
     schedule.run_phase(run, schedule._gauge_phase(  # pylint: disable=protected-access
         run, name, examples, config.abl.gauge_epochs * args.epochs_factor))
-    probabilities.append(np.asarray(run.predict(probabilities=True)(prep.train.images, labels)[2]))
-    print(f"{name}: test {evaluation.test_metrics(run.predict(), full=True)}", flush=True)
+    # The gauges see the images as the run's gauges did (config.abl.gauge_downsample).
+    judge = schedule._judging(run)  # pylint: disable=protected-access
+    probabilities.append(np.asarray(judge(prep.train.images, labels)[2]))
+    tested = evaluation.test_metrics(lambda images, y: judge(images, y)[:2], full=True)
+    print(f"{name}: test {tested}", flush=True)
   run.checkpoints.close()
   run.writer.close()
   crossed = np.empty(len(labels))
