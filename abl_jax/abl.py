@@ -442,11 +442,11 @@ def candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np.ndar
 
 
 def pool_candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np.ndarray, pool: np.ndarray,
-                            num_classes: int, tail: float) -> tuple[np.ndarray, list[np.ndarray]]:
-  """Per label, a candidate trigger from its examples in `pool`: the mean image of those beyond `tail` robust
-  standard deviations along their top feature direction (`top_direction`, long side) minus the mean of the rest
-  ([num_classes, H, W, C] float32, pixel units; zeros where the label has fewer than 3 pool examples or no tail),
-  and each tail's example indices."""
+                            num_classes: int) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Per label, a candidate trigger from its examples in `pool`: split in two along their top feature direction
+  (`top_direction`, `two_means_split`), the mean image of the smaller side minus the mean of the larger
+  ([num_classes, H, W, C] float32, pixel units; zeros where the label has fewer than 3 pool examples), and each
+  smaller side's example indices. A clean-label trigger the pool gathers is a minority mode of the label's pool."""
   deltas = np.zeros((num_classes,) + images.shape[1:], np.float32)
   tails = []
   for label in range(num_classes):
@@ -454,7 +454,9 @@ def pool_candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np
     far = np.zeros(len(mine), bool)
     if len(mine) >= 3:
       projection, _, _ = top_direction(features[mine])
-      far = projection > tail_cut(projection, tail)
+      far = projection > two_means_split(projection)
+      if far.sum() > len(far) / 2:
+        far = ~far
     if far.any() and not far.all():
       deltas[label] = (images[mine[far]].astype(np.float32).mean(0)
                        - images[mine[~far]].astype(np.float32).mean(0))

@@ -348,10 +348,10 @@ def isolate(run: Run) -> None:
   run.pool = _pool(run)
   if a.candidate_triggers and a.candidate_pool:
     pooled, pool_tails = abl.pool_candidate_triggers(run.train.images, run.train.labels, features[0], run.pool,
-                                                     run.train.num_classes, a.spectral_tail)
+                                                     run.train.num_classes)
     arrays |= {"candidate_pool_triggers": pooled,
                "candidate_pool_tail": np.isin(np.arange(len(run.train)), np.concatenate(pool_tails))}
-    logging.info("candidate triggers from the pool (top-direction tails): %s examples by label, mean absolute "
+    logging.info("candidate triggers from the pool (smaller top-direction modes): %s examples by label, mean absolute "
                  "change %s pixel levels", [len(t) for t in pool_tails],
                  np.round(np.abs(pooled).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
     run.triggers = np.stack([run.triggers, pooled])

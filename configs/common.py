@@ -212,9 +212,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.candidate_scale = (0.5, 2.0)  # candidate_triggers: each added candidate is multiplied by a factor drawn
   #                                     uniformly from (low, high), 0 < low <= high: a tail's mean holds a trigger
   #                                     diluted by the tail's clean images, and a test trigger may be stronger.
-  c.abl.candidate_pool = False  # candidate_triggers: a second candidate per label, from its suspicious pool: the
-  #                               mean image of its pool examples beyond spectral_tail along their top feature
-  #                               direction minus the rest of its pool examples (a clean-label trigger gathered by the
+  c.abl.candidate_pool = False  # candidate_triggers: a second candidate per label, from its suspicious pool: its
+  #                               pool examples split in two along their top feature direction (two-means), the
+  #                               smaller side's mean image minus the larger's (a clean-label trigger gathered by the
   #                               pool, which the label-wide tail misses: SIG 1% on frog, docs/defense.md session
   #                               39); each added candidate is either of its label's two, drawn uniformly. An option.
   c.abl.spectral_tail = 2.0  # spectral_skew, spectral_pursuit: robust standard deviations (1.4826 MAD) beyond the
