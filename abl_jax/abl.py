@@ -420,6 +420,13 @@ def pursuit_direction(features: np.ndarray, dims: int, iterations: int = 100) ->
   return (best_projection if best >= 0 else -best_projection), abs(best)
 
 
+def _side_difference(images: np.ndarray, rows: np.ndarray, far: np.ndarray) -> np.ndarray:
+  """The mean of `images[rows[far]]` minus the mean of `images[rows[~far]]` (float32); zeros if a side is empty."""
+  if not far.any() or far.all():
+    return np.zeros(images.shape[1:], np.float32)
+  return images[rows[far]].astype(np.float32).mean(0) - images[rows[~far]].astype(np.float32).mean(0)
+
+
 def candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np.ndarray, num_classes: int,
                        tail: float, dims: int) -> tuple[np.ndarray, list[np.ndarray]]:
   """Per label, a candidate trigger: the mean image of its pursuit tail (`pursuit_direction` on the examples'
@@ -434,9 +441,7 @@ def candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np.ndar
     if len(mine) >= 3:
       projection, _ = pursuit_direction(features[mine], dims)
       far = projection > tail_cut(projection, tail)
-    if far.any() and not far.all():
-      deltas[label] = (images[mine[far]].astype(np.float32).mean(0)
-                       - images[mine[~far]].astype(np.float32).mean(0))
+    deltas[label] = _side_difference(images, mine, far)
     tails.append(mine[far])
   return deltas, tails
 
@@ -457,9 +462,7 @@ def pool_candidate_triggers(images: np.ndarray, labels: np.ndarray, features: np
       far = projection > two_means_split(projection)
       if far.sum() > len(far) / 2:
         far = ~far
-    if far.any() and not far.all():
-      deltas[label] = (images[mine[far]].astype(np.float32).mean(0)
-                       - images[mine[~far]].astype(np.float32).mean(0))
+    deltas[label] = _side_difference(images, mine, far)
     tails.append(mine[far])
   return deltas, tails
 

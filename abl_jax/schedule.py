@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -291,6 +291,22 @@ def isolation_training(run: Run) -> None:
                        eval_every=t.eval_every_epochs, after_epoch=_score_epoch))
 
 
+def _trigger_bank(arrays: Mapping[str, np.ndarray], a: ml_collections.ConfigDict, path: str) -> np.ndarray | None:
+  """Fine-tuning's candidate triggers from isolation.npz's `arrays`: [classes, H, W, C], with `abl.candidate_pool`
+  [2, classes, H, W, C] (the label-wide and the pool candidates); None without `abl.candidate_triggers`."""
+  if not a.candidate_triggers:
+    return None
+  if "candidate_triggers" not in arrays:
+    raise wd.WorkdirError(f"{path} holds no candidate triggers but config.abl.candidate_triggers="
+                          f"{a.candidate_triggers}; use --overwrite to start over")
+  if a.candidate_pool:
+    if "candidate_pool_triggers" not in arrays:
+      raise wd.WorkdirError(f"{path} holds no pool candidate triggers but config.abl.candidate_pool=True; use "
+                            "--overwrite to start over")
+    return np.stack([arrays["candidate_triggers"], arrays["candidate_pool_triggers"]])
+  return arrays["candidate_triggers"]
+
+
 def isolate(run: Run) -> None:
   """Scores every training example with the isolation model and isolates the lowest losses (saved once)."""
   path = os.path.join(run.workdir, "isolation.npz")
@@ -298,16 +314,8 @@ def isolate(run: Run) -> None:
   if os.path.exists(path):  # Isolated before an interruption, or copied by config.abl.start_from.
     saved = wd.load_npz(path)
     run.scores, run.isolated, run.suspected = saved["scores"], saved["isolated"], saved.get("suspected")
-    run.triggers = saved.get("candidate_triggers")
-    if a.candidate_triggers and run.triggers is None:
-      raise wd.WorkdirError(f"{path} holds no candidate triggers but config.abl.candidate_triggers="
-                            f"{a.candidate_triggers}; use --overwrite to start over")
+    run.triggers = _trigger_bank(saved, a, path)
     run.pool = _pool(run)
-    if a.candidate_triggers and a.candidate_pool:
-      if "candidate_pool_triggers" not in saved:
-        raise wd.WorkdirError(f"{path} holds no pool candidate triggers but config.abl.candidate_pool=True; use "
-                              "--overwrite to start over")
-      run.triggers = np.stack([run.triggers, saved["candidate_pool_triggers"]])
     return
   if run.done > run.cursor:
     raise wd.WorkdirError(f"{path} is missing but the checkpoint is past isolation; use --overwrite to start over")
@@ -317,8 +325,8 @@ def isolate(run: Run) -> None:
                                                                                            run.train.labels)
     run.scores, run.isolated = scores, abl.isolate(scores, a.isolation_ratio)
     if a.candidate_triggers:
-      run.triggers, tails = abl.candidate_triggers(run.train.images, run.train.labels, features[0],
-                                                   run.train.num_classes, a.spectral_tail, a.spectral_pursuit_dims)
+      triggers, tails = abl.candidate_triggers(run.train.images, run.train.labels, features[0],
+                                               run.train.num_classes, a.spectral_tail, a.spectral_pursuit_dims)
     if _spectral(a):
       found = abl.spectral_outliers(features[0], run.train.labels, scores, run.train.num_classes, a.spectral_skew,
                                     a.spectral_tail, a.spectral_kurtosis, a.spectral_pursuit,
@@ -326,11 +334,11 @@ def isolate(run: Run) -> None:
                                     a.spectral_kurtosis_z if _defers(a) else 0.0)
   arrays = {}  # isolation.npz's arrays beyond the scores and the pool.
   if a.candidate_triggers:
-    arrays = {"candidate_triggers": run.triggers,
+    arrays = {"candidate_triggers": triggers,
               "candidate_tail": np.isin(np.arange(len(run.train)), np.concatenate(tails))}
     logging.info("candidate triggers (pursuit tails): %s examples by label, mean absolute change %s pixel levels",
                  [len(t) for t in tails],
-                 np.round(np.abs(run.triggers).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
+                 np.round(np.abs(triggers).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
   if _spectral(a):
     run.suspected = found.suspected
     arrays |= {"suspected": run.suspected, "spectral_skewness": found.skewness,
@@ -354,7 +362,7 @@ def isolate(run: Run) -> None:
     logging.info("candidate triggers from the pool (smaller top-direction modes): %s examples by label, mean absolute "
                  "change %s pixel levels", [len(t) for t in pool_tails],
                  np.round(np.abs(pooled).mean(axis=(1, 2, 3)).astype(float), 1).tolist())
-    run.triggers = np.stack([run.triggers, pooled])
+  run.triggers = _trigger_bank(arrays, a, path)
   isolated = run.isolated
   stats = run.evaluation.isolation_metrics(isolated)  # Metrics only: nothing below reads them.
   stats["threshold"] = float(scores[isolated[-1]])

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import shutil
 import types
 
 import jax
@@ -1644,6 +1645,13 @@ def test_candidate_triggers_are_saved_at_isolation_and_given_to_fine_tuning_afte
                                                    prep.train.num_classes)
   np.testing.assert_allclose(isolation["candidate_pool_triggers"], pooled, atol=1e-3)
   np.testing.assert_array_equal(np.flatnonzero(isolation["candidate_pool_tail"]), np.sort(np.concatenate(pool_tails)))
+  damaged = tmp_path.parent / "no_pool_candidates"  # A copy whose isolation.npz lacks the pool's candidates.
+  shutil.copytree(tmp_path, damaged)
+  workdir.write_npz(str(damaged / "isolation.npz"),
+                    **{k: v for k, v in isolation.items() if k != "candidate_pool_triggers"})
+  with pytest.raises(workdir.WorkdirError, match=r"isolation\.npz holds no pool candidate triggers but "
+                                                 r"config\.abl\.candidate_pool=True; use --overwrite"):
+    experiment.train_and_evaluate(config, str(damaged))
   given = []
   make = train.make_train_step
   monkeypatch.setattr(train, "make_train_step",
