@@ -49,7 +49,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "abl.return_rule",
                 "abl.kept_out", "abl.unsure", "abl.flagged_rejected", "abl.flagged_doubted",
                 "abl.flagged_unsure",
-                "abl.relearned_doubted", "abl.relearned_then", "abl.relearned_tested", "abl.regauge_init"):
+                "abl.relearned_doubted", "abl.relearned_then", "abl.relearned_tested", "abl.relearned_untypical",
+                "abl.regauge_init"):
     group, name = field.split(".")
     registry.check_name(f"config.{field}", config[group][name])
   if "distributed" in config:
@@ -97,6 +98,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("gauge_epochs", "regauge_epochs", "relearned_draws"):
     if config.abl[field] < 0:
       raise ValueError(f"config.abl.{field}={config.abl[field]} must be >= 0")
+  if config.abl.relearned_untypical == "transfer" and not config.abl.relearned_draws:
+    raise ValueError("config.abl.relearned_untypical='transfer' leaves a label without typical examples to the "
+                     "transfer test, which config.abl.relearned_draws=0 turns off: set relearned_draws > 0 or "
+                     "relearned_untypical='skip'")
   if config.abl.relearned_tested == "learned" and not config.abl.relearned_draws:
     raise ValueError("config.abl.relearned_tested='learned' flags labels on the transfer test alone, which "
                      "config.abl.relearned_draws=0 turns off: set relearned_draws > 0 or relearned_tested='outliers'")

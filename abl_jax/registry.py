@@ -31,6 +31,7 @@ FLAGGED_UNSURE = ("drop", "keep", "auto")  # config.abl.flagged_unsure
 RELEARNED_DOUBTED = ("keep", "drop")  # config.abl.relearned_doubted
 RELEARNED_THEN = ("continue", "restart")  # config.abl.relearned_then
 RELEARNED_TESTED = ("outliers", "learned")  # config.abl.relearned_tested
+RELEARNED_UNTYPICAL = ("skip", "transfer")  # config.abl.relearned_untypical
 REGAUGE_INITS = ("fresh", "gauge")  # config.abl.regauge_init
 INIT_MODES = ("auto", "always", "never")  # config.distributed.initialize
 
@@ -60,6 +61,7 @@ FIELDS = {
     "config.abl.relearned_doubted": RELEARNED_DOUBTED,
     "config.abl.relearned_then": RELEARNED_THEN,
     "config.abl.relearned_tested": RELEARNED_TESTED,
+    "config.abl.relearned_untypical": RELEARNED_UNTYPICAL,
     "config.abl.regauge_init": REGAUGE_INITS,
     "config.distributed.initialize": INIT_MODES,
 }

@@ -257,6 +257,10 @@ def base_config() -> ml_collections.ConfigDict:
   #                                      rejected examples, flagged on the transfer test alone (learned; 0.03x of
   #                                      the no-defense training's work per label tested on the cpu table; it
   #                                      flagged clean labels on 2 of 7 runs, docs/defense.md, session 33).
+  c.abl.relearned_untypical = "skip"  # relearned_at: a label passing the check's other tests that has fewer than 2
+  #                                    typical examples (the judge backs almost none of its examples: it cannot
+  #                                    recognise the label) is not flagged (skip), or is left to the transfer test
+  #                                    (transfer; needs relearned_draws > 0).
   c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects
   #                                  (disown_below to own_above) that fine-tuning has learned (relearned_above)
   #                                  keep training with their label (keep) or are left out for the rest (drop).

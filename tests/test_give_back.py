@@ -1318,6 +1318,7 @@ def _relearned_run(workdir, learned, extra=(), rows=None):
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 1.4, "relearned_above": 0.8, "own_above": 0.5,
                                                 "relearned_doubted": "keep", "relearned_then": "continue",
                                                 "relearned_draws": 0, "relearned_tested": "outliers",
+                                                "relearned_untypical": "skip",
                                                 "flagged_rejected": "disown", "flagged_doubted": "keep"}}),
       evaluation=types.SimpleNamespace(isolation_metrics=lambda e: {"num_poisoned_isolated": int(np.sum(e >= 20))}),
       predict=lambda probabilities=False, features=False: lambda images, lab: (
@@ -1486,6 +1487,35 @@ def test_relearned_check_keeps_a_label_whose_learned_examples_align_more_than_it
     assert learned_rejected < rest
   if aligned == "typical":
     assert learned_rejected < typical
+
+
+@pytest.mark.parametrize("untypical, z, flagged", [("skip", 10.0, []), ("transfer", 10.0, [2]), ("transfer", 1.0, [])])
+def test_relearned_untypical_leaves_a_label_without_typical_examples_to_the_transfer_test(untypical, z, flagged,
+                                                                                        tmp_path, monkeypatch):
+  # Label 2's learned rejected examples 21-23 align and no example of it is typical (the judge cannot recognise the
+  # label): session 21's rule does not flag it (skip); with transfer, its trigger transfer decides.
+  learned = np.full(40, 0.5)
+  learned[[21, 22, 23]] = 0.97
+  features = np.random.default_rng(1).normal(size=(40, 8))
+  features[[21, 22, 23], 0] += 10.0
+  run, _, _ = _relearned_run(tmp_path, learned, extra=[24, 25, 26], rows=features)
+  run.config.abl.update({"relearned_draws": 20, "relearned_untypical": untypical})
+  calls = []
+  monkeypatch.setattr(schedule, "_transfer", lambda run, outside, mine, *rest: calls.append(rest[-1]) or (0.3, z, 99))
+  schedule._relearned(run, {})
+  saved = np.load(tmp_path / "relearned.npz")
+  assert np.isnan(saved["relearned_coherence"][2, 2])  # No typical examples.
+  assert calls == ([2] if untypical == "transfer" else [])
+  np.testing.assert_array_equal(saved["relearned_labels"], flagged)
+
+
+def test_relearned_untypical_transfer_needs_the_transfer_test(tmp_path):
+  with pytest.raises(ValueError, match=r"config\.abl\.relearned_untypical='transfer' .* config\.abl\.relearned_draws=0"):
+    experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__relearned_draws": 0,
+                                                  "abl__relearned_untypical": "transfer"}), str(tmp_path))
+  with pytest.raises(ValueError,
+                     match=r"config\.abl\.relearned_untypical='always' is unknown; allowed: skip, transfer"):
+    experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__relearned_untypical": "always"}), str(tmp_path))
 
 
 def test_relearned_check_flags_nothing_where_fine_tuning_learns_as_many_rejected_examples_in_every_label(tmp_path):
