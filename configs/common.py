@@ -260,7 +260,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.relearned_untypical = "skip"  # relearned_at: a label passing the check's other tests that has fewer than 2
   #                                    typical examples (the judge backs almost none of its examples: it cannot
   #                                    recognise the label) is not flagged (skip), or is left to the transfer test
-  #                                    (transfer; needs relearned_draws > 0).
+  #                                    (transfer; needs relearned_draws > 0; docs/defense.md, session 40).
   c.abl.relearned_doubted = "keep"  # relearned_at: a flagged label's examples the judge neither backs nor rejects
   #                                  (disown_below to own_above) that fine-tuning has learned (relearned_above)
   #                                  keep training with their label (keep) or are left out for the rest (drop).
