@@ -637,9 +637,9 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
     # A handful of learned examples in one label against none elsewhere is no outlier, whatever the normal
     # approximation of the score says: the count must be improbable at the pooled rate.
     improbable = abl.improbable_counts(learned_counts, counts, a.class_outlier_z)
-    aligned = (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & (coherence[0] > coherence[2])
-    if a.relearned_untypical == "transfer":  # No typical examples (NaN): the transfer test below decides.
-      aligned |= (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & np.isnan(coherence[2])
+    # With relearned_untypical=transfer, a label without typical examples (NaN) is left to the transfer test below.
+    untypical = np.isnan(coherence[2]) & (a.relearned_untypical == "transfer")
+    aligned = (coherence[0] > np.nan_to_num(coherence[1], nan=-np.inf)) & ((coherence[0] > coherence[2]) | untypical)
     # A trigger is an image feature: the mean image of a backdoor's learned examples, less the label's other
     # examples', carries it and sends other labels' images to the label; a clean label's hard examples' does no
     # more than as many of its other examples' (docs/defense.md, session 33).
