@@ -1510,7 +1510,8 @@ def test_relearned_untypical_leaves_a_label_without_typical_examples_to_the_tran
 
 
 def test_relearned_untypical_transfer_needs_the_transfer_test(tmp_path):
-  with pytest.raises(ValueError, match=r"config\.abl\.relearned_untypical='transfer' .* config\.abl\.relearned_draws=0"):
+  with pytest.raises(ValueError,
+                     match=r"config\.abl\.relearned_untypical='transfer' .* config\.abl\.relearned_draws=0"):
     experiment.train_and_evaluate(smoke.config(**{**REGAUGE, "abl__relearned_draws": 0,
                                                   "abl__relearned_untypical": "transfer"}), str(tmp_path))
   with pytest.raises(ValueError,
