@@ -274,6 +274,25 @@ def outlier_labels(label_probability: np.ndarray, labels: np.ndarray, num_classe
   return np.flatnonzero((scores > z).any(axis=0)), shares, scores
 
 
+def dominant_label(shares: np.ndarray, counts: np.ndarray, ratio: float, z: float) -> np.ndarray:
+  """The label (an array of none or one) whose share is at least `ratio` times every other label's, with a count
+  improbable at the pooled share (improbable_counts at `z`); none where `ratio` is 0.
+
+  A dirty-label backdoor at a high rate puts hundreds of other classes' images under one label, which a gauge that
+  has not learned it rejects at about twice the rate of the hardest clean label; the clean labels' shares differ
+  by class difficulty (easy and hard classes), which can widen the outlier score's spread enough to hide it.
+  """
+  shares, counts = np.asarray(shares, np.float64), np.asarray(counts, np.int64)
+  if not ratio or np.count_nonzero(counts) < 2:
+    return np.zeros(0, np.int64)
+  order = np.argsort(-np.where(counts > 0, shares, -np.inf), kind="stable")
+  top, second = order[0], order[1]
+  if not shares[top] > 0 or shares[top] < ratio * shares[second]:
+    return np.zeros(0, np.int64)
+  hits = np.round(shares * counts).astype(np.int64)
+  return np.array([top], np.int64) if improbable_counts(hits, counts, z)[top] else np.zeros(0, np.int64)
+
+
 def improbable_counts(hits: np.ndarray, counts: np.ndarray, z: float) -> np.ndarray:
   """Per label, whether its `hits` of `counts` examples are improbable at the rate pooled over all labels: the
   exact binomial chance of at least that many is at most a normal variable's chance of exceeding `z`.

@@ -123,6 +123,9 @@ _RULES = (
     ("config.abl.class_outlier_below", lambda c: not _outliers(c),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),
+    ("config.abl.class_outlier_ratio", lambda c: not _outliers(c) or not tuple(c.abl.class_outlier_below),
+     "it applies where outlier labels are looked for at the levels of abl.class_outlier_below (abl.class_outlier_z "
+     "> 0, abl.disown_below > 0, a gauge that distills the pool)"),
     ("config.abl.flagged_rejected", lambda c: not _outliers(c),
      "it applies where outlier labels are looked for (abl.class_outlier_z > 0, abl.disown_below > 0, a gauge "
      "that distills the pool)"),

@@ -75,6 +75,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.abl.contradict_factor={config.abl.contradict_factor} must be 0 (off) or >= 1")
   if config.abl.class_outlier_z < 0:
     raise ValueError(f"config.abl.class_outlier_z={config.abl.class_outlier_z} must be 0 (off) or > 0")
+  if config.abl.class_outlier_ratio and not config.abl.class_outlier_ratio > 1:
+    raise ValueError(f"config.abl.class_outlier_ratio={config.abl.class_outlier_ratio} must be 0 (off) or > 1")
   if config.abl.pool_outlier_z < 0:
     raise ValueError(f"config.abl.pool_outlier_z={config.abl.pool_outlier_z} must be 0 (off) or > 0")
   for level in tuple(config.abl.class_outlier_below):

@@ -273,12 +273,18 @@ def plot_rejected(workdir: str, path: str) -> str | None:
     if mask.any():
       ax.bar(classes, poisoned, bottom=clean, color="tab:red", label="poisoned")
     ax.axhline(np.median((clean + poisoned)[counts > 0]), color="gray", ls=":", lw=1, label="median over labels")
+    title, dominant = f"outside the pool, the gauge gives the label < {level:g}", []
+    ratio = a.get("class_outlier_ratio", 0.0) if i == 0 and a.get("class_outlier_below") else 0.0
+    if ratio and (counts > 0).sum() >= 2:
+      top, second = np.sort((clean + poisoned)[counts > 0])[::-1][:2]
+      dominant = abl.dominant_label(clean + poisoned, counts, ratio, z)
+      title += f"\nthe top share is {top / max(second, 1e-12):.2f}x the next (flagged at {ratio:g}x, if improbable)"
     for c in classes:
-      flagged = bool(z) and scores[c] > z
+      flagged = (bool(z) and scores[c] > z) or c in dominant
       ax.annotate(f"{scores[c]:.1f}", (c, clean[c] + poisoned[c]), ha="center", va="bottom", fontsize=8,
                   color="tab:red" if flagged else "black", fontweight="bold" if flagged else "normal")
     ax.set(xticks=classes, ylabel="share", ylim=(0, max(1e-3, float((clean + poisoned).max())) * 1.25),
-           title=f"outside the pool, the gauge gives the label < {level:g}")
+           title=title)
     ax.title.set_fontsize(10)
     if i == 0:
       ax.legend(fontsize=8)

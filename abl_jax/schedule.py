@@ -1069,6 +1069,12 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
   levels = sampled or (a.disown_below,)
   flagged, shares, scores = abl.outlier_labels(own, labels, run.train.num_classes, a.class_outlier_z, levels,
                                                sampling=bool(sampled))
+  if sampled and a.class_outlier_ratio:  # At the loosest level, where every label has many rejected examples.
+    dominant = abl.dominant_label(shares[0], np.bincount(labels, minlength=run.train.num_classes),
+                                  a.class_outlier_ratio, a.class_outlier_z)
+    logging.info("the label whose share under %g is at least %g times every other label's: %s", levels[0],
+                 a.class_outlier_ratio, dominant.tolist() or "none")
+    flagged = np.union1d(flagged, dominant)
   if among is not None:
     flagged = np.intersect1d(flagged, among)
   if a.spectral_judged and run.suspected is not None and len(run.suspected):  # Known attacked: judged as well.

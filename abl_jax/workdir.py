@@ -260,7 +260,7 @@ ADDED_FIELDS = {
     "config.abl.flagged_doubted": "keep", "config.abl.flagged_unsure": "drop",
     "config.abl.spectral_judged": False, "config.abl.relearned_at": 0.0, "config.abl.relearned_above": 0.8,
     "config.abl.relearned_draws": 0, "config.abl.relearned_tested": "outliers",
-    "config.abl.relearned_untypical": "skip",
+    "config.abl.relearned_untypical": "skip", "config.abl.class_outlier_ratio": 0.0,
     "config.abl.relearned_doubted": "keep", "config.abl.relearned_then": "continue", "config.abl.pool_outlier_z": 0.0,
     "config.abl.regauge_init": "fresh", "config.abl.finetune_mix": "none", "config.abl.gauge_mix": "none",
     "config.abl.gauge_drop": 0.0, "config.abl.gauge_drop_cap": 0.5, "config.abl.gauge_drop_epochs": 0,

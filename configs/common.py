@@ -141,6 +141,11 @@ def base_config() -> ml_collections.ConfigDict:
   #                               the gauge has not learned at all shows at a strict level). (): disown_below
   #                               alone without that spread (before 2026-12-03). Flagged labels' examples below
   #                               disown_below: flagged_rejected.
+  c.abl.class_outlier_ratio = 0.0  # class_outlier_z with levels: > 1 also flags the label whose share at the first
+  #                               (loosest) level is at least this many times every other label's, with a count
+  #                               improbable at the pooled share; 0 = off. Clean labels' shares differ by class
+  #                               difficulty, which can hide a 10% backdoor from the outlier score (docs/defense.md,
+  #                               session 41).
   c.abl.flagged_rejected = "disown"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
   #                               gives less than disown_below train toward its probabilities with their label's
   #                               share set to 0 (disown), or stay out of fine-tuning (drop).

@@ -109,6 +109,7 @@ def test_disowned_examples_lose_their_label_and_keep_the_gauges_other_beliefs():
     ("abl__class_quantile", 0.0, r"config\.abl\.class_quantile=0\.0 must be in \(0, 1\]"),
     ("abl__contradict_factor", 0.5, r"config\.abl\.contradict_factor=0\.5 must be 0 \(off\) or >= 1"),
     ("abl__class_outlier_z", -1.0, r"config\.abl\.class_outlier_z=-1\.0 must be 0 \(off\) or > 0"),
+    ("abl__class_outlier_ratio", 0.5, r"config\.abl\.class_outlier_ratio=0\.5 must be 0 \(off\) or > 1"),
     ("abl__pool_outlier_z", -1.0, r"config\.abl\.pool_outlier_z=-1\.0 must be 0 \(off\) or > 0"),
     ("abl__class_outlier_below", (0.1, 1.0),
      r"config\.abl\.class_outlier_below=\(0\.1, 1\.0\) must hold levels in \(0, 1\) \(or be \(\) for disown_below"),

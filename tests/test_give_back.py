@@ -672,16 +672,37 @@ def test_outlier_labels_flag_a_label_at_the_strict_level_where_its_rejections_st
   assert len(abl.outlier_labels(own, labels, 10, 3.5, (0.1,))[0]) == 0
 
 
+def test_dominant_label_flags_the_label_rejected_far_more_than_the_hardest_clean_one():
+  # WaNet 10%, seed 0 (session 40): airplane's share under 0.1 is twice the hardest clean label's, yet the easy
+  # and hard clean labels spread the shares enough that its outlier score is 2.9, under the cut of 3.5.
+  shares = np.array([0.337, 0.046, 0.163, 0.138, 0.140, 0.136, 0.058, 0.141, 0.060, 0.071])
+  counts = np.full(10, 1000)
+  assert abl.outlier_scores(shares, counts, sampling=True)[0] < 3.5
+  np.testing.assert_array_equal(abl.dominant_label(shares, counts, 1.6, 3.5), [0])
+  assert len(abl.dominant_label(shares, counts, 2.1, 3.5)) == 0  # 0.337 / 0.163 = 2.07.
+  assert len(abl.dominant_label(shares, counts, 0.0, 3.5)) == 0  # Off.
+  # The top of clean labels' shares (1.30 times the next) is no flag; nor is a label empty here.
+  clean = np.array([0.09, 0.04, 0.152, 0.11, 0.117, 0.11, 0.07, 0.12, 0.06, 0.06])
+  assert len(abl.dominant_label(clean, counts, 1.6, 3.5)) == 0
+  assert len(abl.dominant_label(np.where(np.arange(10) == 2, 0.9, clean), np.where(np.arange(10) == 2, 0, counts),
+                                1.6, 3.5)) == 0
+  # A handful of examples is no flag however the ratio stands: 2 of 10 against 1 of 10 in each other label.
+  few = np.full(10, 10)
+  assert len(abl.dominant_label(np.r_[0.2, np.full(9, 0.1)], few, 1.6, 3.5)) == 0
+  np.testing.assert_array_equal(abl.dominant_label(np.r_[0.2, np.full(9, 0.1)], few * 100, 1.6, 3.5), [0])
+
+
 def _four_label_run(own: np.ndarray, suspected: np.ndarray | None):
-  """A fake run of 4 labels x 10 examples (example 0 the pool) whose gauge gives each example's label `own` and
-  the rest evenly to the other labels; and those probabilities."""
-  labels = np.repeat(np.arange(4), 10)
+  """A fake run of 4 labels x len(own) / 4 examples (example 0 the pool) whose gauge gives each example's label
+  `own` and the rest evenly to the other labels; and those probabilities."""
+  labels = np.repeat(np.arange(4), len(own) // 4)
   probs = np.tile(((1 - own) / 3)[:, None], (1, 4)).astype(np.float32)
-  probs[np.arange(40), labels] = own
+  probs[np.arange(len(own)), labels] = own
   run = types.SimpleNamespace(
-      train=types.SimpleNamespace(labels=labels, images=np.arange(40), num_classes=4), pool=np.array([0]),
+      train=types.SimpleNamespace(labels=labels, images=np.arange(len(own)), num_classes=4), pool=np.array([0]),
       config=ml_collections.ConfigDict({"abl": {"class_outlier_z": 3.5, "disown_below": 0.1, "own_above": 0.5,
-                                                "class_outlier_below": (0.1, 0.02), "flagged_rejected": "disown",
+                                                "class_outlier_below": (0.1, 0.02), "class_outlier_ratio": 0.0,
+                                                "flagged_rejected": "disown",
                                                 "spectral_judged": False, "gauge_epochs": 1,
                                                 "gauge_downsample": 1}}),
       suspected=suspected, labels=np.eye(4, dtype=np.float32)[labels],
@@ -726,6 +747,25 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   np.testing.assert_array_equal(found["outlier_labels"], [1, 2])
   np.testing.assert_array_equal(found["class_rejected"], np.concatenate([[11, 12], rejected]))
   np.testing.assert_array_equal(schedule._class_rejected(run, outside, among=np.array([1]))["outlier_labels"], [1])
+
+
+def test_class_rejected_flags_the_dominant_label_that_the_outlier_score_misses():
+  # 4 labels x 100 examples (example 0 the pool); the gauge rejects 10, 30, 35 and 80 of labels 0-3's examples
+  # outside it: label 3's share scores 2.5 at 0.1 (under the cut of 3.5), and is 2.29 times label 2's.
+  own = np.full(400, 0.6, np.float32)
+  for label, n in enumerate([10, 30, 35, 80]):
+    own[label * 100 + 1:label * 100 + 1 + n] = 0.05
+  run, _ = _four_label_run(own, suspected=None)
+  run.config.abl.class_outlier_below = (0.1,)
+  outside = schedule._outside_gauge(run)
+  assert len(schedule._class_rejected(run, outside)["outlier_labels"]) == 0
+  run.config.abl.class_outlier_ratio = 2.0
+  found = schedule._class_rejected(run, outside)
+  np.testing.assert_array_equal(found["outlier_labels"], [3])
+  np.testing.assert_allclose(found["outlier_scores"][0, 3], 2.49, atol=0.01)
+  np.testing.assert_array_equal(found["class_rejected"], np.arange(301, 381))
+  run.config.abl.class_outlier_ratio = 2.5
+  assert len(schedule._class_rejected(run, outside)["outlier_labels"]) == 0
 
 
 def test_pool_outliers_flag_the_label_whose_pool_examples_the_gauge_rejects_unusually_often():

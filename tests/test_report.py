@@ -166,6 +166,13 @@ def test_rejected_plot_shows_each_labels_share_and_outlier_score(tmp_path, monke
   assert [round(p.get_height(), 3) for p in strict.patches] == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # None below 0.02.
   assert [t.get_text() for t in strict.texts] == ["-0.2", "2.0", "4.0"]
   assert strict.texts[2].get_color() == "tab:red" and fig.axes[0].texts[2].get_color() == "black"
+  # class_outlier_ratio: the first panel names the top share's ratio to the next; label 2's 8 of 10 against 2 of
+  # 10 is 4x, but too few examples to be improbable at z 3.5, so it stays black.
+  config["abl"]["class_outlier_ratio"] = 1.6
+  _write(os.path.join(run, "config.json"), config)
+  fig = plots.plot_rejected(run, "rejected.png")
+  assert fig.axes[0].get_title().endswith("the top share is 4.00x the next (flagged at 1.6x, if improbable)")
+  assert fig.axes[0].texts[2].get_color() == "black" and fig.axes[1].get_title().endswith("< 0.02")
 
 
 def test_rows_are_selected_by_name_or_attack_and_fields_set_in_every_row():
