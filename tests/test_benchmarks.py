@@ -561,3 +561,33 @@ def test_gauge_epochs_scores_every_label_and_counts_the_attacked_labels_rejectio
   assert row["target_scores"][0] > 3.5 and row["highest_other"] < 3.5
   clean = gauge_epochs.judged(own, labels, np.zeros(500, bool), 5, (0.1,), 3.5, 0.1)
   assert "target" not in clean and len(clean["scores"][0]) == 5
+
+
+def _judged_run(workdir, shares, flagged, poisoned_label=None, regauged=None):
+  """A run folder with what benchmarks/outlier_ratio.py reads: 4 labels x 1,000 examples, example 0 the pool."""
+  workdir.mkdir(parents=True)
+  labels = np.repeat(np.arange(4), 1000)
+  np.savez(workdir / "isolation.npz", labels=labels, pool=np.array([0]), is_poisoned=labels == poisoned_label)
+  np.savez(workdir / "returned.npz", outlier_shares=np.array([shares, shares]), outlier_labels=np.array(flagged))
+  if regauged is not None:
+    np.savez(workdir / "regauged.npz", outlier_shares=np.array([regauged]), outlier_labels=np.array(flagged))
+  (workdir / "config.json").write_text(json.dumps({"abl": {"class_outlier_z": 3.5}}))
+  return str(workdir)
+
+
+def test_outlier_ratio_names_the_flags_the_ratio_would_add(tmp_path, capsys):
+  from benchmarks import outlier_ratio  # pylint: disable=import-outside-toplevel
+  missed = _judged_run(tmp_path / "runs" / "wanet", [0.34, 0.05, 0.16, 0.14], [], poisoned_label=0)
+  found = _judged_run(tmp_path / "runs" / "ia", [0.34, 0.05, 0.12, 0.14], [0], poisoned_label=0,
+                      regauged=[0.40, 0.05, 0.12, 0.14])
+  clean = _judged_run(tmp_path / "clean", [0.10, 0.05, 0.13, 0.14], [])
+  rows = outlier_ratio.main([str(tmp_path / "runs"), clean])
+  assert [r["workdir"] for r in rows] == [found, missed, clean]
+  assert rows[1]["returned"] == {"top": 0, "ratio": 2.12, "flagged": [], "dominant": [0], "new": [0]}
+  assert rows[0]["returned"]["new"] == [] and rows[0]["regauged"]["ratio"] == 2.86
+  assert rows[2]["attacked"] == [] and rows[2]["returned"]["dominant"] == [] and rows[2]["returned"]["ratio"] == 1.08
+  assert "3 runs; the top label is clean on 1, at most 1.08x the next; the ratio 1.6 adds a flag on 1" in (
+      capsys.readouterr().out)
+  assert outlier_ratio.main([missed, "--ratio=2.2"])[0]["returned"]["new"] == []
+  with pytest.raises(SystemExit):
+    outlier_ratio.main([clean, "--ratio=1"])
