@@ -144,9 +144,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.abl.class_outlier_ratio = 1.6  # class_outlier_z with levels: > 1 also flags the label whose share at the first
   #                               (loosest) level is at least this many times every other label's, with a count
   #                               improbable at the pooled share; 0 = off (before session 41). Clean labels'
-  #                               shares differ by class difficulty (1.0-1.3x the next on 17 runs), which can hide a
-  #                               10% dirty-label backdoor (2.1-2.6x) from the outlier score (docs/defense.md,
-  #                               session 41).
+  #                               shares differ by class difficulty (the top 1.00-1.30x the next on 16 clean
+  #                               judgements), which can hide a 10% dirty-label backdoor (1.96-2.85x on 9) from
+  #                               the outlier score (docs/defense.md, session 41).
   c.abl.flagged_rejected = "disown"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
   #                               gives less than disown_below train toward its probabilities with their label's
   #                               share set to 0 (disown), or stay out of fine-tuning (drop).
