@@ -48,14 +48,14 @@ def run_row(workdir: str, cutoff: float) -> dict[str, Any] | None:
           "highest_clean": max(clean, key=lambda k: scores[k]) if clean else None}
 
 
-def workdirs(paths: list[str]) -> list[str]:
-  """The run directories under `paths` (each a run, or a folder searched for isolation.npz)."""
+def workdirs(paths: list[str], marker: str = "isolation.npz") -> list[str]:
+  """The run directories under `paths` (each a run, or a folder searched for runs holding the file `marker`)."""
   found = []
   for path in paths:
-    if os.path.exists(os.path.join(path, "isolation.npz")):
+    if os.path.exists(os.path.join(path, marker)):
       found.append(path)
     else:
-      found += sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "**", "isolation.npz"), recursive=True))
+      found += sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "**", marker), recursive=True))
   return found
 
 

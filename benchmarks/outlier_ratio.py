@@ -13,7 +13,6 @@ of the improbable-count guard is the run's abl.class_outlier_z.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # The repo, if not installed.
 
 from abl_jax import abl  # pylint: disable=wrong-import-position
+from benchmarks.kurtosis import workdirs  # pylint: disable=wrong-import-position
 
 
 def run_row(workdir: str, ratio: float) -> dict[str, Any] | None:
@@ -53,17 +53,6 @@ def run_row(workdir: str, ratio: float) -> dict[str, Any] | None:
   return row
 
 
-def workdirs(paths: list[str]) -> list[str]:
-  """The run directories under `paths` (each a run, or a folder searched for returned.npz)."""
-  found = []
-  for path in paths:
-    if os.path.exists(os.path.join(path, "returned.npz")):
-      found.append(path)
-    else:
-      found += sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "**", "returned.npz"), recursive=True))
-  return found
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("paths", nargs="+", help="Run workdirs, or folders holding them.")
@@ -72,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   args = parser.parse_args(argv)
   if not args.ratio > 1:
     parser.error(f"--ratio={args.ratio} must be > 1")
-  rows = [row for row in (run_row(w, args.ratio) for w in workdirs(args.paths)) if row is not None]
+  rows = [row for row in (run_row(w, args.ratio) for w in workdirs(args.paths, "returned.npz")) if row is not None]
   for row in rows:
     if args.json:
       print(json.dumps(row))
