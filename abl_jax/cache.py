@@ -2,6 +2,9 @@
 
     path = cache.entry(config.data.cache_dir, "surrogates", spec, arrays, prefix="small_cnn-")
 
+A trained entry is made under exclusive(path): a second process that wants the same entry (a parallel sweep)
+waits for the first to finish it and then reads it, instead of training it again.
+
 An entry's name is a hash of everything that determines it (a JSON spec and the arrays it was computed
 from; for a trained model also numerics()), so a changed setting, dataset or set of kernels never reuses a stale
 entry. The root is config.data.cache_dir, or
@@ -9,10 +12,12 @@ $XDG_CACHE_HOME/abl_jax (default ~/.cache/abl_jax).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -36,3 +41,25 @@ def entry(cache_dir: str, kind: str, spec: dict[str, Any], arrays: Iterable[np.n
   for a in arrays:
     h.update(np.ascontiguousarray(a).data)
   return os.path.join(root(cache_dir), kind, f"{prefix}{h.hexdigest()[:16]}{suffix}")
+
+
+@contextlib.contextmanager
+def exclusive(path: str) -> Iterator[None]:
+  """Holds an advisory lock on `path`.lock (waiting for it if another process holds it) in a single-process run;
+  a no-op in a multi-process run, whose processes decide together whether to train (distributed.everywhere)."""
+  import jax  # pylint: disable=g-import-not-at-top  (xla_flags imports this module before jax may start)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    yield
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(f"{path}.lock", "w", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("cache: another process is making %s; waiting for it to finish", path)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

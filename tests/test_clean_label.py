@@ -1,4 +1,5 @@
 """Clean-label attack: PGD bounds and effect, two devices = one device, triggers, poisoning, surrogate cache."""
+import contextlib
 import logging
 import os
 
@@ -8,7 +9,7 @@ import optax
 import pytest
 from PIL import Image
 
-from abl_jax import attacks, data, models, train
+from abl_jax import attacks, cache, data, models, train
 from abl_jax.attacks import badnets, clean_label, input_aware_train, pgd, surrogate
 from abl_jax.attacks.clean_label_figure import save_examples_png
 from configs import abl_clean_label, abl_input_aware
@@ -156,3 +157,22 @@ def test_save_examples_png(tmp_path, net):
   save_examples_png(str(tmp_path / "x.png"), x, [("linf 8", x), ("linf 16", x)], x, scale=2)
   with Image.open(tmp_path / "x.png") as im:
     assert im.format == "PNG" and im.size[0] > 4 * 2 * SIZE and im.size[1] > 3 * 2 * SIZE
+
+
+def test_attack_models_are_made_under_their_cache_entrys_lock(tmp_path, monkeypatch):
+  c = _config(tmp_path)
+  train_set, _ = data.load(c.data, seed=c.seed)
+  ia = abl_input_aware.get_config("smoke")
+  held = []
+
+  @contextlib.contextmanager
+  def exclusive(path):
+    held.append(path)
+    yield
+
+  monkeypatch.setattr(cache, "exclusive", exclusive)
+  monkeypatch.setattr(surrogate, "_load_or_train", lambda config, s, path: ("made", held[-1] == path))
+  monkeypatch.setattr(input_aware_train, "_load_or_train", lambda config, s, path: ("made", held[-1] == path))
+  assert surrogate.load_or_train(c, train_set) == ("made", True)
+  assert input_aware_train.load_or_train(ia, train_set) == ("made", True)
+  assert held == [surrogate.cache_path(c, train_set), input_aware_train.cache_path(ia, train_set)]

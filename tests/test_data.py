@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 from PIL import Image
 import pytest
 
-from abl_jax import data
+from abl_jax import cache, data
 from configs import common
 
 CLASSES = ("cat", "ant", "bee")  # Written unsorted; labels must follow the sorted names.
@@ -97,6 +100,32 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch):
   Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "data" / "train" / "ant" / "new.png")
   with pytest.raises(AssertionError, match="decoded"):
     data.load_folder(str(tmp_path / "data"), cache_dir=str(cache))
+
+
+def test_exclusive_waits_for_another_process_making_the_same_entry(tmp_path):
+  # Another process holds the entry's lock, says so, and makes the entry before letting go: inside exclusive(),
+  # the entry is there, so a parallel run reads it instead of training it again.
+  path = str(tmp_path / "surrogates" / "small_cnn-0123")
+  os.makedirs(os.path.dirname(path))
+  holder = ("import fcntl, os, sys, time\n"
+            "path = sys.argv[1]\n"
+            "with open(path + '.lock', 'w') as f:\n"
+            "  fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "  open(path + '.ready', 'w').close()\n"
+            "  time.sleep(1)\n"
+            "  os.makedirs(path)\n")
+  proc = subprocess.Popen([sys.executable, "-c", holder, path])
+  try:
+    for _ in range(600):
+      if os.path.exists(path + ".ready") or proc.poll() is not None:
+        break
+      time.sleep(0.05)
+    assert os.path.exists(path + ".ready") and not os.path.isdir(path)
+    with cache.exclusive(path):
+      assert os.path.isdir(path)
+  finally:
+    proc.wait()
+  assert proc.returncode == 0
 
 
 def test_default_cache_dir_is_under_xdg_cache_home(tmp_path, monkeypatch):

@@ -160,6 +160,11 @@ def init_variables(config: ml_collections.ConfigDict, image_shape: Sequence[int]
 def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tuple[dict, dict]:
   """({'pattern', 'mask'} generator variables, meta), from the cache or trained (then cached) first."""
   path = cache_path(config, train_set)
+  with cache.exclusive(path):  # A parallel run wanting the same generators waits for this one and reads them.
+    return _load_or_train(config, train_set, path)
+
+
+def _load_or_train(config: ml_collections.ConfigDict, train_set: Dataset, path: str) -> tuple[dict, dict]:
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _KEY_PURPOSE)
   if distributed.everywhere(os.path.isdir(path)):  # Every process takes one branch: training is collective.
     ckpt = Checkpointer(path, 1)

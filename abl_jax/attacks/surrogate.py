@@ -45,9 +45,14 @@ def cache_path(config: ml_collections.ConfigDict, train_set: Dataset) -> str:
 
 def load_or_train(config: ml_collections.ConfigDict, train_set: Dataset) -> tuple[Any, dict]:
   """(model, variables) of the cached surrogate, trained first (and cached) if there is none."""
+  path = cache_path(config, train_set)
+  with cache.exclusive(path):  # A parallel run wanting the same surrogate waits for this one and reads it.
+    return _load_or_train(config, train_set, path)
+
+
+def _load_or_train(config: ml_collections.ConfigDict, train_set: Dataset, path: str) -> tuple[Any, dict]:
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), _KEY_PURPOSE)
   model = create(config, train_set.num_classes)
-  path = cache_path(config, train_set)
   if distributed.everywhere(os.path.isdir(path)):  # Every process takes one branch: training is collective.
     like = _variables(model, train_set, key)
     ckpt = Checkpointer(path, 1)
