@@ -274,7 +274,8 @@ def plot_rejected(workdir: str, path: str) -> str | None:
       ax.bar(classes, poisoned, bottom=clean, color="tab:red", label="poisoned")
     ax.axhline(np.median((clean + poisoned)[counts > 0]), color="gray", ls=":", lw=1, label="median over labels")
     title, dominant = f"outside the pool, the gauge gives the label < {level:g}", []
-    ratio = a.get("class_outlier_ratio", 0.0) if i == 0 and a.get("class_outlier_below") else 0.0
+    loosest = a.get("class_outlier_below") and level == max(a["class_outlier_below"])
+    ratio = a.get("class_outlier_ratio", 0.0) if loosest else 0.0
     if ratio and (counts > 0).sum() >= 2:
       top, second = np.sort((clean + poisoned)[counts > 0])[::-1][:2]
       dominant = abl.dominant_label(clean + poisoned, counts, ratio, z)

@@ -1070,9 +1070,10 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
   flagged, shares, scores = abl.outlier_labels(own, labels, run.train.num_classes, a.class_outlier_z, levels,
                                                sampling=bool(sampled))
   if sampled and a.class_outlier_ratio:  # At the loosest level, where every label has many rejected examples.
-    dominant = abl.dominant_label(shares[0], np.bincount(labels, minlength=run.train.num_classes),
+    loosest = int(np.argmax(levels))
+    dominant = abl.dominant_label(shares[loosest], np.bincount(labels, minlength=run.train.num_classes),
                                   a.class_outlier_ratio, a.class_outlier_z)
-    logging.info("the label whose share under %g is at least %g times every other label's: %s", levels[0],
+    logging.info("the label whose share under %g is at least %g times every other label's: %s", levels[loosest],
                  a.class_outlier_ratio, dominant.tolist() or "none")
     flagged = np.union1d(flagged, dominant)
   if among is not None:

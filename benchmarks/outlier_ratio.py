@@ -44,7 +44,8 @@ def run_row(workdir: str, ratio: float) -> dict[str, Any] | None:
     with np.load(paths[name]) as saved:
       if "outlier_shares" not in saved.files:
         return None
-      shares, flagged = saved["outlier_shares"][0], saved["outlier_labels"]
+      loosest = int(np.argmax(saved["outlier_levels"])) if "outlier_levels" in saved.files else 0
+      shares, flagged = saved["outlier_shares"][loosest], saved["outlier_labels"]
     top, second = np.sort(shares)[::-1][:2]
     dominant = abl.dominant_label(shares, counts, ratio, z)
     row[name] = {"top": int(np.argmax(shares)), "ratio": round(float(top / max(second, 1e-12)), 2),

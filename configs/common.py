@@ -141,8 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
   #                               the gauge has not learned at all shows at a strict level). (): disown_below
   #                               alone without that spread (before 2026-12-03). Flagged labels' examples below
   #                               disown_below: flagged_rejected.
-  c.abl.class_outlier_ratio = 1.6  # class_outlier_z with levels: > 1 also flags the label whose share at the first
-  #                               (loosest) level is at least this many times every other label's, with a count
+  c.abl.class_outlier_ratio = 1.6  # class_outlier_z with levels: > 1 also flags the label whose share at the
+  #                               loosest level is at least this many times every other label's, with a count
   #                               improbable at the pooled share; 0 = off (before session 41). Clean labels'
   #                               shares differ by class difficulty (the top 1.00-1.30x the next on 16 clean
   #                               judgements), which can hide a 10% dirty-label backdoor (1.96-2.85x on 9) from

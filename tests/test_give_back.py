@@ -764,6 +764,8 @@ def test_class_rejected_flags_the_dominant_label_that_the_outlier_score_misses()
   np.testing.assert_array_equal(found["outlier_labels"], [3])
   np.testing.assert_allclose(found["outlier_scores"][0, 3], 2.49, atol=0.01)
   np.testing.assert_array_equal(found["class_rejected"], np.arange(301, 381))
+  run.config.abl.class_outlier_below = (0.02, 0.1)  # Levels in any order: the ratio is taken at the loosest.
+  np.testing.assert_array_equal(schedule._class_rejected(run, outside)["outlier_labels"], [3])
   run.config.abl.class_outlier_ratio = 2.5
   assert len(schedule._class_rejected(run, outside)["outlier_labels"]) == 0
 
