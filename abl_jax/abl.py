@@ -285,12 +285,22 @@ def dominant_label(shares: np.ndarray, counts: np.ndarray, ratio: float, z: floa
   shares, counts = np.asarray(shares, np.float64), np.asarray(counts, np.int64)
   if not ratio or np.count_nonzero(counts) < 2:
     return np.zeros(0, np.int64)
-  order = np.argsort(-np.where(counts > 0, shares, -np.inf), kind="stable")
-  top, second = order[0], order[1]
-  if not shares[top] > 0 or shares[top] < ratio * shares[second]:
+  top, top_ratio = top_share_ratio(shares, counts)
+  if top_ratio < ratio:
     return np.zeros(0, np.int64)
   hits = np.round(shares * counts).astype(np.int64)
   return np.array([top], np.int64) if improbable_counts(hits, counts, z)[top] else np.zeros(0, np.int64)
+
+
+def top_share_ratio(shares: np.ndarray, counts: np.ndarray) -> tuple[int, float]:
+  """The label with the largest share among labels with examples (at least 2), and its share over the next
+  largest (inf where only it is above 0; 0 where none is)."""
+  shares = np.asarray(shares, np.float64)
+  order = np.argsort(-np.where(np.asarray(counts) > 0, shares, -np.inf), kind="stable")
+  top, second = int(order[0]), int(order[1])
+  if not shares[top] > 0:
+    return top, 0.0
+  return top, float(shares[top] / shares[second]) if shares[second] > 0 else math.inf
 
 
 def improbable_counts(hits: np.ndarray, counts: np.ndarray, z: float) -> np.ndarray:

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Any, Iterable, Iterator
 
+from absl import logging
 import numpy as np
 
 
@@ -48,7 +49,6 @@ def exclusive(path: str) -> Iterator[None]:
   """Holds an advisory lock on `path`.lock (waiting for it if another process holds it) in a single-process run;
   a no-op in a multi-process run, whose processes decide together whether to train (distributed.everywhere)."""
   import jax  # pylint: disable=g-import-not-at-top  (xla_flags imports this module before jax may start)
-  from absl import logging  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:
     yield
     return

@@ -277,9 +277,9 @@ def plot_rejected(workdir: str, path: str) -> str | None:
     loosest = a.get("class_outlier_below") and level == max(a["class_outlier_below"])
     ratio = a.get("class_outlier_ratio", 0.0) if loosest else 0.0
     if ratio and (counts > 0).sum() >= 2:
-      top, second = np.sort((clean + poisoned)[counts > 0])[::-1][:2]
       dominant = abl.dominant_label(clean + poisoned, counts, ratio, z)
-      title += f"\nthe top share is {top / max(second, 1e-12):.2f}x the next (flagged at {ratio:g}x, if improbable)"
+      title += (f"\nthe top share is {abl.top_share_ratio(clean + poisoned, counts)[1]:.2f}x the next (flagged at "
+                f"{ratio:g}x, if improbable)")
     for c in classes:
       flagged = (bool(z) and scores[c] > z) or c in dominant
       ax.annotate(f"{scores[c]:.1f}", (c, clean[c] + poisoned[c]), ha="center", va="bottom", fontsize=8,

@@ -46,9 +46,9 @@ def run_row(workdir: str, ratio: float) -> dict[str, Any] | None:
         return None
       loosest = int(np.argmax(saved["outlier_levels"])) if "outlier_levels" in saved.files else 0
       shares, flagged = saved["outlier_shares"][loosest], saved["outlier_labels"]
-    top, second = np.sort(shares)[::-1][:2]
+    top, top_ratio = abl.top_share_ratio(shares, counts)
     dominant = abl.dominant_label(shares, counts, ratio, z)
-    row[name] = {"top": int(np.argmax(shares)), "ratio": round(float(top / max(second, 1e-12)), 2),
+    row[name] = {"top": top, "ratio": round(top_ratio, 2),
                  "flagged": [int(k) for k in flagged], "dominant": dominant.tolist(),
                  "new": np.setdiff1d(dominant, flagged).tolist()}
   return row
