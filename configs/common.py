@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   #                               loosest level is at least this many times every other label's, with a count
   #                               improbable at the pooled share; 0 = off (before session 41). Clean labels'
   #                               shares differ by class difficulty (the top 1.00-1.30x the next on 16 clean
-  #                               judgements), which can hide a 10% dirty-label backdoor (1.96-2.85x on 9) from
+  #                               judgements), which can hide a 10% dirty-label backdoor (1.95-2.85x on 14) from
   #                               the outlier score (docs/defense.md, session 41).
   c.abl.flagged_rejected = "disown"  # class_outlier_z: a flagged label's examples outside the pool that the gauge
   #                               gives less than disown_below train toward its probabilities with their label's
