@@ -360,6 +360,21 @@ def disowned(targets: np.ndarray, labels: np.ndarray, rows: np.ndarray, below: f
   return hit
 
 
+def beyond_excess(own: np.ndarray, labels: np.ndarray, rejected: np.ndarray, flagged: np.ndarray,
+                  below: float) -> np.ndarray:
+  """Of the `rejected` examples (mask) of each `flagged` label, those left after its excess over the count a clean
+  label would have, the rejected share of the unflagged labels (`own` < `below`) times its examples, is taken,
+  surest (lowest `own`) first: the ones most likely clean (mask)."""
+  clean = ~np.isin(labels, flagged)
+  rate = (own[clean] < below).mean() if clean.any() else 0.0
+  spared = np.zeros(len(own), bool)
+  for label in flagged:
+    rows = np.flatnonzero(rejected & (labels == label))
+    excess = max(len(rows) - int(round(rate * (labels == label).sum())), 0)
+    spared[rows[np.argsort(own[rows], kind="stable")[excess:]]] = True
+  return spared
+
+
 def rejected_shares(pool_rejected: np.ndarray, pool_labels: np.ndarray, outside_rejected: np.ndarray,
                     outside_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """[2, len(labels)]: for each of `labels`, the share of its pool examples and of its examples outside the pool

@@ -682,7 +682,7 @@ def _relearned(run: Run, record: dict[str, Any] | None = None) -> bool:
                  ", ".join(f"{k}: {transfer[0, k]:.3f}, {transfer[1, k]:.1f}"
                            for k in np.flatnonzero(~np.isnan(transfer[0]))) or "none",
                  flagged.tolist() or "none",
-                 len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected == "disown"
+                 len(saved["relearned_rejected"]), "trained toward 'not this label'" if a.flagged_rejected != "drop"
                  else "left out", len(saved["relearned_dropped"]))
     stats = {"relearned_labels": [int(k) for k in flagged],
              "relearned_scores": [round(float(v), 2) for v in scores],
@@ -871,12 +871,14 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
     if "class_rejected" in extra:  # A flagged label's examples fine-tuning leaves out (abl.flagged_*).
       rules = {"class_rejected": a.flagged_rejected, "class_doubted": a.flagged_doubted}
       dropped = [extra[k] for k, rule in rules.items() if rule in ("drop", "return")]
+      dropped += [extra["class_spared"]] if "class_spared" in extra else []
       if dropped:
         run.left_out = extra["left_out"] = functools.reduce(np.union1d, dropped)
     if a.disown_below:
       taught = soft
-      for outside_taught in ("contradicted",) + (("class_rejected",) if a.flagged_rejected == "disown" else ()):
+      for outside_taught in ("contradicted",) + (("class_rejected",) if a.flagged_rejected != "drop" else ()):
         taught = np.union1d(taught, extra.get(outside_taught, soft[:0]))
+      taught = np.setdiff1d(taught, extra.get("class_spared", soft[:0]))
       extra["disowned"] = abl.disowned(run.labels, run.train.labels, taught, a.disown_below)
     if len(suspected):  # Whatever the gauge gives their label.
       extra["spectral_disowned"] = abl.disowned(run.labels, run.train.labels, suspected, np.inf)
@@ -901,8 +903,8 @@ def _judge(run: Run, path: str, prefix: str = "", flag_among: np.ndarray | None 
   if "pool_outlier_labels" in extra:
     stats["pool_outlier_labels"] = [int(k) for k in extra["pool_outlier_labels"]]
     stats["pool_outlier_scores"] = [round(float(v), 2) for v in extra["pool_outlier_scores"]]
-  counted = ("contradicted", "class_rejected", "class_doubted", "left_out", "owned", "disowned", "spectral_disowned",
-             "relabelled", "flagged_unsure", "split_suspected")
+  counted = ("contradicted", "class_rejected", "class_spared", "class_doubted", "left_out", "owned", "disowned",
+             "spectral_disowned", "relabelled", "flagged_unsure", "split_suspected")
   for name, examples in [("returned", agree)] + [(k, extra[k]) for k in counted if k in extra]:
     stats.update({name: len(examples),
                   f"{name}_poisoned": run.evaluation.isolation_metrics(examples)["num_poisoned_isolated"]})
@@ -1084,16 +1086,26 @@ def _class_rejected(run: Run, outside: OutsideGauge, among: np.ndarray | None = 
     flagged = np.union1d(flagged, also)
   hit = (own < a.disown_below) & np.isin(labels, flagged)
   doubted = (own >= a.disown_below) & (own < a.own_above) & np.isin(labels, flagged)
-  if a.flagged_rejected == "disown":
-    run.labels[outside.examples[hit]] = outside.probabilities[hit]
+  spared = abl.beyond_excess(own, labels, hit, flagged, a.disown_below) if a.flagged_rejected == "excess" else None
+  if a.flagged_rejected in ("disown", "excess"):
+    taught = hit if spared is None else hit & ~spared
+    run.labels[outside.examples[taught]] = outside.probabilities[taught]
   for level, share, score in zip(levels, shares, scores):
     logging.info("the gauge gives %s of the examples outside the pool, by label, less than %g; outlier scores %s",
                  np.round(share, 3).tolist(), level, np.round(score, 1).tolist())
-  logging.info("outlier labels: %s; %d examples %s", flagged.tolist() or "none", hit.sum(),
-               "trained toward 'not this label'" if a.flagged_rejected == "disown" else "left out of fine-tuning")
-  return {"outlier_labels": flagged, "class_rejected": outside.examples[hit],
-          "class_doubted": outside.examples[doubted], "outlier_levels": np.array(levels),
-          "outlier_shares": shares, "outlier_scores": scores}
+  if spared is None:
+    logging.info("outlier labels: %s; %d examples %s", flagged.tolist() or "none", hit.sum(),
+                 "trained toward 'not this label'" if a.flagged_rejected == "disown" else "left out of fine-tuning")
+  else:
+    logging.info("outlier labels: %s; of their %d rejected examples, the %d beyond their labels' expected clean "
+                 "count trained toward 'not this label', %d left out of fine-tuning", flagged.tolist() or "none",
+                 hit.sum(), (hit & ~spared).sum(), spared.sum())
+  extra = {"outlier_labels": flagged, "class_rejected": outside.examples[hit],
+           "class_doubted": outside.examples[doubted], "outlier_levels": np.array(levels),
+           "outlier_shares": shares, "outlier_scores": scores}
+  if spared is not None:
+    extra["class_spared"] = outside.examples[spared]
+  return extra
 
 
 def finetune_returned(run: Run) -> None:

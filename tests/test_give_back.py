@@ -692,6 +692,22 @@ def test_dominant_label_flags_the_label_rejected_far_more_than_the_hardest_clean
   np.testing.assert_array_equal(abl.dominant_label(np.r_[0.2, np.full(9, 0.1)], few * 100, 1.6, 3.5), [0])
 
 
+def test_beyond_excess_spares_the_rejected_examples_a_clean_label_would_have_the_least_sure_first():
+  # Labels 1 and 2 (20 examples each) have 4 rejected (share 0.2); flagged label 0 has 7 rejected of 20: 4 are
+  # what a clean label would have, so the 3 surest (lowest) are taught "not this label" and the 4 others spared.
+  labels = np.repeat([0, 1, 2], 20)
+  own = np.full(60, 0.8)
+  own[:7] = [0.05, 0.001, 0.09, 0.002, 0.07, 0.003, 0.06]
+  own[20:24] = own[40:44] = 0.02
+  rejected = own < 0.1
+  spared = abl.beyond_excess(own, labels, rejected & (labels == 0), np.array([0]), 0.1)
+  np.testing.assert_array_equal(np.flatnonzero(spared), [0, 2, 4, 6])
+  # No excess (as many rejected as the clean labels' share): every one spared; a label with none: nothing.
+  np.testing.assert_array_equal(np.flatnonzero(abl.beyond_excess(own, labels, rejected & (labels == 1),
+                                                                 np.array([1]), 0.1)), np.arange(20, 24))
+  assert not abl.beyond_excess(own, labels, np.zeros(60, bool), np.array([0]), 0.1).any()
+
+
 def _four_label_run(own: np.ndarray, suspected: np.ndarray | None):
   """A fake run of 4 labels x len(own) / 4 examples (example 0 the pool) whose gauge gives each example's label
   `own` and the rest evenly to the other labels; and those probabilities."""
@@ -740,6 +756,19 @@ def test_class_rejected_disowns_only_the_outlier_labels_rejected_examples_outsid
   run.config.abl.flagged_rejected = "drop"
   np.testing.assert_array_equal(schedule._class_rejected(run, outside)["class_rejected"], rejected)
   np.testing.assert_array_equal(run.labels, np.eye(4)[labels])
+  # excess: the other labels reject 6 of their 29 examples outside the pool, so label 2 would have 2 rejected if
+  # clean; its 6 surest are taught "not this label", the 2 it gives the most are spared (left out in _judge).
+  run.config.abl.flagged_rejected = "excess"
+  rows = np.searchsorted(outside.examples, rejected)  # Example i sits at row i - 1 (example 0 is the pool).
+  outside.probabilities[rows, 2] = [0.09, 0.01, 0.02, 0.03, 0.08, 0.04, 0.05, 0.06]
+  found = schedule._class_rejected(run, outside)
+  np.testing.assert_array_equal(found["class_rejected"], rejected)
+  np.testing.assert_array_equal(found["class_spared"], [21, 25])
+  taught = np.setdiff1d(rejected, [21, 25])
+  np.testing.assert_array_equal(run.labels[taught], outside.probabilities[np.searchsorted(outside.examples, taught)])
+  np.testing.assert_array_equal(run.labels[[21, 25]], np.eye(4)[[2, 2]])
+  run.labels = np.eye(4, dtype=np.float32)[labels]
+  run.config.abl.flagged_rejected = "drop"
   # spectral_judged: label 1, which spectral signatures flagged (example 10 suspected), is judged too, in the
   # second judgement as well, where the outlier test does not find it.
   run.config.abl.spectral_judged = True
@@ -808,8 +837,9 @@ def test_a_pool_outlier_label_is_judged_outside_the_pool_where_its_share_there_i
   np.testing.assert_array_equal(again["outlier_labels"], [1])
 
 
-def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(tmp_path):
-  config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0})
+def test_a_run_disowns_the_excess_of_the_outlier_labels_rejected_examples_outside_the_pool(tmp_path):
+  config = smoke.config(**{**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__class_outlier_z": 1.0,
+                           "abl__flagged_rejected": "excess"})
   experiment.train_and_evaluate(config, str(tmp_path))
   saved, iso = np.load(tmp_path / "returned.npz"), np.load(tmp_path / "isolation.npz")
   pool, train_labels = iso["pool"], iso["labels"]
@@ -821,11 +851,21 @@ def test_a_run_disowns_the_rejected_examples_of_outlier_labels_outside_the_pool(
   summary = json.loads((tmp_path / "isolation.json").read_text())
   assert len(expected_labels) and summary["outlier_labels"] == expected_labels.tolist()
   class_rejected = saved["class_rejected"]
-  np.testing.assert_array_equal(class_rejected, outside[rejected & np.isin(train_labels[outside], expected_labels)])
-  assert np.isin(class_rejected, saved["disowned"]).all() and summary["class_rejected"] == len(class_rejected)
-  np.testing.assert_array_equal(saved["labels"][class_rejected, train_labels[class_rejected]], 0.0)
-  plain = np.setdiff1d(outside, class_rejected)
+  hit = rejected & np.isin(train_labels[outside], expected_labels)
+  np.testing.assert_array_equal(class_rejected, outside[hit])
+  assert summary["class_rejected"] == len(class_rejected)
+  # flagged_rejected=excess: the rejected beyond a clean label's count are disowned, the rest left out of
+  # fine-tuning with their labels.
+  spared = outside[abl.beyond_excess(own, train_labels[outside], hit, expected_labels, 0.1)]
+  taught = np.setdiff1d(class_rejected, spared)
+  assert len(spared) and len(taught)
+  np.testing.assert_array_equal(saved["class_spared"], spared)
+  np.testing.assert_array_equal(saved["left_out"], spared)
+  assert np.isin(taught, saved["disowned"]).all() and not np.isin(spared, saved["disowned"]).any()
+  np.testing.assert_array_equal(saved["labels"][taught, train_labels[taught]], 0.0)
+  plain = np.setdiff1d(outside, taught)
   np.testing.assert_array_equal(saved["labels"][plain], np.eye(10)[train_labels[plain]])
+  assert summary["class_spared"] == summary["left_out"] == len(spared)
 
 
 SPECTRAL = {**GAUGE, "abl__kept_out": "distill", "abl__disown_below": 0.1, "abl__own_above": 0.5,
@@ -1173,7 +1213,8 @@ def test_calibrate_flagged_with_unlearning_return_without_the_check_and_unknown_
 
 
 def test_flagged_rejected_name_is_checked(tmp_path):
-  with pytest.raises(ValueError, match=r"config\.abl\.flagged_rejected='keep' is unknown; allowed: disown, drop"):
+  with pytest.raises(ValueError,
+                     match=r"config\.abl\.flagged_rejected='keep' is unknown; allowed: disown, drop, excess"):
     experiment.train_and_evaluate(smoke.config(**{**DROP, "abl__flagged_rejected": "keep"}), str(tmp_path))
 
 
